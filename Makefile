@@ -1,0 +1,45 @@
+# `make run` and `make test` work on a fresh machine: each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
+
+.PHONY: run test lint servers bench clean
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit("sidetrace needs Python >= 3.10" if sys.version_info < (3, 10) else 0)'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.agent: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[agent]'
+	@touch $@
+
+$(VENV)/.test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[agent,test]'
+	@touch $@ $(VENV)/.agent
+
+## run: start the agent in the foreground (built-in defaults, or CONFIG=path/to/sidetrace.toml)
+run: $(VENV)/.agent
+	$(BIN)/sidetrace run $(if $(CONFIG),--config $(CONFIG))
+
+## servers: install the real servers the tests talk to (Debian's prometheus)
+servers:
+	@command -v prometheus >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(APT_INSTALL) prometheus; }
+
+lint: $(VENV)/.test
+	$(BIN)/ruff check sidetrace tests bench
+
+## test: install everything the tests need and run the whole suite
+test: $(VENV)/.test servers lint
+	$(BIN)/python -m pytest -q
+
+## bench: run the benchmarks in bench/ against their peers; results go to bench/RESULTS.md by hand
+bench: $(VENV)/.test servers
+	@command -v prometheus-node-exporter >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(APT_INSTALL) prometheus-node-exporter; }
+	$(BIN)/python bench/agent_idle.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""sidetrace: an observability and tracing sidecar agent, and instrumentors for apps."""
+
+__version__ = "0.1.0"

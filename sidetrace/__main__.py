@@ -1,0 +1,5 @@
+import sys
+
+from sidetrace.cli import main
+
+sys.exit(main())

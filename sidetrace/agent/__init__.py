@@ -1,0 +1,1 @@
+"""The sidetrace agent: the host daemon and its components."""

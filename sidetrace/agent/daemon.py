@@ -1,0 +1,244 @@
+"""The daemon: builds components from config, starts and stops them, reloads on SIGHUP.
+
+One asyncio loop runs everything. Components start in registry order and stop in reverse;
+SIGTERM and SIGINT stop them within ``STOP_SECONDS``; SIGHUP reloads the config file and
+restarts only the components whose section changed, rolling back to the old config (which
+keeps serving) when the new one is invalid or a changed component fails to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from sidetrace import __version__
+from sidetrace.agent.components import REGISTRY, Component, Context, Registration
+from sidetrace.agent.systemd import Notifier
+from sidetrace.config import Config, ConfigError, load
+
+log = logging.getLogger("sidetrace.daemon")
+
+STOP_SECONDS = 10.0
+
+
+def configure_logging(level: str) -> None:
+    """One line per event on stderr; journald adds its own timestamp under systemd."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("sidetrace").setLevel(level.upper())
+
+
+class Daemon:
+    """The agent process: owns the metric store, the components and the signal handlers."""
+
+    def __init__(self, config: Config, config_path: str | None, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.notifier = notifier or Notifier()
+        self.registry = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self.registry)
+        self.registry.register(self)
+        self._components: dict[str, Component] = {}
+        self._ready = False
+        self._started_at = time.time()
+        self._reloads = 0
+        self._reload_failures = 0
+        self._last_reload_ok = True
+        self._last_reload_error: str | None = None
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+
+    # lifecycle -------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until SIGTERM or SIGINT; return the process exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        try:
+            self.config.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            log.error("agent.data_dir: cannot create %s: %s", self.config.data_path, exc.strerror or exc)
+            return 2
+        try:
+            self._components = await self._start(self.config, REGISTRY)
+        except RuntimeError as exc:
+            log.error("%s; stopping", exc)
+            return 1
+        self._ready = True
+        self.notifier.notify(f"READY=1\nSTATUS=serving on {self.config.server.listen}\nMAINPID={os.getpid()}")
+        log.info("sidetrace %s ready: %s", __version__, ", ".join(self._components))
+        background = [asyncio.create_task(self._reload_loop(), name="reload")]
+        if self.notifier.watchdog_interval:
+            background.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_interval), name="watchdog"))
+        await self._stop.wait()
+        log.info("stopping")
+        self._ready = False
+        self.notifier.notify("STOPPING=1")
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await self._stop_components(self._components, time.monotonic() + STOP_SECONDS)
+        log.info("stopped")
+        return 0
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _context(self, config: Config) -> Context:
+        return Context(config=config, registry=self.registry, daemon_status=self.status, ready=lambda: self._ready)
+
+    async def _start(self, config: Config, registrations: tuple[Registration, ...]) -> dict[str, Component]:
+        """Start the enabled components in order; on a failure stop those started and raise."""
+        context = self._context(config)
+        started: dict[str, Component] = {}
+        for registration in registrations:
+            if not registration.enabled(config):
+                continue
+            component = registration.build(config, context)
+            try:
+                await component.start()
+            except Exception as exc:
+                await self._stop_components(started, time.monotonic() + STOP_SECONDS)
+                raise RuntimeError(f"{registration.name} failed to start: {exc}") from exc
+            started[registration.name] = component
+        return started
+
+    async def _stop_components(self, components: dict[str, Component], deadline: float) -> None:
+        for name, component in reversed(list(components.items())):
+            try:
+                await asyncio.wait_for(component.stop(), timeout=max(0.1, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                log.error("%s did not stop before the %.0f s deadline; leaving it", name, STOP_SECONDS)
+            except Exception as exc:
+                log.error("%s failed to stop cleanly: %s", name, exc)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            self.notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    # reload ------------------------------------------------------------------------------------
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            await self.reload()
+
+    async def reload(self) -> bool:
+        """Re-read the config file and apply it; on any failure keep running on the old config."""
+        # MONOTONIC_USEC lets Type=notify-reload units match this reload to their request.
+        self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            ok = await self._apply(load(self.config_path))
+        except ConfigError as exc:
+            ok = self._reload_failed("; ".join(exc.problems))
+        self.notifier.notify("READY=1")
+        return ok
+
+    async def _apply(self, new: Config) -> bool:
+        old = self.config
+        if new.agent.data_dir != old.agent.data_dir:
+            log.warning("agent.data_dir changed; it takes effect when the agent restarts")
+        changed = tuple(r for r in REGISTRY if r.section(new) != r.section(old))
+        if not changed:
+            self._reload_succeeded(new)
+            return True
+        running = {r.name: self._components.pop(r.name) for r in changed if r.name in self._components}
+        await self._stop_components(running, time.monotonic() + STOP_SECONDS)
+        try:
+            self._adopt(await self._start(new, changed))
+        except RuntimeError as exc:
+            try:
+                self._adopt(await self._start(old, changed))
+            except RuntimeError as again:
+                log.error("could not restore the previous config either: %s", again)
+            return self._reload_failed(str(exc))
+        self._reload_succeeded(new)
+        log.info("reloaded %s; restarted %s", self.config_path, ", ".join(r.name for r in changed))
+        return True
+
+    def _adopt(self, started: dict[str, Component]) -> None:
+        """Add freshly started components, keeping registry order for the next stop."""
+        merged = {**self._components, **started}
+        self._components = {r.name: merged[r.name] for r in REGISTRY if r.name in merged}
+
+    def _reload_succeeded(self, new: Config) -> None:
+        self.config = new
+        configure_logging(new.agent.log_level)
+        self._reloads += 1
+        self._last_reload_ok = True
+        self._last_reload_error = None
+
+    def _reload_failed(self, why: str) -> bool:
+        self._reload_failures += 1
+        self._last_reload_ok = False
+        self._last_reload_error = why
+        log.error("reload failed, still running on the previous config: %s", why)
+        return False
+
+    # observability -------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def status(self) -> dict[str, Any]:
+        components: dict[str, Any] = {}
+        for registration in REGISTRY:
+            component = self._components.get(registration.name)
+            if component is not None:
+                components[registration.name] = component.status()
+            elif not registration.enabled(self.config):
+                components[registration.name] = {"state": "disabled", "detail": "", "last_error": None}
+            else:
+                components[registration.name] = {"state": "not started", "detail": "", "last_error": None}
+        return {
+            "version": __version__,
+            "python": platform.python_version(),
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self._started_at, 1),
+            "config_path": self.config_path,
+            "ready": self._ready,
+            "last_reload_error": self._last_reload_error,
+            "components": components,
+        }
+
+    def collect(self) -> Iterator[Metric]:
+        """The agent's own metrics (prometheus_client's Collector interface)."""
+        info = GaugeMetricFamily("sidetrace_build_info", "The agent's version and Python.",
+                                 labels=["version", "python"])
+        info.add_metric([__version__, platform.python_version()], 1)
+        yield info
+        yield CounterMetricFamily("sidetrace_config_reloads", "Config reloads applied.", value=self._reloads)
+        yield CounterMetricFamily(
+            "sidetrace_config_reload_failures",
+            "Config reloads refused (invalid file, or a changed component failed to start); the old config stays.",
+            value=self._reload_failures,
+        )
+        yield GaugeMetricFamily(
+            "sidetrace_config_last_reload_successful", "1 if the last reload applied, else 0.",
+            value=1 if self._last_reload_ok else 0,
+        )
+        running = GaugeMetricFamily(
+            "sidetrace_component_running", "1 for each component that is running.", labels=["component"]
+        )
+        for name, component in self._components.items():
+            running.add_metric([name], 1 if component.status()["state"] == "running" else 0)
+        yield running

@@ -1,0 +1,1 @@
+"""Agent sources: host (psutil, /proc)."""

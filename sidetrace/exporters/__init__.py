@@ -1,0 +1,1 @@
+"""Exporters: where the agent sends what it collected."""

@@ -1,0 +1,1 @@
+"""Instrumentors that apps import; they never import sidetrace.agent."""

@@ -1,0 +1,120 @@
+"""Shared fixtures: free loopback ports and a real `sidetrace run` process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(probe: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
+    """Call ``probe`` until it returns something truthy, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            result = probe()
+        except Exception as exc:  # the probe's target may not be up yet
+            last = exc
+        else:
+            if result:
+                return result
+            last = result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+def http_get(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+class Agent:
+    """A `sidetrace run` subprocess with its own config file and data dir."""
+
+    def __init__(self, tmp: Path, config_text: str = "", env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = tmp / "sidetrace.toml"
+        self.data_dir = tmp / "data"
+        self.log_path = tmp / "agent.log"
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.write_config(config_text)
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def write_config(self, extra: str = "", listen: str | None = None) -> None:
+        self.config_path.write_text(
+            f'[agent]\ndata_dir = "{self.data_dir}"\nlog_level = "debug"\n'
+            f'[server]\nlisten = "{listen or f"127.0.0.1:{self.port}"}"\n{extra}'
+        )
+
+    def start(self, wait_ready: bool = True) -> Agent:
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sidetrace", "run", "--config", str(self.config_path)],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env,
+            )
+        if wait_ready:
+            wait_until(lambda: self.alive() and http_get(self.url + "/readyz", 1)[0] == 200, 20, "agent ready")
+        return self
+
+    def alive(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            raise AssertionError(f"agent exited with {self.proc and self.proc.returncode}:\n{self.log()}")
+        return True
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
+    agents: list[Agent] = []
+
+    def make(config_text: str = "", env: dict[str, str] | None = None) -> Agent:
+        agent = Agent(tmp_path / f"agent{len(agents)}", config_text, env)
+        agents.append(agent)
+        return agent
+
+    yield make
+    for agent in agents:
+        if agent.proc is not None:
+            agent.stop()

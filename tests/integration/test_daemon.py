@@ -1,0 +1,176 @@
+"""The daemon as a real process: readiness, systemd notify, signals, reload, exit codes."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Agent, free_port, http_get, wait_until
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(20)
+    yield sock, path
+    sock.close()
+
+
+def receive_until(sock: socket.socket, wanted: str, timeout: float = 20.0) -> list[str]:
+    """Datagrams received until one carries the line ``wanted``."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        message = sock.recv(4096).decode()
+        seen.append(message)
+        if wanted in message.splitlines():
+            return seen
+    raise AssertionError(f"no {wanted} within {timeout} s; got {seen}")
+
+
+def metric_value(url: str, name: str) -> float | None:
+    status, text = http_get(url + "/metrics")
+    assert status == 200
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_ready_on_notify_socket_then_sigterm_exits_zero_within_10s(
+    agent_factory: Callable[..., Agent], notify_socket: tuple[socket.socket, str]
+) -> None:
+    sock, path = notify_socket
+    agent = agent_factory(env={"NOTIFY_SOCKET": path}).start(wait_ready=False)
+    messages = receive_until(sock, "READY=1")
+    assert any(f"MAINPID={agent.proc.pid}" in m for m in messages)
+    # READY=1 means every listener is bound and every component started.
+    assert http_get(agent.url + "/readyz")[0] == 200
+    status, body = http_get(agent.url + "/metrics")
+    assert 'system_network_io_bytes_total{device="lo",direction="receive"}' in body
+    started = time.monotonic()
+    agent.signal(signal.SIGTERM)
+    assert agent.proc.wait(10) == 0
+    assert time.monotonic() - started < 10
+    receive_until(sock, "STOPPING=1", timeout=1)
+    assert "stopped" in agent.log()
+
+
+def test_sigint_exits_zero(agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory().start()
+    agent.signal(signal.SIGINT)
+    assert agent.proc.wait(10) == 0
+
+
+def test_watchdog_pings_at_half_the_interval(
+    agent_factory: Callable[..., Agent], notify_socket: tuple[socket.socket, str]
+) -> None:
+    sock, path = notify_socket
+    agent_factory(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}).start(wait_ready=False)
+    receive_until(sock, "READY=1")
+    started = time.monotonic()
+    receive_until(sock, "WATCHDOG=1", timeout=2)
+    receive_until(sock, "WATCHDOG=1", timeout=2)
+    receive_until(sock, "WATCHDOG=1", timeout=2)
+    # Three pings at 0.2 s intervals (the first may come right at READY).
+    assert 0.3 <= time.monotonic() - started < 1.5
+
+
+def test_sighup_with_broken_config_keeps_serving_on_the_old_one(agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory().start()
+    agent.config_path.write_text('[server]\nlisten = "9464"\n')
+    agent.signal(signal.SIGHUP)
+    wait_until(lambda: metric_value(agent.url, "sidetrace_config_reload_failures_total") == 1.0, 10,
+               "the reload failure to be counted")
+    assert agent.alive()
+    assert http_get(agent.url + "/readyz")[0] == 200
+    assert metric_value(agent.url, "sidetrace_config_last_reload_successful") == 0.0
+    assert f'{agent.config_path}: server.listen: expected HOST:PORT, got "9464"' in agent.log()
+    assert "reload failed, still running on the previous config" in agent.log()
+
+
+def test_sighup_applies_a_new_listen_address(agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory().start()
+    old_url = agent.url
+    new_port = free_port()
+    agent.write_config(listen=f"127.0.0.1:{new_port}")
+    agent.signal(signal.SIGHUP)
+    new_url = f"http://127.0.0.1:{new_port}"
+    wait_until(lambda: http_get(new_url + "/readyz", 1)[0] == 200, 10, "the new listen address")
+    assert metric_value(new_url, "sidetrace_config_reloads_total") == 1.0
+    with pytest.raises(OSError):
+        http_get(old_url + "/healthz", 1)
+
+
+def test_sighup_rolls_back_when_a_changed_component_cannot_start(agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory().start()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        agent.write_config(listen=f"127.0.0.1:{busy.getsockname()[1]}")
+        agent.signal(signal.SIGHUP)
+        wait_until(lambda: metric_value(agent.url, "sidetrace_config_reload_failures_total") == 1.0, 10,
+                   "the failed reload to be counted on the old address")
+    assert http_get(agent.url + "/readyz")[0] == 200
+    assert "server failed to start: server.listen: cannot listen on" in agent.log()
+
+
+def test_invalid_config_exits_2_before_binding(agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory('[host]\ninterval_seconds = "often"\n')
+    agent.start(wait_ready=False)
+    assert agent.proc.wait(10) == 2
+    assert agent.log().strip() == f'{agent.config_path}: host.interval_seconds: expected a number, got "often"'
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", agent.port), timeout=1):
+        pass
+
+
+def test_port_in_use_exits_1_and_says_which(agent_factory: Callable[..., Agent]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        agent = agent_factory()
+        agent.write_config(listen=f"127.0.0.1:{port}")
+        agent.start(wait_ready=False)
+        assert agent.proc.wait(10) == 1
+    assert f"server failed to start: server.listen: cannot listen on 127.0.0.1:{port}: " in agent.log()
+
+
+def test_unwritable_data_dir_exits_2(agent_factory: Callable[..., Agent], tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    agent = agent_factory(env={"SIDETRACE_AGENT__DATA_DIR": str(blocker / "sub")})
+    agent.start(wait_ready=False)
+    assert agent.proc.wait(10) == 2
+    assert f"agent.data_dir: cannot create {blocker / 'sub'}: Not a directory" in agent.log()
+
+
+def test_status_command_renders_components(agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory().start()
+    done = subprocess.run([sys.executable, "-m", "sidetrace", "status", "--url", agent.url],
+                          capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("sidetrace 0.1.0 (Python ") and lines[0].endswith(", ready")
+    assert lines[1] == f"config: {agent.config_path}"
+    header = next(i for i, line in enumerate(lines) if line.startswith("COMPONENT"))
+    rows = {line.split()[0]: line.split()[1] for line in lines[header + 1:]}
+    assert rows == {"server": "running", "host": "running"}
+
+
+def test_status_command_when_agent_is_down() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    done = subprocess.run([sys.executable, "-m", "sidetrace", "status", "--url", url],
+                          capture_output=True, text=True, timeout=20)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"cannot reach the agent at {url}/debug/status: ")

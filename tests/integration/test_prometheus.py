@@ -1,0 +1,107 @@
+"""A real Prometheus (Debian package `prometheus`) scrapes a real agent on loopback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import urllib.parse
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Agent, free_port, http_get, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+class Prometheus:
+    def __init__(self, tmp: Path, target: str) -> None:
+        binary = shutil.which("prometheus")
+        assert binary, "prometheus is not installed: `make test` installs the Debian package"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = tmp / "prometheus.yml"
+        config.write_text(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n"
+            f"scrape_configs:\n  - job_name: sidetrace\n    static_configs:\n      - targets: ['{target}']\n"
+        )
+        with open(tmp / "prometheus.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                [binary, f"--config.file={config}", f"--web.listen-address=127.0.0.1:{self.port}",
+                 f"--storage.tsdb.path={tmp / 'tsdb'}", "--log.level=warn"],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        wait_until(lambda: self.proc.poll() is None and http_get(self.url + "/-/ready", 1)[0] == 200, 30,
+                   "prometheus ready")
+
+    def query(self, promql: str) -> list[dict]:
+        status, body = http_get(f"{self.url}/api/v1/query?query={urllib.parse.quote(promql)}")
+        assert status == 200, body
+        return json.loads(body)["data"]["result"]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def scraped_agent(agent_factory: Callable[..., Agent], tmp_path: Path) -> Iterator[tuple[Agent, Prometheus]]:
+    agent = agent_factory("[host]\ninterval_seconds = 0.5\n").start()
+    prometheus = Prometheus(tmp_path, f"127.0.0.1:{agent.port}")
+    yield agent, prometheus
+    prometheus.stop()
+
+
+def send_over_loopback(total: int) -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        received = bytearray()
+
+        def drain() -> None:
+            conn, _ = server.accept()
+            with conn:
+                while chunk := conn.recv(65536):
+                    received.extend(chunk)
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        with socket.create_connection(server.getsockname(), timeout=10) as client:
+            client.sendall(b"x" * total)
+        reader.join(10)
+    assert len(received) == total
+
+
+def lo_received(prometheus: Prometheus) -> float | None:
+    result = prometheus.query('system_network_io_bytes_total{device="lo",direction="receive"}')
+    return float(result[0]["value"][1]) if result else None
+
+
+def test_prometheus_scrapes_agent_and_sees_loopback_traffic(scraped_agent: tuple[Agent, Prometheus]) -> None:
+    agent, prometheus = scraped_agent
+    up = wait_until(lambda: prometheus.query('up{job="sidetrace"} == 1'), 30, "up == 1 in prometheus")
+    assert up[0]["metric"]["instance"] == f"127.0.0.1:{agent.port}"
+    before = wait_until(lambda: lo_received(prometheus), 30, "lo receive bytes in prometheus")
+    send_over_loopback(8 * 1024 * 1024)
+    after = wait_until(lambda: (value := lo_received(prometheus)) and value >= before + 8 * 1024 * 1024 and value,
+                       30, "lo receive bytes to grow by the 8 MiB sent")
+    assert after >= before + 8 * 1024 * 1024
+    build = prometheus.query("sidetrace_build_info")
+    assert build[0]["metric"]["version"] == "0.1.0"
+    assert prometheus.query('sidetrace_source_collections_total{source="host"} > 1')
+    # Prometheus accepted every sample it scraped (its own metrics, read from its /metrics).
+    _, own = http_get(prometheus.url + "/metrics")
+    rejected = [line for line in own.splitlines() if line.startswith((
+        "prometheus_target_scrapes_sample_duplicate_timestamp_total",
+        "prometheus_target_scrapes_sample_out_of_order_total",
+        "prometheus_target_scrapes_sample_out_of_bounds_total",
+    ))]
+    assert len(rejected) == 3 and all(line.endswith(" 0") for line in rejected), rejected

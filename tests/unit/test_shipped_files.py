@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from sidetrace.agent.systemd import Notifier
+from sidetrace.config import load
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_config_is_valid_and_matches_the_unit() -> None:
+    config = load(ROOT / "systemd" / "sidetrace.toml", {})
+    unit = (ROOT / "systemd" / "sidetrace.service").read_text()
+    assert config.agent.data_dir == "/var/lib/sidetrace" and "StateDirectory=sidetrace" in unit
+    assert "Type=notify" in unit and "RestartPreventExitStatus=2" in unit
+    assert config.host.exclude_devices[0] == "veth.*"
+
+
+def test_notifier_sends_to_abstract_socket() -> None:
+    name = f"sidetrace-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(5)
+        assert Notifier({"NOTIFY_SOCKET": "@" + name}).notify("READY=1")
+        assert sock.recv(100) == b"READY=1"
+
+
+def test_notifier_without_socket_or_for_another_pid_does_nothing() -> None:
+    assert Notifier({}).notify("READY=1") is False
+    assert Notifier({"WATCHDOG_USEC": "30000000"}).watchdog_interval == 15.0
+    assert Notifier({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}).watchdog_interval is None
