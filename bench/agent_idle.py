@@ -85,7 +85,7 @@ def main() -> None:
         rss: dict[str, list[float]] = {name: [] for name in procs}
         started = time.monotonic()
         next_scrape = started
-        while (elapsed := time.monotonic() - started) < args.seconds:
+        while time.monotonic() - started < args.seconds:
             if time.monotonic() >= next_scrape:
                 for url in urls.values():
                     scrape(url)
@@ -117,9 +117,11 @@ def main() -> None:
         print(f"{name:15} {idle[name]:21.3f} {statistics.median(rss[name]):15.1f} {max(rss[name]):12.1f} "
               f"{statistics.median(scrape_ms[name]):19.2f}")
     if "node_exporter" in procs:
+        rss_m = {name: statistics.median(values) for name, values in rss.items()}
+        scrape_m = {name: statistics.median(values) for name, values in scrape_ms.items()}
         print(f"ratio sidetrace/node_exporter: idle CPU {idle['sidetrace'] / max(idle['node_exporter'], 1e-9):.2f}, "
-              f"RSS {statistics.median(rss['sidetrace']) / statistics.median(rss['node_exporter']):.2f}, "
-              f"/metrics {statistics.median(scrape_ms['sidetrace']) / statistics.median(scrape_ms['node_exporter']):.2f}")
+              f"RSS {rss_m['sidetrace'] / rss_m['node_exporter']:.2f}, "
+              f"/metrics {scrape_m['sidetrace'] / scrape_m['node_exporter']:.2f}")
     else:
         print("node_exporter not installed: `make bench` installs Debian's prometheus-node-exporter")
     print(f"one host collection (HostSource.scan, in-process): median {statistics.median(scans):.2f} ms, "
