@@ -8,6 +8,7 @@ import os
 import platform
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -118,6 +119,81 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if status.get("ready") else 3
 
 
+def _fetch_json(url: str, token: str | None, timeout: float) -> Any:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.load(response)
+
+
+def render_trace(trace: dict[str, Any], width: int = 30) -> str:
+    """One trace as an indented tree, each span with its duration and a bar placed on the trace's timeline."""
+    spans = trace["spans"]
+    by_id = {span["span_id"]: span for span in spans}
+    children: dict[str, list[dict[str, Any]]] = {}
+    roots = []
+    for span in spans:
+        if span["parent_span_id"] in by_id:
+            children.setdefault(span["parent_span_id"], []).append(span)
+        else:
+            roots.append(span)
+    start = min(span["start_unix_nano"] for span in spans)
+    total = max(1, max(span["end_unix_nano"] for span in spans) - start)
+    rows: list[tuple[str, dict[str, Any]]] = []
+
+    def walk(span: dict[str, Any], depth: int) -> None:
+        rows.append(("  " * (depth + 1) + span["name"], span))
+        for child in sorted(children.get(span["span_id"], []), key=lambda s: s["start_unix_nano"]):
+            walk(child, depth + 1)
+
+    for root in sorted(roots, key=lambda s: s["start_unix_nano"]):
+        walk(root, 0)
+    status = "ERROR" if trace["error"] else "OK"
+    lines = [f"trace {trace['trace_id']}  {trace['root_service']}: {trace['root_name']}  {trace['span_count']} spans  "
+             f"{trace['duration_ms']:.3f} ms  {status}"]
+    name_width = max(len(label) for label, _ in rows)
+    service_width = max(len(span["service"]) for span in spans)
+    for label, span in rows:
+        offset = int((span["start_unix_nano"] - start) / total * width)
+        length = max(1, round((span["end_unix_nano"] - span["start_unix_nano"]) / total * width))
+        bar = (" " * offset + "#" * length)[:width].ljust(width)
+        kind = span["kind"].removeprefix("SPAN_KIND_")
+        code = span["status_code"].removeprefix("STATUS_CODE_")
+        lines.append(f"{label.ljust(name_width)}  {span['service'].ljust(service_width)}  {kind:<8}  "
+                     f"{span['duration_ms']:>10.3f} ms  |{bar}|  {code}")
+    if trace.get("spans_dropped"):
+        lines.append(f"  ({trace['spans_dropped']} more spans not kept: recent_traces.max_spans_per_trace)")
+    return "\n".join(lines)
+
+
+def cmd_traces(args: argparse.Namespace) -> int:
+    try:
+        base = (args.url or _default_status_url(args.config)).rstrip("/")
+    except ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return EXIT_CONFIG
+    query = urllib.parse.urlencode({k: v for k, v in (("service", args.service),
+                                                      ("min_duration_ms", args.min_duration_ms),
+                                                      ("limit", args.limit)) if v is not None})
+    try:
+        if args.trace_id:
+            traces = [_fetch_json(f"{base}/debug/traces/{args.trace_id}", args.token, args.timeout)]
+        else:
+            summaries = _fetch_json(f"{base}/debug/traces?{query}", args.token, args.timeout)["traces"]
+            traces = [_fetch_json(f"{base}/debug/traces/{s['trace_id']}", args.token, args.timeout)
+                      for s in summaries]
+    except urllib.error.HTTPError as exc:
+        print(f"{exc.url}: HTTP {exc.code}: {exc.read().decode(errors='replace').strip()}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"cannot reach the agent at {base}: {getattr(exc, 'reason', exc)} (is it running? pass --url)",
+              file=sys.stderr)
+        return 1
+    if not traces:
+        print("no recent traces match")
+    print("\n\n".join(render_trace(trace) for trace in traces))
+    return 0
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"sidetrace {__version__} (Python {platform.python_version()})")
     return 0
@@ -147,6 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the agent (default 5)")
     _add_config(status)
     status.set_defaults(func=cmd_status)
+
+    traces = commands.add_parser("traces", help="print recent traces as trees",
+                                 description="Print the agent's recent traces (newest first) as trees with "
+                                 "per-span durations and timeline bars; works without Jaeger.")
+    traces.add_argument("trace_id", nargs="?", help="print only this trace (32 hex digits)")
+    traces.add_argument("--url", help="the agent's base URL (default: from --config's server.listen)")
+    traces.add_argument("--service", help="only traces with a span of this service")
+    traces.add_argument("--min-duration-ms", type=float, help="only traces at least this long")
+    traces.add_argument("--limit", type=int, default=5, help="how many traces (default 5)")
+    traces.add_argument("--token", default=os.environ.get("SIDETRACE_SERVER__AUTH_TOKEN"),
+                        help="bearer token for /debug ([server] auth_token; default $SIDETRACE_SERVER__AUTH_TOKEN)")
+    traces.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the agent (default 5)")
+    _add_config(traces)
+    traces.set_defaults(func=cmd_traces)
 
     version = commands.add_parser("version", help="print the version", description="Print the version.")
     version.set_defaults(func=cmd_version)

@@ -66,6 +66,36 @@ def _check_listen(value: str) -> str:
     return value
 
 
+def _check_optional_listen(value: str) -> str:
+    if value:
+        parse_host_port(value)
+    return value
+
+
+def _check_endpoint(value: str) -> str:
+    match = re.fullmatch(r"(?:(https?)://)?([^/\s]+?)(/.*)?", value)
+    if not value or match is None:
+        raise ValueError("expected an endpoint such as http://jaeger:4317 or https://jaeger:4318")
+    if match.group(1) is None:
+        parse_host_port(match.group(2))
+    return value
+
+
+def _check_choice(*choices: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
+def _check_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+        raise ValueError("expected a name of 1 to 64 letters, digits, '_', '.' or '-'")
+    return value
+
+
 def _check_log_level(value: str) -> str:
     if value.lower() not in LOG_LEVELS:
         raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
@@ -85,6 +115,24 @@ def _check_regexes(value: tuple[str, ...]) -> tuple[str, ...]:
         except re.error as exc:
             raise ValueError(f"expected regular expressions, {pattern!r} does not compile: {exc}") from None
     return value
+
+
+@dataclass(frozen=True)
+class ListenerTlsSection:
+    """TLS for a listener: setting cert_file and key_file turns it on."""
+
+    cert_file: str = _key("PEM certificate chain; with key_file, the listener serves TLS only.", default="")
+    key_file: str = _key("PEM private key matching cert_file.", default="")
+
+
+@dataclass(frozen=True)
+class ClientTlsSection:
+    """TLS for an exporter's connection (used with an https:// endpoint)."""
+
+    ca_file: str = _key("PEM CA bundle that signs the backend's certificate (empty: the system's).", default="")
+    cert_file: str = _key("PEM client certificate, for mutual TLS.", default="")
+    key_file: str = _key("PEM key of cert_file.", default="")
+    insecure_skip_verify: bool = _key("Do not verify the backend's certificate (testing only).", default=False)
 
 
 @dataclass(frozen=True)
@@ -112,6 +160,9 @@ class ServerSection:
         _check_listen,
         default="127.0.0.1:9464",
     )
+    auth_token: str = _key("When set, /debug/* requires `Authorization: Bearer <token>` (/metrics and health "
+                           "stay open).", default="")
+    tls: ListenerTlsSection = field(default_factory=ListenerTlsSection)
 
 
 @dataclass(frozen=True)
@@ -150,12 +201,132 @@ class HostSection:
 
 
 @dataclass(frozen=True)
+class OtlpReceiverSection:
+    """[receivers.otlp]: OTLP/gRPC and OTLP/HTTP for traces and metrics from the apps on this host."""
+
+    enabled: bool = _key("Receive OTLP.", default=True)
+    grpc_listen: str = _key("HOST:PORT for OTLP/gRPC; empty turns gRPC off.", _check_optional_listen,
+                            default="127.0.0.1:4317")
+    http_listen: str = _key("HOST:PORT for OTLP/HTTP (/v1/traces, /v1/metrics); empty turns HTTP off.",
+                            _check_optional_listen, default="127.0.0.1:4318")
+    max_request_bytes: int = _key("Largest request body accepted (after decompression); larger ones get 413 or "
+                                  "RESOURCE_EXHAUSTED.", _check_positive, default=4 * 1024 * 1024)
+    auth_token: str = _key("When set, requests must carry `Authorization: Bearer <token>`.", default="")
+    tls: ListenerTlsSection = field(default_factory=ListenerTlsSection)
+
+
+@dataclass(frozen=True)
+class ReceiversSection:
+    otlp: OtlpReceiverSection = field(default_factory=OtlpReceiverSection)
+
+
+@dataclass(frozen=True)
+class SpoolSection:
+    """[spool]: the durable queue (SQLite, WAL) between receivers and exporters, under agent.data_dir."""
+
+    max_bytes: int = _key("Bound on queued span data; when full the oldest batches are dropped and counted.",
+                          _check_positive, default=512 * 1024 * 1024)
+    sync: str = _key("`full`: fsync before acknowledging (survives power loss); `normal`: survives a crash of "
+                     "the agent, not of the host.", _check_choice("full", "normal"), default="full")
+    max_pending_bytes: int = _key("Bytes accepted but not yet written; past it receivers refuse with a "
+                                  "retryable error (429 / RESOURCE_EXHAUSTED).", _check_positive,
+                                  default=64 * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class OtlpExporterSection:
+    """One [[exporters.otlp]] table: an OTLP backend such as Jaeger."""
+
+    name: str = _key("Unique name; used in metrics and as the spool cursor's key.", _check_name, default="jaeger")
+    endpoint: str = _key("`http://host:4317` (grpc) or `http://host:4318` (http, /v1/traces is added); "
+                         "`https://` turns TLS on.", _check_endpoint, default="http://127.0.0.1:4317")
+    protocol: str = _key("`grpc` or `http` (protobuf).", _check_choice("grpc", "http"), default="grpc")
+    headers: dict[str, str] = _key("Extra request headers; `${VAR}` in a value is read from the environment.",
+                                   default_factory=dict)
+    compression: str = _key("`gzip` or `none`.", _check_choice("gzip", "none"), default="gzip")
+    timeout_seconds: float = _key("Deadline of one export request.", _check_positive, default=10.0)
+    max_batch_spans: int = _key("Most spans sent in one request (spooled batches are joined up to it).",
+                                _check_positive, default=8192)
+    tls: ClientTlsSection = field(default_factory=ClientTlsSection)
+
+
+@dataclass(frozen=True)
+class ExportersSection:
+    otlp: tuple[OtlpExporterSection, ...] = _key("OTLP exporters; none by default.", default=())
+
+
+@dataclass(frozen=True)
+class ResourceProcessorSection:
+    """[processors.resource]: host.name, host.id, os.type, the agent's version, container id."""
+
+    enabled: bool = _key("Add host attributes to every resource that lacks them (never overrides the app's).",
+                         default=True)
+    attributes: dict[str, str] = _key("Extra resource attributes to add when absent.", default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RedactionProcessorSection:
+    """[processors.redaction]: replaces sensitive attribute values on spans, events, links and resources."""
+
+    keys: tuple[str, ...] = _key("Attribute keys (case-insensitive, exact) whose values are replaced.",
+                                 default=("authorization", "cookie", "set-cookie", "http.request.header.authorization",
+                                          "http.request.header.cookie", "http.response.header.set-cookie"))
+    key_patterns: tuple[str, ...] = _key("Regexes searched in attribute keys (case-insensitive).", _check_regexes,
+                                         default=("passw(or)?d", "secret", "api[-_.]?key",
+                                                  "(access|auth|bearer|refresh|session|id)[-_.]?token",
+                                                  "private[-_.]?key", "credential"))
+    replacement: str = _key("What redacted values become.", default="[REDACTED]")
+
+
+@dataclass(frozen=True)
+class SpanMetricsProcessorSection:
+    """[processors.span_metrics]: calls and duration per service, span name, kind and status (Jaeger SPM)."""
+
+    enabled: bool = _key("Derive traces_span_metrics_* from every accepted span.", default=True)
+    max_series: int = _key("Most label sets; spans past it count under span_name=\"__overflow__\".",
+                           _check_positive, default=2000)
+
+
+@dataclass(frozen=True)
+class ProcessorsSection:
+    resource: ResourceProcessorSection = field(default_factory=ResourceProcessorSection)
+    redaction: RedactionProcessorSection = field(default_factory=RedactionProcessorSection)
+    span_metrics: SpanMetricsProcessorSection = field(default_factory=SpanMetricsProcessorSection)
+
+
+@dataclass(frozen=True)
+class RecentTracesSection:
+    """[recent_traces]: the last traces kept in memory for /debug/traces and `sidetrace traces`."""
+
+    max_traces: int = _key("Traces kept; the least recently updated goes first.", _check_positive, default=1000)
+    max_spans_per_trace: int = _key("Spans kept per trace; the rest are counted.", _check_positive, default=1000)
+    max_spans: int = _key("Spans kept across all traces (bounds memory: about 300 bytes a span).", _check_positive,
+                          default=50_000)
+
+
+@dataclass(frozen=True)
+class AppMetricsSection:
+    """[app_metrics]: OTLP metrics received from apps, served on /metrics."""
+
+    max_series: int = _key("Most series kept; new ones past it are dropped and counted.", _check_positive,
+                           default=20000)
+    stale_seconds: float = _key("A series not updated for this long is removed from /metrics.", _check_positive,
+                                default=300.0)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole agent configuration."""
 
     agent: AgentSection = field(default_factory=AgentSection)
     server: ServerSection = field(default_factory=ServerSection)
     host: HostSection = field(default_factory=HostSection)
+    receivers: ReceiversSection = field(default_factory=ReceiversSection)
+    spool: SpoolSection = field(default_factory=SpoolSection)
+    exporters: ExportersSection = field(default_factory=ExportersSection)
+    processors: ProcessorsSection = field(default_factory=ProcessorsSection)
+    recent_traces: RecentTracesSection = field(default_factory=RecentTracesSection)
+    app_metrics: AppMetricsSection = field(default_factory=AppMetricsSection)
 
     @property
     def data_path(self) -> Path:
@@ -195,6 +366,10 @@ def _coerce(kind: typing.Any, value: typing.Any) -> typing.Any:
         if isinstance(value, list) and all(isinstance(item, str) for item in value):
             return tuple(value)
         raise ValueError("expected an array of strings")
+    if typing.get_origin(kind) is dict:
+        if isinstance(value, dict) and all(isinstance(item, str) for item in value.values()):
+            return dict(value)
+        raise ValueError("expected a table of strings")
     raise TypeError(f"config.py: unsupported key type {kind!r}")  # a bug in this module
 
 
@@ -235,6 +410,16 @@ class _Builder:
             if spec.name not in data:
                 continue
             kind, value, here = hints[spec.name], data[spec.name], (*path, spec.name)
+            item_kind = _table_array_item(kind)
+            if item_kind is not None:
+                if isinstance(value, list) and all(isinstance(item, dict) for item in value):
+                    kwargs[spec.name] = tuple(
+                        self.build(item_kind, item, (*path, f"{spec.name}[{index}]"))
+                        for index, item in enumerate(value)
+                    )
+                else:
+                    self._problem(here, f"expected an array of tables [[{'.'.join(here)}]], got {_describe(value)}")
+                continue
             if dataclasses.is_dataclass(kind):
                 if isinstance(value, dict):
                     kwargs[spec.name] = self.build(kind, value, here)
@@ -250,12 +435,26 @@ class _Builder:
         return cls(**kwargs)
 
 
+def _table_array_item(kind: typing.Any) -> type | None:
+    """The table type of an array of tables (``tuple[Section, ...]``), else None."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) is tuple and args and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
+
+
 def _walk(cls: type, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], typing.Any, dataclasses.Field]]:
-    """Yield (path, type, field) for every leaf key of the schema, in declaration order."""
+    """Yield (path, type, field) for every leaf key of the schema, in declaration order.
+
+    Keys inside an array of tables have a path element ending in ``[]``.
+    """
     hints = _hints(cls)
     for spec in dataclasses.fields(cls):
         kind = hints[spec.name]
-        if dataclasses.is_dataclass(kind):
+        item_kind = _table_array_item(kind)
+        if item_kind is not None:
+            yield from _walk(item_kind, (*path, f"{spec.name}[]"))
+        elif dataclasses.is_dataclass(kind):
             yield from _walk(kind, (*path, spec.name))
         else:
             yield (*path, spec.name), kind, spec
@@ -268,7 +467,7 @@ def env_name(path: tuple[str, ...]) -> str:
 def _apply_env(
     data: dict[str, typing.Any], env: Mapping[str, str], origins: dict[tuple[str, ...], str], problems: list[str]
 ) -> None:
-    leaves = {env_name(path): (path, kind) for path, kind, _ in _walk(Config)}
+    leaves = {env_name(path): (path, kind) for path, kind, _ in _walk(Config) if not any("[" in p for p in path)}
     for name in sorted(env):
         if not name.startswith(ENV_PREFIX) or ENV_SEPARATOR not in name:
             continue
@@ -284,6 +483,21 @@ def _apply_env(
         else:
             table[path[-1]] = _from_env_text(kind, env[name])
             origins[path] = f"environment {name}"
+
+
+def _cross_checks(config: Config, origin: str) -> list[str]:
+    problems = []
+    names = [exporter.name for exporter in config.exporters.otlp]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            problems.append(f'{origin}: exporters.otlp[{index}].name: expected a unique name, got "{name}" again')
+    if config.receivers.otlp.max_request_bytes > config.spool.max_bytes:
+        problems.append(f"{origin}: receivers.otlp.max_request_bytes: expected at most spool.max_bytes "
+                        f"({config.spool.max_bytes}), got {config.receivers.otlp.max_request_bytes}")
+    for path, tls in (("server.tls", config.server.tls), ("receivers.otlp.tls", config.receivers.otlp.tls)):
+        if bool(tls.cert_file) != bool(tls.key_file):
+            problems.append(f"{origin}: {path}: expected both cert_file and key_file, or neither")
+    return problems
 
 
 def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -312,7 +526,7 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
     _apply_env(data, env, origins, env_problems)
     builder = _Builder(origins, origin)
     config = builder.build(Config, data, ())
-    problems = env_problems + builder.problems
+    problems = env_problems + builder.problems + _cross_checks(config, origin)
     if problems:
         raise ConfigError(problems)
     return config
@@ -325,8 +539,10 @@ def reference_markdown() -> str:
         default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
         if isinstance(default, tuple):
             default = list(default)
-        rows.append(
-            f"| `[{'.'.join(path[:-1])}] {path[-1]}` | `{json.dumps(default)}` | "
-            f"`{env_name(path)}` | {spec.metadata['doc']} |"
-        )
+        array = next((i for i, part in enumerate(path) if part.endswith("[]")), None)
+        if array is None:
+            key, env = f"[{'.'.join(path[:-1])}] {path[-1]}", f"`{env_name(path)}`"
+        else:
+            key, env = f"[[{'.'.join(path[: array + 1])[:-2]}]] {'.'.join(path[array + 1:])}", "(none)"
+        rows.append(f"| `{key}` | `{json.dumps(default)}` | {env} | {spec.metadata['doc']} |")
     return "\n".join(rows) + "\n"

@@ -57,6 +57,9 @@ class Agent:
     def __init__(self, tmp: Path, config_text: str = "", env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = free_port()
+        self.http_port = free_port()
+        self.otlp_http = f"http://127.0.0.1:{self.http_port}"
         self.config_path = tmp / "sidetrace.toml"
         self.data_dir = tmp / "data"
         self.log_path = tmp / "agent.log"
@@ -66,9 +69,12 @@ class Agent:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def write_config(self, extra: str = "", listen: str | None = None) -> None:
+        """Write the config: loopback ports of this agent's own, then ``extra`` (TOML) after them."""
         self.config_path.write_text(
             f'[agent]\ndata_dir = "{self.data_dir}"\nlog_level = "debug"\n'
-            f'[server]\nlisten = "{listen or f"127.0.0.1:{self.port}"}"\n{extra}'
+            f'[server]\nlisten = "{listen or f"127.0.0.1:{self.port}"}"\n'
+            f'[receivers.otlp]\ngrpc_listen = "127.0.0.1:{self.grpc_port}"\n'
+            f'http_listen = "127.0.0.1:{self.http_port}"\n{extra}'
         )
 
     def start(self, wait_ready: bool = True) -> Agent:

@@ -34,6 +34,8 @@ class Context:
     registry: CollectorRegistry
     daemon_status: Callable[[], dict[str, Any]]
     ready: Callable[[], bool]
+    # The running component of that name, or None (between a reload's stop and start, say).
+    lookup: Callable[[str], Any] = lambda name: None
 
 
 @dataclass(frozen=True)
@@ -56,4 +58,10 @@ class Registration:
 REGISTRY: tuple[Registration, ...] = (
     Registration("server", lambda c: c.server, "sidetrace.agent.http:HttpServer"),
     Registration("host", lambda c: c.host, "sidetrace.agent.sources.host:HostSource"),
+    Registration(
+        "pipeline",
+        lambda c: (c.agent.data_dir, c.spool, c.exporters, c.processors, c.recent_traces, c.app_metrics),
+        "sidetrace.agent.pipeline:TracePipeline",
+    ),
+    Registration("otlp", lambda c: c.receivers.otlp, "sidetrace.agent.receivers.otlp:OtlpReceiver"),
 )

@@ -101,7 +101,8 @@ class Daemon:
         self._stop.set()
 
     def _context(self, config: Config) -> Context:
-        return Context(config=config, registry=self.registry, daemon_status=self.status, ready=lambda: self._ready)
+        return Context(config=config, registry=self.registry, daemon_status=self.status, ready=lambda: self._ready,
+                       lookup=lambda name: self._components.get(name))
 
     async def _start(self, config: Config, registrations: tuple[Registration, ...]) -> dict[str, Component]:
         """Start the enabled components in order; on a failure stop those started and raise."""

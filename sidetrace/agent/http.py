@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import Any
 
 from aiohttp import web
@@ -29,15 +30,22 @@ class HttpServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/debug/status", self._debug_status)
+        app.router.add_get("/debug/traces", self._debug_traces)
+        app.router.add_get("/debug/traces/{trace_id}", self._debug_trace)
         self._app = app
+        self._expected_auth = f"Bearer {section.auth_token}" if section.auth_token else None
 
     async def start(self) -> None:
         self._state = "starting"
         host, port = parse_host_port(self.section.listen)
         runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
         await runner.setup()
+        ssl_context = None
+        if self.section.tls.cert_file:
+            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_context.load_cert_chain(self.section.tls.cert_file, self.section.tls.key_file)
         try:
-            await web.TCPSite(runner, host, port, reuse_address=True).start()
+            await web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True).start()
         except OSError as exc:
             await runner.cleanup()
             self._state = "failed"
@@ -75,5 +83,35 @@ class HttpServer:
             return web.Response(text="ready\n")
         return web.Response(status=503, text="not ready\n")
 
+    def _authorize(self, request: web.Request) -> None:
+        if self._expected_auth is not None and request.headers.get("Authorization") != self._expected_auth:
+            raise web.HTTPUnauthorized(text="missing or wrong bearer token ([server] auth_token)\n")
+
     async def _debug_status(self, request: web.Request) -> web.Response:
+        self._authorize(request)
         return web.json_response(self._context.daemon_status())
+
+    def _recent(self) -> Any:
+        pipeline = self._context.lookup("pipeline")
+        if pipeline is None:
+            raise web.HTTPServiceUnavailable(text="the trace pipeline is not running\n")
+        return pipeline.recent
+
+    async def _debug_traces(self, request: web.Request) -> web.Response:
+        """Recent trace summaries, newest first: ?service=NAME&min_duration_ms=N&limit=N."""
+        self._authorize(request)
+        query = request.query
+        try:
+            min_duration = float(query.get("min_duration_ms", "0"))
+            limit = int(query.get("limit", "20"))
+        except ValueError:
+            raise web.HTTPBadRequest(text="min_duration_ms must be a number and limit an integer\n") from None
+        traces = self._recent().list(query.get("service") or None, min_duration, max(1, min(limit, 1000)))
+        return web.json_response({"traces": traces})
+
+    async def _debug_trace(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        trace = self._recent().get(request.match_info["trace_id"])
+        if trace is None:
+            raise web.HTTPNotFound(text=f"no recent trace {request.match_info['trace_id']}\n")
+        return web.json_response(trace)

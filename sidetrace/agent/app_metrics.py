@@ -1,0 +1,250 @@
+"""OTLP metrics from apps, served on the agent's /metrics with the standard OTLP-to-Prometheus translation.
+
+- Names: invalid characters become ``_``; the unit becomes a suffix (``ms`` -> ``_milliseconds``,
+  ``By`` -> ``_bytes``, ``By/s`` -> ``_bytes_per_second``, ``{request}`` annotations are dropped,
+  unit ``1`` on a gauge -> ``_ratio``); monotonic sums get ``_total``.
+- ``service.namespace``/``service.name`` become ``job`` and ``service.instance.id`` ``instance``; the
+  other resource attributes go to one ``target_info`` series per job and instance.
+- Delta sums and histograms are accumulated into cumulative series; cumulative ones are taken as
+  sent. Series not updated for ``stale_seconds`` are removed, so an app that stopped sending does
+  not live forever. Exponential histograms are not translated (counted as dropped points).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from sidetrace.config import AppMetricsSection
+
+DELTA = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
+UNITS = {
+    "d": "days", "h": "hours", "min": "minutes", "s": "seconds", "ms": "milliseconds", "us": "microseconds",
+    "ns": "nanoseconds", "By": "bytes", "KiBy": "kibibytes", "MiBy": "mebibytes", "GiBy": "gibibytes",
+    "KBy": "kilobytes", "MBy": "megabytes", "GBy": "gigabytes", "m": "meters", "V": "volts", "A": "amperes",
+    "J": "joules", "W": "watts", "g": "grams", "Cel": "celsius", "Hz": "hertz", "%": "percent",
+}
+PER_UNITS = {"s": "second", "m": "minute", "h": "hour", "d": "day", "w": "week", "mo": "month", "y": "year"}
+# Names the agent itself emits: an app's metric under them would break the exposition.
+RESERVED_PREFIXES = ("sidetrace_", "process_", "system_", "traces_span_metrics_", "target_info")
+_INVALID = re.compile(r"[^a-zA-Z0-9_:]+")
+_INVALID_LABEL = re.compile(r"[^a-zA-Z0-9_]+")
+
+
+def unit_suffix(unit: str, gauge: bool) -> str:
+    unit = re.sub(r"\{[^}]*\}", "", unit).strip()
+    if unit == "1":
+        return "ratio" if gauge else ""
+    main, _, per = unit.partition("/")
+    words = [UNITS.get(main, _INVALID.sub("_", main).strip("_"))] if main else []
+    if per:
+        words.append("per_" + PER_UNITS.get(per, _INVALID.sub("_", per).strip("_")))
+    return "_".join(word for word in words if word)
+
+
+def metric_name(name: str, unit: str, gauge: bool) -> str:
+    """The Prometheus family name (without ``_total``) for an OTLP metric name and unit."""
+    base = re.sub(r"_+", "_", _INVALID.sub("_", name)).strip("_") or "unnamed"
+    if base[0].isdigit():
+        base = "_" + base
+    suffix = unit_suffix(unit, gauge)
+    if suffix and not base.endswith("_" + suffix):
+        base = f"{base}_{suffix}"
+    return base
+
+
+def label_name(key: str) -> str:
+    label = _INVALID_LABEL.sub("_", key)
+    return f"key_{label}" if label[:1].isdigit() else label
+
+
+def any_value(value: AnyValue) -> str:
+    kind = value.WhichOneof("value")
+    if kind is None:
+        return ""
+    if kind == "array_value":
+        return "[" + ",".join(any_value(v) for v in value.array_value.values) + "]"
+    if kind == "kvlist_value":
+        return "{" + ",".join(f"{kv.key}:{any_value(kv.value)}" for kv in value.kvlist_value.values) + "}"
+    if kind == "bytes_value":
+        return value.bytes_value.hex()
+    if kind == "bool_value":
+        return "true" if value.bool_value else "false"
+    return str(getattr(value, kind))
+
+
+class _Series:
+    __slots__ = ("value", "sum", "count", "buckets", "bounds", "updated")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.sum = 0.0
+        self.count = 0
+        self.buckets: list[int] = []
+        self.bounds: tuple[float, ...] = ()
+        self.updated = 0.0
+
+
+class AppMetrics:
+    """Cumulative series built from OTLP metrics requests, bounded and expiring."""
+
+    def __init__(self, section: AppMetricsSection) -> None:
+        self.max_series = section.max_series
+        self.stale_seconds = section.stale_seconds
+        # (family name, type) -> {label tuple -> series}; help text per family name
+        self._families: dict[tuple[str, str], dict[tuple[tuple[str, str], ...], _Series]] = {}
+        self._help: dict[str, str] = {}
+        self._types: dict[str, str] = {}
+        self._targets: dict[tuple[str, str], tuple[tuple[tuple[str, str], ...], float]] = {}
+        self._count = 0
+        self.dropped: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _drop(self, reason: str, points: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + points
+
+    def _series(self, family: tuple[str, str], labels: tuple[tuple[str, str], ...], now: float) -> _Series | None:
+        by_labels = self._families.setdefault(family, {})
+        series = by_labels.get(labels)
+        if series is None:
+            if self._count >= self.max_series:
+                self._drop("max_series")
+                return None
+            series = by_labels[labels] = _Series()
+            self._count += 1
+        series.updated = now
+        return series
+
+    def apply(self, request: ExportMetricsServiceRequest) -> int:
+        """Fold ``request`` into the store; return the number of data points taken."""
+        now = time.time()
+        taken = 0
+        with self._lock:
+            for resource_metrics in request.resource_metrics:
+                attributes = {kv.key: any_value(kv.value) for kv in resource_metrics.resource.attributes}
+                name = attributes.pop("service.name", "unknown_service")
+                namespace = attributes.pop("service.namespace", "")
+                job = f"{namespace}/{name}" if namespace else name
+                instance = attributes.pop("service.instance.id", "")
+                target = (("job", job), ("instance", instance))
+                self._targets[(job, instance)] = (
+                    tuple(sorted((label_name(k), v) for k, v in attributes.items())), now)
+                for scope_metrics in resource_metrics.scope_metrics:
+                    for metric in scope_metrics.metrics:
+                        taken += self._metric(metric, target, now)
+        return taken
+
+    def _metric(self, metric: Any, target: tuple[tuple[str, str], ...], now: float) -> int:
+        kind = metric.WhichOneof("data")
+        if kind is None:
+            return 0
+        data = getattr(metric, kind)
+        if kind == "exponential_histogram":
+            self._drop("exponential_histogram", len(data.data_points))
+            return 0
+        gauge = kind == "gauge" or (kind == "sum" and not data.is_monotonic)
+        base = metric_name(metric.name, metric.unit, gauge)
+        if base.startswith(RESERVED_PREFIXES):
+            self._drop("reserved_name", len(data.data_points))
+            return 0
+        prom_type = {"gauge": "gauge", "sum": "gauge" if gauge else "counter", "histogram": "histogram",
+                     "summary": "summary"}[kind]
+        if self._types.setdefault(base, prom_type) != prom_type:
+            self._drop("type_conflict", len(data.data_points))
+            return 0
+        self._help.setdefault(base, metric.description or metric.name)
+        family = (base, prom_type)
+        delta = getattr(data, "aggregation_temporality", 0) == DELTA
+        taken = 0
+        for point in data.data_points:
+            labels = target + tuple(sorted((label_name(kv.key), any_value(kv.value)) for kv in point.attributes))
+            series = self._series(family, labels, now)
+            if series is None:
+                continue
+            taken += 1
+            if kind in ("gauge", "sum"):
+                value = point.as_double if point.WhichOneof("value") == "as_double" else float(point.as_int)
+                series.value = series.value + value if delta else value
+            elif kind == "histogram":
+                bounds = tuple(point.explicit_bounds)
+                counts = list(point.bucket_counts) or [0] * (len(bounds) + 1)
+                if delta and series.bounds == bounds and series.buckets:
+                    series.buckets = [a + b for a, b in zip(series.buckets, counts, strict=False)]
+                    series.sum += point.sum
+                    series.count += point.count
+                else:
+                    series.bounds, series.buckets, series.sum, series.count = bounds, counts, point.sum, point.count
+            else:  # summary: quantiles are always cumulative in OTLP
+                series.sum, series.count = point.sum, point.count
+                series.buckets = [q.value for q in point.quantile_values]
+                series.bounds = tuple(q.quantile for q in point.quantile_values)
+        return taken
+
+    def expire(self, now: float | None = None) -> None:
+        cutoff = (now or time.time()) - self.stale_seconds
+        with self._lock:
+            for family, by_labels in list(self._families.items()):
+                for labels, series in list(by_labels.items()):
+                    if series.updated < cutoff:
+                        del by_labels[labels]
+                        self._count -= 1
+                if not by_labels:
+                    del self._families[family]
+                    del self._types[family[0]]
+            for key, (_, updated) in list(self._targets.items()):
+                if updated < cutoff:
+                    del self._targets[key]
+
+    @property
+    def series_count(self) -> int:
+        return self._count
+
+    def families(self) -> Iterator[Metric]:
+        self.expire()
+        with self._lock:
+            snapshot = [(family, [(labels, series.value, series.sum, series.count, list(series.buckets),
+                                   series.bounds) for labels, series in by_labels.items()])
+                        for family, by_labels in self._families.items()]
+            targets = list(self._targets.items())
+            dropped = dict(self.dropped)
+        for (name, prom_type), rows in snapshot:
+            # Series of one family may carry different label keys, so samples are added one by one.
+            family = Metric(name, self._help[name], prom_type)
+            for labels, value, total, count, buckets, bounds in rows:
+                base = dict(labels)
+                if prom_type in ("gauge", "counter"):
+                    family.add_sample(name + ("_total" if prom_type == "counter" else ""), base, value)
+                    continue
+                if prom_type == "histogram":
+                    running = 0
+                    for bound, bucket in zip(bounds, buckets, strict=False):
+                        running += bucket
+                        family.add_sample(name + "_bucket", {**base, "le": repr(float(bound))}, running)
+                    family.add_sample(name + "_bucket", {**base, "le": "+Inf"}, count)
+                else:
+                    for quantile, quantile_value in zip(bounds, buckets, strict=False):
+                        family.add_sample(name, {**base, "quantile": repr(float(quantile))}, quantile_value)
+                family.add_sample(name + "_sum", base, total)
+                family.add_sample(name + "_count", base, count)
+            yield family
+        info = Metric("target_info", "Resource attributes of each app sending OTLP metrics.", "gauge")
+        for (job, instance), (attributes, _) in targets:
+            info.add_sample("target_info", {"job": job, "instance": instance, **dict(attributes)}, 1)
+        yield info
+        points = CounterMetricFamily("sidetrace_app_metrics_dropped_points",
+                                     "OTLP metric points not served, by reason (max_series, reserved_name, "
+                                     "type_conflict, exponential_histogram).", labels=["reason"])
+        for reason, count in sorted(dropped.items()):
+            points.add_metric([reason], count)
+        yield points
+        yield GaugeMetricFamily("sidetrace_app_metrics_series", "Series received from apps and served.",
+                                value=self._count)
+

@@ -1,0 +1,1 @@
+"""Processors applied to every accepted trace request: resource, redaction, span metrics."""

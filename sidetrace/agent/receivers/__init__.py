@@ -1,0 +1,1 @@
+"""Receivers: how apps send telemetry to the agent (OTLP over gRPC and HTTP)."""

@@ -1,0 +1,122 @@
+"""Real OTLP servers for the trace tests: rotel (a Rust collector standing in for Jaeger's OTLP
+ingest, which cannot be installed here) forwarding to an in-process gRPC sink the test reads."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import rotel
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from oteltest.sink.handler import RequestHandler
+
+from tests.conftest import free_port, wait_until
+
+ROTEL_AGENT = Path(rotel.__file__).parent / "rotel-agent"
+
+
+class Collected(RequestHandler):
+    """oteltest's RequestHandler interface, keeping every trace request's spans by span id."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.spans: dict[bytes, list] = {}  # span_id -> [(service, span), ...] (more than one = duplicate)
+
+    def handle_trace(self, request: trace_service_pb2.ExportTraceServiceRequest, headers: object) -> None:
+        with self.lock:
+            self.requests += 1
+            for resource_spans in request.resource_spans:
+                service = next((kv.value.string_value for kv in resource_spans.resource.attributes
+                                if kv.key == "service.name"), "")
+                for scope_spans in resource_spans.scope_spans:
+                    for span in scope_spans.spans:
+                        self.spans.setdefault(span.span_id, []).append((service, span, resource_spans.resource))
+
+    def handle_metrics(self, request: object, headers: object) -> None:
+        pass
+
+    def handle_logs(self, request: object, headers: object) -> None:
+        pass
+
+    def unique(self) -> int:
+        with self.lock:
+            return len(self.spans)
+
+    def duplicates(self) -> int:
+        with self.lock:
+            return sum(len(copies) - 1 for copies in self.spans.values())
+
+
+class _TraceServicer(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, handler: RequestHandler) -> None:
+        self.handler = handler
+
+    def Export(self, request, context):  # noqa: N802 - the gRPC method name
+        self.handler.handle_trace(request, context.invocation_metadata())
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+class Sink:
+    """An OTLP/gRPC sink on a free loopback port (oteltest's GrpcSink binds 0.0.0.0, so not used as is)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.collected = Collected()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
+                                  options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceServicer(self.collected), self.server)
+        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop(grace=None)
+
+
+class Rotel:
+    """A rotel-agent receiving OTLP on loopback and exporting over OTLP/gRPC to ``sink_port``."""
+
+    def __init__(self, tmp: Path, sink_port: int, grpc_port: int | None = None) -> None:
+        self.tmp = tmp
+        self.sink_port = sink_port
+        self.grpc_port = grpc_port or free_port()
+        self.http_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Rotel:
+        assert ROTEL_AGENT.exists(), f"{ROTEL_AGENT} is missing: `make test` installs PyPI rotel"
+        with open(self.tmp / f"rotel-{self.grpc_port}.out", "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(ROTEL_AGENT), "start",
+                 "--otlp-grpc-endpoint", f"127.0.0.1:{self.grpc_port}",
+                 "--otlp-http-endpoint", f"127.0.0.1:{self.http_port}",
+                 "--otlp-grpc-max-recv-msg-size-mib", "64",
+                 "--exporter", "otlp", "--otlp-exporter-protocol", "grpc",
+                 "--otlp-exporter-endpoint", f"http://127.0.0.1:{self.sink_port}",
+                 "--batch-timeout", "20ms",
+                 "--pid-file", str(self.tmp / f"rotel-{self.grpc_port}.pid"),
+                 "--log-file", str(self.tmp / f"rotel-{self.grpc_port}.log")],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        wait_until(lambda: self.proc.poll() is None and _accepts(self.grpc_port), 20, "rotel listening")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def _accepts(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
