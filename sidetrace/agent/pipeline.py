@@ -81,18 +81,17 @@ class TracePipeline:
         self._state = "stopped"
 
     async def accept_traces(self, request: ExportTraceServiceRequest, transport: str) -> int:
-        """Process and durably queue ``request``; return its span count. Raises SpoolBusy when full."""
+        """Process and durably queue ``request``; return its span count.
+
+        Raises SpoolBusy when too much waits for the disk, OSError when the disk fails; the receiver
+        refuses the request then (and counts it), so the app retries.
+        """
         spans = span_count(request)
         if self.resource is not None:
             self.resource.apply(request)
         self.redaction.apply(request)
         if self.spool is not None:
-            try:
-                await self.spool.append(request.SerializeToString(), spans)
-            except Exception as exc:
-                key = (transport, type(exc).__name__)
-                self.refused[key] = self.refused.get(key, 0) + spans
-                raise
+            await self.spool.append(request.SerializeToString(), spans)
         self.accepted[transport] = self.accepted.get(transport, 0) + spans
         if self.span_metrics is not None:
             self.span_metrics.apply(request)

@@ -46,11 +46,14 @@ class SpanMetricsProcessor:
     def _new_series(self, key: tuple[str, str, int, int]) -> list:
         if len(self._series) - self._overflow_series >= self.max_series:
             self.overflow_spans += 1
-            service = key[0] if self._overflow_series < max(1, self.max_series // 10) else OVERFLOW
-            key = (service, OVERFLOW, key[2], key[3])
-            series = self._series.get(key)
-            if series is not None:
-                return series
+            # One overflow series per service while they stay few, then a single one for everything.
+            for candidate in ((key[0], OVERFLOW, key[2], key[3]), (OVERFLOW, OVERFLOW, key[2], key[3])):
+                series = self._series.get(candidate)
+                if series is not None:
+                    return series
+                if candidate[0] == OVERFLOW or self._overflow_series < max(1, self.max_series // 10):
+                    key = candidate
+                    break
             self._overflow_series += 1
         series = self._series[key] = [0, 0.0, [0] * (len(BUCKETS_MS) + 1)]
         return series
@@ -66,8 +69,6 @@ class SpanMetricsProcessor:
                         series = series_of.get(key)
                         if series is None:
                             series = self._new_series(key)
-                        elif key[1] == OVERFLOW:
-                            self.overflow_spans += 1
                         duration_ms = (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6
                         series[0] += 1
                         series[1] += duration_ms

@@ -13,11 +13,11 @@ import base64
 import json
 import logging
 import ssl
-import zlib
 from typing import Any
 
 import grpc
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
@@ -31,6 +31,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from sidetrace.agent.components import Context
+from sidetrace.agent.pipeline import span_count
 from sidetrace.config import OtlpReceiverSection, parse_host_port
 from sidetrace.exporters.spool import SpoolBusy
 
@@ -90,21 +91,6 @@ def parse_protobuf(body: bytes, message_type: type) -> Any:
         return message_type.FromString(body)
     except (DecodeError, RecursionError, ValueError) as exc:
         raise BadRequest(f"invalid protobuf {message_type.__name__}: {exc}") from None
-
-
-def gunzip(body: bytes, limit: int) -> bytes:
-    """Decompress a gzip body, refusing one that inflates past ``limit`` (a zip bomb stops early)."""
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise BadRequest(f"invalid gzip body: {exc}") from None
-    if len(out) > limit:
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(out),
-                                            text=f"body larger than {limit} bytes once decompressed")
-    if not inflater.eof:
-        raise BadRequest("invalid gzip body: truncated")
-    return out
 
 
 def _server_ssl(section: OtlpReceiverSection) -> ssl.SSLContext | None:
@@ -172,7 +158,7 @@ class OtlpReceiver:
         log.info("OTLP/gRPC on %s", address)
 
     async def _start_http(self) -> None:
-        # aiohttp refuses (413) a compressed body over the limit before reading it.
+        # client_max_size bounds the body after decompression: larger ones get 413.
         app = web.Application(client_max_size=self.section.max_request_bytes)
         app.router.add_post("/v1/traces", self._http_traces)
         app.router.add_post("/v1/metrics", self._http_metrics)
@@ -212,14 +198,19 @@ class OtlpReceiver:
         return pipeline
 
     async def _take_traces(self, request: ExportTraceServiceRequest, transport: str) -> None:
-        pipeline = self._pipeline()
+        """Hand ``request`` to the pipeline; raise Unavailable (counted) when it cannot take it now."""
         try:
-            await pipeline.accept_traces(request, transport)
-        except SpoolBusy as exc:
-            raise Unavailable(f"the spool is busy ({exc}); retry later") from None
-        except OSError as exc:
-            self._last_error = f"spool write failed: {exc}"
-            raise Unavailable(self._last_error) from None
+            pipeline = self._pipeline()
+            try:
+                await pipeline.accept_traces(request, transport)
+            except SpoolBusy as exc:
+                raise Unavailable(f"the spool is busy ({exc}); retry later") from None
+            except OSError as exc:
+                self._last_error = f"spool write failed: {exc}"
+                raise Unavailable(self._last_error) from None
+        except Unavailable:
+            self._refuse(transport, "unavailable", span_count(request))
+            raise
 
     def _refuse(self, transport: str, reason: str, spans: int = 0) -> None:
         pipeline = self._lookup("pipeline")
@@ -246,8 +237,6 @@ class OtlpReceiver:
         try:
             await self._take_traces(request, "grpc")
         except Unavailable as exc:
-            self._refuse("grpc", "unavailable", sum(len(s.spans) for r in request.resource_spans
-                                                    for s in r.scope_spans))
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return ExportTraceServiceResponse()
 
@@ -273,12 +262,14 @@ class OtlpReceiver:
         if content_type not in (PROTOBUF, JSON):
             raise web.HTTPUnsupportedMediaType(
                 text=f"Content-Type must be {PROTOBUF} or {JSON}, got {content_type or 'none'}")
-        body = await request.read()
         encoding = request.headers.get("Content-Encoding", "").lower()
-        if encoding == "gzip":
-            body = gunzip(body, self.section.max_request_bytes)
-        elif encoding not in ("", "identity"):
+        if encoding not in ("", "identity", "gzip", "deflate"):
             raise web.HTTPUnsupportedMediaType(text=f"Content-Encoding must be gzip or identity, got {encoding}")
+        # aiohttp inflates gzip itself, in bounded steps, and answers 413 past client_max_size.
+        try:
+            body = await request.read()
+        except RequestPayloadError as exc:
+            raise BadRequest(f"invalid {encoding or 'request'} body: {exc.__cause__ or exc}") from None
         parse = parse_json if content_type == JSON else parse_protobuf
         return parse(body, message_type), content_type
 
@@ -306,7 +297,6 @@ class OtlpReceiver:
             self._refuse("http", "invalid")
             return self._http_error(400, str(exc), content_type)
         except Unavailable as exc:
-            self._refuse("http", "unavailable")
             return self._http_error(429, str(exc), content_type, **{"Retry-After": RETRY_AFTER_SECONDS})
         except web.HTTPException as exc:
             self._refuse("http", exc.reason.lower().replace(" ", "_"))

@@ -1,0 +1,202 @@
+"""The OTLP receiver against bad, hostile and unusual input, on a real agent process."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+import urllib.request
+from collections.abc import Callable
+
+import grpc
+import pytest
+from google.rpc import status_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+
+from tests.conftest import Agent, http_get
+
+TRACE_ID = "5b8efff798038103d269b633813fc60c"
+SPAN_ID = "eee19b7ec3c1b174"
+
+
+def one_span_request(name: str = "op") -> ExportTraceServiceRequest:
+    request = ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    kv = resource_spans.resource.attributes.add()
+    kv.key, kv.value.string_value = "service.name", "fuzzed"
+    span = resource_spans.scope_spans.add().spans.add()
+    span.trace_id, span.span_id, span.name = bytes.fromhex(TRACE_ID), bytes.fromhex(SPAN_ID), name
+    span.start_time_unix_nano, span.end_time_unix_nano = 1_000_000_000, 1_250_000_000
+    return request
+
+
+def post(url: str, body: bytes, content_type: str = "application/x-protobuf", timeout: float = 10,
+         **headers: str) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type, **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def grpc_export(agent: Agent, body: bytes, metadata: tuple = ()) -> grpc.StatusCode:
+    with grpc.insecure_channel(f"127.0.0.1:{agent.grpc_port}") as channel:
+        export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                                     request_serializer=None, response_deserializer=None)
+        try:
+            export(body, timeout=10, metadata=metadata)
+        except grpc.RpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+
+def refused(agent: Agent, reason: str) -> float:
+    _, text = http_get(agent.url + "/metrics")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("sidetrace_receiver_refused_spans_total") and f'reason="{reason}"' in line)
+
+
+def test_malformed_requests_get_4xx_with_a_message_and_the_agent_keeps_serving(
+    agent_factory: Callable[..., Agent]
+) -> None:
+    agent = agent_factory(env={"SIDETRACE_RECEIVERS__OTLP__MAX_REQUEST_BYTES": "65536"}).start()
+    url = agent.otlp_http + "/v1/traces"
+    good = one_span_request().SerializeToString()
+
+    status, _, body = post(url, good[:-5])
+    assert status == 400
+    assert status_pb2.Status.FromString(body).message.startswith("invalid protobuf ExportTraceServiceRequest")
+
+    status, _, body = post(url, good, content_type="text/plain")
+    assert (status, body) == (415, b"Content-Type must be application/x-protobuf or application/json, got text/plain")
+
+    status, _, _ = post(url, b"\0" * 70_000)
+    assert status == 413
+
+    status, _, body = post(url, b"x" * 10, **{"Content-Encoding": "gzip"})
+    assert status == 400 and b"invalid gzip body" in status_pb2.Status.FromString(body).message.encode()
+
+    bomb = gzip.compress(b"\0" * 10_000_000)  # 10 KB that inflate to 10 MB
+    assert len(bomb) < 65536
+    assert post(url, bomb, **{"Content-Encoding": "gzip"})[0] == 413
+
+    status, _, body = post(url, b"{not json", content_type="application/json")
+    assert status == 400 and json.loads(body)["message"].startswith("invalid JSON")
+
+    status, _, body = post(url, json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "zz"}]}]}]})
+                           .encode(), content_type="application/json")
+    assert status == 400 and json.loads(body)["message"].startswith("traceId: expected a hex string")
+
+    assert grpc_export(agent, b"\xff\xff\xff garbage") == grpc.StatusCode.INVALID_ARGUMENT
+    assert grpc_export(agent, good) == grpc.StatusCode.OK
+    assert post(url, good)[0] == 200
+    assert refused(agent, "invalid") == 0  # malformed requests carry no countable spans
+    assert http_get(agent.url + "/healthz")[0] == 200
+
+
+def test_otlp_json_with_hex_ids_is_accepted(agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory().start()
+    document = {"resourceSpans": [{
+        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "json-app"}}]},
+        "scopeSpans": [{"spans": [{"traceId": TRACE_ID, "spanId": SPAN_ID, "name": "from json", "kind": 2,
+                                   "startTimeUnixNano": "1000000000", "endTimeUnixNano": "1500000000",
+                                   "status": {"code": 2}}]}]}]}
+    status, headers, body = post(agent.otlp_http + "/v1/traces", json.dumps(document).encode(), "application/json")
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    assert json.loads(body) == {}
+    status, text = http_get(f"{agent.url}/debug/traces/{TRACE_ID}")
+    assert status == 200
+    (span,) = json.loads(text)["spans"]
+    assert (span["span_id"], span["name"], span["service"], span["kind"], span["duration_ms"], span["status_code"]) \
+        == (SPAN_ID, "from json", "json-app", "SPAN_KIND_SERVER", 500.0, "STATUS_CODE_ERROR")
+
+
+@pytest.mark.slow
+def test_fuzzed_http_bodies_never_break_the_receiver(agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory().start()
+    url = agent.otlp_http + "/v1/traces"
+    seen: set[int] = set()
+    good = one_span_request().SerializeToString()
+
+    @settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(
+        body=st.one_of(st.binary(max_size=2048),
+                       st.binary(max_size=64).map(lambda tail: good[: len(good) // 2] + tail),
+                       st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                                    lambda children: st.lists(children, max_size=4)
+                                    | st.dictionaries(st.sampled_from(["resourceSpans", "scopeSpans", "spans",
+                                                                       "traceId", "spanId", "name", "kind"]),
+                                                      children, max_size=4), max_leaves=20)
+                       .map(lambda doc: json.dumps(doc).encode())),
+        content_type=st.sampled_from(["application/x-protobuf", "application/json"]),
+        gzipped=st.booleans(),
+    )
+    def fuzz(body: bytes, content_type: str, gzipped: bool) -> None:
+        headers = {"Content-Encoding": "gzip"} if gzipped else {}
+        status, _, _ = post(url, gzip.compress(body) if gzipped else body, content_type, **headers)
+        seen.add(status)
+        assert status in (200, 400), status
+
+    fuzz()
+    assert seen == {200, 400}
+    assert agent.alive() and http_get(agent.url + "/healthz")[0] == 200
+    assert post(url, good)[0] == 200
+
+
+def test_spool_backpressure_refuses_with_retryable_errors(agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory('[[exporters.otlp]]\nname = "nowhere"\nendpoint = "http://127.0.0.1:9"\n',
+                          env={"SIDETRACE_SPOOL__MAX_PENDING_BYTES": "1"}).start()
+    body = one_span_request().SerializeToString()
+    status, headers, _ = post(agent.otlp_http + "/v1/traces", body)
+    assert status == 429 and headers["Retry-After"] == "1"
+    assert grpc_export(agent, body) == grpc.StatusCode.UNAVAILABLE
+    assert refused(agent, "unavailable") == 2  # one span each
+
+
+def test_bearer_token_guards_receivers_and_debug(agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory(env={"SIDETRACE_RECEIVERS__OTLP__AUTH_TOKEN": "rcv", "SIDETRACE_SERVER__AUTH_TOKEN": "dbg"})
+    agent.start()
+    body = one_span_request().SerializeToString()
+    assert post(agent.otlp_http + "/v1/traces", body)[0] == 401
+    assert post(agent.otlp_http + "/v1/traces", body, Authorization="Bearer rcv")[0] == 200
+    assert grpc_export(agent, body) == grpc.StatusCode.UNAUTHENTICATED
+    assert grpc_export(agent, body, (("authorization", "Bearer rcv"),)) == grpc.StatusCode.OK
+    assert http_get(agent.url + "/debug/traces")[0] == 401
+    assert http_get(agent.url + "/debug/traces", headers={"Authorization": "Bearer dbg"})[0] == 200
+    assert http_get(agent.url + "/metrics")[0] == 200 and http_get(agent.url + "/readyz")[0] == 200
+
+
+def test_sdk_metrics_appear_on_metrics_translated(agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory().start()
+    exporter = OTLPMetricExporter(endpoint=f"127.0.0.1:{agent.grpc_port}", insecure=True)
+    provider = MeterProvider(
+        resource=Resource.create({"service.name": "cart", "service.instance.id": "cart-1", "deployment": "prod"}),
+        metric_readers=[PeriodicExportingMetricReader(exporter, export_interval_millis=60_000)],
+    )
+    meter = provider.get_meter("test")
+    meter.create_counter("http.server.requests", unit="{request}").add(7, {"http.route": "/cart"})
+    meter.create_histogram("http.server.request.duration", unit="s").record(0.3, {"http.route": "/cart"})
+    meter.create_up_down_counter("queue.depth").add(4)
+    assert provider.force_flush(10_000)
+    provider.shutdown()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        _, text = http_get(agent.url + "/metrics")
+        if "http_server_requests_total" in text:
+            break
+        time.sleep(0.1)
+    lines = set(text.splitlines())
+    assert 'http_server_requests_total{http_route="/cart",instance="cart-1",job="cart"} 7.0' in lines
+    assert 'http_server_request_duration_seconds_count{http_route="/cart",instance="cart-1",job="cart"} 1.0' in lines
+    bucket = 'http_server_request_duration_seconds_bucket{http_route="/cart",instance="cart-1",job="cart",le="%s"} %s'
+    assert {bucket % ("0.0", "0.0"), bucket % ("5.0", "1.0"), bucket % ("+Inf", "1.0")} <= lines
+    assert 'queue_depth{instance="cart-1",job="cart"} 4.0' in lines
+    assert any(line.startswith("target_info{") and 'deployment="prod"' in line and 'job="cart"' in line
+               for line in lines)

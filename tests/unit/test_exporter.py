@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from sidetrace.config import OtlpExporterSection
+from sidetrace.exporters.otlp import OtlpExporter, backoff, retry_after_seconds
+from sidetrace.exporters.spool import Spool
+from tests.conftest import free_port
+
+
+def test_retry_after_seconds_and_dates() -> None:
+    assert retry_after_seconds("3") == 3.0
+    assert retry_after_seconds("100000") == 300.0  # capped
+    in_two = email.utils.formatdate(time.time() + 2, usegmt=True)
+    assert 0.5 < retry_after_seconds(in_two) <= 2.0
+    assert retry_after_seconds("soon") is None and retry_after_seconds(None) is None
+
+
+def test_backoff_grows_with_jitter_and_is_capped() -> None:
+    assert 0.25 <= backoff(0) <= 0.5
+    assert 2.0 <= backoff(3) <= 4.0
+    assert all(15.0 <= backoff(40) <= 30.0 for _ in range(20))
+
+
+class Backend:
+    """An OTLP/HTTP backend whose answers the test scripts."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.bodies: list[bytes] = []
+        self.answers: list[tuple[int, dict[str, str]]] = []
+        self.times: list[float] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.times.append(time.monotonic())
+        if b"POISON" in body:
+            return web.Response(status=400, text="bad span")
+        status, headers = self.answers.pop(0) if self.answers else (200, {})
+        if status == 200:
+            self.bodies.append(body)
+        return web.Response(status=status, headers=headers)
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[Backend]:
+    b = Backend()
+    app = web.Application()
+    app.router.add_post("/v1/traces", b.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", b.port).start()
+    yield b
+    await runner.cleanup()
+
+
+async def run_exporter(tmp_path: Path, backend: Backend, bodies: list[bytes], until: float = 10.0) -> tuple:
+    spool = Spool(tmp_path / "spool.db", ["b"], max_bytes=1 << 20)
+    await spool.open()
+    for body in bodies:
+        await spool.append(body, spans=1)
+    exporter = OtlpExporter(OtlpExporterSection(name="b", endpoint=f"http://127.0.0.1:{backend.port}",
+                                                protocol="http", compression="none"), spool)
+    await exporter.start()
+    deadline = time.monotonic() + until
+    while spool.size_bytes and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await exporter.stop()
+    await spool.close()
+    return exporter, spool
+
+
+async def test_retry_after_is_honoured_then_delivered(tmp_path: Path, backend: Backend) -> None:
+    backend.answers = [(503, {"Retry-After": "1"})]
+    exporter, spool = await run_exporter(tmp_path, backend, [b"one", b"two"])
+    assert backend.bodies == [b"onetwo"]  # joined into one request
+    assert backend.times[1] - backend.times[0] >= 0.95
+    assert (exporter.retries, exporter.sent_spans, exporter.failed_spans) == (1, 2, 2)
+    assert spool.size_bytes == 0
+
+
+async def test_permanent_rejection_sets_aside_only_the_bad_batch(tmp_path: Path, backend: Backend) -> None:
+    exporter, spool = await run_exporter(tmp_path, backend, [b"a", b"b", b"POISON", b"c"])
+    assert b"".join(backend.bodies) == b"abc"
+    assert exporter.sent_spans == 3
+    assert spool.set_aside_counts == {("b", "rejected: HTTP 400: bad span"): 1}

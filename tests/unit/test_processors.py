@@ -1,0 +1,178 @@
+from __future__ import annotations
+
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
+from prometheus_client import CollectorRegistry, generate_latest
+
+from sidetrace.agent.app_metrics import AppMetrics, metric_name
+from sidetrace.agent.processors.redaction import RedactionProcessor
+from sidetrace.agent.processors.resource import ResourceProcessor, container_id
+from sidetrace.agent.processors.span_metrics import SpanMetricsProcessor
+from sidetrace.agent.recent import RecentTraces
+from sidetrace.config import (
+    AppMetricsSection,
+    RecentTracesSection,
+    RedactionProcessorSection,
+    ResourceProcessorSection,
+    SpanMetricsProcessorSection,
+)
+
+
+def traces(*spans: tuple[str, str, bytes, int], attributes: dict[str, str] | None = None) -> ExportTraceServiceRequest:
+    """A request with one resource per distinct service; spans are (service, name, trace_id, duration_ms)."""
+    request = ExportTraceServiceRequest()
+    by_service = {}
+    for service, name, trace_id, duration_ms in spans:
+        if service not in by_service:
+            resource_spans = request.resource_spans.add()
+            kv = resource_spans.resource.attributes.add()
+            kv.key, kv.value.string_value = "service.name", service
+            by_service[service] = resource_spans.scope_spans.add()
+        span = by_service[service].spans.add()
+        span.name, span.trace_id, span.span_id = name, trace_id, len(by_service[service].spans).to_bytes(8, "big")
+        span.start_time_unix_nano, span.end_time_unix_nano = 10**9, 10**9 + duration_ms * 10**6
+        for key, value in (attributes or {}).items():
+            kv = span.attributes.add()
+            kv.key, kv.value.string_value = key, value
+    return request
+
+
+def exposition(collector: object) -> set[str]:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return {line for line in generate_latest(registry).decode().splitlines() if not line.startswith("#")}
+
+
+class Families:
+    def __init__(self, source: object) -> None:
+        self.source = source
+
+    def collect(self):  # noqa: ANN201
+        return self.source.families()
+
+
+def test_span_metrics_histogram_and_calls() -> None:
+    processor = SpanMetricsProcessor(SpanMetricsProcessorSection())
+    processor.apply(traces(("cart", "GET /", b"t" * 16, 3), ("cart", "GET /", b"t" * 16, 120)))
+    lines = exposition(Families(processor))
+    labels = 'service_name="cart",span_kind="SPAN_KIND_UNSPECIFIED",span_name="GET /",status_code="STATUS_CODE_UNSET"'
+    assert f"traces_span_metrics_calls_total{{{labels}}} 2.0" in lines
+    assert f'traces_span_metrics_duration_milliseconds_bucket{{le="2",{labels}}} 0.0' in lines
+    assert f'traces_span_metrics_duration_milliseconds_bucket{{le="4",{labels}}} 1.0' in lines
+    assert f'traces_span_metrics_duration_milliseconds_bucket{{le="200",{labels}}} 2.0' in lines
+    assert f"traces_span_metrics_duration_milliseconds_sum{{{labels}}} 123.0" in lines
+
+
+def test_span_metrics_overflow_is_capped_and_counted() -> None:
+    processor = SpanMetricsProcessor(SpanMetricsProcessorSection(max_series=3))
+    processor.apply(traces(*(("cart", f"GET /item/{i}", b"t" * 16, 1) for i in range(10))))
+    lines = exposition(Families(processor))
+    calls = sorted(line for line in lines if line.startswith("traces_span_metrics_calls_total"))
+    assert len(calls) == 4
+    assert any('span_name="__overflow__"' in line and line.endswith(" 7.0") for line in calls)
+    assert "sidetrace_span_metrics_overflow_spans_total 7.0" in lines
+
+
+def test_redaction_by_key_and_pattern_keeps_other_values() -> None:
+    processor = RedactionProcessor(RedactionProcessorSection())
+    request = traces(("cart", "op", b"t" * 16, 1), attributes={
+        "Authorization": "Bearer x", "db.password": "p", "user.api_key": "k", "gen_ai.usage.input_tokens": "12",
+        "http.route": "/cart"})
+    processor.apply(request)
+    attributes = {kv.key: kv.value.string_value for kv in request.resource_spans[0].scope_spans[0].spans[0].attributes}
+    assert attributes == {"Authorization": "[REDACTED]", "db.password": "[REDACTED]", "user.api_key": "[REDACTED]",
+                          "gen_ai.usage.input_tokens": "12", "http.route": "/cart"}
+    assert processor.redacted == 3
+
+
+def test_resource_processor_never_overrides_the_app() -> None:
+    processor = ResourceProcessor(ResourceProcessorSection(attributes={"deployment.environment": "prod"}))
+    request = traces(("cart", "op", b"t" * 16, 1))
+    kv = request.resource_spans[0].resource.attributes.add()
+    kv.key, kv.value.string_value = "host.name", "set-by-app"
+    processor.apply(request)
+    attributes = {kv.key: kv.value.string_value for kv in request.resource_spans[0].resource.attributes}
+    assert attributes["host.name"] == "set-by-app"
+    assert attributes["os.type"] == "linux" and attributes["deployment.environment"] == "prod"
+    assert attributes["sidetrace.agent.version"] == "0.1.0"
+
+
+def test_container_id_from_cgroup_v1_and_v2_mountinfo() -> None:
+    cid = "a" * 64
+    assert container_id(f"12:pids:/docker/{cid}\n", "") == cid
+    assert container_id("0::/\n", f"1 2 0:3 /var/lib/docker/containers/{cid}/hostname /etc/hostname rw\n") == cid
+    assert container_id("0::/user.slice\n", "1 2 0:3 / / rw\n") == ""
+
+
+def test_recent_traces_bounds_and_summaries() -> None:
+    recent = RecentTraces(RecentTracesSection(max_traces=2, max_spans_per_trace=2, max_spans=100))
+    recent.apply(traces(("a", "one", b"1" * 16, 5)))
+    recent.apply(traces(("a", "two", b"2" * 16, 50), ("b", "two-b", b"2" * 16, 7), ("b", "extra", b"2" * 16, 1)))
+    recent.apply(traces(("c", "three", b"3" * 16, 1)))
+    listed = recent.list()
+    assert [t["root_name"] for t in listed] == ["three", "two"]  # "one" was evicted
+    assert listed[1]["spans_dropped"] == 1 and recent.dropped_spans == 1
+    assert [t["trace_id"] for t in recent.list(service="b")] == [(b"2" * 16).hex()]
+    assert [t["root_name"] for t in recent.list(min_duration_ms=10)] == ["two"]
+    assert recent.get((b"1" * 16).hex()) is None
+    assert recent.get("not hex") is None
+
+
+def metrics_request(kind: str, value: float, temporality: int = 0, name: str = "jobs.done", unit: str = "{job}",
+                    service: str = "worker") -> ExportMetricsServiceRequest:
+    request = ExportMetricsServiceRequest()
+    resource_metrics = request.resource_metrics.add()
+    kv = resource_metrics.resource.attributes.add()
+    kv.key, kv.value.string_value = "service.name", service
+    metric = resource_metrics.scope_metrics.add().metrics.add()
+    metric.name, metric.unit = name, unit
+    if kind == "sum":
+        metric.sum.is_monotonic = True
+        metric.sum.aggregation_temporality = temporality
+        metric.sum.data_points.add().as_double = value
+    elif kind == "gauge":
+        metric.gauge.data_points.add().as_int = int(value)
+    else:
+        point = metric.histogram.data_points.add()
+        metric.histogram.aggregation_temporality = temporality
+        point.explicit_bounds.extend([1.0, 10.0])
+        point.bucket_counts.extend([1, 1, 0])
+        point.count, point.sum = 2, value
+    return request
+
+
+def test_delta_sums_and_histograms_accumulate_cumulative_taken_as_sent() -> None:
+    store = AppMetrics(AppMetricsSection())
+    delta = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
+    store.apply(metrics_request("sum", 2, delta))
+    store.apply(metrics_request("sum", 3, delta))
+    store.apply(metrics_request("histogram", 5.5, delta, name="latency", unit="ms"))
+    store.apply(metrics_request("histogram", 4.5, delta, name="latency", unit="ms"))
+    store.apply(metrics_request("gauge", 9, name="queue.size", unit="1"))
+    lines = exposition(Families(store))
+    assert 'jobs_done_total{instance="",job="worker"} 5.0' in lines
+    assert 'latency_milliseconds_bucket{instance="",job="worker",le="1.0"} 2.0' in lines
+    assert 'latency_milliseconds_bucket{instance="",job="worker",le="+Inf"} 4.0' in lines
+    assert 'latency_milliseconds_sum{instance="",job="worker"} 10.0' in lines
+    assert 'queue_size_ratio{instance="",job="worker"} 9.0' in lines
+
+
+def test_stale_series_expire_and_bounds_are_counted() -> None:
+    store = AppMetrics(AppMetricsSection(max_series=1, stale_seconds=60))
+    store.apply(metrics_request("gauge", 1, name="a"))
+    store.apply(metrics_request("gauge", 1, name="b"))  # over max_series
+    store.apply(metrics_request("gauge", 1, name="process.cpu.time", unit="s"))  # reserved
+    assert store.series_count == 1 and store.dropped == {"max_series": 1, "reserved_name": 1}
+    store.expire(now=10**12)
+    assert store.series_count == 0
+    assert not any(line.startswith("a{") for line in exposition(Families(store)))
+
+
+def test_metric_names_follow_the_prometheus_translation() -> None:
+    assert metric_name("http.server.request.duration", "s", gauge=False) == "http_server_request_duration_seconds"
+    assert metric_name("net.io", "By/s", gauge=True) == "net_io_bytes_per_second"
+    assert metric_name("requests", "{request}", gauge=False) == "requests"
+    assert metric_name("cpu.utilization", "1", gauge=True) == "cpu_utilization_ratio"
+    assert metric_name("size_bytes", "By", gauge=True) == "size_bytes"
+    assert metric_name("2xx.count", "", gauge=False) == "_2xx_count"
