@@ -80,16 +80,17 @@ class TracePipeline:
             self._registry.unregister(self)
         self._state = "stopped"
 
-    async def accept_traces(self, request: ExportTraceServiceRequest, transport: str) -> int:
+    async def accept_traces(self, request: ExportTraceServiceRequest, transport: str, raw: bytes | None = None) -> int:
         """Process and durably queue ``request``; return its span count.
 
+        ``raw`` is the request's protobuf encoding when the receiver has it (a fast path for redaction).
         Raises SpoolBusy when too much waits for the disk, OSError when the disk fails; the receiver
         refuses the request then (and counts it), so the app retries.
         """
         spans = span_count(request)
         if self.resource is not None:
             self.resource.apply(request)
-        self.redaction.apply(request)
+        self.redaction.apply(request, raw)
         if self.spool is not None:
             await self.spool.append(request.SerializeToString(), spans)
         self.accepted[transport] = self.accepted.get(transport, 0) + spans

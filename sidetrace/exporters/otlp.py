@@ -234,7 +234,6 @@ class OtlpExporter:
             await self._spool.wait_for_new(self.name, timeout=5.0)
             return
         self.resent_spans += self._spool.possibly_resent(self.name, batches)
-        await self._spool.mark_inflight(self.name, batches[-1].id)
         await self._deliver(batches)
         await self._spool.ack(self.name, batches[-1].id)
 

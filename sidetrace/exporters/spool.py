@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS batches (
     id INTEGER PRIMARY KEY AUTOINCREMENT, received_at REAL NOT NULL, spans INTEGER NOT NULL,
     size INTEGER NOT NULL, crc INTEGER NOT NULL, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS cursors (
-    consumer TEXT PRIMARY KEY, acked INTEGER NOT NULL, inflight INTEGER NOT NULL);
+    consumer TEXT PRIMARY KEY, acked INTEGER NOT NULL, running INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS set_aside (
     id INTEGER PRIMARY KEY, batch_id INTEGER, consumer TEXT, reason TEXT, at REAL, body BLOB);
 """
@@ -73,7 +73,8 @@ class Spool:
         self._pending_bytes = 0
         self._writer: asyncio.Task[None] | None = None
         self._acked: dict[str, int] = {}
-        self._inflight: dict[str, int] = {}
+        # consumer -> highest batch id that may have been in flight when the last run died
+        self._unsure: dict[str, int] = {}
         self._oldest_unsent: dict[str, float | None] = {}
         self._last_id = 0
         self._new = {consumer: asyncio.Event() for consumer in self.consumers}
@@ -122,14 +123,19 @@ class Spool:
         self._last_id = db.execute("SELECT COALESCE(MAX(id), 0) FROM batches").fetchone()[0]
         for consumer in self.consumers:
             db.execute("INSERT OR IGNORE INTO cursors VALUES (?, 0, 0)", (consumer,))
-            acked, inflight = db.execute("SELECT acked, inflight FROM cursors WHERE consumer = ?",
-                                         (consumer,)).fetchone()
-            self._acked[consumer], self._inflight[consumer] = acked, inflight
+            acked, running = db.execute("SELECT acked, running FROM cursors WHERE consumer = ?",
+                                        (consumer,)).fetchone()
+            self._acked[consumer] = acked
+            if running:  # the last run did not stop cleanly: its last send may have landed unacknowledged
+                self._unsure[consumer] = self._last_id
+            db.execute("UPDATE cursors SET running = 1 WHERE consumer = ?", (consumer,))
             self._oldest_unsent[consumer] = self._first_unsent_at(consumer)
-        self._delete_passed()
+        if self.consumers:
+            self._bytes -= self._delete_passed(min(self._acked.values()))
 
     def _close(self) -> None:
         if self._db is not None:
+            self._db.execute("UPDATE cursors SET running = 0")
             self._db.close()
             self._db = None
 
@@ -242,36 +248,41 @@ class Spool:
                 size += len(body)
 
     def possibly_resent(self, consumer: str, batches: list[Batch]) -> int:
-        """Spans in ``batches`` that were in flight when the agent last stopped (they may be duplicates)."""
-        return sum(b.spans for b in batches if self._acked[consumer] < b.id <= self._inflight[consumer])
+        """Spans in ``batches`` that may have reached the backend before the last run died.
 
-    async def mark_inflight(self, consumer: str, last_id: int) -> None:
-        if last_id > self._inflight[consumer]:
-            await self._run(self._update_cursor, consumer, "inflight", last_id)
+        Only a run that did not stop cleanly leaves any, and only in the first read after it: an
+        exporter has one request in flight at a time and acknowledges it before reading on. The
+        count is an upper bound of the duplicates a crash can cause, without a write per send.
+        """
+        unsure = self._unsure.pop(consumer, 0)
+        return sum(b.spans for b in batches if b.id <= unsure)
 
     async def ack(self, consumer: str, last_id: int) -> None:
         """``consumer`` is done with every batch up to ``last_id``: move its cursor, free what all passed."""
         await self._run(self._ack, consumer, last_id)
 
     def _ack(self, consumer: str, last_id: int) -> None:
-        self._update_cursor(consumer, "acked", last_id)
-        self._delete_passed()
+        db = self._db
+        assert db is not None
+        db.execute("BEGIN IMMEDIATE")  # one commit (one fsync) for the cursor and the freed rows
+        try:
+            db.execute("UPDATE cursors SET acked = ? WHERE consumer = ?", (last_id, consumer))
+            freed = self._delete_passed(min(last_id if c == consumer else self._acked[c] for c in self.consumers))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._acked[consumer] = last_id
+        self._bytes -= freed
         self._oldest_unsent[consumer] = self._first_unsent_at(consumer)
 
-    def _update_cursor(self, consumer: str, column: str, value: int) -> None:
+    def _delete_passed(self, passed: int) -> int:
+        """Delete the batches every consumer has passed; return the bytes freed."""
         assert self._db is not None
-        self._db.execute(f"UPDATE cursors SET {column} = ? WHERE consumer = ?", (value, consumer))
-        (self._acked if column == "acked" else self._inflight)[consumer] = value
-
-    def _delete_passed(self) -> None:
-        assert self._db is not None
-        if not self.consumers:
-            return
-        passed = min(self._acked[c] for c in self.consumers)
         freed = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM batches WHERE id <= ?", (passed,)).fetchone()[0]
         if freed:
             self._db.execute("DELETE FROM batches WHERE id <= ?", (passed,))
-            self._bytes -= freed
+        return freed
 
     def _first_unsent_at(self, consumer: str) -> float | None:
         assert self._db is not None

@@ -176,3 +176,24 @@ def test_metric_names_follow_the_prometheus_translation() -> None:
     assert metric_name("cpu.utilization", "1", gauge=True) == "cpu_utilization_ratio"
     assert metric_name("size_bytes", "By", gauge=True) == "size_bytes"
     assert metric_name("2xx.count", "", gauge=False) == "_2xx_count"
+
+
+def test_redaction_prefilter_skips_clean_requests_and_never_misses_a_sensitive_key() -> None:
+    processor = RedactionProcessor(RedactionProcessorSection())
+    clean = traces(("cart", "op", b"t" * 16, 1), attributes={"http.route": "/api/items", "mon": "1"})
+    processor.apply(clean, clean.SerializeToString())
+    assert processor.skipped_requests == 1 and processor.redacted == 0
+    for key in ("X-Api-Key", "Set-Cookie", "session_token", "client.credentials", "PRIVATE-KEY", "userPassword"):
+        request = traces(("cart", "op", b"t" * 16, 1), attributes={key: "v"})
+        processor.apply(request, request.SerializeToString())
+        span = request.resource_spans[0].scope_spans[0].spans[0]
+        assert span.attributes[0].value.string_value == "[REDACTED]", key
+    assert processor.skipped_requests == 1
+
+
+def test_redaction_with_patterns_that_need_no_literal_always_walks() -> None:
+    processor = RedactionProcessor(RedactionProcessorSection(keys=(), key_patterns=("^pw$", "[0-9]+x")))
+    request = traces(("cart", "op", b"t" * 16, 1), attributes={"pw": "v", "12x": "w", "ok": "z"})
+    processor.apply(request, request.SerializeToString())
+    values = [kv.value.string_value for kv in request.resource_spans[0].scope_spans[0].spans[0].attributes]
+    assert values == ["[REDACTED]", "[REDACTED]", "z"] and processor.skipped_requests == 0

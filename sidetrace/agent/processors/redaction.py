@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterable
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -10,6 +11,78 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from sidetrace.config import RedactionProcessorSection
 
 _DECISIONS_KEPT = 10_000  # attribute keys are few in practice; the bound is for pathological senders
+_MIN_NEEDLE = 3  # shorter literals match too much to be worth a search
+_MAX_ALTERNATIVES = 64
+
+if sys.version_info >= (3, 11):
+    from re import _constants as sre_constants
+    from re import _parser as sre_parse
+else:  # pragma: no cover - Python 3.10
+    import sre_constants
+    import sre_parse
+
+
+def _required(items: list) -> list[list[str]] | None:
+    """For a parsed regex sequence: alternatives, each the literals all of which any match contains.
+
+    None when some way to match needs no literal at all (then nothing can be skipped).
+    """
+    alternatives: list[list[str]] = [[]]
+    run = ""
+
+    def combine(inner: list[list[str]] | None) -> bool:
+        nonlocal alternatives
+        if inner is None:
+            return True  # this part needs no literal: it adds nothing, the rest still must appear
+        alternatives = [a + b for a in alternatives for b in inner][:_MAX_ALTERNATIVES]
+        return True
+
+    for op, av in items:
+        if op is sre_constants.LITERAL:
+            run += chr(av)
+            continue
+        if len(run) >= _MIN_NEEDLE:
+            alternatives = [a + [run.lower()] for a in alternatives]
+        run = ""
+        if op is sre_constants.SUBPATTERN:
+            combine(_required(list(av[-1])))
+        elif op is sre_constants.BRANCH:
+            branches = [_required(list(branch)) for branch in av[1]]
+            if any(branch is None for branch in branches):
+                continue
+            combine([alt for branch in branches for alt in branch])
+        elif op in (sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT) and av[0] >= 1:
+            combine(_required(list(av[2])))
+    if len(run) >= _MIN_NEEDLE:
+        alternatives = [a + [run.lower()] for a in alternatives]
+    return None if any(not alt for alt in alternatives) else alternatives
+
+
+def _implies(needed: list[str], other: list[str]) -> bool:
+    """Whether a body holding every needle of ``needed`` necessarily holds every needle of ``other``."""
+    return all(any(o in n for n in needed) for o in other)
+
+
+def _needles(keys: Iterable[str], patterns: Iterable[str]) -> list[list[bytes]] | None:
+    """Literal sets, one of which every sensitive key contains; None when that cannot be known."""
+    needles = [[key.lower()] for key in keys]
+    for pattern in patterns:
+        try:
+            required = _required(list(sre_parse.parse(pattern, re.IGNORECASE)))
+        except Exception:  # an exotic construct: be safe and always walk
+            return None
+        if required is None:
+            return None
+        needles.extend(required)
+    if any(not needle.isascii() for needed in needles for needle in needed):
+        return None  # bytes.lower() folds ASCII only
+    # A set that can only be found where a smaller set is found too adds no search: keep the smaller.
+    kept: list[list[str]] = []
+    for needed in needles:
+        if not any(_implies(needed, other) for other in kept):
+            kept = [other for other in kept if not _implies(other, needed)] + [needed]
+    needles = kept
+    return [[needle.encode() for needle in needed] for needed in needles] or None
 
 
 class RedactionProcessor:
@@ -22,6 +95,11 @@ class RedactionProcessor:
         self._replacement = section.replacement
         self._decisions: dict[str, bool] = {}
         self.redacted = 0
+        # Every attribute key is in the request's wire bytes as plain UTF-8: if no key or pattern
+        # could match anywhere in them (checked with a few C-speed substring searches for the literals
+        # each pattern requires), the request is clean and its attributes need not be walked.
+        self._needles = _needles(section.keys, section.key_patterns)
+        self.skipped_requests = 0
 
     def _sensitive(self, key: str) -> bool:
         decision = self._decisions.get(key)
@@ -37,7 +115,15 @@ class RedactionProcessor:
                 kv.value.string_value = self._replacement
                 self.redacted += 1
 
-    def apply(self, request: ExportTraceServiceRequest) -> None:
+    def apply(self, request: ExportTraceServiceRequest, raw: bytes | None = None) -> None:
+        """Redact ``request`` in place; ``raw``, its protobuf bytes when known, lets clean requests skip the walk."""
+        if not self._keys and self._pattern is None:
+            return
+        if raw is not None and self._needles is not None:
+            lowered = raw.lower()
+            if not any(all(needle in lowered for needle in needed) for needed in self._needles):
+                self.skipped_requests += 1
+                return
         scrub = self._scrub
         for resource_spans in request.resource_spans:
             scrub(resource_spans.resource.attributes)

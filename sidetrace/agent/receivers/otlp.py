@@ -197,12 +197,12 @@ class OtlpReceiver:
             raise Unavailable("the trace pipeline is restarting")
         return pipeline
 
-    async def _take_traces(self, request: ExportTraceServiceRequest, transport: str) -> None:
+    async def _take_traces(self, request: ExportTraceServiceRequest, transport: str, raw: bytes | None) -> None:
         """Hand ``request`` to the pipeline; raise Unavailable (counted) when it cannot take it now."""
         try:
             pipeline = self._pipeline()
             try:
-                await pipeline.accept_traces(request, transport)
+                await pipeline.accept_traces(request, transport, raw)
             except SpoolBusy as exc:
                 raise Unavailable(f"the spool is busy ({exc}); retry later") from None
             except OSError as exc:
@@ -235,7 +235,7 @@ class OtlpReceiver:
             self._refuse("grpc", "invalid")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
-            await self._take_traces(request, "grpc")
+            await self._take_traces(request, "grpc", body)
         except Unavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return ExportTraceServiceResponse()
@@ -255,7 +255,8 @@ class OtlpReceiver:
 
     # HTTP --------------------------------------------------------------------------------------------
 
-    async def _http_body(self, request: web.Request, message_type: type) -> tuple[Any, str]:
+    async def _http_body(self, request: web.Request, message_type: type) -> tuple[Any, str, bytes | None]:
+        """The decoded message, its content type, and its protobuf bytes (None for JSON)."""
         if self._expected_auth is not None and request.headers.get("Authorization") != self._expected_auth:
             raise web.HTTPUnauthorized(text="missing or wrong bearer token")
         content_type = request.content_type
@@ -270,8 +271,9 @@ class OtlpReceiver:
             body = await request.read()
         except RequestPayloadError as exc:
             raise BadRequest(f"invalid {encoding or 'request'} body: {exc.__cause__ or exc}") from None
-        parse = parse_json if content_type == JSON else parse_protobuf
-        return parse(body, message_type), content_type
+        if content_type == JSON:
+            return parse_json(body, message_type), content_type, None
+        return parse_protobuf(body, message_type), content_type, body
 
     def _http_answer(self, response: Any, content_type: str) -> web.Response:
         if content_type == JSON:
@@ -291,8 +293,8 @@ class OtlpReceiver:
                                     **{"Retry-After": RETRY_AFTER_SECONDS})
         self._inflight += 1
         try:
-            message, content_type = await self._http_body(request, ExportTraceServiceRequest)
-            await self._take_traces(message, "http")
+            message, content_type, raw = await self._http_body(request, ExportTraceServiceRequest)
+            await self._take_traces(message, "http", raw)
         except BadRequest as exc:
             self._refuse("http", "invalid")
             return self._http_error(400, str(exc), content_type)
@@ -308,7 +310,7 @@ class OtlpReceiver:
     async def _http_metrics(self, request: web.Request) -> web.Response:
         content_type = request.content_type if request.content_type == JSON else PROTOBUF
         try:
-            message, content_type = await self._http_body(request, ExportMetricsServiceRequest)
+            message, content_type, _ = await self._http_body(request, ExportMetricsServiceRequest)
             self._pipeline().accept_metrics(message)
         except BadRequest as exc:
             return self._http_error(400, str(exc), content_type)

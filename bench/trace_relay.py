@@ -1,0 +1,197 @@
+"""Spans per second relayed end to end, CPU per 100k spans and RSS at 10k spans/s: sidetrace vs rotel.
+
+Two chains run one after the other in the same invocation, with the same load:
+  sidetrace:   load -> sidetrace agent (gRPC) -> rotel -> sink
+  rotel alone: load -> rotel -> sink
+The load is pre-encoded OTLP requests (512 spans in traces of 8, 100 distinct bodies so trace ids
+vary) replayed over concurrent gRPC calls from a separate process: one Python process running the
+stock SDK cannot offer more than about 8k spans/s. The sink is an in-process OTLP/gRPC server that
+counts spans. CPU is read from /proc/PID/stat of the relaying process (the agent, or rotel in the
+rotel-alone chain); RSS from /proc/PID/status.
+
+Usage: python bench/trace_relay.py [--spans 400000] [--steady-seconds 30] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.agent_idle import cpu_seconds, rss_mib  # noqa: E402
+from tests.conftest import free_port, http_get, wait_until  # noqa: E402
+from tests.integration.otlp_servers import Rotel, Sink  # noqa: E402
+
+LOAD = r'''
+import sys, time, random, threading, os
+import grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+target, total, rate, concurrency = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+SPANS = 512
+bodies = []
+rng = random.Random(7)
+for b in range(100):
+    req = ExportTraceServiceRequest()
+    rs = req.resource_spans.add()
+    for k, v in (("service.name", f"svc-{b % 5}"), ("host.name", "load"), ("telemetry.sdk.language", "python")):
+        kv = rs.resource.attributes.add(); kv.key = k; kv.value.string_value = v
+    ss = rs.scope_spans.add(); ss.scope.name = "bench"
+    for t in range(SPANS // 8):
+        trace_id = rng.randbytes(16)
+        start = time.time_ns()
+        for s in range(8):
+            sp = ss.spans.add()
+            sp.trace_id = trace_id; sp.span_id = rng.randbytes(8)
+            if s: sp.parent_span_id = ss.spans[-2].span_id if s > 1 else ss.spans[-1 - s].span_id
+            sp.name = f"GET /api/v1/items/{{id}} op{s}"; sp.kind = 2 if s == 0 else 3
+            sp.start_time_unix_nano = start + s * 1000; sp.end_time_unix_nano = start + s * 1000 + rng.randint(10**5, 10**8)
+            for k, v in (("http.request.method", "GET"), ("http.route", "/api/v1/items/{id}"),
+                         ("http.response.status_code", 200), ("server.address", "example.internal"),
+                         ("net.peer.port", 443), ("user_agent.original", "bench/1.0"), ("component", "http"),
+                         ("thread.name", "worker-3")):
+                kv = sp.attributes.add(); kv.key = k
+                if isinstance(v, int): kv.value.int_value = v
+                else: kv.value.string_value = v
+            if s == 7: sp.status.code = 2
+    bodies.append(req.SerializeToString())
+channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                             request_serializer=None, response_deserializer=None)
+requests = total // SPANS
+lock = threading.Lock(); sent = [0]; refused = [0]
+start = time.monotonic()
+def worker(index):
+    while True:
+        with lock:
+            if sent[0] >= requests: return
+            n = sent[0]; sent[0] += 1
+        if rate:
+            delay = start + n * SPANS / rate - time.monotonic()
+            if delay > 0: time.sleep(delay)
+        while True:
+            try:
+                export(bodies[n % len(bodies)], timeout=30); break
+            except grpc.RpcError as exc:
+                with lock: refused[0] += 1
+                time.sleep(0.05)
+threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(f"{requests * SPANS} {time.monotonic() - start:.3f} {refused[0]}", flush=True)
+'''
+
+
+def start_agent(tmp: Path, rotel_port: int) -> tuple[subprocess.Popen, int, int]:
+    grpc_port, http_port, port = free_port(), free_port(), free_port()
+    config = tmp / "agent.toml"
+    config.write_text(
+        f'[agent]\ndata_dir = "{tmp / "data"}"\n[server]\nlisten = "127.0.0.1:{port}"\n'
+        f'[receivers.otlp]\ngrpc_listen = "127.0.0.1:{grpc_port}"\nhttp_listen = "127.0.0.1:{http_port}"\n'
+        f'[[exporters.otlp]]\nname = "rotel"\nendpoint = "http://127.0.0.1:{rotel_port}"\n'
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "sidetrace", "run", "--config", str(config)],
+                            stderr=open(tmp / "agent.log", "wb"))
+    wait_until(lambda: http_get(f"http://127.0.0.1:{port}/readyz", 1)[0] == 200, 30, "agent ready")
+    return proc, grpc_port, port
+
+
+def run_load(target: str, spans: int, rate: float, concurrency: int) -> tuple[int, float, int]:
+    done = subprocess.run([sys.executable, "-c", LOAD, target, str(spans), str(rate), str(concurrency)],
+                          capture_output=True, text=True, timeout=900, check=True)
+    sent, seconds, refused = done.stdout.split()
+    return int(sent), float(seconds), int(refused)
+
+
+def relay(name: str, relay_pid: int, target: str, sink: Sink, spans: int, concurrency: int) -> dict:
+    before = sink.collected.unique_spans
+    cpu0 = cpu_seconds(relay_pid)
+    started = time.monotonic()
+    sent, _, refused = run_load(target, spans, 0, concurrency)
+    wait_until(lambda: sink.collected.unique_spans - before >= sent, 600, f"{name}: every span at the sink",
+               interval=0.02)
+    seconds = time.monotonic() - started
+    cpu = cpu_seconds(relay_pid) - cpu0
+    return {"spans_per_s": sent / seconds, "cpu_per_100k": cpu / sent * 100_000, "refused": refused}
+
+
+def steady(relay_pid: int, target: str, seconds: float, rate: float = 10_000) -> dict:
+    rss: list[float] = []
+    cpu0 = cpu_seconds(relay_pid)
+    load = subprocess.Popen([sys.executable, "-c", LOAD, target, str(int(rate * seconds)), str(rate), "2"],
+                            stdout=subprocess.PIPE, text=True)
+    started = time.monotonic()
+    while load.poll() is None:
+        rss.append(rss_mib(relay_pid))
+        time.sleep(0.5)
+    elapsed = time.monotonic() - started
+    return {"cpu_percent": (cpu_seconds(relay_pid) - cpu0) / elapsed * 100, "rss_median": statistics.median(rss),
+            "rss_max": max(rss)}
+
+
+class CountingSink(Sink):
+    """The test sink, counting spans without keeping them (a benchmark sends millions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        collected = self.collected
+        collected.unique_spans = 0
+
+        def handle_trace(request, headers):  # noqa: ANN001, ANN202
+            n = sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+            with collected.lock:
+                collected.unique_spans += n
+
+        collected.handle_trace = handle_trace
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spans", type=int, default=400_000)
+    parser.add_argument("--steady-seconds", type=float, default=30.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=4)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="sidetrace-relay-"))
+    sink = CountingSink()
+    rotel = Rotel(tmp, sink.port).start()
+    agent, agent_grpc, _ = start_agent(tmp, rotel.grpc_port)
+    results: dict[str, list[dict]] = {"sidetrace": [], "rotel alone": []}
+    try:
+        for _ in range(args.rounds):  # alternate the chains so drift hits both alike
+            results["sidetrace"].append(relay("sidetrace", agent.pid, f"127.0.0.1:{agent_grpc}", sink, args.spans,
+                                              args.concurrency))
+            results["rotel alone"].append(relay("rotel", rotel.proc.pid, f"127.0.0.1:{rotel.grpc_port}", sink,
+                                                args.spans, args.concurrency))
+        steady_agent = steady(agent.pid, f"127.0.0.1:{agent_grpc}", args.steady_seconds)
+        steady_rotel = steady(rotel.proc.pid, f"127.0.0.1:{rotel.grpc_port}", args.steady_seconds)
+    finally:
+        agent.terminate()
+        agent.wait(15)
+        rotel.stop()
+        sink.stop()
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[name])
+
+    print(f"{args.rounds} rounds of {args.spans} spans, {args.concurrency} concurrent gRPC calls; "
+          f"{os.cpu_count()} cores; Python {sys.version.split()[0]}")
+    print(f"{'chain':12} {'spans/s median':>15} {'relay CPU s per 100k spans':>27} {'refused calls':>14}")
+    for name in results:
+        print(f"{name:12} {med(name, 'spans_per_s'):15.0f} {med(name, 'cpu_per_100k'):27.3f} "
+              f"{sum(r['refused'] for r in results[name]):14d}")
+    print(f"ratio sidetrace/rotel: throughput {med('sidetrace', 'spans_per_s') / med('rotel alone', 'spans_per_s'):.2f}"
+          f", CPU per span {med('sidetrace', 'cpu_per_100k') / med('rotel alone', 'cpu_per_100k'):.2f}")
+    print(f"steady 10k spans/s for {args.steady_seconds:.0f} s: sidetrace {steady_agent['cpu_percent']:.1f} % of a "
+          f"core, RSS median {steady_agent['rss_median']:.1f} MiB (max {steady_agent['rss_max']:.1f}); rotel "
+          f"{steady_rotel['cpu_percent']:.1f} %, RSS median {steady_rotel['rss_median']:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
