@@ -28,64 +28,7 @@ from bench.agent_idle import cpu_seconds, rss_mib  # noqa: E402
 from tests.conftest import free_port, http_get, wait_until  # noqa: E402
 from tests.integration.otlp_servers import Rotel, Sink  # noqa: E402
 
-LOAD = r'''
-import sys, time, random, threading, os
-import grpc
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
-target, total, rate, concurrency = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
-SPANS = 512
-bodies = []
-rng = random.Random(7)
-for b in range(100):
-    req = ExportTraceServiceRequest()
-    rs = req.resource_spans.add()
-    for k, v in (("service.name", f"svc-{b % 5}"), ("host.name", "load"), ("telemetry.sdk.language", "python")):
-        kv = rs.resource.attributes.add(); kv.key = k; kv.value.string_value = v
-    ss = rs.scope_spans.add(); ss.scope.name = "bench"
-    for t in range(SPANS // 8):
-        trace_id = rng.randbytes(16)
-        start = time.time_ns()
-        for s in range(8):
-            sp = ss.spans.add()
-            sp.trace_id = trace_id; sp.span_id = rng.randbytes(8)
-            if s: sp.parent_span_id = ss.spans[-2].span_id if s > 1 else ss.spans[-1 - s].span_id
-            sp.name = f"GET /api/v1/items/{{id}} op{s}"; sp.kind = 2 if s == 0 else 3
-            sp.start_time_unix_nano = start + s * 1000; sp.end_time_unix_nano = start + s * 1000 + rng.randint(10**5, 10**8)
-            for k, v in (("http.request.method", "GET"), ("http.route", "/api/v1/items/{id}"),
-                         ("http.response.status_code", 200), ("server.address", "example.internal"),
-                         ("net.peer.port", 443), ("user_agent.original", "bench/1.0"), ("component", "http"),
-                         ("thread.name", "worker-3")):
-                kv = sp.attributes.add(); kv.key = k
-                if isinstance(v, int): kv.value.int_value = v
-                else: kv.value.string_value = v
-            if s == 7: sp.status.code = 2
-    bodies.append(req.SerializeToString())
-channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
-export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export",
-                             request_serializer=None, response_deserializer=None)
-requests = total // SPANS
-lock = threading.Lock(); sent = [0]; refused = [0]
-start = time.monotonic()
-def worker(index):
-    while True:
-        with lock:
-            if sent[0] >= requests: return
-            n = sent[0]; sent[0] += 1
-        if rate:
-            delay = start + n * SPANS / rate - time.monotonic()
-            if delay > 0: time.sleep(delay)
-        while True:
-            try:
-                export(bodies[n % len(bodies)], timeout=30); break
-            except grpc.RpcError as exc:
-                with lock: refused[0] += 1
-                time.sleep(0.05)
-threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
-for t in threads: t.start()
-for t in threads: t.join()
-print(f"{requests * SPANS} {time.monotonic() - start:.3f} {refused[0]}", flush=True)
-'''
+LOAD = str(Path(__file__).with_name("otlp_load.py"))
 
 
 def start_agent(tmp: Path, rotel_port: int) -> tuple[subprocess.Popen, int, int]:
@@ -96,14 +39,14 @@ def start_agent(tmp: Path, rotel_port: int) -> tuple[subprocess.Popen, int, int]
         f'[receivers.otlp]\ngrpc_listen = "127.0.0.1:{grpc_port}"\nhttp_listen = "127.0.0.1:{http_port}"\n'
         f'[[exporters.otlp]]\nname = "rotel"\nendpoint = "http://127.0.0.1:{rotel_port}"\n'
     )
-    proc = subprocess.Popen([sys.executable, "-m", "sidetrace", "run", "--config", str(config)],
-                            stderr=open(tmp / "agent.log", "wb"))
+    with open(tmp / "agent.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "sidetrace", "run", "--config", str(config)], stderr=log)
     wait_until(lambda: http_get(f"http://127.0.0.1:{port}/readyz", 1)[0] == 200, 30, "agent ready")
     return proc, grpc_port, port
 
 
 def run_load(target: str, spans: int, rate: float, concurrency: int) -> tuple[int, float, int]:
-    done = subprocess.run([sys.executable, "-c", LOAD, target, str(spans), str(rate), str(concurrency)],
+    done = subprocess.run([sys.executable, LOAD, target, str(spans), str(rate), str(concurrency)],
                           capture_output=True, text=True, timeout=900, check=True)
     sent, seconds, refused = done.stdout.split()
     return int(sent), float(seconds), int(refused)
@@ -124,7 +67,7 @@ def relay(name: str, relay_pid: int, target: str, sink: Sink, spans: int, concur
 def steady(relay_pid: int, target: str, seconds: float, rate: float = 10_000) -> dict:
     rss: list[float] = []
     cpu0 = cpu_seconds(relay_pid)
-    load = subprocess.Popen([sys.executable, "-c", LOAD, target, str(int(rate * seconds)), str(rate), "2"],
+    load = subprocess.Popen([sys.executable, LOAD, target, str(int(rate * seconds)), str(rate), "2"],
                             stdout=subprocess.PIPE, text=True)
     started = time.monotonic()
     while load.poll() is None:

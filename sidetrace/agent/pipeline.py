@@ -88,6 +88,8 @@ class TracePipeline:
         refuses the request then (and counts it), so the app retries.
         """
         spans = span_count(request)
+        if not spans:
+            return 0
         if self.resource is not None:
             self.resource.apply(request)
         self.redaction.apply(request, raw)

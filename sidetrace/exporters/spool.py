@@ -75,6 +75,8 @@ class Spool:
         self._acked: dict[str, int] = {}
         # consumer -> highest batch id that may have been in flight when the last run died
         self._unsure: dict[str, int] = {}
+        # consumers stopped in the middle of a send: their next start treats it like a crash
+        self.interrupted: set[str] = set()
         self._oldest_unsent: dict[str, float | None] = {}
         self._last_id = 0
         self._new = {consumer: asyncio.Event() for consumer in self.consumers}
@@ -135,7 +137,8 @@ class Spool:
 
     def _close(self) -> None:
         if self._db is not None:
-            self._db.execute("UPDATE cursors SET running = 0")
+            clean = [c for c in self.consumers if c not in self.interrupted]
+            self._db.executemany("UPDATE cursors SET running = 0 WHERE consumer = ?", [(c,) for c in clean])
             self._db.close()
             self._db = None
 

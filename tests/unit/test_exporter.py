@@ -91,3 +91,38 @@ async def test_permanent_rejection_sets_aside_only_the_bad_batch(tmp_path: Path,
     assert b"".join(backend.bodies) == b"abc"
     assert exporter.sent_spans == 3
     assert spool.set_aside_counts == {("b", "rejected: HTTP 400: bad span"): 1}
+
+
+async def test_stop_in_the_middle_of_a_send_counts_it_as_possibly_resent(tmp_path: Path) -> None:
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await request.read()
+        arrived.set()
+        await asyncio.wait_for(release.wait(), 30)
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", hang)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        spool = Spool(tmp_path / "spool.db", ["b"], max_bytes=1 << 20)
+        await spool.open()
+        await spool.append(b"x", spans=9)
+        exporter = OtlpExporter(OtlpExporterSection(name="b", endpoint=f"http://127.0.0.1:{port}", protocol="http",
+                                                    compression="none"), spool)
+        await exporter.start()
+        await asyncio.wait_for(arrived.wait(), 10)
+        await exporter.stop()
+        await spool.close()
+        again = Spool(tmp_path / "spool.db", ["b"], max_bytes=1 << 20)
+        await again.open()
+        batches = await again.read("b", 100, 1000)
+        assert again.possibly_resent("b", batches) == 9
+        await again.close()
+    finally:
+        release.set()
+        await runner.cleanup()

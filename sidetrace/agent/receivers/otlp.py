@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import sqlite3
 import ssl
 from typing import Any
 
@@ -205,9 +206,11 @@ class OtlpReceiver:
                 await pipeline.accept_traces(request, transport, raw)
             except SpoolBusy as exc:
                 raise Unavailable(f"the spool is busy ({exc}); retry later") from None
-            except OSError as exc:
+            except (OSError, sqlite3.Error) as exc:
                 self._last_error = f"spool write failed: {exc}"
                 raise Unavailable(self._last_error) from None
+            except RuntimeError as exc:  # the pipeline closed its spool under us (a reload)
+                raise Unavailable(f"the trace pipeline is restarting: {exc}") from None
         except Unavailable:
             self._refuse(transport, "unavailable", span_count(request))
             raise
