@@ -1,0 +1,209 @@
+"""Publish side: Client.publish, Client.request, JetStream publish and Msg.respond."""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+from opentelemetry.trace import Span, SpanKind
+
+from sidetrace.instrumentors._messaging import without_trace_headers
+from sidetrace.instrumentors.nats._telemetry import (
+    DUPLICATE,
+    MSG_ID_HEADER,
+    SEQUENCE,
+    STREAM,
+    Telemetry,
+    Timer,
+    record_error,
+)
+
+# Set while one of our spans already covers the client's inner publish or request (a request's
+# publish, a JetStream publish's request, an ack's publish): the inner call makes no span of its own.
+SUPPRESSED: contextvars.ContextVar[bool] = contextvars.ContextVar("sidetrace_nats_suppressed", default=False)
+JS_API_PREFIX = "$JS.API."
+
+Wrapper = Callable[[Callable[..., Awaitable[Any]], Any, tuple, dict], Awaitable[Any]]
+
+
+def _publish_args(subject: str, payload: bytes = b"", reply: str = "", headers: dict | None = None
+                  ) -> tuple[str, bytes, str, dict | None]:
+    return subject, payload, reply, headers
+
+
+def _request_args(subject: str, payload: bytes = b"", timeout: float = 0.5, old_style: bool = False,
+                  headers: dict | None = None) -> tuple[str, bytes, float, bool, dict | None]:
+    return subject, payload, timeout, old_style, headers
+
+
+def _js_publish_args(subject: str, payload: bytes = b"", timeout: float | None = None, stream: str | None = None,
+                     headers: dict | None = None, **rest: Any) -> tuple[str, bytes, float | None, str | None,
+                                                                        dict | None, dict]:
+    return subject, payload, timeout, stream, headers, rest
+
+
+async def run_in_span(telemetry: Telemetry, span: Span, attributes: dict[str, Any], timer: Timer,
+                      call: Awaitable[Any], sent: int = 0, on_result: Callable[[Span, Any], None] | None = None
+                      ) -> Any:
+    """Await ``call`` with ``span`` current and suppression on; end the span and record metrics after."""
+    error = None
+    token = SUPPRESSED.set(True)
+    try:
+        with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+            result = await call
+    except BaseException as exc:
+        error = _safe_error(telemetry, span, exc)
+        raise
+    else:
+        if on_result is not None:
+            try:
+                on_result(span, result)
+            except Exception as exc:
+                telemetry.guard.failed("result", exc)
+        return result
+    finally:
+        SUPPRESSED.reset(token)
+        try:
+            span.end()
+            metric_attributes = telemetry.metric_attributes(attributes, error)
+            telemetry.operation_duration.record(timer.seconds(), metric_attributes)
+            if sent and error is None:
+                telemetry.sent.add(sent, metric_attributes)
+        except Exception as exc:
+            telemetry.guard.failed("end", exc)
+
+
+def _safe_error(telemetry: Telemetry, span: Span, exc: BaseException) -> str | None:
+    try:
+        return record_error(span, exc)
+    except Exception as inner:
+        telemetry.guard.failed("error", inner)
+        return None
+
+
+def publish_wrapper(telemetry: Telemetry) -> Wrapper:
+    """Client.publish: `publish {subject}` (PRODUCER), trace context into a copy of the headers."""
+
+    async def wrapper(wrapped: Callable[..., Awaitable[Any]], instance: Any, args: tuple, kwargs: dict) -> Any:
+        if SUPPRESSED.get() or not is_instrumentation_enabled():
+            return await wrapped(*args, **kwargs)
+        try:
+            subject, payload, reply, headers = _publish_args(*args, **kwargs)
+            attributes = telemetry.base_attributes("publish", "send", subject, instance)
+            attributes["messaging.message.body.size"] = len(payload)
+            if headers and MSG_ID_HEADER in headers:
+                attributes["messaging.message.id"] = headers[MSG_ID_HEADER]
+            span = telemetry.tracer.start_span(telemetry.span_name("publish", subject, instance),
+                                               kind=SpanKind.PRODUCER, attributes=attributes)
+            new_headers = telemetry.inject(headers, len(payload), instance, trace.set_span_in_context(span))
+            timer = Timer()
+        except Exception as exc:
+            telemetry.guard.failed("publish", exc)
+            return await wrapped(*args, **kwargs)
+        return await run_in_span(telemetry, span, attributes, timer, wrapped(subject, payload, reply, new_headers),
+                                 sent=1)
+
+    return wrapper
+
+
+def request_wrapper(telemetry: Telemetry) -> Wrapper:
+    """Client.request: one `request {subject}` CLIENT span for the round trip; the responder's
+    process span becomes its child. JetStream API requests ($JS.API.*) are plumbing: no span."""
+
+    async def wrapper(wrapped: Callable[..., Awaitable[Any]], instance: Any, args: tuple, kwargs: dict) -> Any:
+        if SUPPRESSED.get() or not is_instrumentation_enabled():
+            return await wrapped(*args, **kwargs)
+        try:
+            subject, payload, timeout, old_style, headers = _request_args(*args, **kwargs)
+            plumbing = subject.startswith(JS_API_PREFIX)
+        except Exception as exc:
+            telemetry.guard.failed("request", exc)
+            return await wrapped(*args, **kwargs)
+        if plumbing:
+            return await _suppressed(wrapped(*args, **kwargs))
+        try:
+            attributes = telemetry.base_attributes("request", "send", subject, instance)
+            attributes["messaging.message.body.size"] = len(payload)
+            span = telemetry.tracer.start_span(telemetry.span_name("request", subject, instance),
+                                               kind=SpanKind.CLIENT, attributes=attributes)
+            new_headers = telemetry.inject(headers, len(payload), instance, trace.set_span_in_context(span))
+            timer = Timer()
+        except Exception as exc:
+            telemetry.guard.failed("request", exc)
+            return await wrapped(*args, **kwargs)
+        call = wrapped(subject, payload, timeout=timeout, old_style=old_style, headers=new_headers)
+        return await run_in_span(telemetry, span, attributes, timer, call, sent=1)
+
+    return wrapper
+
+
+async def _suppressed(call: Awaitable[Any]) -> Any:
+    token = SUPPRESSED.set(True)
+    try:
+        return await call
+    finally:
+        SUPPRESSED.reset(token)
+
+
+def _pub_ack(span: Span, ack: Any) -> None:
+    if span.is_recording():
+        span.set_attribute(STREAM, ack.stream)
+        span.set_attribute(SEQUENCE, ack.seq)
+        if ack.duplicate:
+            span.set_attribute(DUPLICATE, True)
+
+
+def js_publish_wrapper(telemetry: Telemetry) -> Wrapper:
+    """JetStreamContext.publish: `publish {subject}` (PRODUCER) with the PubAck's stream and sequence."""
+
+    async def wrapper(wrapped: Callable[..., Awaitable[Any]], instance: Any, args: tuple, kwargs: dict) -> Any:
+        if SUPPRESSED.get() or not is_instrumentation_enabled():
+            return await wrapped(*args, **kwargs)
+        client = getattr(instance, "_nc", None)
+        try:
+            subject, payload, timeout, stream, headers, rest = _js_publish_args(*args, **kwargs)
+            attributes = telemetry.base_attributes("publish", "send", subject, client)
+            attributes["messaging.message.body.size"] = len(payload)
+            if headers and MSG_ID_HEADER in headers:
+                attributes["messaging.message.id"] = headers[MSG_ID_HEADER]
+            span = telemetry.tracer.start_span(telemetry.span_name("publish", subject, client),
+                                               kind=SpanKind.PRODUCER, attributes=attributes)
+            new_headers = telemetry.inject(headers, len(payload), client, trace.set_span_in_context(span))
+            timer = Timer()
+        except Exception as exc:
+            telemetry.guard.failed("jetstream publish", exc)
+            return await wrapped(*args, **kwargs)
+        call = wrapped(subject, payload, timeout=timeout, stream=stream, headers=new_headers, **rest)
+        return await run_in_span(telemetry, span, attributes, timer, call, sent=1, on_result=_pub_ack)
+
+    return wrapper
+
+
+def respond_wrapper(telemetry: Telemetry) -> Wrapper:
+    """Msg.respond: the reply carries the responder's context, never the request's echoed back.
+
+    nats-py sends the request's headers with the reply; the trace fields among them are replaced by
+    the current (process span's) context. The message object is left as it was.
+    """
+
+    async def wrapper(wrapped: Callable[..., Awaitable[Any]], instance: Any, args: tuple, kwargs: dict) -> Any:
+        if not is_instrumentation_enabled():
+            return await wrapped(*args, **kwargs)
+        try:
+            original = instance.headers
+            cleaned = without_trace_headers(original) if original else {}
+            data = args[0] if args else kwargs.get("data", b"")
+            injected = telemetry.inject(cleaned, len(data), instance._client)
+            instance.headers = injected or (None if original is None else cleaned)
+        except Exception as exc:
+            telemetry.guard.failed("respond", exc)
+            return await wrapped(*args, **kwargs)
+        try:
+            return await _suppressed(wrapped(*args, **kwargs))
+        finally:
+            instance.headers = original
+
+    return wrapper

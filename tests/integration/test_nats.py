@@ -1,0 +1,349 @@
+"""NatsInstrumentor against a real nats-server with JetStream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import nats.aio.client
+import nats.js.client
+import pytest
+from nats.js.api import ConsumerConfig
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from sidetrace.instrumentors import nats as nats_instrumentation
+from sidetrace.instrumentors.nats import NatsInstrumentor, process
+from tests.integration.nats_server import NatsServer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    s = NatsServer(tmp_path_factory.mktemp("nats"))
+    yield s
+    s.stop()
+
+
+class Telemetry:
+    def __init__(self) -> None:
+        self.spans = InMemorySpanExporter()
+        self.tracer_provider = TracerProvider()
+        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
+        self.metrics = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self.metrics])
+
+    def finished(self, name: str | None = None) -> list[ReadableSpan]:
+        return [s for s in self.spans.get_finished_spans() if name is None or s.name == name]
+
+    def one(self, name: str) -> ReadableSpan:
+        found = self.finished(name)
+        assert len(found) == 1, (name, [s.name for s in self.finished()])
+        return found[0]
+
+    def metric_points(self, name: str) -> list:
+        data = self.metrics.get_metrics_data()
+        return [point for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+                if m.name == name for point in m.data.data_points]
+
+
+@pytest.fixture
+def telemetry(request: pytest.FixtureRequest) -> Iterator[Telemetry]:
+    options = getattr(request, "param", {})
+    t = Telemetry()
+    NatsInstrumentor().instrument(tracer_provider=t.tracer_provider, meter_provider=t.meter_provider, **options)
+    yield t
+    NatsInstrumentor().uninstrument()
+
+
+@pytest.fixture
+async def nc(server: NatsServer, telemetry: Telemetry) -> AsyncIterator[nats.aio.client.Client]:
+    client = await nats.connect(server.url)
+    yield client
+    await client.close()
+
+
+def collector(bucket: list):  # noqa: ANN201
+    """A subscription callback (a coroutine function, as nats-py requires) that keeps messages."""
+
+    async def cb(msg) -> None:  # noqa: ANN001
+        bucket.append(msg)
+
+    return cb
+
+
+async def wait_for(predicate, timeout: float = 5.0) -> None:  # noqa: ANN001
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_publish_and_process_share_a_trace(nc, telemetry: Telemetry) -> None:
+    got = []
+    await nc.subscribe("orders.created", cb=collector(got))
+    await nc.publish("orders.created", b"order-1", headers={"X-Tenant": "acme"})
+    await wait_for(lambda: telemetry.finished("process orders.created"))
+    publish = telemetry.one("publish orders.created")
+    processed = telemetry.one("process orders.created")
+    assert publish.kind == SpanKind.PRODUCER and processed.kind == SpanKind.CONSUMER
+    assert processed.context.trace_id == publish.context.trace_id
+    assert processed.parent.span_id == publish.context.span_id
+    assert publish.attributes["messaging.system"] == "nats"
+    assert publish.attributes["messaging.operation.type"] == "send"
+    assert publish.attributes["messaging.destination.name"] == "orders.created"
+    assert publish.attributes["messaging.message.body.size"] == 7
+    assert publish.attributes["server.address"] == "127.0.0.1"
+    assert processed.attributes["messaging.operation.name"] == "process"
+    assert got[0].headers["X-Tenant"] == "acme"
+
+
+async def test_user_headers_are_not_mutated_and_arrive_unchanged(nc, telemetry: Telemetry) -> None:
+    got = []
+    await nc.subscribe("hdr", cb=collector(got))
+    headers = {"X-Key": "value with  spaces", "Nats-Msg-Id": "m-1"}
+    before = dict(headers)
+    await nc.publish("hdr", b"x", headers=headers)
+    await wait_for(lambda: got)
+    assert headers == before
+    received = dict(got[0].headers)
+    traceparent = received.pop("traceparent")
+    assert received == before
+    assert traceparent.split("-")[2] == format(telemetry.one("publish hdr").context.span_id, "016x")
+    assert telemetry.one("publish hdr").attributes["messaging.message.id"] == "m-1"
+
+
+async def test_queue_group_and_wildcard_subscription_names(nc, telemetry: Telemetry) -> None:
+    got = []
+    await nc.subscribe("orders.*", queue="workers", cb=collector(got))
+    await nc.publish("orders.123", b"x")
+    await wait_for(lambda: got)
+    processed = telemetry.one("process orders.*")
+    assert processed.attributes["messaging.destination.name"] == "orders.123"
+    assert processed.attributes["messaging.destination.template"] == "orders.*"
+    assert processed.attributes["messaging.consumer.group.name"] == "workers"
+
+
+async def test_request_is_one_client_span_and_the_reply_carries_the_responder(nc, telemetry: Telemetry) -> None:
+    async def responder(msg) -> None:  # noqa: ANN001
+        await msg.respond(b"pong")
+
+    await nc.subscribe("svc.echo", cb=responder)
+    reply = await nc.request("svc.echo", b"ping", timeout=5, headers={"X-Req": "1"})
+    assert reply.data == b"pong"
+    await wait_for(lambda: telemetry.finished("process svc.echo"))
+    request = telemetry.one("request svc.echo")
+    processed = telemetry.one("process svc.echo")
+    assert request.kind == SpanKind.CLIENT
+    assert processed.parent.span_id == request.context.span_id
+    assert [s.name for s in telemetry.finished() if s.kind == SpanKind.PRODUCER] == []
+    assert not any("_INBOX" in s.name and s.name != "process _INBOX.*" for s in telemetry.finished())
+    # The reply's traceparent is the responder's, not the request's echoed back.
+    assert reply.headers["traceparent"].split("-")[2] == format(processed.context.span_id, "016x")
+    assert reply.headers["X-Req"] == "1"  # nats-py's own echo of other headers is left as it is
+
+
+async def test_jetstream_publish_push_and_ack_event(nc, telemetry: Telemetry) -> None:
+    js = nc.jetstream()
+    await js.add_stream(name="ORDERS", subjects=["js.orders.>"])
+    got = []
+    await js.subscribe("js.orders.>", cb=collector(got), durable="billing")
+    ack = await js.publish("js.orders.new", b"o-1", headers={"Nats-Msg-Id": "o-1"})
+    await wait_for(lambda: telemetry.finished("process js.orders.>"))
+    publish = telemetry.one("publish js.orders.new")
+    assert publish.attributes["messaging.nats.jetstream.stream"] == "ORDERS"
+    assert publish.attributes["messaging.nats.jetstream.sequence"] == ack.seq
+    assert publish.attributes["messaging.message.id"] == "o-1"
+    processed = telemetry.one("process js.orders.>")
+    assert processed.parent.span_id == publish.context.span_id
+    assert processed.attributes["messaging.destination.subscription.name"] == "billing"
+    assert [e.name for e in processed.events] == ["ack"]
+    names = [s.name for s in telemetry.finished()]
+    assert not any("$JS" in n or "_INBOX" in n for n in names), names
+    await js.delete_stream("ORDERS")
+
+
+async def test_pull_fetch_receive_links_process_and_redelivery(nc, telemetry: Telemetry) -> None:
+    js = nc.jetstream()
+    await js.add_stream(name="JOBS", subjects=["jobs.>"])
+    psub = await js.pull_subscribe("jobs.>", durable="worker",
+                                   config=ConsumerConfig(ack_wait=1.0, max_deliver=5))
+    await js.publish("jobs.a", b"1")
+    await js.publish("jobs.b", b"2")
+    msgs = await psub.fetch(2, timeout=5)
+    receive = telemetry.one("receive jobs.>")
+    assert receive.kind == SpanKind.CLIENT
+    publishes = {s.context.span_id for s in telemetry.finished() if s.name.startswith("publish jobs.")}
+    assert {link.context.span_id for link in receive.links} == publishes
+    assert receive.attributes["messaging.batch.message_count"] == 2
+    with process(msgs[0]) as span:
+        await msgs[0].ack()
+    assert span.name == "process jobs.>" and [e.name for e in span.events] == ["ack"]
+    processed = telemetry.one("process jobs.>")
+    assert processed.parent.span_id in publishes
+    await msgs[1].nak()
+    again = await psub.fetch(1, timeout=5)
+    with process(again[0]):
+        await again[0].ack()
+    redelivered = [s for s in telemetry.finished("process jobs.>") if "messaging.nats.jetstream.delivered_count" in
+                   s.attributes]
+    assert [s.attributes["messaging.nats.jetstream.delivered_count"] for s in redelivered] == [2]
+    await js.delete_stream("JOBS")
+
+
+@pytest.mark.parametrize("telemetry", [{"settle_spans": True, "use_links": True}], indirect=True)
+async def test_settle_spans_and_links_options(nc, telemetry: Telemetry) -> None:
+    js = nc.jetstream()
+    await js.add_stream(name="OPT", subjects=["opt.>"])
+    psub = await js.pull_subscribe("opt.>", durable="o")
+    await js.publish("opt.x", b"1")
+    (msg,) = await psub.fetch(1, timeout=5)
+    with process(msg):
+        await msg.ack()
+    processed = telemetry.one("process opt.>")
+    publish = telemetry.one("publish opt.x")
+    assert processed.parent is None
+    assert [link.context.span_id for link in processed.links] == [publish.context.span_id]
+    settle = telemetry.one("ack opt.>")
+    assert settle.kind == SpanKind.CLIENT and settle.parent.span_id == processed.context.span_id
+    await js.delete_stream("OPT")
+
+
+async def test_a_plain_function_callback_is_still_refused_by_nats(nc, telemetry: Telemetry) -> None:
+    with pytest.raises(nats.errors.Error, match="coroutine"):
+        await nc.subscribe("plain", cb=lambda msg: None)
+
+
+async def test_next_msg_is_a_receive_span(nc, telemetry: Telemetry) -> None:
+    sub = await nc.subscribe("pulled")
+    await nc.publish("pulled", b"x")
+    msg = await sub.next_msg(timeout=5)
+    receive = telemetry.one("receive pulled")
+    assert [link.context.span_id for link in receive.links] == [telemetry.one("publish pulled").context.span_id]
+    assert msg.data == b"x"
+
+
+async def test_metrics_are_recorded(nc, telemetry: Telemetry) -> None:
+    await nc.subscribe("m", cb=collector([]))
+    for _ in range(3):
+        await nc.publish("m", b"x")
+    await wait_for(lambda: len(telemetry.finished("process m")) == 3)
+    (sent,) = telemetry.metric_points("messaging.client.sent.messages")
+    assert sent.value == 3 and sent.attributes["messaging.destination.name"] == "m"
+    (consumed,) = telemetry.metric_points("messaging.client.consumed.messages")
+    assert consumed.value == 3
+    (process_duration,) = telemetry.metric_points("messaging.process.duration")
+    assert process_duration.count == 3
+    assert telemetry.metric_points("messaging.client.operation.duration")[0].count == 3
+
+
+async def test_our_failure_never_reaches_the_app(nc, telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch) -> None:
+    got = []
+    await nc.subscribe("safe", cb=collector(got))
+    guard = nats_instrumentation._TELEMETRY.guard
+    before = guard.errors
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("instrumentation bug")
+
+    monkeypatch.setattr(nats_instrumentation._TELEMETRY, "base_attributes", broken)
+    await nc.publish("safe", b"still delivered")
+    await wait_for(lambda: got)
+    assert got[0].data == b"still delivered"
+    assert guard.errors - before == 2  # the publish and the process wrappers each failed once
+
+
+async def test_over_max_payload_goes_without_headers_and_is_counted(
+    tmp_path: Path, telemetry: Telemetry
+) -> None:
+    small = NatsServer(tmp_path / "small", "max_payload: 200")
+    try:
+        client = await nats.connect(small.url)
+        got = []
+        await client.subscribe("big", cb=collector(got))
+        await client.publish("big", b"x" * 190)
+        await wait_for(lambda: got)
+        assert not got[0].headers
+        assert nats_instrumentation._TELEMETRY.injection_misses == 1
+        await client.close()
+    finally:
+        small.stop()
+
+
+async def test_uninstrument_restores_nats_and_instrumenting_twice_is_harmless(server: NatsServer) -> None:
+    original = nats.aio.client.Client.publish
+    original_fetch = nats.js.client.JetStreamContext.PullSubscription.fetch
+    t = Telemetry()
+    NatsInstrumentor().instrument(tracer_provider=t.tracer_provider, meter_provider=t.meter_provider)
+    NatsInstrumentor().instrument(tracer_provider=t.tracer_provider, meter_provider=t.meter_provider)
+    assert nats.aio.client.Client.publish is not original
+    client = await nats.connect(server.url)
+    await client.publish("twice", b"x")
+    assert len(t.finished("publish twice")) == 1
+    NatsInstrumentor().uninstrument()
+    assert nats.aio.client.Client.publish is original
+    assert nats.js.client.JetStreamContext.PullSubscription.fetch is original_fetch
+    await client.publish("twice", b"x")
+    assert len(t.finished("publish twice")) == 1
+    await client.close()
+
+
+SUBSCRIBER = textwrap.dedent('''
+    import asyncio, json, sys
+    import nats
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from sidetrace.instrumentors.nats import NatsInstrumentor
+
+    async def main():
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        NatsInstrumentor().instrument(tracer_provider=provider)
+        nc = await nats.connect(sys.argv[1])
+        done = asyncio.Event()
+        async def handler(msg):
+            done.set()
+        await nc.subscribe("cross.process", cb=handler)
+        await nc.flush()
+        print("ready", flush=True)
+        await asyncio.wait_for(done.wait(), 20)
+        await asyncio.sleep(0.05)
+        (span,) = exporter.get_finished_spans()
+        print(json.dumps({"name": span.name, "trace_id": span.context.trace_id,
+                          "parent": span.parent.span_id}), flush=True)
+        await nc.close()
+
+    asyncio.run(main())
+''')
+
+
+async def test_publisher_and_subscriber_in_separate_processes_join_one_trace(
+    server: NatsServer, nc, telemetry: Telemetry
+) -> None:
+    child = subprocess.Popen([sys.executable, "-c", SUBSCRIBER, server.url], stdout=subprocess.PIPE, text=True,
+                             cwd=ROOT)
+    try:
+        assert await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 20) == "ready\n"
+        await nc.publish("cross.process", b"hello")
+        line = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 20)
+        remote = json.loads(line)
+        publish = telemetry.one("publish cross.process")
+        assert remote == {"name": "process cross.process", "trace_id": publish.context.trace_id,
+                          "parent": publish.context.span_id}
+        assert child.wait(10) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
