@@ -315,12 +315,29 @@ class AppMetricsSection:
 
 
 @dataclass(frozen=True)
+class NatsTraceSourceSection:
+    """[sources.nats_trace]: NATS server message-trace events (ADR-41) turned into spans."""
+
+    enabled: bool = _key("Subscribe to the servers' message-trace events.", default=False)
+    servers: tuple[str, ...] = _key("NATS URLs to connect to.", default=("nats://127.0.0.1:4222",))
+    subject: str = _key("Subject the trace events are published to: an account's `msg_trace { dest: ... }` or "
+                        "what publishers put in `Nats-Trace-Dest`.", default="sidetrace.msgtrace")
+    credentials: str = _key("A NATS .creds file (JWT and NKey seed) to connect with; empty for none.", default="")
+
+
+@dataclass(frozen=True)
+class SourcesSection:
+    nats_trace: NatsTraceSourceSection = field(default_factory=NatsTraceSourceSection)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole agent configuration."""
 
     agent: AgentSection = field(default_factory=AgentSection)
     server: ServerSection = field(default_factory=ServerSection)
     host: HostSection = field(default_factory=HostSection)
+    sources: SourcesSection = field(default_factory=SourcesSection)
     receivers: ReceiversSection = field(default_factory=ReceiversSection)
     spool: SpoolSection = field(default_factory=SpoolSection)
     exporters: ExportersSection = field(default_factory=ExportersSection)
