@@ -6,6 +6,7 @@ import contextvars
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import Span, SpanKind
@@ -51,9 +52,9 @@ async def run_in_span(telemetry: Telemetry, span: Span, attributes: dict[str, An
     """Await ``call`` with ``span`` current and suppression on; end the span and record metrics after."""
     error = None
     token = SUPPRESSED.set(True)
+    context_token = otel_context.attach(trace.set_span_in_context(span))
     try:
-        with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
-            result = await call
+        result = await call
     except BaseException as exc:
         error = _safe_error(telemetry, span, exc)
         raise
@@ -65,6 +66,7 @@ async def run_in_span(telemetry: Telemetry, span: Span, attributes: dict[str, An
                 telemetry.guard.failed("result", exc)
         return result
     finally:
+        otel_context.detach(context_token)
         SUPPRESSED.reset(token)
         try:
             span.end()

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.metrics import Meter
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 
-from sidetrace.instrumentors._messaging import GETTER, SETTER, BoundedValues, Guard, header_bytes
+from sidetrace.instrumentors._messaging import GETTER, OTHER, SETTER, BoundedValues, Guard, header_bytes
 
 SYSTEM = "nats"
 JS_ACK_PREFIX = "$JS.ACK."
@@ -22,6 +22,25 @@ SEQUENCE = "messaging.nats.jetstream.sequence"
 DUPLICATE = "messaging.nats.jetstream.duplicate"
 DELIVERED = "messaging.nats.jetstream.delivered_count"
 MSG_ID_HEADER = "Nats-Msg-Id"
+PEER_ATTR = "_sidetrace_peer"
+CACHE_LIMIT = 4096  # subjects whose names and metric attributes are remembered
+
+
+class MessageCounts:
+    """Cumulative message counts by metric attributes, observed by an ObservableCounter."""
+
+    def __init__(self) -> None:
+        # id of an attributes dict from Telemetry.metric_attributes (shared, never freed) -> [attributes, count]
+        self._counts: dict[int, list] = {}
+
+    def add(self, amount: int, attributes: dict[str, Any]) -> None:
+        entry = self._counts.get(id(attributes))
+        if entry is None:
+            entry = self._counts[id(attributes)] = [attributes, 0]
+        entry[1] += amount
+
+    def observe(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(count, attributes) for attributes, count in list(self._counts.values())]
 
 
 class Telemetry:
@@ -33,37 +52,42 @@ class Telemetry:
         self.use_links = use_links
         self.settle_spans = settle_spans
         self.destinations = BoundedValues()
+        self._templates: dict[tuple[str, str], tuple[str, str | None, bool]] = {}
+        self._metric_attributes: dict[tuple, dict[str, Any]] = {}
         self.injection_misses = 0
         self.operation_duration = meter.create_histogram(
             "messaging.client.operation.duration", unit="s",
             description="Duration of publish, request, receive and settle operations.")
         self.process_duration = meter.create_histogram(
             "messaging.process.duration", unit="s", description="Duration of processing one message.")
-        self.sent = meter.create_counter(
-            "messaging.client.sent.messages", unit="{message}", description="Messages sent.")
-        self.consumed = meter.create_counter(
-            "messaging.client.consumed.messages", unit="{message}", description="Messages received or delivered.")
+        # Message counts are summed here and read by the SDK at collection time (observable counters):
+        # a dict increment per message instead of an SDK measurement, on the hottest path there is.
+        self.sent = MessageCounts()
+        self.consumed = MessageCounts()
+        meter.create_observable_counter("messaging.client.sent.messages", [self.sent.observe], unit="{message}",
+                                        description="Messages sent.")
+        meter.create_observable_counter("messaging.client.consumed.messages", [self.consumed.observe],
+                                        unit="{message}", description="Messages received or delivered.")
         self.misses = meter.create_counter(
             "sidetrace.nats.context_injection.misses", unit="{message}",
             description="Messages sent without trace headers (server without headers, or over max_payload).")
 
     # names -------------------------------------------------------------------------------------
 
-    @staticmethod
-    def template(subject: str, client: Any) -> tuple[str, str | None, bool]:
+    def template(self, subject: str, client: Any) -> tuple[str, str | None, bool]:
         """(name part, destination template, temporary) for a subject: no random token in a name."""
         prefix = _inbox_prefix(client)
-        if subject.startswith(prefix + "."):
-            return f"{prefix}.*", f"{prefix}.*", True
-        if subject.startswith(JS_ACK_PREFIX):
-            return "$JS.ACK.*", "$JS.ACK.*", True
-        if any(token in WILDCARDS for token in subject.split(".")):
-            return subject, subject, False
-        return subject, None, False
+        key = (prefix, subject)
+        found = self._templates.get(key)
+        if found is None:
+            found = _template(subject, prefix)
+            if len(self._templates) < CACHE_LIMIT and not found[2]:  # temporary subjects are one-offs
+                self._templates[key] = found
+        return found
 
     def base_attributes(self, operation: str, kind: str, subject: str, client: Any,
                         template: str | None = None) -> dict[str, Any]:
-        name_part, inferred, temporary = self.template(subject, client)
+        _, inferred, temporary = self.template(subject, client)
         attributes: dict[str, Any] = {
             "messaging.system": SYSTEM,
             "messaging.operation.name": operation,
@@ -75,14 +99,7 @@ class Telemetry:
             attributes["messaging.destination.template"] = template
         if temporary:
             attributes["messaging.destination.temporary"] = True
-        url = getattr(client, "connected_url", None)
-        if url is not None:
-            attributes["server.address"] = url.hostname or ""
-            if url.port:
-                attributes["server.port"] = url.port
-        client_id = getattr(client, "_client_id", None)
-        if client_id is not None:
-            attributes["messaging.client.id"] = str(client_id)
+        attributes.update(_peer(client))
         return attributes
 
     def span_name(self, operation: str, subject: str, client: Any, template: str | None = None) -> str:
@@ -126,17 +143,59 @@ class Telemetry:
     # metrics -------------------------------------------------------------------------------------
 
     def metric_attributes(self, attributes: Mapping[str, Any], error: str | None) -> dict[str, Any]:
+        """The low-cardinality attributes of a metric point, one shared dict per distinct set."""
         destination = attributes.get("messaging.destination.template") or attributes["messaging.destination.name"]
-        result = {
+        key = (attributes["messaging.operation.name"], destination, attributes.get("messaging.consumer.group.name"),
+               error)
+        found = self._metric_attributes.get(key)
+        if found is not None:
+            return found
+        if len(self._metric_attributes) >= CACHE_LIMIT:  # every set stays shared: MessageCounts keys on it
+            key = (key[0], OTHER, None, error)
+            destination = OTHER
+            found = self._metric_attributes.get(key)
+            if found is not None:
+                return found
+        found = {
             "messaging.system": SYSTEM,
-            "messaging.operation.name": attributes["messaging.operation.name"],
+            "messaging.operation.name": key[0],
             "messaging.destination.name": self.destinations(destination),
         }
-        if "messaging.consumer.group.name" in attributes:
-            result["messaging.consumer.group.name"] = attributes["messaging.consumer.group.name"]
+        if key[2]:
+            found["messaging.consumer.group.name"] = key[2]
         if error:
-            result["error.type"] = error
-        return result
+            found["error.type"] = error
+        self._metric_attributes[key] = found
+        return found
+
+
+def _template(subject: str, prefix: str) -> tuple[str, str | None, bool]:
+    if subject.startswith(prefix + "."):
+        return f"{prefix}.*", f"{prefix}.*", True
+    if subject.startswith(JS_ACK_PREFIX):
+        return "$JS.ACK.*", "$JS.ACK.*", True
+    if any(token in WILDCARDS for token in subject.split(".")):
+        return subject, subject, False
+    return subject, None, False
+
+
+def _peer(client: Any) -> dict[str, Any]:
+    """server.address, server.port and messaging.client.id of a connection, computed once per connection."""
+    url = getattr(client, "connected_url", None)
+    client_id = getattr(client, "_client_id", None)
+    cached = getattr(client, PEER_ATTR, None)
+    if cached is not None and cached[0] is url and cached[1] == client_id:
+        return cached[2]
+    attributes: dict[str, Any] = {}
+    if url is not None:
+        attributes["server.address"] = url.hostname or ""
+        if url.port:
+            attributes["server.port"] = url.port
+    if client_id is not None:
+        attributes["messaging.client.id"] = str(client_id)
+    if client is not None:
+        setattr(client, PEER_ATTR, (url, client_id, attributes))
+    return attributes
 
 
 def _inbox_prefix(client: Any) -> str:

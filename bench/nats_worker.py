@@ -1,0 +1,105 @@
+"""One measurement process for bench/nats_overhead.py: connect, maybe instrument, time three modes.
+
+Usage: python bench/nats_worker.py URL CONDITION MESSAGES   (CONDITION: bare, sidetrace, peer)
+Prints one JSON line: microseconds of wall and CPU time per message for each mode, and spans made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+import nats
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+
+class Discard(SpanExporter):
+    def __init__(self) -> None:
+        self.spans = 0
+
+    def export(self, spans) -> SpanExportResult:  # noqa: ANN001
+        self.spans += len(spans)
+        return SpanExportResult.SUCCESS
+
+
+def instrument(condition: str) -> tuple[TracerProvider | None, Discard | None]:
+    if condition == "bare":
+        return None, None
+    exporter = Discard()
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=200_000, max_export_batch_size=2048))
+    if condition == "sidetrace":
+        from sidetrace.instrumentors.nats import NatsInstrumentor
+    else:
+        from otel_instrumentation_nats import NatsInstrumentor
+    NatsInstrumentor().instrument(tracer_provider=provider)
+    return provider, exporter
+
+
+async def measure(url: str, messages: int) -> dict[str, dict[str, float]]:
+    nc = await nats.connect(url)
+    results: dict[str, dict[str, float]] = {}
+    count = 0
+    done = asyncio.Event()
+    target = 0
+
+    async def handler(msg) -> None:  # noqa: ANN001
+        nonlocal count
+        count += 1
+        if count >= target:
+            done.set()
+
+    async def responder(msg) -> None:  # noqa: ANN001
+        await msg.respond(b"pong")
+
+    await nc.subscribe("bench.pipe", cb=handler)
+    await nc.subscribe("bench.seq", cb=handler)
+    await nc.subscribe("bench.req", cb=responder)
+    await nc.flush()
+
+    async def pipelined() -> None:
+        nonlocal count, target
+        count, target = 0, messages
+        done.clear()
+        for _ in range(messages):
+            await nc.publish("bench.pipe", b"x" * 64)
+        await nc.flush()
+        await asyncio.wait_for(done.wait(), 120)
+
+    async def sequential() -> None:
+        nonlocal count, target
+        for i in range(messages // 5):
+            count, target = 0, 1
+            done.clear()
+            await nc.publish("bench.seq", b"x" * 64)
+            await asyncio.wait_for(done.wait(), 10)
+
+    async def request() -> None:
+        for _ in range(messages // 5):
+            await nc.request("bench.req", b"ping", timeout=10)
+
+    for name, run, n in (("pipelined", pipelined, messages), ("sequential", sequential, messages // 5),
+                         ("request", request, messages // 5)):
+        await run()  # warm up: connections, caches, code paths
+        wall, cpu = time.perf_counter(), time.process_time()
+        await run()
+        results[name] = {"wall_us": (time.perf_counter() - wall) / n * 1e6,
+                         "cpu_us": (time.process_time() - cpu) / n * 1e6}
+    await nc.close()
+    return results
+
+
+def main() -> None:
+    url, condition, messages = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    provider, exporter = instrument(condition)
+    results = asyncio.run(measure(url, messages))
+    if provider is not None:
+        provider.force_flush()
+    print(json.dumps({"condition": condition, "modes": results, "spans": exporter.spans if exporter else 0}))
+
+
+if __name__ == "__main__":
+    main()
