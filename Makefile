@@ -37,9 +37,18 @@ test: $(VENV)/.test servers lint
 	$(BIN)/python -m pytest -q
 
 ## bench: run the benchmarks in bench/ against their peers; results go to bench/RESULTS.md by hand
-bench: $(VENV)/.test servers
+PYTHON313 ?= $(shell command -v python3.13 || echo $(HOME)/.pyenv/versions/3.13.0/bin/python)
+BENCH313 := .bench313
+
+$(BENCH313)/bin/python:
+	$(PYTHON313) -m venv $(BENCH313)
+	$(BENCH313)/bin/python -m pip install -q nats-py opentelemetry-sdk otel-instrumentation-nats -e .
+
+bench: $(VENV)/.test servers $(BENCH313)/bin/python
 	@command -v prometheus-node-exporter >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(APT_INSTALL) prometheus-node-exporter; }
 	$(BIN)/python bench/agent_idle.py
+	$(BIN)/python bench/trace_relay.py
+	$(BIN)/python bench/nats_overhead.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH313) .pytest_cache .ruff_cache

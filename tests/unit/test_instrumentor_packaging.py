@@ -1,0 +1,34 @@
+"""What importing an instrumentor costs an app, and how tools find it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+
+def test_instrumentors_import_nothing_of_the_agent() -> None:
+    code = ("import sys, json; import sidetrace.instrumentors.nats; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('aiohttp', 'grpc', 'psutil', 'prometheus_client', 'scapy') or m.startswith('sidetrace.agent'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(done.stdout) == []
+
+
+def test_entry_point_is_registered_for_opentelemetry_instrument() -> None:
+    (found,) = [ep for ep in entry_points(group="opentelemetry_instrumentor") if ep.name == "nats"
+                and ep.value.startswith("sidetrace.")]
+    assert found.value == "sidetrace.instrumentors.nats:NatsInstrumentor"
+    assert found.load().__name__ == "NatsInstrumentor"
+
+
+def test_opentelemetry_instrument_loads_it_without_code_changes() -> None:
+    code = "import nats.aio.client as c; print(c.Client.publish._self_wrapper.__module__)"
+    done = subprocess.run([str(Path(sys.executable).with_name("opentelemetry-instrument")), sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=60,
+                          env={"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none",
+                               "OTEL_LOGS_EXPORTER": "none", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "sidetrace.instrumentors.nats._publish"
