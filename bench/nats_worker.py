@@ -71,7 +71,7 @@ async def measure(url: str, messages: int) -> dict[str, dict[str, float]]:
 
     async def sequential() -> None:
         nonlocal count, target
-        for i in range(messages // 5):
+        for _ in range(messages // 5):
             count, target = 0, 1
             done.clear()
             await nc.publish("bench.seq", b"x" * 64)
