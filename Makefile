@@ -25,9 +25,14 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.agent
 	$(BIN)/sidetrace run $(if $(CONFIG),--config $(CONFIG))
 
-## servers: install the real servers the tests talk to (Debian's prometheus)
+## servers: install what the tests use from Debian: prometheus, tcpdump (and libpcap, for capture
+## filters), iproute2 (network namespaces for the packet tests)
 servers:
-	@command -v prometheus >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(APT_INSTALL) prometheus; }
+	@missing=""; \
+	command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v tcpdump >/dev/null 2>&1 || missing="$$missing tcpdump"; \
+	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(APT_INSTALL) $$missing; fi
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check sidetrace tests bench

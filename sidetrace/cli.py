@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -194,6 +195,58 @@ def cmd_traces(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rate(bytes_per_second: float) -> str:
+    for unit in ("B/s", "KB/s", "MB/s", "GB/s"):
+        if bytes_per_second < 1000 or unit == "GB/s":
+            return f"{bytes_per_second:.1f} {unit}"
+        bytes_per_second /= 1000
+    return ""
+
+
+def render_flows(snapshot: dict[str, Any]) -> str:
+    """The /debug/flows JSON as a table: estimated rates, totals with their 95 % bounds, processes."""
+    interfaces = ", ".join(f"{name} 1:{info['sampling_rate']} (drops {info['kernel_drops']})"
+                           for name, info in snapshot["interfaces"].items())
+    rows = [("DEVICE", "DIR", "PROTO", "LOCAL", "REMOTE", "RATE", "PACKETS", "BYTES", "+-95%", "PROCESS")]
+    for flow in snapshot["flows"]:
+        rows.append((flow["device"], flow["direction"][:2], flow["protocol"], f"{flow['local']}:{flow['local_port']}",
+                     f"{flow['remote']}:{flow['remote_port']}", _rate(flow["bytes_per_second"]),
+                     str(flow["estimated_packets"]), str(flow["estimated_bytes"]), f"{flow['error_bound_percent']}%",
+                     flow["process"]))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [f"sampling {interfaces or 'no interface'}; {snapshot['flow_count']} flows, "
+             f"{snapshot['evicted_flows']} evicted"]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def cmd_flows(args: argparse.Namespace) -> int:
+    try:
+        base = (args.url or _default_status_url(args.config)).rstrip("/")
+    except ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return EXIT_CONFIG
+    while True:
+        try:
+            snapshot = _fetch_json(f"{base}/debug/flows?top={args.top}", args.token, args.timeout)
+        except urllib.error.HTTPError as exc:
+            print(f"{exc.url}: HTTP {exc.code}: {exc.read().decode(errors='replace').strip()}", file=sys.stderr)
+            return 1
+        except (urllib.error.URLError, OSError) as exc:
+            print(f"cannot reach the agent at {base}: {getattr(exc, 'reason', exc)} (is it running? pass --url)",
+                  file=sys.stderr)
+            return 1
+        table = render_flows(snapshot)
+        if args.once:
+            print(table)
+            return 0
+        print("\033[H\033[2J" + table, flush=True)  # clear the screen, draw from the top
+        try:
+            time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return 0
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"sidetrace {__version__} (Python {platform.python_version()})")
     return 0
@@ -237,6 +290,19 @@ def build_parser() -> argparse.ArgumentParser:
     traces.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the agent (default 5)")
     _add_config(traces)
     traces.set_defaults(func=cmd_traces)
+
+    flows = commands.add_parser("flows", help="live table of the top sampled flows",
+                                description="A live, refreshing table of the top flows the netsample source "
+                                "estimates: rates, packet and byte totals with their 95 %% error bounds, processes.")
+    flows.add_argument("--top", type=int, default=20, help="how many flows (default 20)")
+    flows.add_argument("--once", action="store_true", help="print once and exit (no screen refresh)")
+    flows.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    flows.add_argument("--url", help="the agent's base URL (default: from --config's server.listen)")
+    flows.add_argument("--token", default=os.environ.get("SIDETRACE_SERVER__AUTH_TOKEN"),
+                       help="bearer token for /debug ([server] auth_token)")
+    flows.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the agent (default 5)")
+    _add_config(flows)
+    flows.set_defaults(func=cmd_flows)
 
     version = commands.add_parser("version", help="print the version", description="Print the version.")
     version.set_defaults(func=cmd_version)

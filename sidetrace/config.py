@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sys
+import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -325,9 +326,43 @@ class NatsTraceSourceSection:
     credentials: str = _key("A NATS .creds file (JWT and NKey seed) to connect with; empty for none.", default="")
 
 
+def _check_sampling_rate(value: int | str) -> int | str:
+    if value == "auto" or (isinstance(value, int) and value >= 1):
+        return value
+    raise ValueError('expected "auto" or an integer N >= 1 (keep 1 packet in N)')
+
+
+def _check_bpf_filter(value: str) -> str:
+    if any(ch in value for ch in "\n\r\0"):
+        raise ValueError("expected a one-line capture filter (tcpdump syntax)")
+    return value
+
+
+@dataclass(frozen=True)
+class NetsampleSourceSection:
+    """[sources.netsample]: kernel-side 1-in-N packet sampling into flows (needs CAP_NET_RAW)."""
+
+    enabled: bool = _key("Sample the host's packets.", default=False)
+    interfaces: tuple[str, ...] = _key("Interfaces to sample; empty means every interface that is up except lo.",
+                                       default=())
+    sampling_rate: int | str = _key('Keep 1 packet in N, or "auto" to pick N so user space sees about '
+                                    "target_samples_per_second.", _check_sampling_rate, default="auto")
+    target_samples_per_second: int = _key("With sampling_rate = \"auto\": samples per second aimed at, per "
+                                          "interface.", _check_positive, default=1000)
+    filter: str = _key("Capture filter in tcpdump syntax applied in the kernel before sampling; empty for all.",
+                       _check_bpf_filter, default="")
+    max_flows: int = _key("Flow table bound; the least recently seen flow is evicted and counted.",
+                          _check_positive, default=10000)
+    top_flows: int = _key("Flows exported with their own labels; the rest are summed as remote=\"other\".",
+                          _check_positive, default=20)
+    receive_buffer_bytes: int = _key("Socket receive buffer per interface.", _check_positive,
+                                     default=4 * 1024 * 1024)
+
+
 @dataclass(frozen=True)
 class SourcesSection:
     nats_trace: NatsTraceSourceSection = field(default_factory=NatsTraceSourceSection)
+    netsample: NetsampleSourceSection = field(default_factory=NetsampleSourceSection)
 
 
 @dataclass(frozen=True)
@@ -361,6 +396,9 @@ def _describe(value: typing.Any) -> str:
         return repr(value)
 
 
+_KIND_NAMES = {int: "an integer", str: "a string", float: "a number", bool: "true or false"}
+
+
 def _coerce(kind: typing.Any, value: typing.Any) -> typing.Any:
     """Return ``value`` as ``kind`` or raise ValueError saying what was expected."""
     if kind is bool:
@@ -383,6 +421,13 @@ def _coerce(kind: typing.Any, value: typing.Any) -> typing.Any:
         if isinstance(value, list) and all(isinstance(item, str) for item in value):
             return tuple(value)
         raise ValueError("expected an array of strings")
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        for member in typing.get_args(kind):
+            try:
+                return _coerce(member, value)
+            except ValueError:
+                continue
+        raise ValueError("expected " + " or ".join(_KIND_NAMES.get(m, str(m)) for m in typing.get_args(kind)))
     if typing.get_origin(kind) is dict:
         if isinstance(value, dict) and all(isinstance(item, str) for item in value.values()):
             return dict(value)

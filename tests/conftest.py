@@ -77,10 +77,11 @@ class Agent:
             f'http_listen = "127.0.0.1:{self.http_port}"\n{extra}'
         )
 
-    def start(self, wait_ready: bool = True) -> Agent:
+    def start(self, wait_ready: bool = True, prefix: tuple[str, ...] = ()) -> Agent:
+        """Start `sidetrace run`; ``prefix`` runs it under another command (setpriv, say)."""
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sidetrace", "run", "--config", str(self.config_path)],
+                [*prefix, sys.executable, "-m", "sidetrace", "run", "--config", str(self.config_path)],
                 stdout=log, stderr=subprocess.STDOUT, env=self.env,
             )
         if wait_ready:

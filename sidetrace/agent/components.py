@@ -63,6 +63,7 @@ REGISTRY: tuple[Registration, ...] = (
         lambda c: (c.agent.data_dir, c.spool, c.exporters, c.processors, c.recent_traces, c.app_metrics),
         "sidetrace.agent.pipeline:TracePipeline",
     ),
+    Registration("netsample", lambda c: c.sources.netsample, "sidetrace.agent.sources.netsample:NetsampleSource"),
     Registration("nats_trace", lambda c: c.sources.nats_trace, "sidetrace.agent.sources.nats_trace:NatsTraceSource"),
     Registration("otlp", lambda c: c.receivers.otlp, "sidetrace.agent.receivers.otlp:OtlpReceiver"),
 )

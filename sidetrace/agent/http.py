@@ -32,6 +32,7 @@ class HttpServer:
         app.router.add_get("/debug/status", self._debug_status)
         app.router.add_get("/debug/traces", self._debug_traces)
         app.router.add_get("/debug/traces/{trace_id}", self._debug_trace)
+        app.router.add_get("/debug/flows", self._debug_flows)
         self._app = app
         self._expected_auth = f"Bearer {section.auth_token}" if section.auth_token else None
 
@@ -108,6 +109,19 @@ class HttpServer:
             raise web.HTTPBadRequest(text="min_duration_ms must be a number and limit an integer\n") from None
         traces = self._recent().list(query.get("service") or None, min_duration, max(1, min(limit, 1000)))
         return web.json_response({"traces": traces})
+
+    async def _debug_flows(self, request: web.Request) -> web.Response:
+        """The top sampled flows with estimates and error bounds: ?top=N (20)."""
+        self._authorize(request)
+        source = self._context.lookup("netsample")
+        if source is None:
+            raise web.HTTPServiceUnavailable(text="the netsample source is not running ([sources.netsample] "
+                                             "enabled = true)\n")
+        try:
+            top = max(1, min(int(request.query.get("top", "20")), 1000))
+        except ValueError:
+            raise web.HTTPBadRequest(text="top must be an integer\n") from None
+        return web.json_response(await asyncio.to_thread(source.debug, top))
 
     async def _debug_trace(self, request: web.Request) -> web.Response:
         self._authorize(request)

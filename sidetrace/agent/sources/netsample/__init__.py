@@ -1,0 +1,399 @@
+"""Network traffic sampling: kernel-side 1-in-N sampling on AF_PACKET sockets, flows with error bounds,
+per-process attribution and packet sizes, the way sFlow's host agent samples but down to processes.
+
+Per interface, an AF_PACKET socket carries a classic BPF program (the optional capture filter, then
+the kernel's random 1-in-N draw), so user space touches only the sample; a thread reads it (off the
+event loop), parses headers and updates the flow table. With ``sampling_rate = "auto"`` N is
+re-chosen every second so that about ``target_samples_per_second`` samples arrive; every estimate
+uses the N in force when its sample was read (a packet queued under the old N and read just after
+a change is credited with the new one: the window is the time to swap the filter). Kernel drops
+come from PACKET_STATISTICS. Needs CAP_NET_RAW only; without it the source says so once and every
+other source keeps working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from sidetrace.agent.components import Context
+from sidetrace.agent.sources.netsample import bpf
+from sidetrace.agent.sources.netsample.flows import FlowTable, error_bound_percent
+from sidetrace.agent.sources.netsample.packets import parse
+from sidetrace.config import NetsampleSourceSection
+
+log = logging.getLogger("sidetrace.netsample")
+
+ETH_P_ALL = 0x0003
+SOL_PACKET = 263
+PACKET_STATISTICS = 6
+PACKET_IGNORE_OUTGOING = 23
+PACKET_OUTGOING = 4
+INITIAL_AUTO_RATE = 16
+MAX_RATE = 1 << 24
+EXPORT_REFRESH_SECONDS = 5.0
+ATTRIBUTION_REFRESH_SECONDS = 5.0
+SIZE_BUCKETS = (64, 128, 256, 512, 1024, 1518, 4096, 9000)
+
+
+class ProcessMap:
+    """Local (protocol, address, port) -> process name, from psutil's connection table.
+
+    The table walks every process's descriptors, so it is refreshed at most every few seconds and only
+    when a flow is still unattributed.
+    """
+
+    def __init__(self) -> None:
+        self._by_endpoint: dict[tuple[str, str, int], str] = {}
+        self._names: dict[int, str] = {}
+        self._refreshed = 0.0
+        self.refreshes = 0
+
+    def refresh(self) -> None:
+        by_endpoint: dict[tuple[str, str, int], str] = {}
+        for conn in psutil.net_connections(kind="inet"):
+            if not conn.laddr or conn.pid is None:
+                continue
+            name = self._names.get(conn.pid)
+            if name is None:
+                try:
+                    name = self._names[conn.pid] = psutil.Process(conn.pid).name()
+                except psutil.Error:
+                    continue
+            protocol = "tcp" if conn.type == socket.SOCK_STREAM else "udp"
+            by_endpoint[(protocol, conn.laddr.ip, conn.laddr.port)] = name
+        self._by_endpoint = by_endpoint
+        if len(self._names) > 10_000:
+            self._names.clear()
+        self._refreshed = time.monotonic()
+        self.refreshes += 1
+
+    def due(self) -> bool:
+        return time.monotonic() - self._refreshed >= ATTRIBUTION_REFRESH_SECONDS
+
+    def lookup(self, protocol: str, address: str, port: int) -> str:
+        return (self._by_endpoint.get((protocol, address, port))
+                or self._by_endpoint.get((protocol, "0.0.0.0", port))
+                or self._by_endpoint.get((protocol, "::", port)) or "")
+
+
+class Sampler:
+    """One interface: its socket, its rate, its reading thread."""
+
+    def __init__(self, device: str, source: NetsampleSource) -> None:
+        self.device = device
+        self.source = source
+        self.rate = source.section.sampling_rate if isinstance(source.section.sampling_rate, int) \
+            else INITIAL_AUTO_RATE
+        self.samples = 0
+        self.window_samples = 0
+        self.kernel_packets = 0
+        self.kernel_drops = 0
+        self.malformed = 0
+        self.errors = 0
+        self.last_error: str | None = None
+        self.sock: socket.socket | None = None
+        self.user_filter: list[bpf.Instruction] | None = None
+        self.thread: threading.Thread | None = None
+        self.state = "created"
+
+    def open(self) -> None:
+        # Protocol 0 receives nothing until bind: no packet slips in before the filter is attached.
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.source.section.receive_buffer_bytes)
+            if self.device == "lo":  # each loopback packet also shows as outgoing: count it once
+                sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            if self.source.section.filter:
+                self.user_filter = bpf.compile_filter(self.source.section.filter, self.device)
+            bpf.attach(sock, bpf.program(self.rate, self.user_filter))
+            sock.bind((self.device, ETH_P_ALL))  # Python converts to network order itself
+            sock.settimeout(0.25)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.state = "running"
+
+    def set_rate(self, rate: int) -> None:
+        """Swap the kernel filter for one sampling 1 in ``rate``; drain what the old N sampled first."""
+        sock = self.sock
+        if sock is None or rate == self.rate:
+            return
+        with self.source.lock:
+            self._drain(sock)
+            bpf.attach(sock, bpf.program(rate, self.user_filter))
+            self.rate = rate
+
+    def _drain(self, sock: socket.socket) -> None:
+        buffer = bytearray(bpf.SNAPLEN)
+        while True:
+            try:
+                length, address = sock.recvfrom_into(buffer, bpf.SNAPLEN, socket.MSG_TRUNC | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            self.source.record(self, buffer, length, address)
+
+    def read_statistics(self) -> None:
+        if self.sock is None:
+            return
+        packets, drops = struct.unpack("II", self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+        self.kernel_packets += packets  # the kernel resets its counters on every read
+        self.kernel_drops += drops
+
+    def run(self, stop: threading.Event) -> None:
+        buffer = bytearray(bpf.SNAPLEN)
+        sock = self.sock
+        assert sock is not None
+        while not stop.is_set():
+            try:
+                length, address = sock.recvfrom_into(buffer, bpf.SNAPLEN, socket.MSG_TRUNC)
+            except TimeoutError:
+                continue
+            except OSError as exc:  # the interface went away, or the socket was closed under us
+                if stop.is_set():
+                    return
+                self.errors += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.state = "failed"
+                log.warning("netsample %s stopped: %s", self.device, exc)
+                return
+            with self.source.lock:
+                self.source.record(self, buffer, length, address)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.read_statistics()
+            self.sock.close()
+            self.sock = None
+
+
+class NetsampleSource:
+    """The `netsample` source (see the module docstring)."""
+
+    def __init__(self, section: NetsampleSourceSection, context: Context) -> None:
+        self.section = section
+        self._registry = context.registry
+        self.lock = threading.Lock()
+        self.flows = FlowTable(section.max_flows)
+        self.processes = ProcessMap()
+        self.samplers: dict[str, Sampler] = {}
+        self._stop = threading.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._state = "created"
+        self._last_error: str | None = None
+        # Cumulative estimate series: labels -> [packets, bytes]. A flow is exported with its own labels
+        # from the moment it joins the top set; samples of other flows go to the "other" series, so
+        # every counter only grows.
+        self._series: dict[tuple[str, ...], list[int]] = {}
+        self._exported: dict[tuple, tuple[str, ...]] = {}
+        self._sizes: dict[tuple[str, str], list[int]] = {}
+        self._size_sums: dict[tuple[str, str], int] = {}
+        self._unattributed = False
+
+    # component -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        devices = list(self.section.interfaces) or [
+            name for name, stats in psutil.net_if_stats().items() if stats.isup and name != "lo"]
+        for device in devices:
+            sampler = Sampler(device, self)
+            try:
+                sampler.open()
+            except PermissionError:
+                self._state = "no permission"
+                self._last_error = ("needs CAP_NET_RAW to open AF_PACKET sockets (run as root, or grant it: "
+                                    "AmbientCapabilities=CAP_NET_RAW); not sampling, other sources keep working")
+                log.error("netsample %s", self._last_error)
+                break
+            except (OSError, ValueError) as exc:
+                sampler.state, sampler.last_error = "failed", f"{type(exc).__name__}: {exc}"
+                log.error("netsample cannot sample %s: %s", device, exc)
+            self.samplers[device] = sampler
+        for sampler in self.samplers.values():
+            if sampler.sock is not None:
+                sampler.thread = threading.Thread(target=sampler.run, args=(self._stop,), daemon=True,
+                                                  name=f"netsample-{sampler.device}")
+                sampler.thread.start()
+        if self._state != "no permission":
+            self._state = "running"
+        self._registry.register(self)
+        self._task = asyncio.create_task(self._housekeeping(), name="netsample")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for sampler in self.samplers.values():
+            if sampler.thread is not None:
+                await asyncio.to_thread(sampler.thread.join, 2)
+            sampler.close()
+        with contextlib.suppress(KeyError):
+            self._registry.unregister(self)
+        self._state = "stopped"
+
+    def status(self) -> dict[str, Any]:
+        detail = ", ".join(f"{s.device} 1:{s.rate} {s.state}" for s in self.samplers.values())
+        errors = [f"{s.device}: {s.last_error}" for s in self.samplers.values() if s.last_error]
+        return {"state": self._state, "detail": detail or "no interface",
+                "last_error": self._last_error or ("; ".join(errors) or None)}
+
+    # sampling --------------------------------------------------------------------------------
+
+    def record(self, sampler: Sampler, frame: bytearray, length: int, address: tuple) -> None:
+        """Account one sampled frame (called with ``lock`` held)."""
+        sampler.samples += 1
+        sampler.window_samples += 1
+        packet = parse(memoryview(frame)[: min(length, bpf.SNAPLEN)], address[3])
+        if packet is None:
+            sampler.malformed += 1
+            return
+        outgoing = address[2] == PACKET_OUTGOING
+        direction = "transmit" if outgoing else "receive"
+        if outgoing:
+            local, local_port, remote, remote_port = packet.src, packet.sport, packet.dst, packet.dport
+        else:
+            local, local_port, remote, remote_port = packet.dst, packet.dport, packet.src, packet.sport
+        n = sampler.rate
+        key = (sampler.device, direction, packet.protocol, local, local_port, remote, remote_port)
+        flow = self.flows.add(key, length, n, packet.tcp_flags, time.time())
+        if not flow.process:
+            flow.process = self.processes.lookup(packet.protocol, local, local_port)
+            if not flow.process:
+                self._unattributed = True
+        labels = self._exported.get(key) or (sampler.device, direction, "other", "other", "", "")
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = [0, 0]
+        series[0] += n
+        series[1] += n * length
+        size_key = (sampler.device, direction)
+        buckets = self._sizes.get(size_key)
+        if buckets is None:
+            buckets = self._sizes[size_key] = [0] * (len(SIZE_BUCKETS) + 1)
+        index = next((i for i, bound in enumerate(SIZE_BUCKETS) if length <= bound), len(SIZE_BUCKETS))
+        buckets[index] += n
+        self._size_sums[size_key] = self._size_sums.get(size_key, 0) + n * length
+
+    async def _housekeeping(self) -> None:
+        last = time.monotonic()
+        last_export = 0.0
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            try:
+                await asyncio.to_thread(self._tick, now - last, now - last_export >= EXPORT_REFRESH_SECONDS)
+            except Exception as exc:  # keep sampling; say why
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("netsample housekeeping failed")
+            if now - last_export >= EXPORT_REFRESH_SECONDS:
+                last_export = now
+            last = now
+
+    def _tick(self, seconds: float, refresh_export: bool) -> None:
+        for sampler in self.samplers.values():
+            with contextlib.suppress(OSError):
+                sampler.read_statistics()
+            if self.section.sampling_rate == "auto" and sampler.sock is not None:
+                observed = sampler.window_samples / max(seconds, 1e-3)
+                target = self.section.target_samples_per_second
+                if observed > target * 1.25 or (observed < target / 1.25 and sampler.rate > 1):
+                    wanted = max(1, min(MAX_RATE, round(sampler.rate * max(observed, 1.0) / target)))
+                    sampler.set_rate(wanted)
+            sampler.window_samples = 0
+        if self._unattributed and self.processes.due():
+            self._unattributed = False
+            self.processes.refresh()
+            with self.lock:
+                for flow in self.flows.flows.values():
+                    if not flow.process:
+                        flow.process = self.processes.lookup(flow.key[2], flow.key[3], flow.key[4])
+        with self.lock:
+            self.flows.roll_rates(seconds)
+            if refresh_export:
+                top = {flow.key for flow in self.flows.top(self.section.top_flows)}
+                self._exported = {key: self._exported.get(key) or self._labels(key) for key in top}
+
+    def _labels(self, key: tuple) -> tuple[str, ...]:
+        flow = self.flows.flows.get(key)
+        device, direction, protocol, _, _, remote, remote_port = key
+        return (device, direction, protocol, remote, str(remote_port or ""),
+                (flow.process if flow else "") or "unknown")
+
+    # views ---------------------------------------------------------------------------------------
+
+    def top_flows(self, count: int) -> list[dict[str, Any]]:
+        with self.lock:
+            return [flow.as_dict() for flow in self.flows.top(count)]
+
+    def debug(self, count: int) -> dict[str, Any]:
+        return {
+            "interfaces": {s.device: {"sampling_rate": s.rate, "samples": s.samples, "kernel_drops": s.kernel_drops,
+                                      "state": s.state, "last_error": s.last_error}
+                           for s in self.samplers.values()},
+            "flows": self.top_flows(count),
+            "flow_count": len(self.flows.flows),
+            "evicted_flows": self.flows.evicted,
+        }
+
+    def collect(self) -> Iterator[Metric]:
+        with self.lock:
+            samplers = list(self.samplers.values())
+            series = [(labels, list(values)) for labels, values in self._series.items()]
+            sizes = [(key, list(buckets), self._size_sums.get(key, 0)) for key, buckets in self._sizes.items()]
+            evicted = self.flows.evicted
+        per_device = (
+            ("sidetrace_network_sampled_packets", "Packets sampled (read by user space).", "samples", "counter"),
+            ("sidetrace_network_sampling_rate", "N of the 1-in-N sampling in force.", "rate", "gauge"),
+            ("sidetrace_network_sampler_kernel_drops", "Sampled packets the kernel dropped (socket buffer full).",
+             "kernel_drops", "counter"),
+            ("sidetrace_network_sampler_malformed_packets", "Sampled frames that were not parsable IP.",
+             "malformed", "counter"),
+            ("sidetrace_network_sampler_errors", "Read errors (an interface that went away).", "errors", "counter"),
+        )
+        for name, doc, attribute, kind in per_device:
+            family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, doc, labels=["device"])
+            for sampler in samplers:
+                family.add_metric([sampler.device], getattr(sampler, attribute))
+            yield family
+        labels = ["device", "direction", "protocol", "remote", "remote_port", "process"]
+        packets = CounterMetricFamily("sidetrace_network_estimated_packets",
+                                      "Packets estimated from samples (samples x N), top flows and other.",
+                                      labels=labels)
+        octets = CounterMetricFamily("sidetrace_network_estimated_bytes", "Bytes estimated from samples.",
+                                     labels=labels, unit="bytes")
+        for label_values, (count, size) in series:
+            packets.add_metric(list(label_values), count)
+            octets.add_metric(list(label_values), size)
+        yield packets
+        yield octets
+        histogram = HistogramMetricFamily("sidetrace_network_packet_size_bytes",
+                                          "Estimated packets by size (samples x N).",
+                                          labels=["device", "direction"], unit="bytes")
+        for (device, direction), buckets, total in sizes:
+            cumulative, running = [], 0
+            for bound, count in zip(SIZE_BUCKETS, buckets, strict=False):
+                running += count
+                cumulative.append((str(bound), running))
+            cumulative.append(("+Inf", running + buckets[-1]))
+            histogram.add_metric([device, direction], cumulative, total)
+        yield histogram
+        yield CounterMetricFamily("sidetrace_network_evicted_flows", "Flows evicted at [sources.netsample] "
+                                  "max_flows.", value=evicted)
+        yield CounterMetricFamily("sidetrace_network_attribution_refreshes",
+                                  "Reads of the process connection table.", value=self.processes.refreshes)
+
+
+__all__ = ["NetsampleSource", "error_bound_percent"]

@@ -1,0 +1,90 @@
+"""Flows estimated from 1-in-N samples, with sFlow-style 95 % error bounds.
+
+Every sample counts as N packets and N times its length in bytes, with the N in force when it
+was taken. For c samples of a flow the estimate's 95 % error bound is about 196 * sqrt(1/c)
+percent (sFlow's sampling theory: a binomial count, normal approximation). The table is bounded:
+the least recently seen flow is evicted and counted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any
+
+from sidetrace.agent.sources.netsample.packets import TCP_FIN, TCP_RST, TCP_SYN
+
+# (device, direction, protocol, local address, local port, remote address, remote port)
+FlowKey = tuple[str, str, str, str, int, str, int]
+
+
+def error_bound_percent(samples: int) -> float:
+    """95 % error bound of an estimate made from ``samples`` samples, in percent."""
+    return 196.0 * math.sqrt(1.0 / samples) if samples else math.inf
+
+
+class Flow:
+    __slots__ = ("key", "samples", "packets", "bytes", "syn", "fin", "rst", "first_seen", "last_seen", "process",
+                 "window_bytes", "rate_bytes")
+
+    def __init__(self, key: FlowKey, now: float) -> None:
+        self.key = key
+        self.samples = 0
+        self.packets = 0
+        self.bytes = 0
+        self.syn = self.fin = self.rst = 0
+        self.first_seen = self.last_seen = now
+        self.process = ""
+        self.window_bytes = 0
+        self.rate_bytes = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        device, direction, protocol, local, local_port, remote, remote_port = self.key
+        return {
+            "device": device, "direction": direction, "protocol": protocol, "local": local,
+            "local_port": local_port, "remote": remote, "remote_port": remote_port,
+            "process": self.process or "unknown",
+            "samples": self.samples, "estimated_packets": self.packets, "estimated_bytes": self.bytes,
+            "error_bound_percent": round(error_bound_percent(self.samples), 1),
+            "bytes_per_second": round(self.rate_bytes, 1), "tcp_syn": self.syn, "tcp_fin": self.fin,
+            "tcp_rst": self.rst, "first_seen": self.first_seen, "last_seen": self.last_seen,
+        }
+
+
+class FlowTable:
+    """Bounded LRU table of flows."""
+
+    def __init__(self, max_flows: int) -> None:
+        self.max_flows = max_flows
+        self.flows: OrderedDict[FlowKey, Flow] = OrderedDict()
+        self.evicted = 0
+
+    def add(self, key: FlowKey, length: int, n: int, tcp_flags: int, now: float) -> Flow:
+        flow = self.flows.get(key)
+        if flow is None:
+            flow = self.flows[key] = Flow(key, now)
+            if len(self.flows) > self.max_flows:
+                self.flows.popitem(last=False)
+                self.evicted += 1
+        else:
+            self.flows.move_to_end(key)
+        flow.samples += 1
+        flow.packets += n
+        flow.bytes += n * length
+        flow.window_bytes += n * length
+        flow.last_seen = now
+        if tcp_flags:
+            flow.syn += bool(tcp_flags & TCP_SYN)
+            flow.fin += bool(tcp_flags & TCP_FIN)
+            flow.rst += bool(tcp_flags & TCP_RST)
+        return flow
+
+    def roll_rates(self, seconds: float) -> None:
+        """Turn the bytes counted since the last call into a per-second rate."""
+        for flow in self.flows.values():
+            flow.rate_bytes = flow.window_bytes / seconds if seconds > 0 else 0.0
+            flow.window_bytes = 0
+
+    def top(self, count: int) -> list[Flow]:
+        return sorted(self.flows.values(), key=lambda f: f.bytes, reverse=True)[:count]
+
