@@ -54,6 +54,7 @@ bench: $(VENV)/.test servers $(BENCH313)/bin/python
 	$(BIN)/python bench/agent_idle.py
 	$(BIN)/python bench/trace_relay.py
 	$(BIN)/python bench/nats_overhead.py
+	$(SUDO) $(BIN)/python bench/netsample_rate.py
 
 clean:
 	rm -rf $(VENV) $(BENCH313) .pytest_cache .ruff_cache

@@ -146,6 +146,22 @@ def run_tcpdump(rates: list[float], seconds: float) -> list[dict]:
     return results
 
 
+def parse_cost(frames: int = 20_000) -> dict[str, float]:
+    """Microseconds to dissect one sampled frame: sidetrace's struct parser against scapy's Ether()."""
+    from scapy.all import IP, TCP, Ether, raw
+
+    from sidetrace.agent.sources.netsample.packets import parse
+
+    frame = raw(Ether() / IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=40000, dport=443, flags="PA") / (b"x" * 64))
+    costs = {}
+    for name, dissect in (("struct parser", lambda: parse(frame)), ("scapy Ether()", lambda: Ether(frame))):
+        started = time.perf_counter()
+        for _ in range(frames):
+            dissect()
+        costs[name] = (time.perf_counter() - started) / frames * 1e6
+    return costs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -167,6 +183,8 @@ def main() -> None:
     for name, rows in table.items():
         followed = [row["rate"] for row in rows if row["loss_percent"] < 1.0]
         print(f"{name}: highest rate followed with < 1 % loss: {max(followed) if followed else 0:.0f} pps")
+    costs = parse_cost()
+    print("dissecting one TCP frame: " + ", ".join(f"{name} {us:.2f} us" for name, us in costs.items()))
 
 
 if __name__ == "__main__":
