@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from sidetrace import __version__
@@ -97,33 +98,56 @@ def render_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+class AgentUnreachable(Exception):
+    """The running agent could not be asked; the message says where and why."""
+
+
+def _agent_base(args: argparse.Namespace) -> str:
+    """The agent's base URL: --url, else from the config's server.listen. Raises ConfigError."""
+    return (args.url or _default_status_url(args.config)).rstrip("/")
+
+
+def _ask(args: argparse.Namespace, base: str, path: str) -> Any:
+    """GET ``path`` from the agent as JSON, with the /debug bearer token when given."""
+    url = base + path
+    token = getattr(args, "token", None)
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        url = (args.url or _default_status_url(args.config)).rstrip("/") + "/debug/status"
-    except ConfigError as exc:
-        print("\n".join(exc.problems), file=sys.stderr)
-        return EXIT_CONFIG
-    try:
-        with urllib.request.urlopen(url, timeout=args.timeout) as response:
-            status = json.load(response)
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise AgentUnreachable(f"{url}: HTTP {exc.code}: {exc.read().decode(errors='replace').strip()}") from None
     except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        print(f"cannot reach the agent at {url}: {reason} (is it running? pass --url)", file=sys.stderr)
-        return 1
+        raise AgentUnreachable(f"cannot reach the agent at {url}: {getattr(exc, 'reason', exc)} "
+                               "(is it running? pass --url)") from None
     except json.JSONDecodeError as exc:
-        print(f"{url} did not answer with the agent's status JSON: {exc}", file=sys.stderr)
-        return 1
+        raise AgentUnreachable(f"{url} did not answer with the agent's JSON: {exc}") from None
+
+
+def _with_agent(command: Callable[[argparse.Namespace, str], int]) -> Callable[[argparse.Namespace], int]:
+    """Run ``command`` with the agent's base URL; config and connection problems become exit codes."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args, _agent_base(args))
+        except ConfigError as exc:
+            print("\n".join(exc.problems), file=sys.stderr)
+            return EXIT_CONFIG
+        except AgentUnreachable as exc:
+            print(exc, file=sys.stderr)
+            return 1
+
+    return run
+
+
+@_with_agent
+def cmd_status(args: argparse.Namespace, base: str) -> int:
+    status = _ask(args, base, "/debug/status")
     if args.json:
         print(json.dumps(status, indent=2))
     else:
         print(render_status(status))
     return 0 if status.get("ready") else 3
-
-
-def _fetch_json(url: str, token: str | None, timeout: float) -> Any:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.load(response)
 
 
 def render_trace(trace: dict[str, Any], width: int = 30) -> str:
@@ -166,29 +190,16 @@ def render_trace(trace: dict[str, Any], width: int = 30) -> str:
     return "\n".join(lines)
 
 
-def cmd_traces(args: argparse.Namespace) -> int:
-    try:
-        base = (args.url or _default_status_url(args.config)).rstrip("/")
-    except ConfigError as exc:
-        print("\n".join(exc.problems), file=sys.stderr)
-        return EXIT_CONFIG
+@_with_agent
+def cmd_traces(args: argparse.Namespace, base: str) -> int:
     query = urllib.parse.urlencode({k: v for k, v in (("service", args.service),
                                                       ("min_duration_ms", args.min_duration_ms),
                                                       ("limit", args.limit)) if v is not None})
-    try:
-        if args.trace_id:
-            traces = [_fetch_json(f"{base}/debug/traces/{args.trace_id}", args.token, args.timeout)]
-        else:
-            summaries = _fetch_json(f"{base}/debug/traces?{query}", args.token, args.timeout)["traces"]
-            traces = [_fetch_json(f"{base}/debug/traces/{s['trace_id']}", args.token, args.timeout)
-                      for s in summaries]
-    except urllib.error.HTTPError as exc:
-        print(f"{exc.url}: HTTP {exc.code}: {exc.read().decode(errors='replace').strip()}", file=sys.stderr)
-        return 1
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"cannot reach the agent at {base}: {getattr(exc, 'reason', exc)} (is it running? pass --url)",
-              file=sys.stderr)
-        return 1
+    if args.trace_id:
+        traces = [_ask(args, base, f"/debug/traces/{args.trace_id}")]
+    else:
+        summaries = _ask(args, base, f"/debug/traces?{query}")["traces"]
+        traces = [_ask(args, base, f"/debug/traces/{s['trace_id']}") for s in summaries]
     if not traces:
         print("no recent traces match")
     print("\n\n".join(render_trace(trace) for trace in traces))
@@ -220,23 +231,10 @@ def render_flows(snapshot: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cmd_flows(args: argparse.Namespace) -> int:
-    try:
-        base = (args.url or _default_status_url(args.config)).rstrip("/")
-    except ConfigError as exc:
-        print("\n".join(exc.problems), file=sys.stderr)
-        return EXIT_CONFIG
+@_with_agent
+def cmd_flows(args: argparse.Namespace, base: str) -> int:
     while True:
-        try:
-            snapshot = _fetch_json(f"{base}/debug/flows?top={args.top}", args.token, args.timeout)
-        except urllib.error.HTTPError as exc:
-            print(f"{exc.url}: HTTP {exc.code}: {exc.read().decode(errors='replace').strip()}", file=sys.stderr)
-            return 1
-        except (urllib.error.URLError, OSError) as exc:
-            print(f"cannot reach the agent at {base}: {getattr(exc, 'reason', exc)} (is it running? pass --url)",
-                  file=sys.stderr)
-            return 1
-        table = render_flows(snapshot)
+        table = render_flows(_ask(args, base, f"/debug/flows?top={args.top}"))
         if args.once:
             print(table)
             return 0
@@ -274,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "http://127.0.0.1:9464)")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the agent (default 5)")
+    status.add_argument("--token", default=os.environ.get("SIDETRACE_SERVER__AUTH_TOKEN"),
+                        help="bearer token for /debug ([server] auth_token; default $SIDETRACE_SERVER__AUTH_TOKEN)")
     _add_config(status)
     status.set_defaults(func=cmd_status)
 

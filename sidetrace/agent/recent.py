@@ -13,7 +13,7 @@ from typing import Any
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from sidetrace.agent.processors.span_metrics import service_name
+from sidetrace.agent.processors.span_metrics import spans_by_service
 from sidetrace.config import RecentTracesSection
 
 # (span_id, parent_span_id, name, service, kind, start_ns, end_ns, status_code, status_message)
@@ -64,24 +64,21 @@ class RecentTraces:
         traces = self._traces
         per_trace = self.max_spans_per_trace
         with self._lock:
-            for resource_spans in request.resource_spans:
-                service = service_name(resource_spans.resource.attributes)
-                for scope_spans in resource_spans.scope_spans:
-                    for span in scope_spans.spans:
-                        trace_id = span.trace_id
-                        trace = traces.get(trace_id)
-                        if trace is None:
-                            trace = traces[trace_id] = _Trace()
-                        else:
-                            traces.move_to_end(trace_id)
-                        if len(trace.spans) >= per_trace:
-                            trace.dropped += 1
-                            self.dropped_spans += 1
-                            continue
-                        trace.spans.append((span.span_id, span.parent_span_id, span.name, service, span.kind,
-                                            span.start_time_unix_nano, span.end_time_unix_nano, span.status.code,
-                                            span.status.message))
-                        self._spans += 1
+            for service, span in spans_by_service(request):
+                trace_id = span.trace_id
+                trace = traces.get(trace_id)
+                if trace is None:
+                    trace = traces[trace_id] = _Trace()
+                else:
+                    traces.move_to_end(trace_id)
+                if len(trace.spans) >= per_trace:
+                    trace.dropped += 1
+                    self.dropped_spans += 1
+                    continue
+                trace.spans.append((span.span_id, span.parent_span_id, span.name, service, span.kind,
+                                    span.start_time_unix_nano, span.end_time_unix_nano, span.status.code,
+                                    span.status.message))
+                self._spans += 1
             while len(traces) > self.max_traces or self._spans > self.max_spans:
                 _, evicted = traces.popitem(last=False)
                 self._spans -= len(evicted.spans)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import free_port, port_open, stop_process, wait_until
 
 
 def nats_server_binary() -> str:
@@ -30,20 +30,7 @@ class NatsServer:
         with open(tmp / "nats.log", "wb") as log:
             self.proc = subprocess.Popen([nats_server_binary(), "-c", str(config)], stdout=log,
                                          stderr=subprocess.STDOUT)
-        wait_until(lambda: self.proc.poll() is None and _accepts(self.port), 20, "nats-server listening")
+        wait_until(lambda: self.proc.poll() is None and port_open(self.port), 20, "nats-server listening")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-
-
-def _accepts(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+        stop_process(self.proc)

@@ -13,7 +13,7 @@ import rotel
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from oteltest.sink.handler import RequestHandler
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import free_port, port_open, stop_process, wait_until
 
 ROTEL_AGENT = Path(rotel.__file__).parent / "rotel-agent"
 
@@ -101,22 +101,9 @@ class Rotel:
                  "--log-file", str(self.tmp / f"rotel-{self.grpc_port}.log")],
                 stdout=log, stderr=subprocess.STDOUT,
             )
-        wait_until(lambda: self.proc.poll() is None and _accepts(self.grpc_port), 20, "rotel listening")
+        wait_until(lambda: self.proc.poll() is None and port_open(self.grpc_port), 20, "rotel listening")
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-def _accepts(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+        if self.proc is not None:
+            stop_process(self.proc)

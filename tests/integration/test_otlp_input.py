@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -171,6 +174,13 @@ def test_bearer_token_guards_receivers_and_debug(agent_factory: Callable[..., Ag
     assert http_get(agent.url + "/debug/traces")[0] == 401
     assert http_get(agent.url + "/debug/traces", headers={"Authorization": "Bearer dbg"})[0] == 200
     assert http_get(agent.url + "/metrics")[0] == 200 and http_get(agent.url + "/readyz")[0] == 200
+    without_token = {**os.environ, "SIDETRACE_SERVER__AUTH_TOKEN": ""}
+    refused = subprocess.run([sys.executable, "-m", "sidetrace", "status", "--url", agent.url],
+                             capture_output=True, text=True, timeout=20, env=without_token)
+    assert refused.returncode == 1 and refused.stderr.startswith(f"{agent.url}/debug/status: HTTP 401: ")
+    allowed = subprocess.run([sys.executable, "-m", "sidetrace", "status", "--url", agent.url, "--token", "dbg"],
+                             capture_output=True, text=True, timeout=20)
+    assert allowed.returncode == 0 and "otlp" in allowed.stdout
 
 
 def test_sdk_metrics_appear_on_metrics_translated(agent_factory: Callable[..., Agent]) -> None:

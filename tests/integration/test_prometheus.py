@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Agent, free_port, http_get, wait_until
+from tests.conftest import Agent, free_port, http_get, stop_process, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -44,12 +44,7 @@ class Prometheus:
         return json.loads(body)["data"]["result"]
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_process(self.proc, 15)
 
 
 @pytest.fixture

@@ -32,6 +32,15 @@ def service_name(resource_attributes) -> str:  # type: ignore[no-untyped-def]
     return "unknown_service"
 
 
+def spans_by_service(request: ExportTraceServiceRequest) -> Iterator[tuple[str, Span]]:
+    """Every span of a request with its resource's service.name."""
+    for resource_spans in request.resource_spans:
+        service = service_name(resource_spans.resource.attributes)
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                yield service, span
+
+
 class SpanMetricsProcessor:
     """Aggregates calls and a duration histogram per label set, with a hard cap on label sets."""
 
@@ -61,18 +70,15 @@ class SpanMetricsProcessor:
     def apply(self, request: ExportTraceServiceRequest) -> None:
         series_of = self._series
         with self._lock:
-            for resource_spans in request.resource_spans:
-                service = service_name(resource_spans.resource.attributes)
-                for scope_spans in resource_spans.scope_spans:
-                    for span in scope_spans.spans:
-                        key = (service, span.name, span.kind, span.status.code)
-                        series = series_of.get(key)
-                        if series is None:
-                            series = self._new_series(key)
-                        duration_ms = (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6
-                        series[0] += 1
-                        series[1] += duration_ms
-                        series[2][bisect_left(BUCKETS_MS, duration_ms)] += 1
+            for service, span in spans_by_service(request):
+                key = (service, span.name, span.kind, span.status.code)
+                series = series_of.get(key)
+                if series is None:
+                    series = self._new_series(key)
+                duration_ms = (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6
+                series[0] += 1
+                series[1] += duration_ms
+                series[2][bisect_left(BUCKETS_MS, duration_ms)] += 1
 
     def families(self) -> Iterator[Metric]:
         labels = ["service_name", "span_name", "span_kind", "status_code"]

@@ -86,6 +86,19 @@ def _safe_error(telemetry: Telemetry, span: Span, exc: BaseException) -> str | N
         return None
 
 
+def _start_send(telemetry: Telemetry, operation: str, kind: SpanKind, subject: str, payload: bytes,
+                headers: dict | None, client: Any) -> tuple[Span, dict[str, Any], dict | None, Timer]:
+    """Start the span of a publish or request; return it with a copy of the headers carrying it."""
+    attributes = telemetry.base_attributes(operation, "send", subject, client)
+    attributes["messaging.message.body.size"] = len(payload)
+    if headers and MSG_ID_HEADER in headers:
+        attributes["messaging.message.id"] = headers[MSG_ID_HEADER]
+    span = telemetry.tracer.start_span(telemetry.span_name(operation, subject, client), kind=kind,
+                                       attributes=attributes)
+    new_headers = telemetry.inject(headers, len(payload), client, trace.set_span_in_context(span))
+    return span, attributes, new_headers, Timer()
+
+
 def publish_wrapper(telemetry: Telemetry) -> Wrapper:
     """Client.publish: `publish {subject}` (PRODUCER), trace context into a copy of the headers."""
 
@@ -94,14 +107,8 @@ def publish_wrapper(telemetry: Telemetry) -> Wrapper:
             return await wrapped(*args, **kwargs)
         try:
             subject, payload, reply, headers = _publish_args(*args, **kwargs)
-            attributes = telemetry.base_attributes("publish", "send", subject, instance)
-            attributes["messaging.message.body.size"] = len(payload)
-            if headers and MSG_ID_HEADER in headers:
-                attributes["messaging.message.id"] = headers[MSG_ID_HEADER]
-            span = telemetry.tracer.start_span(telemetry.span_name("publish", subject, instance),
-                                               kind=SpanKind.PRODUCER, attributes=attributes)
-            new_headers = telemetry.inject(headers, len(payload), instance, trace.set_span_in_context(span))
-            timer = Timer()
+            span, attributes, new_headers, timer = _start_send(telemetry, "publish", SpanKind.PRODUCER, subject,
+                                                               payload, headers, instance)
         except Exception as exc:
             telemetry.guard.failed("publish", exc)
             return await wrapped(*args, **kwargs)
@@ -127,12 +134,8 @@ def request_wrapper(telemetry: Telemetry) -> Wrapper:
         if plumbing:
             return await _suppressed(wrapped(*args, **kwargs))
         try:
-            attributes = telemetry.base_attributes("request", "send", subject, instance)
-            attributes["messaging.message.body.size"] = len(payload)
-            span = telemetry.tracer.start_span(telemetry.span_name("request", subject, instance),
-                                               kind=SpanKind.CLIENT, attributes=attributes)
-            new_headers = telemetry.inject(headers, len(payload), instance, trace.set_span_in_context(span))
-            timer = Timer()
+            span, attributes, new_headers, timer = _start_send(telemetry, "request", SpanKind.CLIENT, subject,
+                                                               payload, headers, instance)
         except Exception as exc:
             telemetry.guard.failed("request", exc)
             return await wrapped(*args, **kwargs)
@@ -167,14 +170,8 @@ def js_publish_wrapper(telemetry: Telemetry) -> Wrapper:
         client = getattr(instance, "_nc", None)
         try:
             subject, payload, timeout, stream, headers, rest = _js_publish_args(*args, **kwargs)
-            attributes = telemetry.base_attributes("publish", "send", subject, client)
-            attributes["messaging.message.body.size"] = len(payload)
-            if headers and MSG_ID_HEADER in headers:
-                attributes["messaging.message.id"] = headers[MSG_ID_HEADER]
-            span = telemetry.tracer.start_span(telemetry.span_name("publish", subject, client),
-                                               kind=SpanKind.PRODUCER, attributes=attributes)
-            new_headers = telemetry.inject(headers, len(payload), client, trace.set_span_in_context(span))
-            timer = Timer()
+            span, attributes, new_headers, timer = _start_send(telemetry, "publish", SpanKind.PRODUCER, subject,
+                                                               payload, headers, client)
         except Exception as exc:
             telemetry.guard.failed("jetstream publish", exc)
             return await wrapped(*args, **kwargs)
