@@ -192,6 +192,13 @@ def test_interface_deleted_while_sampled(netns: str, agent_factory: Callable[...
     assert snapshot["interfaces"]["lo"]["state"] == "running"
     assert any(f["local_port"] == 41500 for f in snapshot["flows"])
     assert agent.alive() and http_get(agent.url + "/readyz")[0] == 200
+    _, text = http_get(agent.url + "/metrics")
+    assert 'sidetrace_network_sampler_errors_total{device="stv0"} 1.0' in text
+    # The interface comes back (a container restarted): sampling resumes on its own.
+    ip("link", "add", "stv0", "type", "veth", "peer", "name", "stv1")
+    ip("link", "set", "stv0", "up")
+    ip("link", "set", "stv1", "up")
+    wait_until(lambda: flows(agent)["interfaces"]["stv0"]["state"] == "running", 10, "the sampler to reopen")
 
 
 def test_auto_rate_follows_the_target(netns: str, agent_factory: Callable[..., Agent]) -> None:

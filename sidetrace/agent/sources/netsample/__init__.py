@@ -302,8 +302,27 @@ class NetsampleSource:
                 last_export = now
             last = now
 
+    def _revive(self, sampler: Sampler) -> None:
+        """Reopen a sampler whose interface went away, once an interface of that name is back."""
+        stats = psutil.net_if_stats().get(sampler.device)
+        if stats is None or not stats.isup:
+            return
+        sampler.close()
+        try:
+            sampler.open()
+        except (OSError, ValueError) as exc:
+            sampler.state, sampler.last_error = "failed", f"{type(exc).__name__}: {exc}"
+            return
+        sampler.last_error = None
+        sampler.thread = threading.Thread(target=sampler.run, args=(self._stop,), daemon=True,
+                                          name=f"netsample-{sampler.device}")
+        sampler.thread.start()
+        log.info("netsample %s is back; sampling again", sampler.device)
+
     def _tick(self, seconds: float, refresh_export: bool) -> None:
         for sampler in self.samplers.values():
+            if sampler.state == "failed" and self._state == "running":
+                self._revive(sampler)
             with contextlib.suppress(OSError):
                 sampler.read_statistics()
             if self.section.sampling_rate == "auto" and sampler.sock is not None:
