@@ -111,8 +111,8 @@ class Daemon:
         for registration in registrations:
             if not registration.enabled(config):
                 continue
-            component = registration.build(config, context)
             try:
+                component = registration.build(config, context)
                 await component.start()
             except Exception as exc:
                 await self._stop_components(started, time.monotonic() + STOP_SECONDS)
@@ -150,6 +150,9 @@ class Daemon:
             ok = await self._apply(load(self.config_path))
         except ConfigError as exc:
             ok = self._reload_failed("; ".join(exc.problems))
+        except Exception as exc:  # a bug must not end the reload loop: later SIGHUPs still work
+            log.exception("reload failed unexpectedly")
+            ok = self._reload_failed(f"{type(exc).__name__}: {exc}")
         self.notifier.notify("READY=1")
         return ok
 

@@ -146,6 +146,15 @@ def test_port_in_use_exits_1_and_says_which(agent_factory: Callable[..., Agent])
     assert f"server failed to start: server.listen: cannot listen on 127.0.0.1:{port}: " in agent.log()
 
 
+def test_component_that_cannot_be_built_exits_1_with_a_message(agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory('[[exporters.otlp]]\nname = "j"\nendpoint = "https://127.0.0.1:4317"\n'
+                          'tls = { ca_file = "/nonexistent/ca.pem" }\n')
+    agent.start(wait_ready=False)
+    assert agent.proc.wait(10) == 1
+    assert "pipeline failed to start: [Errno 2] No such file or directory: '/nonexistent/ca.pem'" in agent.log()
+    assert "Traceback" not in agent.log()
+
+
 def test_unwritable_data_dir_exits_2(agent_factory: Callable[..., Agent], tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
