@@ -109,6 +109,12 @@ def _check_positive(value: float) -> float:
     return value
 
 
+def _check_non_negative(value: float) -> float:
+    if value < 0:
+        raise ValueError("expected a number of at least 0")
+    return value
+
+
 def _check_regexes(value: tuple[str, ...]) -> tuple[str, ...]:
     for pattern in value:
         try:
@@ -248,6 +254,9 @@ class OtlpExporterSection:
     timeout_seconds: float = _key("Deadline of one export request.", _check_positive, default=10.0)
     max_batch_spans: int = _key("Most spans sent in one request (spooled batches are joined up to it).",
                                 _check_positive, default=8192)
+    batch_timeout_seconds: float = _key("How long a request short of max_batch_spans waits for more spans "
+                                        "(the data waits on disk); 0 sends at once.", _check_non_negative,
+                                        default=0.2)
     tls: ClientTlsSection = field(default_factory=ClientTlsSection)
 
 

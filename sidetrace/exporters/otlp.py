@@ -236,6 +236,12 @@ class OtlpExporter:
         if not batches:
             await self._spool.wait_for_new(self.name, timeout=5.0)
             return
+        linger = batches[0].received_at + self.section.batch_timeout_seconds - time.time()
+        if linger > 0 and sum(b.spans for b in batches) < self.section.max_batch_spans:
+            # A partial request: let more spans join it (one call and one ack instead of many), as the
+            # Collector's batch processor does; the data is already safe on disk meanwhile.
+            await asyncio.sleep(linger)
+            batches = await self._spool.read(self.name, self.section.max_batch_spans, MAX_REQUEST_BYTES)
         self.resent_spans += self._spool.possibly_resent(self.name, batches)
         self._sending = True
         await self._deliver(batches)

@@ -61,6 +61,24 @@ async def backend() -> AsyncIterator[Backend]:
     await runner.cleanup()
 
 
+async def test_a_partial_request_waits_batch_timeout_for_more(tmp_path: Path, backend: Backend) -> None:
+    spool = Spool(tmp_path / "spool.db", ["b"], max_bytes=1 << 20)
+    await spool.open()
+    exporter = OtlpExporter(OtlpExporterSection(name="b", endpoint=f"http://127.0.0.1:{backend.port}",
+                                                protocol="http", compression="none", batch_timeout_seconds=0.5),
+                            spool)
+    await exporter.start()
+    await spool.append(b"early", spans=1)
+    await asyncio.sleep(0.2)
+    await spool.append(b"late", spans=1)
+    deadline = time.monotonic() + 10
+    while spool.size_bytes and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await exporter.stop()
+    await spool.close()
+    assert backend.bodies == [b"earlylate"]  # one request, not two
+
+
 async def run_exporter(tmp_path: Path, backend: Backend, bodies: list[bytes], until: float = 10.0) -> tuple:
     spool = Spool(tmp_path / "spool.db", ["b"], max_bytes=1 << 20)
     await spool.open()
