@@ -347,3 +347,17 @@ async def test_publisher_and_subscriber_in_separate_processes_join_one_trace(
     finally:
         if child.poll() is None:
             child.kill()
+
+
+async def test_server_without_headers_gets_no_trace_headers_and_the_miss_is_counted(
+    nc, telemetry: Telemetry
+) -> None:
+    got = []
+    await nc.subscribe("noheaders", cb=collector(got))
+    nc._server_info["headers"] = False  # as an old server or a headers-off config announces itself
+    before = nats_instrumentation._TELEMETRY.injection_misses
+    await nc.publish("noheaders", b"x")
+    await wait_for(lambda: got)
+    assert got[0].headers is None
+    assert nats_instrumentation._TELEMETRY.injection_misses - before == 1
+    assert telemetry.one("publish noheaders").kind == SpanKind.PRODUCER  # the span is still made

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -246,3 +247,16 @@ def test_capture_filter_runs_before_sampling_and_flows_command_shows_it(
                                 "PROCESS"]
     cells = lines[2].split()
     assert cells[:4] == ["lo", "re", "udp", "127.0.0.1:41700"] and cells[7:9] == ["300", "42600"]
+
+
+def test_cap_net_raw_alone_is_enough(netns: str, agent_factory: Callable[..., Agent]) -> None:
+    # Every capability but CAP_NET_RAW dropped (no NET_ADMIN, SYS_ADMIN, DAC override...): as the unit runs it.
+    agent = agent_factory(config(rate=1)).start(prefix=("setpriv", "--bounding-set", "-all,+net_raw",
+                                                        "--inh-caps", "-all,+net_raw"))
+    status = Path(f"/proc/{agent.proc.pid}/status").read_text()
+    capabilities = next(line for line in status.splitlines() if line.startswith("CapEff:"))
+    assert int(capabilities.split()[1], 16) == 1 << 13  # CAP_NET_RAW only
+    send_udp(41800, 50)
+    snapshot = settled(agent)
+    assert snapshot["interfaces"]["lo"]["state"] == "running"
+    assert [f["estimated_packets"] for f in snapshot["flows"] if f["local_port"] == 41800] == [50]
