@@ -201,24 +201,30 @@ def _link_messages(telemetry: Telemetry, template: str | None, messages: list[An
     return on_result
 
 
-def next_msg_wrapper(telemetry: Telemetry) -> Wrapper:
-    """Subscription.next_msg: `receive {subject}` (CLIENT) linked to the message's producer."""
+def _receive_wrapper(telemetry: Telemetry, where: str, source: Callable[[Any, str | None], tuple[str, Any]],
+                     messages_of: Callable[[Any], list[Any]]) -> Wrapper:
+    """A receive operation: `receive {subject}` (CLIENT) linked to each received message's producer.
+
+    ``source(instance, template)`` gives the subject and client to describe; ``messages_of(result)``
+    the messages the call returned.
+    """
 
     async def wrapper(wrapped: Callable[..., Awaitable[Any]], instance: Any, args: tuple, kwargs: dict) -> Any:
         if SUPPRESSED.get() or not is_instrumentation_enabled():
             return await wrapped(*args, **kwargs)
         try:
             template = getattr(instance, TEMPLATE_ATTR, None)
-            span, attributes, timer = _receive(telemetry, instance.subject, instance._conn, template)
+            subject, client = source(instance, template)
+            span, attributes, timer = _receive(telemetry, subject, client, template)
         except Exception as exc:
-            telemetry.guard.failed("next_msg", exc)
+            telemetry.guard.failed(where, exc)
             return await wrapped(*args, **kwargs)
         received: list[Any] = []
 
         async def call() -> Any:
-            msg = await wrapped(*args, **kwargs)
-            received.append(msg)
-            return msg
+            result = await wrapped(*args, **kwargs)
+            received.extend(messages_of(result))
+            return result
 
         return await run_in_span(telemetry, span, attributes, timer, call(),
                                  on_result=_link_messages(telemetry, template, received, attributes))
@@ -226,29 +232,14 @@ def next_msg_wrapper(telemetry: Telemetry) -> Wrapper:
     return wrapper
 
 
+def next_msg_wrapper(telemetry: Telemetry) -> Wrapper:
+    """Subscription.next_msg: one message."""
+    return _receive_wrapper(telemetry, "next_msg", lambda sub, _: (sub.subject, sub._conn), lambda msg: [msg])
+
+
 def fetch_wrapper(telemetry: Telemetry) -> Wrapper:
-    """PullSubscription.fetch: `receive {subject}` (CLIENT) linked to each message's producer."""
-
-    async def wrapper(wrapped: Callable[..., Awaitable[Any]], instance: Any, args: tuple, kwargs: dict) -> Any:
-        if SUPPRESSED.get() or not is_instrumentation_enabled():
-            return await wrapped(*args, **kwargs)
-        try:
-            template = getattr(instance, TEMPLATE_ATTR, None)
-            span, attributes, timer = _receive(telemetry, template or instance._deliver, instance._nc, template)
-        except Exception as exc:
-            telemetry.guard.failed("fetch", exc)
-            return await wrapped(*args, **kwargs)
-        messages: list[Any] = []
-
-        async def call() -> Any:
-            result = await wrapped(*args, **kwargs)
-            messages.extend(result)
-            return result
-
-        return await run_in_span(telemetry, span, attributes, timer, call(),
-                                 on_result=_link_messages(telemetry, template, messages, attributes))
-
-    return wrapper
+    """PullSubscription.fetch: a batch of messages."""
+    return _receive_wrapper(telemetry, "fetch", lambda psub, template: (template or psub._deliver, psub._nc), list)
 
 
 def settle_wrapper(telemetry: Telemetry, operation: str) -> Wrapper:
