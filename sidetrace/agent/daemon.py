@@ -97,9 +97,6 @@ class Daemon:
         log.info("stopped")
         return 0
 
-    def request_stop(self) -> None:
-        self._stop.set()
-
     def _context(self, config: Config) -> Context:
         return Context(config=config, registry=self.registry, daemon_status=self.status, ready=lambda: self._ready,
                        lookup=lambda name: self._components.get(name))
@@ -198,10 +195,6 @@ class Daemon:
         return False
 
     # observability -------------------------------------------------------------------------------
-
-    @property
-    def ready(self) -> bool:
-        return self._ready
 
     def status(self) -> dict[str, Any]:
         components: dict[str, Any] = {}
