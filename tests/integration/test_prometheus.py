@@ -100,3 +100,16 @@ def test_prometheus_scrapes_agent_and_sees_loopback_traffic(scraped_agent: tuple
         "prometheus_target_scrapes_sample_out_of_bounds_total",
     ))]
     assert len(rejected) == 3 and all(line.endswith(" 0") for line in rejected), rejected
+
+
+def test_every_dashboard_query_is_valid_promql(scraped_agent: tuple[Agent, Prometheus]) -> None:
+    _, prometheus = scraped_agent
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "dashboards/grafana/sidetrace.json").read_text())
+    expressions = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    wait_until(lambda: prometheus.query('up{job="sidetrace"} == 1'), 30, "a first scrape")
+    promql = [expr.replace("$__rate_interval", "1m").replace('"$instance"', '".*"') for expr in expressions]
+    for query in promql:
+        prometheus.query(query)  # asserts HTTP 200: Prometheus parsed and evaluated it
+    throughput = next(query for query in promql if query.startswith("rate(system_network_io_bytes_total"))
+    series = wait_until(lambda: prometheus.query(throughput), 30, "the throughput panel to have data")
+    assert {s["metric"]["device"] for s in series} >= {"lo"}
