@@ -12,6 +12,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sidetrace import __version__
@@ -245,6 +246,29 @@ def cmd_flows(args: argparse.Namespace, base: str) -> int:
             return 0
 
 
+BOOTSTRAP_DIR = Path(__file__).resolve().parent / "instrumentors" / "bootstrap"
+
+
+def cmd_instrument(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        print("sidetrace instrument: give the command to run, e.g. sidetrace instrument -- python app.py",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BOOTSTRAP_DIR), env.get("PYTHONPATH", "")) if p)
+    if args.service:
+        env["OTEL_SERVICE_NAME"] = args.service
+    if args.endpoint:
+        env["SIDETRACE_AGENT_ENDPOINT"] = args.endpoint
+    try:
+        os.execvpe(command[0], command, env)
+    except OSError as exc:
+        print(f"sidetrace instrument: cannot run {command[0]}: {exc.strerror}", file=sys.stderr)
+        return 127
+    return 0  # not reached: exec replaced this process
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"sidetrace {__version__} (Python {platform.python_version()})")
     return 0
@@ -303,6 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     flows.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the agent (default 5)")
     _add_config(flows)
     flows.set_defaults(func=cmd_flows)
+
+    instrument = commands.add_parser(
+        "instrument", help="run a Python app with tracing, no code changes",
+        description="Run COMMAND (a Python app) with the OpenTelemetry SDK sending to this host's agent and "
+        "every sidetrace instrumentor whose library is installed (NATS) switched on. Needs "
+        "'sidetrace[sdk]' in the app's environment.")
+    instrument.add_argument("--service", help="service.name of the app (sets OTEL_SERVICE_NAME)")
+    instrument.add_argument("--endpoint", help="the agent's OTLP/gRPC endpoint (default http://127.0.0.1:4317, "
+                            "or $OTEL_EXPORTER_OTLP_ENDPOINT)")
+    instrument.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command, e.g. -- python app.py")
+    instrument.set_defaults(func=cmd_instrument)
 
     version = commands.add_parser("version", help="print the version", description="Print the version.")
     version.set_defaults(func=cmd_version)
