@@ -36,9 +36,13 @@ def test_retried_activity_attempts_are_spans_in_the_clients_trace(mode: str) -> 
         [(1, "ERROR"), (2, "ERROR"), (3, "UNSET")]
     assert [s["attributes"].get("error.type") for s in runs] == ["RuntimeError", "RuntimeError", None]
     (ok,) = [s for s in spans if s["name"] == "RunActivity:ok"]
+    (run,) = [s for s in spans if s["name"] == "RunWorkflow:Flow"]
+    assert run["parent"] == start["id"] and run["trace"] == start["trace"]
+    assert run["start"] <= ok["start"] and runs[-1]["end"] <= run["end"]  # its real duration
+    assert run["attributes"]["temporal.workflow.run_id"] == runs[0]["attributes"]["temporal.workflow.run_id"]
     for span in [*runs, ok]:
         assert span["trace"] == start["trace"]
-        assert span["parent"] == start["id"]  # no workflow span yet: the client's span is the parent
+        assert span["parent"] == run["id"]
         assert span["attributes"]["temporal.workflow.id"] == "wf-1"
         assert span["attributes"]["temporal.workflow.type"] == "Flow"
         assert span["attributes"]["temporal.task_queue"] == "q"
@@ -48,3 +52,25 @@ def test_retried_activity_attempts_are_spans_in_the_clients_trace(mode: str) -> 
     if mode == "ours":
         assert start["attributes"]["temporal.namespace"] == "default"
         assert start["attributes"]["temporal.workflow.id"] == "wf-1"
+
+
+def one(spans: list[dict], name: str) -> dict:
+    found = [s for s in spans if s["name"] == name]
+    assert len(found) == 1, (name, [s["name"] for s in spans])
+    return found[0]
+
+
+@pytest.mark.parametrize("mode", ["no-cache", "restart"])
+def test_workflow_span_is_made_once_with_its_real_duration_across_replays(mode: str) -> None:
+    spans = run_app(mode)
+    start = one(spans, "StartWorkflow:Gated")
+    run = one(spans, "RunWorkflow:Gated")
+    assert run["parent"] == start["id"]
+    activities = sorted((s for s in spans if s["name"] == "RunActivity:ok"), key=lambda s: s["start"])
+    assert len(activities) == 2  # one per scheduled activity: nothing duplicated by replays
+    assert all(a["parent"] == run["id"] and a["trace"] == start["trace"] for a in activities)
+    assert run["start"] <= activities[0]["start"] and activities[1]["end"] <= run["end"]
+    signal = one(spans, "HandleSignal:go")
+    assert signal["parent"] == one(spans, "SignalWorkflow:go")["id"] and signal["links"] == [run["id"]]
+    queries = [s for s in spans if s["name"] == "HandleQuery:state"]
+    assert queries and all(q["links"] == [run["id"]] for q in queries)

@@ -13,17 +13,26 @@ interceptors to pass by hand. What it traces today:
   status ERROR, record the exception and set ``error.type`` (the application error's type, the
   timeout type, or ``cancelled``).
 
+- workflows: ``RunWorkflow:{type}`` (SERVER) with its real duration, from the run's start time to
+  its completion. What you can trust: the span appears once, when the run completes (not when it
+  starts), whatever workers it moved across and however often it was replayed; its ids are derived
+  from the run id, so the activities it started, possibly on other workers, are its children from the
+  start. A run that is cancelled, or still running, has no span yet. Nothing is created during replay.
+- handlers: ``HandleSignal:{name}``, ``HandleUpdate:{name}`` (outside replay) and
+  ``HandleQuery:{name}`` (SERVER), children of the client call, linked to the workflow span.
+
 Context crosses the Temporal server in the ``_tracer-data`` header in the format of
 ``temporalio.contrib.opentelemetry.TracingInterceptor``, so services still using that interceptor
-join the same traces. Workflows forward the context they were started with to the activities and
-child workflows they start, without making spans of their own: nothing runs in the workflow sandbox
-but header copying, so replays and determinism checks are unaffected. Workflow spans
-(``RunWorkflow``), signal/query/update handler spans, heartbeat events and metrics are not made yet.
+join the same traces. Workflow spans need the OpenTelemetry SDK's tracer (their ids are preset
+through its id generator); with another tracer implementation they are skipped. Heartbeat events and
+metrics are not made yet.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import hashlib
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
@@ -32,11 +41,22 @@ import temporalio.client
 import temporalio.converter
 import temporalio.exceptions
 import temporalio.worker
+import temporalio.workflow
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.instrumentation.utils import unwrap
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    Tracer,
+)
 from temporalio.api.common.v1 import Payload
 from wrapt import wrap_function_wrapper
 
@@ -44,6 +64,42 @@ from sidetrace import __version__
 
 HEADER = "_tracer-data"  # the official interceptor's header: both can read each other's context
 _INSTRUMENTS = ("temporalio >= 1.5",)
+# (trace id, span id) the next span of our workflow tracer must have: a workflow's span is made only
+# when the workflow completes, but its id must be known from the start (its activities point to it).
+_PRESET: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("sidetrace_temporal_preset",
+                                                                                 default=None)
+
+
+class _PresetIds:
+    """The SDK tracer's id generator, except where _PRESET asks for given ids (our workflow spans only).
+
+    Duck-typed to the SDK's IdGenerator, so that importing an instrumentor needs only the API.
+    """
+
+    def __init__(self, fallback: Any) -> None:
+        self.fallback = fallback
+
+    def generate_span_id(self) -> int:
+        preset = _PRESET.get()
+        return preset[1] if preset else self.fallback.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        preset = _PRESET.get()
+        return preset[0] if preset else self.fallback.generate_trace_id()
+
+
+def _digest(text: str, size: int) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:size], "big") or 1
+
+
+def workflow_span_context(run_id: str, parent: otel_context.Context | None) -> SpanContext:
+    """The span context of a workflow run's RunWorkflow span, the same on every worker and replay."""
+    parent_context = trace.get_current_span(parent).get_span_context() if parent is not None else None
+    if parent_context is not None and parent_context.is_valid:
+        return SpanContext(parent_context.trace_id, _digest(run_id, 8), is_remote=True,
+                           trace_flags=parent_context.trace_flags, trace_state=parent_context.trace_state)
+    return SpanContext(_digest("trace:" + run_id, 16), _digest(run_id, 8), is_remote=True,
+                       trace_flags=TraceFlags(TraceFlags.SAMPLED))
 
 
 def context_to_headers(headers: Mapping[str, Payload], ctx: otel_context.Context | None = None
@@ -101,6 +157,21 @@ class TracingInterceptor(temporalio.client.Interceptor, temporalio.worker.Interc
     def __init__(self, tracer: Tracer | None = None, namespace: str | None = None) -> None:
         self.tracer = tracer or trace.get_tracer(__name__, __version__)
         self.namespace = namespace
+        self._workflow_tracers: dict[int, Tracer | None] = {}
+
+    def workflow_tracer(self) -> Tracer | None:
+        """A tracer of the SDK's whose ids can be preset, or None when no SDK tracer is configured."""
+        provider = trace.get_tracer_provider()
+        key = id(provider)
+        if key not in self._workflow_tracers:
+            tracer = provider.get_tracer(__name__ + ".workflow", __version__)
+            generator = getattr(tracer, "id_generator", None)
+            if generator is not None:
+                tracer.id_generator = _PresetIds(generator)
+                self._workflow_tracers[key] = tracer
+            else:
+                self._workflow_tracers[key] = None
+        return self._workflow_tracers[key]
 
     def intercept_client(self, next: temporalio.client.OutboundInterceptor) -> temporalio.client.OutboundInterceptor:
         return _ClientOutbound(next, self)
@@ -113,7 +184,12 @@ class TracingInterceptor(temporalio.client.Interceptor, temporalio.worker.Interc
     def workflow_interceptor_class(
         self, input: temporalio.worker.WorkflowInterceptorClassInput
     ) -> type[temporalio.worker.WorkflowInboundInterceptor]:
-        return _WorkflowInbound
+        root = self
+
+        class _Bound(_WorkflowInbound):
+            interceptor = root
+
+        return _Bound
 
 
 class _ClientOutbound(temporalio.client.OutboundInterceptor):
@@ -177,15 +253,96 @@ class _ActivityInbound(temporalio.worker.ActivityInboundInterceptor):
 
 
 class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
-    """Runs in the workflow sandbox: only copies the start headers' context onto outbound calls."""
+    """Runs in the workflow sandbox. Outbound calls carry the RunWorkflow span's context, whose ids
+    are derived from the run id; the span itself is made once, when the workflow completes outside
+    replay, with the run's start time, so it has its real duration however many workers and replays
+    the run went through. Handler spans are made only outside replay."""
+
+    interceptor: TracingInterceptor
 
     def init(self, outbound: temporalio.worker.WorkflowOutboundInterceptor) -> None:
         self._outbound = _WorkflowOutbound(outbound)
+        self._workflow_context: SpanContext | None = None
         super().init(self._outbound)
 
     async def execute_workflow(self, input: temporalio.worker.ExecuteWorkflowInput) -> Any:
-        self._outbound.header = input.headers.get(HEADER)
-        return await super().execute_workflow(input)
+        info = temporalio.workflow.info()
+        parent = context_from_headers(input.headers)
+        self._workflow_context = workflow_span_context(info.run_id, parent)
+        self._outbound.header = context_to_headers(
+            {}, trace.set_span_in_context(NonRecordingSpan(self._workflow_context)))[HEADER]
+        try:
+            result = await super().execute_workflow(input)
+        except Exception as exc:  # a workflow failure (eviction and cancellation are BaseExceptions)
+            self._emit(info, parent, exc)
+            raise
+        self._emit(info, parent, None)
+        return result
+
+    def _emit(self, info: temporalio.workflow.Info, parent: otel_context.Context | None,
+              error: BaseException | None) -> None:
+        if temporalio.workflow.unsafe.is_replaying() or self._workflow_context is None:
+            return
+        with temporalio.workflow.unsafe.sandbox_unrestricted():
+            tracer = self.interceptor.workflow_tracer()
+            if tracer is None:
+                return
+            attributes = {
+                "temporal.namespace": info.namespace, "temporal.task_queue": info.task_queue,
+                "temporal.workflow.id": info.workflow_id, "temporal.workflow.run_id": info.run_id,
+                "temporal.workflow.type": info.workflow_type, "temporal.workflow.attempt": info.attempt,
+            }
+            token = _PRESET.set((self._workflow_context.trace_id, self._workflow_context.span_id))
+            try:
+                span = tracer.start_span(f"RunWorkflow:{info.workflow_type}", context=parent, kind=SpanKind.SERVER,
+                                         attributes=attributes, start_time=int(info.start_time.timestamp() * 1e9))
+            finally:
+                _PRESET.reset(token)
+            if error is not None and not isinstance(error, temporalio.workflow.ContinueAsNewError):
+                span.record_exception(error)
+                span.set_status(Status(StatusCode.ERROR, str(error) or type(error).__name__))
+                span.set_attribute("error.type", error_type(error))
+            span.end()
+
+    @contextlib.contextmanager
+    def _handler_span(self, kind: str, name: str, headers: Mapping[str, Payload], live: bool) -> Iterator[None]:
+        if not live:
+            yield
+            return
+        with temporalio.workflow.unsafe.sandbox_unrestricted():
+            parent = context_from_headers(headers)
+            links = [Link(self._workflow_context)] if self._workflow_context is not None else []
+            info = temporalio.workflow.info()
+            span = self.interceptor.tracer.start_span(
+                f"{kind}:{name}", context=parent, kind=SpanKind.SERVER, links=links,
+                attributes={"temporal.workflow.id": info.workflow_id, "temporal.workflow.run_id": info.run_id,
+                            "temporal.workflow.type": info.workflow_type, "temporal.namespace": info.namespace})
+        try:
+            yield
+        except Exception as exc:
+            with temporalio.workflow.unsafe.sandbox_unrestricted():
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, str(exc) or type(exc).__name__))
+                span.set_attribute("error.type", error_type(exc))
+            raise
+        finally:
+            with temporalio.workflow.unsafe.sandbox_unrestricted():
+                span.end()
+
+    async def handle_signal(self, input: temporalio.worker.HandleSignalInput) -> None:
+        with self._handler_span("HandleSignal", input.signal, input.headers,
+                                not temporalio.workflow.unsafe.is_replaying()):
+            return await super().handle_signal(input)
+
+    async def handle_query(self, input: temporalio.worker.HandleQueryInput) -> Any:
+        # A query is never part of the history: it is traced whenever it is answered.
+        with self._handler_span("HandleQuery", input.query, input.headers, True):
+            return await super().handle_query(input)
+
+    async def handle_update_handler(self, input: temporalio.worker.HandleUpdateInput) -> Any:
+        with self._handler_span("HandleUpdate", input.update, input.headers,
+                                not temporalio.workflow.unsafe.is_replaying()):
+            return await super().handle_update_handler(input)
 
 
 class _WorkflowOutbound(temporalio.worker.WorkflowOutboundInterceptor):

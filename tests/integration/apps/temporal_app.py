@@ -1,6 +1,8 @@
 """A Temporal app for the tests, run as its own process (see test_temporal.py for why).
 
-Usage: python -m tests.integration.apps.temporal_app MODE   (MODE: ours, official-client)
+Usage: python -m tests.integration.apps.temporal_app MODE
+MODE: ours, official-client (a retried activity); no-cache (max_cached_workflows=0, signal, query);
+restart (the worker is replaced while the workflow waits for a signal).
 Prints the finished spans as one JSON line, then leaves with os._exit(0).
 """
 
@@ -50,12 +52,58 @@ class Flow:
                                                                      maximum_attempts=5))
         return a + b
 
+@workflow.defn
+class Gated:
+    def __init__(self) -> None:
+        self.released = False
+
+    @workflow.run
+    async def run(self, x: str) -> str:
+        first = await workflow.execute_activity(ok, x, start_to_close_timeout=timedelta(seconds=10))
+        await workflow.wait_condition(lambda: self.released)
+        second = await workflow.execute_activity(ok, x + "!", start_to_close_timeout=timedelta(seconds=10))
+        return first + second
+
+    @workflow.signal
+    def go(self) -> None:
+        self.released = True
+
+    @workflow.query
+    def state(self) -> str:
+        return "released" if self.released else "waiting"
+
+
+async def gated(target: str, namespace: str, mode: str) -> None:
+    TemporalInstrumentor().instrument()
+    client = await Client.connect(target, namespace=namespace)
+    options = {"task_queue": "g", "workflows": [Gated], "activities": [ok]}
+    if mode == "no-cache":
+        options["max_cached_workflows"] = 0
+    worker = Worker(client, **options)
+    async with worker:
+        handle = await client.start_workflow(Gated.run, "hi", id="wf-gated", task_queue="g")
+        while await handle.query(Gated.state) != "waiting":
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # the first activity is done; the workflow waits for the signal
+        if mode == "restart":
+            await worker.shutdown()
+            worker = Worker(client, **options)  # a new worker with an empty cache replays the history
+            async with worker:
+                await handle.signal(Gated.go)
+                assert await handle.result() == "HIHI!"
+        else:
+            await handle.signal(Gated.go)
+            assert await handle.result() == "HIHI!"
+
+
 async def main(mode: str):
     path = os.path.join(os.path.dirname(sys.executable), "temporal")
     env = await WorkflowEnvironment.start_local(dev_server_existing_path=path, ip="127.0.0.1")
     target, namespace = env.client.service_client.config.target_host, env.client.namespace
     try:
-        if mode == "official-client":  # the starting side still uses temporalio.contrib.opentelemetry
+        if mode in ("no-cache", "restart"):
+            await gated(target, namespace, mode)
+        elif mode == "official-client":  # the starting side still uses temporalio.contrib.opentelemetry
             from temporalio.contrib.opentelemetry import TracingInterceptor as Official
             starter = await Client.connect(target, namespace=namespace, interceptors=[Official()])
             TemporalInstrumentor().instrument()
@@ -63,13 +111,15 @@ async def main(mode: str):
         else:
             TemporalInstrumentor().instrument()
             starter = worker_client = await Client.connect(target, namespace=namespace)
-        async with Worker(worker_client, task_queue="q", workflows=[Flow], activities=[ok, flaky]):
-            result = await starter.execute_workflow(Flow.run, "hi", id="wf-1", task_queue="q")
-        assert result == "HIhi", result
+        if mode in ("ours", "official-client"):
+            async with Worker(worker_client, task_queue="q", workflows=[Flow], activities=[ok, flaky]):
+                result = await starter.execute_workflow(Flow.run, "hi", id="wf-1", task_queue="q")
+            assert result == "HIhi", result
     finally:
         await env.shutdown()
     spans = [{"name": s.name, "trace": s.context.trace_id, "id": s.context.span_id,
               "parent": s.parent.span_id if s.parent else None, "status": s.status.status_code.name,
+              "start": s.start_time, "end": s.end_time, "links": [link.context.span_id for link in s.links],
               "attributes": dict(s.attributes)} for s in exporter.get_finished_spans()]
     print(json.dumps(spans), flush=True)
 
