@@ -40,9 +40,17 @@ def test_retried_activity_attempts_are_spans_in_the_clients_trace(mode: str) -> 
     assert run["parent"] == start["id"] and run["trace"] == start["trace"]
     assert run["start"] <= ok["start"] and runs[-1]["end"] <= run["end"]  # its real duration
     assert run["attributes"]["temporal.workflow.run_id"] == runs[0]["attributes"]["temporal.workflow.run_id"]
+    (schedule_ok,) = [s for s in spans if s["name"] == "StartActivity:ok"]
+    (schedule_flaky,) = [s for s in spans if s["name"] == "StartActivity:flaky"]  # one for all three attempts
+    assert schedule_ok["parent"] == run["id"] == schedule_flaky["parent"]
+    assert schedule_flaky["start"] <= runs[0]["start"] and runs[-1]["end"] <= schedule_flaky["end"]
+    assert ok["parent"] == schedule_ok["id"] and all(r["parent"] == schedule_flaky["id"] for r in runs)
+    (child_call,) = [s for s in spans if s["name"] == "StartChildWorkflow:Child"]
+    (child_run,) = [s for s in spans if s["name"] == "RunWorkflow:Child"]
+    assert child_call["parent"] == run["id"] and child_run["parent"] == child_call["id"]
+    assert child_run["trace"] == start["trace"]
     for span in [*runs, ok]:
         assert span["trace"] == start["trace"]
-        assert span["parent"] == run["id"]
         assert span["attributes"]["temporal.workflow.id"] == "wf-1"
         assert span["attributes"]["temporal.workflow.type"] == "Flow"
         assert span["attributes"]["temporal.task_queue"] == "q"
@@ -68,7 +76,10 @@ def test_workflow_span_is_made_once_with_its_real_duration_across_replays(mode: 
     assert run["parent"] == start["id"]
     activities = sorted((s for s in spans if s["name"] == "RunActivity:ok"), key=lambda s: s["start"])
     assert len(activities) == 2  # one per scheduled activity: nothing duplicated by replays
-    assert all(a["parent"] == run["id"] and a["trace"] == start["trace"] for a in activities)
+    schedules = sorted((s for s in spans if s["name"] == "StartActivity:ok"), key=lambda s: s["start"])
+    assert len(schedules) == 2 and all(s["parent"] == run["id"] for s in schedules)
+    assert [a["parent"] for a in activities] == [s["id"] for s in schedules]
+    assert all(a["trace"] == start["trace"] for a in activities)
     assert run["start"] <= activities[0]["start"] and activities[1]["end"] <= run["end"]
     signal = one(spans, "HandleSignal:go")
     assert signal["parent"] == one(spans, "SignalWorkflow:go")["id"] and signal["links"] == [run["id"]]

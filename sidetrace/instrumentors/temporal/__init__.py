@@ -18,6 +18,9 @@ interceptors to pass by hand. What it traces today:
   starts), whatever workers it moved across and however often it was replayed; its ids are derived
   from the run id, so the activities it started, possibly on other workers, are its children from the
   start. A run that is cancelled, or still running, has no span yet. Nothing is created during replay.
+- calls from workflows: ``StartActivity:{type}`` and ``StartChildWorkflow:{type}`` (CLIENT), from
+  scheduling to the result, made the same way (once, at the result, outside replay); the activity's
+  attempts and the child's run are their children.
 - handlers: ``HandleSignal:{name}``, ``HandleUpdate:{name}`` (outside replay) and
   ``HandleQuery:{name}`` (SERVER), children of the client call, linked to the workflow span.
 
@@ -261,9 +264,54 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
     interceptor: TracingInterceptor
 
     def init(self, outbound: temporalio.worker.WorkflowOutboundInterceptor) -> None:
-        self._outbound = _WorkflowOutbound(outbound)
+        self._outbound = _WorkflowOutbound(outbound, self)
         self._workflow_context: SpanContext | None = None
+        self._calls = 0  # activities and child workflows started so far: the same count on every replay
         super().init(self._outbound)
+
+    def client_call(self, name: str, attributes: dict[str, Any]) -> tuple[Payload | None, Any]:
+        """Context header and done-callback for a `StartActivity`/`StartChildWorkflow` span.
+
+        The span's ids derive from the run id and the call's position in the run, and its start is
+        the workflow's deterministic clock, so a replay reproduces both; it is made when the call's
+        result arrives outside replay, with its real duration.
+        """
+        workflow_context = self._workflow_context
+        if workflow_context is None:
+            return None, None
+        self._calls += 1
+        info = temporalio.workflow.info()
+        context = SpanContext(workflow_context.trace_id, _digest(f"{info.run_id}:{self._calls}", 8), is_remote=True,
+                              trace_flags=workflow_context.trace_flags)
+        header = context_to_headers({}, trace.set_span_in_context(NonRecordingSpan(context)))[HEADER]
+        started = int(temporalio.workflow.now().timestamp() * 1e9)
+
+        def done(task: Any) -> None:
+            if temporalio.workflow.unsafe.is_replaying():
+                return
+            error = None if task.cancelled() else task.exception()
+            self._make_span(name, SpanKind.CLIENT, context, trace.set_span_in_context(NonRecordingSpan(
+                workflow_context)), attributes, started, error)
+
+        return header, done
+
+    def _make_span(self, name: str, kind: SpanKind, context: SpanContext, parent: otel_context.Context | None,
+                   attributes: dict[str, Any], started: int, error: BaseException | None) -> None:
+        """End, now, a span that began at ``started`` and has the ids of ``context``."""
+        with temporalio.workflow.unsafe.sandbox_unrestricted():
+            tracer = self.interceptor.workflow_tracer()
+            if tracer is None:
+                return
+            token = _PRESET.set((context.trace_id, context.span_id))
+            try:
+                span = tracer.start_span(name, context=parent, kind=kind, attributes=attributes, start_time=started)
+            finally:
+                _PRESET.reset(token)
+            if error is not None and not isinstance(error, temporalio.workflow.ContinueAsNewError):
+                span.record_exception(error)
+                span.set_status(Status(StatusCode.ERROR, str(error) or type(error).__name__))
+                span.set_attribute("error.type", error_type(error))
+            span.end()
 
     async def execute_workflow(self, input: temporalio.worker.ExecuteWorkflowInput) -> Any:
         info = temporalio.workflow.info()
@@ -283,26 +331,13 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
               error: BaseException | None) -> None:
         if temporalio.workflow.unsafe.is_replaying() or self._workflow_context is None:
             return
-        with temporalio.workflow.unsafe.sandbox_unrestricted():
-            tracer = self.interceptor.workflow_tracer()
-            if tracer is None:
-                return
-            attributes = {
-                "temporal.namespace": info.namespace, "temporal.task_queue": info.task_queue,
-                "temporal.workflow.id": info.workflow_id, "temporal.workflow.run_id": info.run_id,
-                "temporal.workflow.type": info.workflow_type, "temporal.workflow.attempt": info.attempt,
-            }
-            token = _PRESET.set((self._workflow_context.trace_id, self._workflow_context.span_id))
-            try:
-                span = tracer.start_span(f"RunWorkflow:{info.workflow_type}", context=parent, kind=SpanKind.SERVER,
-                                         attributes=attributes, start_time=int(info.start_time.timestamp() * 1e9))
-            finally:
-                _PRESET.reset(token)
-            if error is not None and not isinstance(error, temporalio.workflow.ContinueAsNewError):
-                span.record_exception(error)
-                span.set_status(Status(StatusCode.ERROR, str(error) or type(error).__name__))
-                span.set_attribute("error.type", error_type(error))
-            span.end()
+        attributes = {
+            "temporal.namespace": info.namespace, "temporal.task_queue": info.task_queue,
+            "temporal.workflow.id": info.workflow_id, "temporal.workflow.run_id": info.run_id,
+            "temporal.workflow.type": info.workflow_type, "temporal.workflow.attempt": info.attempt,
+        }
+        self._make_span(f"RunWorkflow:{info.workflow_type}", SpanKind.SERVER, self._workflow_context, parent,
+                        attributes, int(info.start_time.timestamp() * 1e9), error)
 
     @contextlib.contextmanager
     def _handler_span(self, kind: str, name: str, headers: Mapping[str, Payload], live: bool) -> Iterator[None]:
@@ -348,22 +383,46 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
 class _WorkflowOutbound(temporalio.worker.WorkflowOutboundInterceptor):
     header: Payload | None = None
 
-    def _with_context(self, headers: Mapping[str, Payload]) -> Mapping[str, Payload]:
-        if self.header is None or HEADER in headers:
-            return headers
-        return {**headers, HEADER: self.header}
+    def __init__(self, next: temporalio.worker.WorkflowOutboundInterceptor, inbound: _WorkflowInbound) -> None:
+        super().__init__(next)
+        self.inbound = inbound
+
+    def _traced(self, name: str, headers: Mapping[str, Payload], attributes: dict[str, Any]
+                ) -> tuple[Mapping[str, Payload], Any]:
+        header, done = self.inbound.client_call(name, attributes)
+        header = header or self.header
+        if header is None or HEADER in headers:
+            return headers, done
+        return {**headers, HEADER: header}, done
+
+    def _activity(self, input: Any, local: bool) -> Any:
+        attributes = {"temporal.activity.type": input.activity, "temporal.activity.local": local}
+        if input.activity_id:
+            attributes["temporal.activity.id"] = input.activity_id
+        input.headers, done = self._traced(f"StartActivity:{input.activity}", input.headers, attributes)
+        return done
 
     def start_activity(self, input: temporalio.worker.StartActivityInput) -> Any:
-        input.headers = self._with_context(input.headers)
-        return super().start_activity(input)
+        done = self._activity(input, False)
+        handle = super().start_activity(input)
+        if done is not None:
+            handle.add_done_callback(done)
+        return handle
 
     def start_local_activity(self, input: temporalio.worker.StartLocalActivityInput) -> Any:
-        input.headers = self._with_context(input.headers)
-        return super().start_local_activity(input)
+        done = self._activity(input, True)
+        handle = super().start_local_activity(input)
+        if done is not None:
+            handle.add_done_callback(done)
+        return handle
 
     async def start_child_workflow(self, input: temporalio.worker.StartChildWorkflowInput) -> Any:
-        input.headers = self._with_context(input.headers)
-        return await super().start_child_workflow(input)
+        input.headers, done = self._traced(f"StartChildWorkflow:{input.workflow}", input.headers,
+                                           {"temporal.workflow.type": input.workflow, "temporal.workflow.id": input.id})
+        handle = await super().start_child_workflow(input)
+        if done is not None:
+            handle.add_done_callback(done)
+        return handle
 
 
 def _connect_wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:

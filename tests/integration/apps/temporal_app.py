@@ -43,6 +43,13 @@ async def flaky(x: str) -> str:
     return x
 
 @workflow.defn
+class Child:
+    @workflow.run
+    async def run(self, x: str) -> str:
+        return x[::-1]
+
+
+@workflow.defn
 class Flow:
     @workflow.run
     async def run(self, x: str) -> str:
@@ -50,7 +57,8 @@ class Flow:
         b = await workflow.execute_activity(flaky, x, start_to_close_timeout=timedelta(seconds=10),
                                             retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=100),
                                                                      maximum_attempts=5))
-        return a + b
+        c = await workflow.execute_child_workflow(Child.run, x, id=f"{workflow.info().workflow_id}-child")
+        return a + b + c
 
 @workflow.defn
 class Gated:
@@ -112,9 +120,9 @@ async def main(mode: str):
             TemporalInstrumentor().instrument()
             starter = worker_client = await Client.connect(target, namespace=namespace)
         if mode in ("ours", "official-client"):
-            async with Worker(worker_client, task_queue="q", workflows=[Flow], activities=[ok, flaky]):
+            async with Worker(worker_client, task_queue="q", workflows=[Flow, Child], activities=[ok, flaky]):
                 result = await starter.execute_workflow(Flow.run, "hi", id="wf-1", task_queue="q")
-            assert result == "HIhi", result
+            assert result == "HIhiih", result
     finally:
         await env.shutdown()
     spans = [{"name": s.name, "trace": s.context.trace_id, "id": s.context.span_id,
