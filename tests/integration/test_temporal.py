@@ -36,6 +36,7 @@ def test_retried_activity_attempts_are_spans_in_the_clients_trace(mode: str) -> 
         [(1, "ERROR"), (2, "ERROR"), (3, "UNSET")]
     assert [s["attributes"].get("error.type") for s in runs] == ["RuntimeError", "RuntimeError", None]
     (ok,) = [s for s in spans if s["name"] == "RunActivity:ok"]
+    assert ok["events"] == ["heartbeat"]
     (run,) = [s for s in spans if s["name"] == "RunWorkflow:Flow"]
     assert run["parent"] == start["id"] and run["trace"] == start["trace"]
     assert run["start"] <= ok["start"] and runs[-1]["end"] <= run["end"]  # its real duration
@@ -85,3 +86,29 @@ def test_workflow_span_is_made_once_with_its_real_duration_across_replays(mode: 
     assert signal["parent"] == one(spans, "SignalWorkflow:go")["id"] and signal["links"] == [run["id"]]
     queries = [s for s in spans if s["name"] == "HandleQuery:state"]
     assert queries and all(q["links"] == [run["id"]] for q in queries)
+
+
+def test_client_and_worker_in_separate_processes_join_one_trace() -> None:
+    worker = subprocess.Popen([sys.executable, "-m", "tests.integration.apps.temporal_app", "worker"], cwd=ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while not line.startswith("TARGET "):  # the dev server may print its own lines first
+            line = worker.stdout.readline()
+            assert line, "the worker process did not start"
+        target = line.split()[1]
+        client_spans = run_app(f"client={target}")
+        worker.stdin.close()
+        worker_spans = json.loads(worker.stdout.read().strip().splitlines()[-1])
+        assert worker.wait(60) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    start = one(client_spans, "StartWorkflow:Flow")
+    run = one(worker_spans, "RunWorkflow:Flow")
+    assert (run["trace"], run["parent"]) == (start["trace"], start["id"])
+    assert {s["trace"] for s in worker_spans} == {start["trace"]}
+
+
+def test_uninstrument_restores_the_client() -> None:
+    assert run_app("uninstrument") == []

@@ -11,7 +11,7 @@ interceptors to pass by hand. What it traces today:
   workflow id, run id and type, activity id and type, ``temporal.activity.attempt`` and
   ``temporal.activity.queue_time`` (seconds from the attempt's scheduling to its start); failures set
   status ERROR, record the exception and set ``error.type`` (the application error's type, the
-  timeout type, or ``cancelled``).
+  timeout type, or ``cancelled``); heartbeats are ``heartbeat`` events, at most one a second.
 
 - workflows: ``RunWorkflow:{type}`` (SERVER) with its real duration, from the run's start time to
   its completion. What you can trust: the span appears once, when the run completes (not when it
@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import time
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
@@ -48,7 +49,6 @@ import temporalio.workflow
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
-from opentelemetry.instrumentation.utils import unwrap
 from opentelemetry.trace import (
     Link,
     NonRecordingSpan,
@@ -230,10 +230,29 @@ class _ClientOutbound(temporalio.client.OutboundInterceptor):
             return await super().start_workflow_update(input)
 
 
+# The running attempt's span and when it last got a heartbeat event: [span, monotonic seconds].
+_ATTEMPT: contextvars.ContextVar[list | None] = contextvars.ContextVar("sidetrace_temporal_attempt", default=None)
+HEARTBEAT_EVENT_SECONDS = 1.0  # at most one heartbeat event a second per attempt: heartbeats can be frequent
+
+
+class _ActivityOutbound(temporalio.worker.ActivityOutboundInterceptor):
+    def heartbeat(self, *details: Any) -> None:
+        attempt = _ATTEMPT.get()
+        if attempt is not None:
+            now = time.monotonic()
+            if now - attempt[1] >= HEARTBEAT_EVENT_SECONDS:
+                attempt[1] = now
+                attempt[0].add_event("heartbeat", {"temporal.activity.heartbeat.details": len(details)})
+        super().heartbeat(*details)
+
+
 class _ActivityInbound(temporalio.worker.ActivityInboundInterceptor):
     def __init__(self, next: temporalio.worker.ActivityInboundInterceptor, root: TracingInterceptor) -> None:
         super().__init__(next)
         self.root = root
+
+    def init(self, outbound: temporalio.worker.ActivityOutboundInterceptor) -> None:
+        super().init(_ActivityOutbound(outbound))
 
     async def execute_activity(self, input: temporalio.worker.ExecuteActivityInput) -> Any:
         info = temporalio.activity.info()
@@ -251,8 +270,13 @@ class _ActivityInbound(temporalio.worker.ActivityInboundInterceptor):
         if scheduled is not None and info.started_time is not None:
             attributes["temporal.activity.queue_time"] = max(0.0, (info.started_time - scheduled).total_seconds())
         parent = context_from_headers(input.headers)
-        with _span(self.root.tracer, f"RunActivity:{info.activity_type}", SpanKind.SERVER, attributes, parent):
-            return await super().execute_activity(input)
+        with _span(self.root.tracer, f"RunActivity:{info.activity_type}", SpanKind.SERVER, attributes,
+                   parent) as span:
+            token = _ATTEMPT.set([span, -HEARTBEAT_EVENT_SECONDS])
+            try:
+                return await super().execute_activity(input)
+            finally:
+                _ATTEMPT.reset(token)
 
 
 class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
@@ -425,6 +449,9 @@ class _WorkflowOutbound(temporalio.worker.WorkflowOutboundInterceptor):
         return handle
 
 
+_ORIGINALS: dict[str, Any] = {}
+
+
 def _connect_wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     interceptors = list(kwargs.get("interceptors") or [])
     if not any(isinstance(i, TracingInterceptor) for i in interceptors):
@@ -440,10 +467,15 @@ class TemporalInstrumentor(BaseInstrumentor):
         return _INSTRUMENTS
 
     def _instrument(self, **kwargs: Any) -> None:
+        # Kept as found in the class (a classmethod object, in a dict so no descriptor binds it):
+        # unwrapping through getattr would put back a method bound to Client, shared by subclasses.
+        _ORIGINALS["connect"] = temporalio.client.Client.__dict__["connect"]
         wrap_function_wrapper("temporalio.client", "Client.connect", _connect_wrapper)
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        unwrap(temporalio.client.Client, "connect")
+        original = _ORIGINALS.pop("connect", None)
+        if original is not None:
+            temporalio.client.Client.connect = original
 
 
 __all__ = ["TemporalInstrumentor", "TracingInterceptor"]

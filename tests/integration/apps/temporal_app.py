@@ -33,6 +33,8 @@ attempts = {"n": 0}
 
 @activity.defn
 async def ok(x: str) -> str:
+    for _ in range(3):  # three heartbeats in a row: one event (they are rate-limited to one a second)
+        activity.heartbeat("progress")
     return x.upper()
 
 @activity.defn
@@ -104,7 +106,45 @@ async def gated(target: str, namespace: str, mode: str) -> None:
             assert await handle.result() == "HIHI!"
 
 
+async def worker_only() -> None:
+    """Serve task queue q from this process until standard input closes (the client is elsewhere)."""
+    path = os.path.join(os.path.dirname(sys.executable), "temporal")
+    env = await WorkflowEnvironment.start_local(dev_server_existing_path=path, ip="127.0.0.1")
+    try:
+        TemporalInstrumentor().instrument()
+        client = await Client.connect(env.client.service_client.config.target_host, namespace=env.client.namespace)
+        async with Worker(client, task_queue="q", workflows=[Flow, Child], activities=[ok, flaky]):
+            print("TARGET", env.client.service_client.config.target_host, flush=True)
+            await asyncio.to_thread(sys.stdin.read)
+    finally:
+        await env.shutdown()
+
+
+async def client_only(target: str) -> None:
+    TemporalInstrumentor().instrument()
+    client = await Client.connect(target)
+    assert await client.execute_workflow(Flow.run, "hi", id="wf-remote", task_queue="q") == "HIhiih"
+
+
+def uninstrument_restores() -> None:
+    original = Client.__dict__["connect"]  # the classmethod object itself, not a fresh bound method
+    TemporalInstrumentor().instrument()
+    assert Client.__dict__["connect"] is not original
+    TemporalInstrumentor().instrument()  # twice is harmless
+    TemporalInstrumentor().uninstrument()
+    assert Client.__dict__["connect"] is original
+
+
 async def main(mode: str):
+    if mode == "worker":
+        await worker_only()
+        return print_spans()
+    if mode.startswith("client="):
+        await client_only(mode.split("=", 1)[1])
+        return print_spans()
+    if mode == "uninstrument":
+        uninstrument_restores()
+        return print(json.dumps([]))
     path = os.path.join(os.path.dirname(sys.executable), "temporal")
     env = await WorkflowEnvironment.start_local(dev_server_existing_path=path, ip="127.0.0.1")
     target, namespace = env.client.service_client.config.target_host, env.client.namespace
@@ -125,9 +165,14 @@ async def main(mode: str):
             assert result == "HIhiih", result
     finally:
         await env.shutdown()
+    print_spans()
+
+
+def print_spans() -> None:
     spans = [{"name": s.name, "trace": s.context.trace_id, "id": s.context.span_id,
               "parent": s.parent.span_id if s.parent else None, "status": s.status.status_code.name,
               "start": s.start_time, "end": s.end_time, "links": [link.context.span_id for link in s.links],
+              "events": [event.name for event in s.events],
               "attributes": dict(s.attributes)} for s in exporter.get_finished_spans()]
     print(json.dumps(spans), flush=True)
 
