@@ -24,18 +24,24 @@ interceptors to pass by hand. What it traces today:
 - handlers: ``HandleSignal:{name}``, ``HandleUpdate:{name}`` (outside replay) and
   ``HandleQuery:{name}`` (SERVER), children of the client call, linked to the workflow span.
 
+Metrics through the OpenTelemetry meter: ``temporal.activity.execution.duration``,
+``temporal.activity.queue_time`` (the saturation signal of a task queue),
+``temporal.activity.attempts`` and ``temporal.workflow.outcomes``; and the SDK core's own
+``temporal_*`` metrics bridged into the same MeterProvider (:class:`CoreMetricsBridge`).
+
 Context crosses the Temporal server in the ``_tracer-data`` header in the format of
 ``temporalio.contrib.opentelemetry.TracingInterceptor``, so services still using that interceptor
 join the same traces. Workflow spans need the OpenTelemetry SDK's tracer (their ids are preset
-through its id generator); with another tracer implementation they are skipped. Heartbeat events and
-metrics are not made yet.
+through its id generator); with another tracer implementation they are skipped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import hashlib
+import logging
 import time
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
@@ -47,7 +53,7 @@ import temporalio.exceptions
 import temporalio.worker
 import temporalio.workflow
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import metrics, propagate, trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.trace import (
     Link,
@@ -65,6 +71,7 @@ from wrapt import wrap_function_wrapper
 
 from sidetrace import __version__
 
+log = logging.getLogger("sidetrace.instrumentors.temporal")
 HEADER = "_tracer-data"  # the official interceptor's header: both can read each other's context
 _INSTRUMENTS = ("temporalio >= 1.5",)
 # (trace id, span id) the next span of our workflow tracer must have: a workflow's span is made only
@@ -157,10 +164,21 @@ class TracingInterceptor(temporalio.client.Interceptor, temporalio.worker.Interc
     """Client and worker interceptor (see the module docstring); pass it in ``interceptors=`` to wire
     it by hand instead of using :class:`TemporalInstrumentor`."""
 
-    def __init__(self, tracer: Tracer | None = None, namespace: str | None = None) -> None:
+    def __init__(self, tracer: Tracer | None = None, namespace: str | None = None,
+                 meter: metrics.Meter | None = None) -> None:
         self.tracer = tracer or trace.get_tracer(__name__, __version__)
         self.namespace = namespace
         self._workflow_tracers: dict[int, Tracer | None] = {}
+        meter = meter or metrics.get_meter(__name__, __version__)
+        self.activity_duration = meter.create_histogram(
+            "temporal.activity.execution.duration", unit="s", description="Duration of each activity attempt.")
+        self.activity_queue_time = meter.create_histogram(
+            "temporal.activity.queue_time", unit="s",
+            description="Time from an attempt's scheduling to its start: how saturated the task queue is.")
+        self.activity_attempts = meter.create_counter(
+            "temporal.activity.attempts", unit="{attempt}", description="Activity attempts, by outcome.")
+        self.workflow_outcomes = meter.create_counter(
+            "temporal.workflow.outcomes", unit="{run}", description="Workflow runs completed, by outcome.")
 
     def workflow_tracer(self) -> Tracer | None:
         """A tracer of the SDK's whose ids can be preset, or None when no SDK tracer is configured."""
@@ -270,13 +288,25 @@ class _ActivityInbound(temporalio.worker.ActivityInboundInterceptor):
         if scheduled is not None and info.started_time is not None:
             attributes["temporal.activity.queue_time"] = max(0.0, (info.started_time - scheduled).total_seconds())
         parent = context_from_headers(input.headers)
+        metric_attributes = {"temporal.namespace": info.workflow_namespace, "temporal.task_queue": info.task_queue,
+                             "temporal.activity.type": info.activity_type}
+        if "temporal.activity.queue_time" in attributes:
+            self.root.activity_queue_time.record(attributes["temporal.activity.queue_time"], metric_attributes)
+        started = time.perf_counter()
+        outcome = "completed"
         with _span(self.root.tracer, f"RunActivity:{info.activity_type}", SpanKind.SERVER, attributes,
                    parent) as span:
             token = _ATTEMPT.set([span, -HEARTBEAT_EVENT_SECONDS])
             try:
                 return await super().execute_activity(input)
+            except BaseException as exc:
+                outcome = "cancelled" if error_type(exc) == "cancelled" else "failed"
+                raise
             finally:
                 _ATTEMPT.reset(token)
+                outcome_attributes = {**metric_attributes, "temporal.outcome": outcome}
+                self.root.activity_duration.record(time.perf_counter() - started, outcome_attributes)
+                self.root.activity_attempts.add(1, outcome_attributes)
 
 
 class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
@@ -362,6 +392,12 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
         }
         self._make_span(f"RunWorkflow:{info.workflow_type}", SpanKind.SERVER, self._workflow_context, parent,
                         attributes, int(info.start_time.timestamp() * 1e9), error)
+        outcome = "completed" if error is None else \
+            "continued_as_new" if isinstance(error, temporalio.workflow.ContinueAsNewError) else "failed"
+        with temporalio.workflow.unsafe.sandbox_unrestricted():
+            self.interceptor.workflow_outcomes.add(1, {"temporal.namespace": info.namespace,
+                                                       "temporal.workflow.type": info.workflow_type,
+                                                       "temporal.outcome": outcome})
 
     @contextlib.contextmanager
     def _handler_span(self, kind: str, name: str, headers: Mapping[str, Payload], live: bool) -> Iterator[None]:
@@ -452,21 +488,68 @@ class _WorkflowOutbound(temporalio.worker.WorkflowOutboundInterceptor):
 _ORIGINALS: dict[str, Any] = {}
 
 
+class CoreMetricsBridge:
+    """Brings the SDK core's own metrics (the Rust core's ``temporal_*`` series) into the OpenTelemetry
+    MeterProvider, so a worker needs no Prometheus port of its own: they travel with everything else.
+
+    It installs a default Runtime whose metrics go to a buffer, and drains that buffer with
+    ``temporalio.contrib.opentelemetry.MetricsExporter`` from the first client connect on. A default
+    runtime that already exists is left alone (the bridge then does nothing, and says so).
+    """
+
+    def __init__(self) -> None:
+        self.exporter: Any = None
+        self.task: Any = None
+
+    def install(self) -> bool:
+        try:
+            from temporalio.contrib.opentelemetry import MetricsExporter
+            from temporalio.runtime import MetricBuffer, Runtime, TelemetryConfig
+        except ImportError:
+            log.warning("sidetrace: temporalio %s has no MetricsExporter; core metrics are not bridged",
+                        getattr(temporalio, "__version__", "?"))
+            return False
+        buffer = MetricBuffer(10_000)
+        try:
+            Runtime.set_default(Runtime(telemetry=TelemetryConfig(metrics=buffer)), error_if_already_set=True)
+        except RuntimeError:
+            log.warning("sidetrace: a Temporal runtime already exists; its core metrics are not bridged "
+                        "(instrument before the first client connects)")
+            return False
+        self.exporter = MetricsExporter(buffer)
+        return True
+
+    def start(self) -> None:
+        """Begin draining, in the running event loop (called from a client connect)."""
+        if self.exporter is not None and self.task is None:
+            self.task = asyncio.ensure_future(self.exporter.run())
+
+
+_BRIDGE = CoreMetricsBridge()
+
+
 def _connect_wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     interceptors = list(kwargs.get("interceptors") or [])
     if not any(isinstance(i, TracingInterceptor) for i in interceptors):
         interceptors.append(TracingInterceptor(namespace=kwargs.get("namespace", "default")))
         kwargs = {**kwargs, "interceptors": interceptors}
+    _BRIDGE.start()
     return wrapped(*args, **kwargs)
 
 
 class TemporalInstrumentor(BaseInstrumentor):
-    """Adds :class:`TracingInterceptor` to every ``Client.connect`` (and so to its workers)."""
+    """Adds :class:`TracingInterceptor` to every ``Client.connect`` (and so to its workers).
+
+    ``instrument(core_metrics=False)`` leaves the SDK core's metrics alone; by default they are
+    bridged into the OpenTelemetry MeterProvider (:class:`CoreMetricsBridge`).
+    """
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _INSTRUMENTS
 
     def _instrument(self, **kwargs: Any) -> None:
+        if kwargs.get("core_metrics", True):
+            _BRIDGE.install()
         # Kept as found in the class (a classmethod object, in a dict so no descriptor binds it):
         # unwrapping through getattr would put back a method bound to Client, shared by subclasses.
         _ORIGINALS["connect"] = temporalio.client.Client.__dict__["connect"]

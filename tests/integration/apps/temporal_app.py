@@ -12,7 +12,9 @@ import os
 import sys
 from datetime import timedelta
 
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -25,10 +27,12 @@ from temporalio.worker import Worker
 from sidetrace.instrumentors.temporal import TemporalInstrumentor
 
 exporter = InMemorySpanExporter()
+metric_reader = InMemoryMetricReader()
 if __name__ == "__main__":
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
+    metrics.set_meter_provider(MeterProvider(metric_readers=[metric_reader]))
 attempts = {"n": 0}
 
 @activity.defn
@@ -136,6 +140,8 @@ def uninstrument_restores() -> None:
 
 
 async def main(mode: str):
+    if mode == "ours":  # before any client or server exists: the core metrics bridge needs the first runtime
+        TemporalInstrumentor().instrument()
     if mode == "worker":
         await worker_only()
         return print_spans()
@@ -157,15 +163,30 @@ async def main(mode: str):
             TemporalInstrumentor().instrument()
             worker_client = await Client.connect(target, namespace=namespace)
         else:
-            TemporalInstrumentor().instrument()
             starter = worker_client = await Client.connect(target, namespace=namespace)
         if mode in ("ours", "official-client"):
             async with Worker(worker_client, task_queue="q", workflows=[Flow, Child], activities=[ok, flaky]):
                 result = await starter.execute_workflow(Flow.run, "hi", id="wf-1", task_queue="q")
             assert result == "HIhiih", result
+            await asyncio.sleep(1.5)  # the core metrics bridge drains its buffer every second
     finally:
         await env.shutdown()
+    print_metrics()
     print_spans()
+
+
+def print_metrics() -> None:
+    """One line: metric name -> [(attributes, count or value)] for sums and histograms."""
+    found: dict = {}
+    data = metric_reader.get_metrics_data()
+    for resource_metrics in (data.resource_metrics if data else []):
+        for scope_metrics in resource_metrics.scope_metrics:
+            for metric in scope_metrics.metrics:
+                for point in metric.data.data_points:
+                    value = getattr(point, "count", None)
+                    found.setdefault(metric.name, []).append(
+                        [dict(point.attributes), value if value is not None else point.value])
+    print("METRICS " + json.dumps(found), flush=True)
 
 
 def print_spans() -> None:
