@@ -55,6 +55,7 @@ bench: $(VENV)/.test servers $(BENCH313)/bin/python
 	$(BIN)/python bench/agent_idle.py
 	$(BIN)/python bench/trace_relay.py
 	$(BIN)/python bench/nats_overhead.py
+	$(BIN)/python bench/temporal_overhead.py
 	$(SUDO) $(BIN)/python bench/netsample_rate.py
 
 clean:

@@ -63,6 +63,7 @@ def test_retried_activity_attempts_are_spans_in_the_clients_trace(mode: str) -> 
         assert span["attributes"]["temporal.task_queue"] == "q"
         assert span["attributes"]["temporal.namespace"] == "default"
         assert span["attributes"]["temporal.activity.queue_time"] >= 0
+        assert span["attributes"]["temporal.worker.identity"]
     assert runs[1]["attributes"]["temporal.activity.queue_time"] >= 0.09  # waited out the retry interval
     if mode == "ours":
         assert start["attributes"]["temporal.namespace"] == "default"
@@ -134,3 +135,12 @@ def test_activity_and_workflow_metrics_and_the_core_metrics_bridge() -> None:
     # The SDK core's own series, bridged from its metric buffer: one execution latency per attempt.
     core = metrics["temporal_activity_execution_latency"]
     assert sum(p[1] for p in core) == 4
+
+
+def test_our_client_and_a_worker_on_the_official_interceptor_join_one_trace() -> None:
+    spans = run_app("official-worker")
+    start = one(spans, "StartWorkflow:Flow")
+    assert "temporal.workflow.id" in start["attributes"]  # made by sidetrace's client interceptor
+    worker_spans = [s for s in spans if s["name"].startswith(("RunWorkflow", "RunActivity"))]
+    assert worker_spans and {s["trace"] for s in worker_spans} == {start["trace"]}
+    assert all("temporal.activity.attempt" not in s["attributes"] for s in worker_spans)  # the official's

@@ -1,8 +1,10 @@
-"""Temporal instrumentation for temporalio: client calls and activity attempts, wired automatically.
+"""Temporal instrumentation for temporalio: clients, workflows, activities and handlers, wired automatically.
 
 ``TemporalInstrumentor().instrument()`` adds :class:`TracingInterceptor` to every client made with
-``temporalio.client.Client.connect`` (and so to every worker built on such a client): no
-interceptors to pass by hand. What it traces today:
+``temporalio.client.Client.connect`` (and so to every worker built on such a client) and to every
+``temporalio.worker.Worker`` whose client lacks it: no interceptors to pass by hand. A client or
+worker that already has temporalio's own OpenTelemetry interceptor is left to it (no double spans).
+What it traces:
 
 - client calls: ``StartWorkflow:{type}``, ``SignalWorkflow:{name}``, ``QueryWorkflow:{name}``,
   ``StartWorkflowUpdate:{name}`` (CLIENT), with ``temporal.namespace``, ``temporal.workflow.id``,
@@ -284,6 +286,8 @@ class _ActivityInbound(temporalio.worker.ActivityInboundInterceptor):
             "temporal.activity.type": info.activity_type,
             "temporal.activity.attempt": info.attempt,
         }
+        with contextlib.suppress(Exception):  # activity.client() exists in recent temporalio only
+            attributes["temporal.worker.identity"] = temporalio.activity.client().identity
         scheduled = getattr(info, "current_attempt_scheduled_time", None)
         if scheduled is not None and info.started_time is not None:
             attributes["temporal.activity.queue_time"] = max(0.0, (info.started_time - scheduled).total_seconds())
@@ -528,12 +532,31 @@ class CoreMetricsBridge:
 _BRIDGE = CoreMetricsBridge()
 
 
+def _traced_already(interceptors: Any) -> bool:
+    """Whether ours, or temporalio's own OpenTelemetry interceptor, is among ``interceptors``."""
+    return any(isinstance(i, TracingInterceptor) or type(i).__module__.startswith("temporalio.contrib.opentelemetry")
+               for i in interceptors or ())
+
+
 def _connect_wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     interceptors = list(kwargs.get("interceptors") or [])
-    if not any(isinstance(i, TracingInterceptor) for i in interceptors):
+    if not _traced_already(interceptors):
         interceptors.append(TracingInterceptor(namespace=kwargs.get("namespace", "default")))
         kwargs = {**kwargs, "interceptors": interceptors}
     _BRIDGE.start()
+    return wrapped(*args, **kwargs)
+
+
+def _worker_wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """Worker(...): trace it too when its client was not made by an instrumented Client.connect."""
+    try:
+        client = args[0] if args else kwargs.get("client")
+        client_interceptors = client.config().get("interceptors") if client is not None else ()
+        if not _traced_already(client_interceptors) and not _traced_already(kwargs.get("interceptors")):
+            kwargs = {**kwargs, "interceptors": [*kwargs.get("interceptors", ()),
+                                                 TracingInterceptor(namespace=client.namespace)]}
+    except Exception as exc:  # never keep a worker from being built
+        log.warning("sidetrace: could not add tracing to a Temporal worker: %s", exc)
     return wrapped(*args, **kwargs)
 
 
@@ -553,12 +576,17 @@ class TemporalInstrumentor(BaseInstrumentor):
         # Kept as found in the class (a classmethod object, in a dict so no descriptor binds it):
         # unwrapping through getattr would put back a method bound to Client, shared by subclasses.
         _ORIGINALS["connect"] = temporalio.client.Client.__dict__["connect"]
+        _ORIGINALS["worker"] = temporalio.worker.Worker.__dict__["__init__"]
         wrap_function_wrapper("temporalio.client", "Client.connect", _connect_wrapper)
+        wrap_function_wrapper("temporalio.worker", "Worker.__init__", _worker_wrapper)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         original = _ORIGINALS.pop("connect", None)
         if original is not None:
             temporalio.client.Client.connect = original
+        original = _ORIGINALS.pop("worker", None)
+        if original is not None:
+            temporalio.worker.Worker.__init__ = original
 
 
 __all__ = ["TemporalInstrumentor", "TracingInterceptor"]

@@ -132,11 +132,12 @@ async def client_only(target: str) -> None:
 
 def uninstrument_restores() -> None:
     original = Client.__dict__["connect"]  # the classmethod object itself, not a fresh bound method
+    original_worker = Worker.__dict__["__init__"]
     TemporalInstrumentor().instrument()
-    assert Client.__dict__["connect"] is not original
+    assert Client.__dict__["connect"] is not original and Worker.__dict__["__init__"] is not original_worker
     TemporalInstrumentor().instrument()  # twice is harmless
     TemporalInstrumentor().uninstrument()
-    assert Client.__dict__["connect"] is original
+    assert Client.__dict__["connect"] is original and Worker.__dict__["__init__"] is original_worker
 
 
 async def main(mode: str):
@@ -157,6 +158,11 @@ async def main(mode: str):
     try:
         if mode in ("no-cache", "restart"):
             await gated(target, namespace, mode)
+        elif mode == "official-worker":  # the reverse: our client, a worker still on the official interceptor
+            from temporalio.contrib.opentelemetry import TracingInterceptor as Official
+            worker_client = await Client.connect(target, namespace=namespace, interceptors=[Official()])
+            TemporalInstrumentor().instrument()
+            starter = await Client.connect(target, namespace=namespace)
         elif mode == "official-client":  # the starting side still uses temporalio.contrib.opentelemetry
             from temporalio.contrib.opentelemetry import TracingInterceptor as Official
             starter = await Client.connect(target, namespace=namespace, interceptors=[Official()])
@@ -164,7 +170,7 @@ async def main(mode: str):
             worker_client = await Client.connect(target, namespace=namespace)
         else:
             starter = worker_client = await Client.connect(target, namespace=namespace)
-        if mode in ("ours", "official-client"):
+        if mode in ("ours", "official-client", "official-worker"):
             async with Worker(worker_client, task_queue="q", workflows=[Flow, Child], activities=[ok, flaky]):
                 result = await starter.execute_workflow(Flow.run, "hi", id="wf-1", task_queue="q")
             assert result == "HIhiih", result
