@@ -9,11 +9,14 @@ temporalio.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import free_port, port_open, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -144,3 +147,48 @@ def test_our_client_and_a_worker_on_the_official_interceptor_join_one_trace() ->
     worker_spans = [s for s in spans if s["name"].startswith(("RunWorkflow", "RunActivity"))]
     assert worker_spans and {s["trace"] for s in worker_spans} == {start["trace"]}
     assert all("temporal.activity.attempt" not in s["attributes"] for s in worker_spans)  # the official's
+
+
+def test_worker_killed_mid_workflow_then_replaced_makes_no_duplicates(tmp_path: Path) -> None:
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("temporal")), "server", "start-dev", "--headless",
+                               "--ip", "127.0.0.1", "--port", str(port), "--ui-port", str(free_port())],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    span_file = tmp_path / "spans.jsonl"
+    target = f"127.0.0.1:{port}"
+    workers: list[subprocess.Popen] = []
+
+    def start_worker() -> subprocess.Popen:
+        worker = subprocess.Popen([sys.executable, "-m", "tests.integration.apps.temporal_app",
+                                   f"killable-worker={target},{span_file}"], cwd=ROOT, stdout=subprocess.PIPE,
+                                  text=True)
+        workers.append(worker)
+        while (line := worker.stdout.readline()) != "READY\n":
+            assert line, "the worker did not start"
+        return worker
+
+    try:
+        wait_until(lambda: port_open(port), 60, "the Temporal dev server")
+        first = start_worker()
+        subprocess.run([sys.executable, "-m", "tests.integration.apps.temporal_app",
+                        f"gated-client={target},{span_file},start"], cwd=ROOT, check=True, timeout=120)
+        first.send_signal(signal.SIGKILL)  # mid-workflow: it waits for its signal, one activity done
+        first.wait(10)
+        second = start_worker()
+        subprocess.run([sys.executable, "-m", "tests.integration.apps.temporal_app",
+                        f"gated-client={target},{span_file},finish"], cwd=ROOT, check=True, timeout=120)
+    finally:
+        for worker in workers:
+            stop_process(worker)
+        stop_process(server)
+    spans = [json.loads(line) for line in span_file.read_text().splitlines()]
+    run = one(spans, "RunWorkflow:Gated")
+    assert run["pid"] == second.pid  # made by the worker that completed the run, once
+    activities = sorted((s for s in spans if s["name"] == "RunActivity:ok"), key=lambda s: s["start"])
+    schedules = sorted((s for s in spans if s["name"] == "StartActivity:ok"), key=lambda s: s["start"])
+    assert [s["pid"] for s in activities] == [first.pid, second.pid]
+    assert len(schedules) == 2 and all(s["parent"] == run["id"] for s in schedules)
+    assert [a["parent"] for a in activities] == [s["id"] for s in schedules]
+    assert run["start"] <= activities[0]["start"] and activities[1]["end"] <= run["end"]
+    workflow_side = [run, *activities, *schedules]
+    assert {s["trace"] for s in workflow_side} == {one(spans, "StartWorkflow:Gated")["trace"]}

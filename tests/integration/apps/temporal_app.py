@@ -140,7 +140,61 @@ def uninstrument_restores() -> None:
     assert Client.__dict__["connect"] is original and Worker.__dict__["__init__"] is original_worker
 
 
+class FileExporter:
+    """Appends each finished span to a JSON-lines file at once: the process may be killed any time."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def export(self, spans):  # noqa: ANN001, ANN201
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        with open(self.path, "a") as out:
+            for s in spans:
+                out.write(json.dumps({"name": s.name, "trace": s.context.trace_id, "id": s.context.span_id,
+                                      "parent": s.parent.span_id if s.parent else None, "pid": os.getpid(),
+                                      "start": s.start_time, "end": s.end_time}) + "\n")
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 0) -> bool:
+        return True
+
+
+async def killable_worker(target: str, span_file: str) -> None:
+    """A worker for task queue g that writes its spans to ``span_file`` as they end; runs until killed."""
+    trace.get_tracer_provider().add_span_processor(SimpleSpanProcessor(FileExporter(span_file)))
+    TemporalInstrumentor().instrument(core_metrics=False)
+    client = await Client.connect(target)
+    async with Worker(client, task_queue="g", workflows=[Gated], activities=[ok]):
+        print("READY", flush=True)
+        await asyncio.Event().wait()
+
+
+async def gated_client(target: str, span_file: str, phase: str) -> None:
+    """Phase start: start Gated and return once it waits for its signal. Phase finish: signal, await."""
+    trace.get_tracer_provider().add_span_processor(SimpleSpanProcessor(FileExporter(span_file)))
+    TemporalInstrumentor().instrument(core_metrics=False)
+    client = await Client.connect(target)
+    if phase == "start":
+        handle = await client.start_workflow(Gated.run, "hi", id="wf-killed", task_queue="g")
+        while await handle.query(Gated.state) != "waiting":
+            await asyncio.sleep(0.05)
+    else:
+        handle = client.get_workflow_handle("wf-killed")
+        await handle.signal(Gated.go)
+        assert await handle.result() == "HIHI!"
+
+
 async def main(mode: str):
+    if mode.startswith("killable-worker="):
+        target, span_file = mode.split("=", 1)[1].split(",")
+        return await killable_worker(target, span_file)
+    if mode.startswith("gated-client="):
+        target, span_file, phase = mode.split("=", 1)[1].split(",")
+        return await gated_client(target, span_file, phase)
     if mode == "ours":  # before any client or server exists: the core metrics bridge needs the first runtime
         TemporalInstrumentor().instrument()
     if mode == "worker":
