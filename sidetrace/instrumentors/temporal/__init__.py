@@ -72,8 +72,10 @@ from temporalio.api.common.v1 import Payload
 from wrapt import wrap_function_wrapper
 
 from sidetrace import __version__
+from sidetrace.instrumentors._messaging import Guard
 
 log = logging.getLogger("sidetrace.instrumentors.temporal")
+GUARD = Guard("temporal")
 HEADER = "_tracer-data"  # the official interceptor's header: both can read each other's context
 _INSTRUMENTS = ("temporalio >= 1.5",)
 # (trace id, span id) the next span of our workflow tracer must have: a workflow's span is made only
@@ -116,23 +118,30 @@ def workflow_span_context(run_id: str, parent: otel_context.Context | None) -> S
 
 def context_to_headers(headers: Mapping[str, Payload], ctx: otel_context.Context | None = None
                        ) -> Mapping[str, Payload]:
-    """A copy of ``headers`` carrying ``ctx`` (default: the current context)."""
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier, context=ctx)
-    if not carrier:
+    """A copy of ``headers`` carrying ``ctx`` (default: the current context); ``headers`` if that fails."""
+    try:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=ctx)
+        if not carrier:
+            return headers
+        (payload,) = temporalio.converter.PayloadConverter.default.to_payloads([carrier])
+        return {**headers, HEADER: payload}
+    except Exception as exc:
+        GUARD.failed("inject", exc)
         return headers
-    (payload,) = temporalio.converter.PayloadConverter.default.to_payloads([carrier])
-    return {**headers, HEADER: payload}
 
 
 def context_from_headers(headers: Mapping[str, Payload]) -> otel_context.Context | None:
+    """The context in ``headers``, or None when absent or unreadable (a foreign or broken header)."""
     payload = headers.get(HEADER)
     if payload is None:
         return None
-    (carrier,) = temporalio.converter.PayloadConverter.default.from_payloads([payload])
-    if not isinstance(carrier, dict):
+    try:
+        (carrier,) = temporalio.converter.PayloadConverter.default.from_payloads([payload])
+        return propagate.extract(carrier) if isinstance(carrier, dict) else None
+    except Exception as exc:
+        GUARD.failed("extract", exc)
         return None
-    return propagate.extract(carrier)
 
 
 def error_type(exc: BaseException) -> str:
@@ -140,10 +149,7 @@ def error_type(exc: BaseException) -> str:
         return exc.type or "ApplicationError"
     if isinstance(exc, temporalio.exceptions.TimeoutError):
         return f"timeout.{exc.type.name.lower()}" if exc.type is not None else "timeout"
-    if isinstance(exc, (temporalio.exceptions.CancelledError, temporalio.exceptions.ActivityError)) and \
-            "cancel" in type(exc).__name__.lower():
-        return "cancelled"
-    if type(exc).__name__ == "CancelledError":
+    if type(exc).__name__ == "CancelledError":  # Temporal's and asyncio's
         return "cancelled"
     return type(exc).__qualname__
 
@@ -337,7 +343,16 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
         workflow_context = self._workflow_context
         if workflow_context is None:
             return None, None
-        self._calls += 1
+        self._calls += 1  # counted before anything can fail, so replays number calls alike
+        try:
+            return self._client_call(name, attributes, workflow_context)
+        except Exception as exc:  # never break the workflow: the call goes on untraced
+            with temporalio.workflow.unsafe.sandbox_unrestricted():
+                GUARD.failed("workflow call", exc)
+            return None, None
+
+    def _client_call(self, name: str, attributes: dict[str, Any], workflow_context: SpanContext
+                     ) -> tuple[Payload | None, Any]:
         info = temporalio.workflow.info()
         context = SpanContext(workflow_context.trace_id, _digest(f"{info.run_id}:{self._calls}", 8), is_remote=True,
                               trace_flags=workflow_context.trace_flags)
@@ -357,19 +372,26 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
                    attributes: dict[str, Any], started: int, error: BaseException | None) -> None:
         """End, now, a span that began at ``started`` and has the ids of ``context``."""
         with temporalio.workflow.unsafe.sandbox_unrestricted():
-            tracer = self.interceptor.workflow_tracer()
-            if tracer is None:
-                return
-            token = _PRESET.set((context.trace_id, context.span_id))
             try:
-                span = tracer.start_span(name, context=parent, kind=kind, attributes=attributes, start_time=started)
-            finally:
-                _PRESET.reset(token)
-            if error is not None and not isinstance(error, temporalio.workflow.ContinueAsNewError):
-                span.record_exception(error)
-                span.set_status(Status(StatusCode.ERROR, str(error) or type(error).__name__))
-                span.set_attribute("error.type", error_type(error))
-            span.end()
+                self._end_span(name, kind, context, parent, attributes, started, error)
+            except Exception as exc:  # never fail the workflow task for a span
+                GUARD.failed("workflow span", exc)
+
+    def _end_span(self, name: str, kind: SpanKind, context: SpanContext, parent: otel_context.Context | None,
+                  attributes: dict[str, Any], started: int, error: BaseException | None) -> None:
+        tracer = self.interceptor.workflow_tracer()
+        if tracer is None:
+            return
+        token = _PRESET.set((context.trace_id, context.span_id))
+        try:
+            span = tracer.start_span(name, context=parent, kind=kind, attributes=attributes, start_time=started)
+        finally:
+            _PRESET.reset(token)
+        if error is not None and not isinstance(error, temporalio.workflow.ContinueAsNewError):
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, str(error) or type(error).__name__))
+            span.set_attribute("error.type", error_type(error))
+        span.end()
 
     async def execute_workflow(self, input: temporalio.worker.ExecuteWorkflowInput) -> Any:
         info = temporalio.workflow.info()

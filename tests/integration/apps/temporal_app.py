@@ -130,6 +130,20 @@ async def client_only(target: str) -> None:
     assert await client.execute_workflow(Flow.run, "hi", id="wf-remote", task_queue="q") == "HIhiih"
 
 
+def broken_header_is_ignored() -> None:
+    """A foreign or corrupt _tracer-data header never fails the call that carries it."""
+    from temporalio.api.common.v1 import Payload
+
+    from sidetrace.instrumentors.temporal import GUARD, HEADER, context_from_headers, context_to_headers
+
+    before = GUARD.errors
+    garbage = Payload(metadata={"encoding": b"json/plain"}, data=b"{not json")
+    assert context_from_headers({HEADER: garbage}) is None
+    assert GUARD.errors == before + 1
+    assert context_from_headers({}) is None
+    assert HEADER not in context_to_headers({})  # nothing current: nothing to carry
+
+
 def uninstrument_restores() -> None:
     original = Client.__dict__["connect"]  # the classmethod object itself, not a fresh bound method
     original_worker = Worker.__dict__["__init__"]
@@ -204,6 +218,7 @@ async def main(mode: str):
         await client_only(mode.split("=", 1)[1])
         return print_spans()
     if mode == "uninstrument":
+        broken_header_is_ignored()
         uninstrument_restores()
         return print(json.dumps([]))
     path = os.path.join(os.path.dirname(sys.executable), "temporal")
