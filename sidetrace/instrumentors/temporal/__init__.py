@@ -157,15 +157,28 @@ def error_type(exc: BaseException) -> str:
 @contextlib.contextmanager
 def _span(tracer: Tracer, name: str, kind: SpanKind, attributes: dict[str, Any],
           parent: otel_context.Context | None = None) -> Iterator[Span]:
-    with tracer.start_as_current_span(name, context=parent, kind=kind, attributes=attributes,
-                                      record_exception=False, set_status_on_exception=False) as span:
-        try:
-            yield span
-        except BaseException as exc:
+    """A current span around the caller's work; if making it fails, the work runs without one."""
+    try:
+        span = tracer.start_span(name, context=parent, kind=kind, attributes=attributes)
+        token = otel_context.attach(trace.set_span_in_context(span))
+    except Exception as exc:
+        GUARD.failed("span", exc)
+        yield trace.INVALID_SPAN
+        return
+    try:
+        yield span
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
             span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, str(exc) or type(exc).__name__))
             span.set_attribute("error.type", error_type(exc))
-            raise
+        raise
+    finally:
+        try:
+            otel_context.detach(token)
+            span.end()
+        except Exception as exc:
+            GUARD.failed("span end", exc)
 
 
 class TracingInterceptor(temporalio.client.Interceptor, temporalio.worker.Interceptor):
@@ -301,7 +314,10 @@ class _ActivityInbound(temporalio.worker.ActivityInboundInterceptor):
         metric_attributes = {"temporal.namespace": info.workflow_namespace, "temporal.task_queue": info.task_queue,
                              "temporal.activity.type": info.activity_type}
         if "temporal.activity.queue_time" in attributes:
-            self.root.activity_queue_time.record(attributes["temporal.activity.queue_time"], metric_attributes)
+            try:
+                self.root.activity_queue_time.record(attributes["temporal.activity.queue_time"], metric_attributes)
+            except Exception as exc:
+                GUARD.failed("activity metrics", exc)
         started = time.perf_counter()
         outcome = "completed"
         with _span(self.root.tracer, f"RunActivity:{info.activity_type}", SpanKind.SERVER, attributes,
@@ -314,9 +330,12 @@ class _ActivityInbound(temporalio.worker.ActivityInboundInterceptor):
                 raise
             finally:
                 _ATTEMPT.reset(token)
-                outcome_attributes = {**metric_attributes, "temporal.outcome": outcome}
-                self.root.activity_duration.record(time.perf_counter() - started, outcome_attributes)
-                self.root.activity_attempts.add(1, outcome_attributes)
+                try:
+                    outcome_attributes = {**metric_attributes, "temporal.outcome": outcome}
+                    self.root.activity_duration.record(time.perf_counter() - started, outcome_attributes)
+                    self.root.activity_attempts.add(1, outcome_attributes)
+                except Exception as exc:
+                    GUARD.failed("activity metrics", exc)
 
 
 class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
