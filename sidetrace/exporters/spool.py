@@ -78,7 +78,6 @@ class Spool:
         # consumers stopped in the middle of a send: their next start treats it like a crash
         self.interrupted: set[str] = set()
         self._oldest_unsent: dict[str, float | None] = {}
-        self._last_id = 0
         self._new = {consumer: asyncio.Event() for consumer in self.consumers}
         self.dropped: dict[str, int] = {}
         self.set_aside_counts: dict[tuple[str, str], int] = {}
@@ -122,14 +121,14 @@ class Spool:
             raise sqlite3.DatabaseError(f"quick_check: {check}")
         db.executescript(SCHEMA)
         self._bytes = db.execute("SELECT COALESCE(SUM(size), 0) FROM batches").fetchone()[0]
-        self._last_id = db.execute("SELECT COALESCE(MAX(id), 0) FROM batches").fetchone()[0]
+        newest = db.execute("SELECT COALESCE(MAX(id), 0) FROM batches").fetchone()[0]
         for consumer in self.consumers:
             db.execute("INSERT OR IGNORE INTO cursors VALUES (?, 0, 0)", (consumer,))
             acked, running = db.execute("SELECT acked, running FROM cursors WHERE consumer = ?",
                                         (consumer,)).fetchone()
             self._acked[consumer] = acked
             if running:  # the last run did not stop cleanly: its last send may have landed unacknowledged
-                self._unsure[consumer] = self._last_id
+                self._unsure[consumer] = newest
             db.execute("UPDATE cursors SET running = 1 WHERE consumer = ?", (consumer,))
             self._oldest_unsent[consumer] = self._first_unsent_at(consumer)
         if self.consumers:
@@ -182,11 +181,10 @@ class Spool:
         db.execute("BEGIN IMMEDIATE")
         try:
             for body, spans, at in items:
-                cursor = db.execute(
+                db.execute(
                     "INSERT INTO batches (received_at, spans, size, crc, body) VALUES (?, ?, ?, ?, ?)",
                     (at, spans, len(body), zlib.crc32(body), body),
                 )
-                self._last_id = cursor.lastrowid or self._last_id
                 self._bytes += len(body)
             self._enforce_bound(db)
             db.execute("COMMIT")

@@ -9,7 +9,7 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import Link, Span, Status, StatusCode, Tracer
 
 from sidetrace.instrumentors._messaging import GETTER, OTHER, SETTER, BoundedValues, Guard, header_bytes
 
@@ -223,6 +223,3 @@ class Timer:
     def seconds(self) -> float:
         return time.perf_counter() - self.started
 
-
-__all__ = ["DELIVERED", "DUPLICATE", "MSG_ID_HEADER", "SEQUENCE", "STREAM", "SpanKind", "Telemetry", "Timer",
-           "record_error"]

@@ -485,6 +485,13 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
             return await super().handle_update_handler(input)
 
 
+def _when_done(handle: Any, done: Any) -> Any:
+    """``handle`` (an activity or child workflow task), with ``done`` called when it finishes."""
+    if done is not None:
+        handle.add_done_callback(done)
+    return handle
+
+
 class _WorkflowOutbound(temporalio.worker.WorkflowOutboundInterceptor):
     header: Payload | None = None
 
@@ -509,25 +516,16 @@ class _WorkflowOutbound(temporalio.worker.WorkflowOutboundInterceptor):
 
     def start_activity(self, input: temporalio.worker.StartActivityInput) -> Any:
         done = self._activity(input, False)
-        handle = super().start_activity(input)
-        if done is not None:
-            handle.add_done_callback(done)
-        return handle
+        return _when_done(super().start_activity(input), done)
 
     def start_local_activity(self, input: temporalio.worker.StartLocalActivityInput) -> Any:
         done = self._activity(input, True)
-        handle = super().start_local_activity(input)
-        if done is not None:
-            handle.add_done_callback(done)
-        return handle
+        return _when_done(super().start_local_activity(input), done)
 
     async def start_child_workflow(self, input: temporalio.worker.StartChildWorkflowInput) -> Any:
         input.headers, done = self._traced(f"StartChildWorkflow:{input.workflow}", input.headers,
                                            {"temporal.workflow.type": input.workflow, "temporal.workflow.id": input.id})
-        handle = await super().start_child_workflow(input)
-        if done is not None:
-            handle.add_done_callback(done)
-        return handle
+        return _when_done(await super().start_child_workflow(input), done)
 
 
 _ORIGINALS: dict[str, Any] = {}

@@ -28,7 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from sidetrace.agent.components import Context
 from sidetrace.agent.sources.netsample import bpf
-from sidetrace.agent.sources.netsample.flows import FlowTable, error_bound_percent
+from sidetrace.agent.sources.netsample.flows import FlowTable
 from sidetrace.agent.sources.netsample.packets import parse
 from sidetrace.config import NetsampleSourceSection
 
@@ -414,5 +414,3 @@ class NetsampleSource:
         yield CounterMetricFamily("sidetrace_network_attribution_refreshes",
                                   "Reads of the process connection table.", value=self.processes.refreshes)
 
-
-__all__ = ["NetsampleSource", "error_bound_percent"]
