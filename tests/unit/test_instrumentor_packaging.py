@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def test_instrumentors_import_nothing_of_the_agent() -> None:
-    code = ("import sys, json; import sidetrace.instrumentors.nats; "
+    code = ("import sys, json; import sidetrace.instrumentors.nats, sidetrace.instrumentors.dapr; "
             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('aiohttp', 'grpc', 'psutil', 'prometheus_client', 'scapy') or m.startswith('sidetrace.agent'))))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
@@ -32,3 +32,19 @@ def test_opentelemetry_instrument_loads_it_without_code_changes() -> None:
                                "OTEL_LOGS_EXPORTER": "none", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "sidetrace.instrumentors.nats._publish"
+
+
+def test_dapr_instrumentor_is_found_and_needs_no_library_of_its_own() -> None:
+    """No instrumentation dependency, so `opentelemetry-instrument` loads it even without the dapr
+    SDK, and raw HTTP to the sidecar with requests is traced with no other instrumentation."""
+    (found,) = [ep for ep in entry_points(group="opentelemetry_instrumentor") if ep.name == "dapr"]
+    assert found.value == "sidetrace.instrumentors.dapr:DaprInstrumentor"
+    assert tuple(found.load()().instrumentation_dependencies()) == ()
+    code = "import requests.sessions as s; print(s.Session.send._self_wrapper.__module__)"
+    done = subprocess.run([str(Path(sys.executable).with_name("opentelemetry-instrument")), sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=60,
+                          env={"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none",
+                               "OTEL_LOGS_EXPORTER": "none", "PATH": "/usr/bin:/bin",
+                               "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "requests"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "sidetrace.instrumentors.dapr._http_client"

@@ -1,0 +1,279 @@
+"""The methods Dapr invokes in the app: service invocation and pub/sub deliveries.
+
+- dapr-ext-grpc's ``App``: ``OnInvoke`` (SERVER), ``OnTopicEvent`` and ``OnBindingEvent`` (CONSUMER).
+- HTTP apps (aiohttp.web, Starlette/FastAPI and so dapr-ext-fastapi's ``DaprApp``, Flask): a request
+  daprd makes is recognised by its headers (``dapr-callee-app-id``/``dapr-caller-app-id`` on service
+  invocation) or its content type (``application/cloudevents+json`` on a pub/sub delivery, whose
+  body is read, at most 64 KiB, to find the topic, pub/sub name and the CloudEvent's traceparent,
+  then handed to the app unchanged). Every other request passes through after a header lookup.
+
+If a web framework instrumentation already opened a SERVER span for the request (it is the current
+span), that span is renamed and enriched instead of a second one being made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+from opentelemetry.trace import Span, SpanKind
+
+from sidetrace.instrumentors.dapr._telemetry import (
+    CLOUDEVENT_TYPES,
+    MAX_INSPECTED_BODY,
+    Telemetry,
+    cloudevent_from,
+    extract_parent,
+    headers_dict,
+    mark_error,
+    subscription_operation,
+)
+
+CALLBACK_SERVICE = "dapr.proto.runtime.v1.AppCallback"
+Spec = tuple[str, SpanKind, otel_context.Context, dict[str, Any]]
+
+
+@contextlib.contextmanager
+def serve(telemetry: Telemetry, make: Any, *args: Any) -> Iterator[Span | None]:
+    """Runs the app's handler inside the span ``make(*args)`` describes (None: no span). The
+    handler's exception is recorded and re-raised; a failure of ours is logged and counted."""
+    span = None
+    try:
+        spec: Spec | None = make(*args) if is_instrumentation_enabled() else None
+        if spec is not None:
+            name, kind, parent, attributes = spec
+            current = trace.get_current_span()
+            if getattr(current, "kind", None) is SpanKind.SERVER and current.is_recording():
+                current.update_name(name)  # a web framework instrumentation's span for this request
+                current.set_attributes(attributes)
+                spec = None
+            else:
+                span = telemetry.tracer.start_span(name, context=parent, kind=kind, attributes=attributes)
+    except Exception as exc:  # noqa: BLE001 - never break the app's handler
+        telemetry.guard.failed("dapr server start", exc)
+        span = None
+    if span is None:
+        yield None
+        return
+    with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
+        try:
+            yield span
+        except BaseException as exc:
+            status = getattr(exc, "status", None)  # aiohttp's HTTPException: _answered judged its status
+            if not isinstance(status, int):
+                mark_error(span, type(exc).__qualname__, str(exc), exc)
+            raise
+
+
+def _invocation(headers: Mapping[str, Any], method: str, extra: dict[str, Any]) -> Spec:
+    callee, caller = headers.get("dapr-callee-app-id"), headers.get("dapr-caller-app-id")
+    attributes: dict[str, Any] = {"dapr.method": method, **extra}
+    if callee:
+        attributes["dapr.app_id"] = callee
+    if caller:
+        attributes["dapr.caller.app_id"] = caller
+    name = f"invoke {callee}/{method}" if callee else f"invoke {method}"
+    return name, SpanKind.SERVER, extract_parent(headers), attributes
+
+
+def _delivery(headers: Mapping[str, Any], cloudevent: Mapping[str, Any] | None, topic: str | None = None,
+              pubsub: str | None = None) -> Spec:
+    name, attributes = subscription_operation(cloudevent, topic, pubsub)
+    return name, SpanKind.CONSUMER, extract_parent(headers, cloudevent), attributes
+
+
+# dapr-ext-grpc ------------------------------------------------------------------------------------
+
+def _metadata(context: Any) -> dict[str, Any]:
+    return headers_dict(context.invocation_metadata() or ())
+
+
+def on_invoke_wrapper(telemetry: Telemetry):  # noqa: ANN201
+    def make(request: Any, context: Any) -> Spec:
+        return _invocation(_metadata(context), request.method, {
+            "rpc.system": "grpc", "rpc.service": CALLBACK_SERVICE, "rpc.method": "OnInvoke",
+            "dapr.api": f"/{CALLBACK_SERVICE}/OnInvoke"})
+
+    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        with serve(telemetry, make, *args[:2]):
+            return wrapped(*args, **kwargs)
+
+    return wrapper
+
+
+def on_topic_event_wrapper(telemetry: Telemetry):  # noqa: ANN201
+    def make(request: Any, context: Any) -> Spec:
+        extensions = dict(request.extensions.items()) if request.HasField("extensions") else {}
+        extensions.setdefault("id", request.id)
+        name, kind, parent, attributes = _delivery(_metadata(context), extensions, request.topic, request.pubsub_name)
+        attributes["dapr.api"] = f"/{CALLBACK_SERVICE}/OnTopicEvent"
+        return name, kind, parent, attributes
+
+    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        with serve(telemetry, make, *args[:2]) as span:
+            response = wrapped(*args, **kwargs)
+            if span is not None:
+                status = getattr(response, "status", None)
+                if status:  # TopicEventResponse: 0 SUCCESS, 1 RETRY, 2 DROP
+                    label = {1: "RETRY", 2: "DROP"}.get(status, str(status))
+                    span.set_attribute("dapr.pubsub.status", label)
+                    if label == "RETRY":
+                        mark_error(span, "RETRY", "the handler asked Dapr to redeliver")
+            return response
+
+    return wrapper
+
+
+def on_binding_event_wrapper(telemetry: Telemetry):  # noqa: ANN201
+    def make(request: Any, context: Any) -> Spec:
+        return (f"binding {request.name}", SpanKind.CONSUMER, extract_parent(_metadata(context)), {
+            "dapr.component.name": request.name, "dapr.component.type": "bindings",
+            "dapr.api": f"/{CALLBACK_SERVICE}/OnBindingEvent"})
+
+    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        with serve(telemetry, make, *args[:2]):
+            return wrapped(*args, **kwargs)
+
+    return wrapper
+
+
+# HTTP apps ----------------------------------------------------------------------------------------
+
+def _is_cloudevent(content_type: str | None) -> bool:
+    return bool(content_type) and content_type.split(";", 1)[0].strip().lower() == CLOUDEVENT_TYPES[0]
+
+
+def _http_spec(headers: Mapping[str, Any], verb: str, path: str, body: bytes | None) -> Spec | None:
+    if _is_cloudevent(headers.get("content-type")):
+        spec = _delivery(headers, cloudevent_from(body))
+    elif "dapr-callee-app-id" in headers or "dapr-caller-app-id" in headers:
+        spec = _invocation(headers, path.lstrip("/"), {"http.request.method": verb, "url.path": path})
+    else:
+        return None
+    return spec
+
+
+def _answered(span: Span | None, status: int | None) -> None:
+    if span is None or status is None:
+        return
+    span.set_attribute("http.response.status_code", status)
+    # a non-2xx answer to a delivery makes daprd redeliver (or drop on 404): the processing failed
+    if status >= 500 or (status >= 400 and getattr(span, "kind", None) is SpanKind.CONSUMER):
+        mark_error(span, str(status))
+
+
+def _maybe_dapr(get: Any) -> bool:
+    return bool(get("dapr-callee-app-id") or get("dapr-caller-app-id") or _is_cloudevent(get("content-type")))
+
+
+def asgi_wrapper(telemetry: Telemetry):  # noqa: ANN201
+    """Wraps ``Starlette.__call__`` (FastAPI, dapr-ext-fastapi's DaprApp)."""
+
+    async def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        scope, receive, send = args[:3] if len(args) >= 3 else (None, None, None)
+        if scope is None or scope.get("type") != "http" or scope.get("sidetrace.dapr"):
+            return await wrapped(*args, **kwargs)
+        try:
+            headers = headers_dict(scope.get("headers") or ())
+            dapr = _maybe_dapr(headers.get)
+        except Exception as exc:  # noqa: BLE001
+            telemetry.guard.failed("dapr asgi", exc)
+            dapr = False
+        if not dapr:
+            return await wrapped(*args, **kwargs)
+        scope["sidetrace.dapr"] = True  # mounted sub-apps see it and pass through
+        buffered: list[dict] = []
+        body = None
+        if _is_cloudevent(headers.get("content-type")):
+            size, more = 0, True
+            while more and size <= MAX_INSPECTED_BODY:
+                message = await receive()
+                buffered.append(message)
+                if message.get("type") != "http.request":
+                    break
+                size += len(message.get("body", b""))
+                more = message.get("more_body", False)
+            if not more and size <= MAX_INSPECTED_BODY:
+                body = b"".join(m.get("body", b"") for m in buffered if m.get("type") == "http.request")
+
+        async def replay() -> dict:
+            return buffered.pop(0) if buffered else await receive()
+
+        status: list[int] = []
+
+        async def send_status(message: dict) -> None:
+            if message.get("type") == "http.response.start":
+                status.append(message.get("status", 0))
+            await send(message)
+
+        with serve(telemetry, _http_spec, headers, scope.get("method", "GET"), scope.get("path", "/"), body) as span:
+            result = await wrapped(scope, replay, send_status)
+            _answered(span, status[0] if status else None)
+            return result
+
+    return wrapper
+
+
+def wsgi_wrapper(telemetry: Telemetry):  # noqa: ANN201
+    """Wraps ``Flask.wsgi_app``."""
+
+    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        environ, start_response = args[:2]
+        get = lambda key: environ.get("CONTENT_TYPE") if key == "content-type" else environ.get(  # noqa: E731
+            "HTTP_" + key.upper().replace("-", "_"))
+        if not _maybe_dapr(get):
+            return wrapped(*args, **kwargs)
+        headers = {"content-type": environ.get("CONTENT_TYPE", "")}
+        headers.update((k[5:].lower().replace("_", "-"), v) for k, v in environ.items() if k.startswith("HTTP_"))
+        body = None
+        if _is_cloudevent(headers.get("content-type")):
+            try:
+                length = int(environ.get("CONTENT_LENGTH") or 0)
+            except ValueError:
+                length = 0
+            if 0 < length <= MAX_INSPECTED_BODY:
+                body = environ["wsgi.input"].read(length)
+                environ["wsgi.input"] = io.BytesIO(body)
+        status: list[int] = []
+
+        def start(status_line: str, *rest: Any) -> Any:
+            with contextlib.suppress(ValueError):
+                status.append(int(status_line.split(" ", 1)[0]))
+            return start_response(status_line, *rest)
+
+        with serve(telemetry, _http_spec, headers, environ.get("REQUEST_METHOD", "GET"),
+                   environ.get("PATH_INFO", "/"), body) as span:
+            result = wrapped(environ, start)
+            _answered(span, status[0] if status else None)
+            return result
+
+    return wrapper
+
+
+def aiohttp_server_wrapper(telemetry: Telemetry):  # noqa: ANN201
+    """Wraps ``aiohttp.web.Application._handle``."""
+
+    async def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        request = args[0]
+        if not _maybe_dapr(request.headers.get):
+            return await wrapped(*args, **kwargs)
+        headers = headers_dict(request.headers.items())
+        body = None
+        length = request.content_length
+        if _is_cloudevent(headers.get("content-type")) and length is not None and length <= MAX_INSPECTED_BODY:
+            body = await request.read()  # aiohttp keeps it: the handler reads the same bytes
+        with serve(telemetry, _http_spec, headers, request.method, request.path, body) as span:
+            try:
+                response = await wrapped(*args, **kwargs)
+            except Exception as exc:
+                _answered(span, getattr(exc, "status", None))  # web.HTTPException subclasses
+                raise
+            _answered(span, response.status)
+            return response
+
+    return wrapper

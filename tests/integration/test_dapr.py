@@ -1,0 +1,467 @@
+"""DaprInstrumentor against the stand-in daprd (tests/integration/daprd_standin.py; no daprd can be
+installed here): the dapr SDK's clients, raw HTTP calls to the sidecar, and the apps Dapr invokes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import httpx
+import pytest
+import requests
+from aiohttp import web
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from sidetrace.instrumentors.dapr import DaprInstrumentor
+from tests.conftest import wait_until
+from tests.integration.dapr_apps import GrpcApp, StandInDaprd, ThreadedAiohttp, ThreadedUvicorn, ThreadedWsgi
+
+
+class Telemetry:
+    def __init__(self) -> None:
+        self.spans = InMemorySpanExporter()
+        self.tracer_provider = TracerProvider()
+        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
+        self.metrics = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self.metrics])
+        self.tracer = self.tracer_provider.get_tracer("test")
+
+    def finished(self, name: str | None = None) -> list[ReadableSpan]:
+        return [s for s in self.spans.get_finished_spans() if name is None or s.name == name]
+
+    def one(self, name: str, kind: SpanKind | None = None) -> ReadableSpan:
+        found = [s for s in self.finished(name) if kind is None or s.kind is kind]
+        assert len(found) == 1, (name, kind, [(s.name, s.kind) for s in self.finished()])
+        return found[0]
+
+    def wait_for(self, name: str, kind: SpanKind | None = None) -> ReadableSpan:
+        wait_until(lambda: [s for s in self.finished(name) if kind is None or s.kind is kind], 10, name)
+        return self.one(name, kind)
+
+    def metric_points(self, name: str) -> list:
+        data = self.metrics.get_metrics_data()
+        return [point for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+                if m.name == name for point in m.data.data_points]
+
+
+def child_of(child: ReadableSpan, parent: ReadableSpan) -> bool:
+    return (child.parent is not None and child.parent.span_id == parent.context.span_id
+            and child.context.trace_id == parent.context.trace_id)
+
+
+@pytest.fixture(scope="module")
+def daprd() -> Iterator[StandInDaprd]:
+    standin = StandInDaprd()
+    yield standin
+    standin.stop()
+
+
+@pytest.fixture
+def telemetry(daprd: StandInDaprd, monkeypatch: pytest.MonkeyPatch) -> Iterator[Telemetry]:
+    monkeypatch.setenv("DAPR_HTTP_PORT", str(daprd.http_port))
+    monkeypatch.setenv("DAPR_GRPC_PORT", str(daprd.grpc_port))
+    monkeypatch.setenv("DAPR_HEALTH_TIMEOUT", "5")
+    daprd.configure({})  # forgets what the stand-in saw before this test
+    t = Telemetry()
+    DaprInstrumentor().instrument(tracer_provider=t.tracer_provider, meter_provider=t.meter_provider)
+    yield t
+    DaprInstrumentor().uninstrument()
+
+
+def worker_app(received: list[dict[str, Any]]) -> web.Application:
+    async def process(request: web.Request) -> web.Response:
+        received.append({"headers": dict(request.headers), "body": await request.read()})
+        return web.json_response({"processed": True})
+
+    async def fail(request: web.Request) -> web.Response:
+        return web.json_response({"error": "boom"}, status=503)
+
+    app = web.Application()
+    app.router.add_post("/process", process)
+    app.router.add_post("/fail", fail)
+    return app
+
+
+@pytest.fixture
+def worker(daprd: StandInDaprd, telemetry: Telemetry) -> Iterator[tuple[ThreadedAiohttp, list[dict[str, Any]]]]:
+    received: list[dict[str, Any]] = []
+    app = ThreadedAiohttp(lambda: worker_app(received))
+    daprd.configure({"workerapp": ("http", app.port)})
+    yield app, received
+    app.stop()
+
+
+def sidecar(daprd: StandInDaprd, path: str) -> str:
+    return f"http://localhost:{daprd.http_port}{path}"
+
+
+# --- service invocation ------------------------------------------------------------------------------
+
+def test_sdk_http_invocation_is_one_trace_from_caller_to_callee(daprd: StandInDaprd, telemetry: Telemetry,
+                                                                 worker: tuple) -> None:
+    from dapr.clients import DaprClient
+
+    with telemetry.tracer.start_as_current_span("handle order") as root, DaprClient() as client:
+        response = client.invoke_method("workerapp", "process", data=b'{"id": 1}', http_verb="POST")
+    assert json.loads(response.data) == {"processed": True}
+
+    call = telemetry.one("invoke workerapp/process", SpanKind.CLIENT)
+    served = telemetry.wait_for("invoke workerapp/process", SpanKind.SERVER)
+    assert child_of(call, telemetry.one("handle order")) and call.context.trace_id == root.get_span_context().trace_id
+    assert child_of(served, call)
+    assert call.attributes["dapr.app_id"] == "workerapp"
+    assert call.attributes["dapr.method"] == "process"
+    assert call.attributes["dapr.api"] == "/v1.0/invoke/{appId}/method/{method}"
+    assert call.attributes["server.address"] == "127.0.0.1"
+    assert call.attributes["server.port"] == daprd.http_port
+    assert call.attributes["http.response.status_code"] == 200
+    assert call.status.status_code is StatusCode.UNSET
+    assert served.attributes["dapr.app_id"] == "workerapp"
+    assert served.attributes["dapr.caller.app_id"] == "callerapp"
+    # one span per call: the SDK's aiohttp request is the invocation span, not a second one
+    assert [s.name for s in telemetry.finished() if s.kind is SpanKind.CLIENT] == ["invoke workerapp/process"]
+    # what crossed the wire: the caller's span is the parent the stand-in forwarded to the app
+    (into_sidecar,) = [s for s in daprd.seen() if s["direction"] == "in" and "/invoke/" in s["target"]]
+    assert into_sidecar["headers"]["traceparent"].split("-")[2] == f"{call.context.span_id:016x}"
+    (_, received) = worker
+    assert received[0]["headers"]["traceparent"] == into_sidecar["headers"]["traceparent"]
+
+
+def test_sdk_grpc_invocation_reaches_a_dapr_ext_grpc_app(daprd: StandInDaprd, telemetry: Telemetry,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from dapr.clients import DaprClient
+    from dapr.ext.grpc import App, InvokeMethodRequest
+
+    app = App()
+
+    @app.method("process")
+    def process(request: InvokeMethodRequest) -> bytes:
+        return b'{"grpc": true}'
+
+    grpc_app = GrpcApp(app)
+    try:
+        daprd.configure({"grpcworker": ("grpc", grpc_app.port)})
+        monkeypatch.setenv("DAPR_API_METHOD_INVOCATION_PROTOCOL", "grpc")
+        with DaprClient() as client:
+            response = client.invoke_method("grpcworker", "process", data=b"{}")
+        assert response.data == b'{"grpc": true}'
+    finally:
+        grpc_app.stop()
+    call = telemetry.one("invoke grpcworker/process", SpanKind.CLIENT)
+    served = telemetry.one("invoke grpcworker/process", SpanKind.SERVER)
+    assert child_of(served, call)
+    assert call.attributes["rpc.system"] == "grpc" and call.attributes["rpc.method"] == "InvokeService"
+    assert call.attributes["dapr.api"] == "/dapr.proto.runtime.v1.Dapr/InvokeService"
+    assert call.attributes["server.port"] == daprd.grpc_port
+    assert served.attributes["rpc.method"] == "OnInvoke"
+    seen = daprd.seen()
+    (inbound,) = [s for s in seen if s["target"] == "InvokeService"]
+    assert inbound["headers"]["traceparent"].split("-")[2] == f"{call.context.span_id:016x}"
+    (outbound,) = [s for s in seen if s["target"].startswith("grpcworker/OnInvoke")]
+    assert outbound["headers"]["traceparent"] == inbound["headers"]["traceparent"]
+
+
+def test_missing_app_and_missing_method_give_error_spans(daprd: StandInDaprd, telemetry: Telemetry,
+                                                         worker: tuple) -> None:
+    from dapr.clients import DaprClient
+    from dapr.clients.exceptions import DaprHttpError
+
+    with DaprClient() as client:
+        with pytest.raises(DaprHttpError) as missing_app:
+            client.invoke_method("nosuchapp", "process", data=b"{}", http_verb="POST")
+        with pytest.raises(DaprHttpError) as missing_method:
+            client.invoke_method("workerapp", "nosuchmethod", data=b"{}", http_verb="POST")
+    assert missing_app.value.error_code == "ERR_DIRECT_INVOKE"  # the app still sees Dapr's error unchanged
+    assert missing_method.value.status_code == 404
+
+    app_span = telemetry.one("invoke nosuchapp/process")
+    assert app_span.status.status_code is StatusCode.ERROR
+    assert app_span.attributes["error.type"] == "ERR_DIRECT_INVOKE"
+    assert app_span.attributes["http.response.status_code"] == 500
+    method_span = telemetry.one("invoke workerapp/nosuchmethod", SpanKind.CLIENT)
+    assert method_span.status.status_code is StatusCode.ERROR
+    assert method_span.attributes["error.type"] == "404"  # the callee's 404, passed through by the sidecar
+    assert method_span.attributes["http.response.status_code"] == 404
+
+    outcomes = {(p.attributes["dapr.component.name"], p.attributes["dapr.outcome"], p.attributes.get("error.type"))
+                for p in telemetry.metric_points("dapr.client.operation.duration")}
+    assert ("nosuchapp", "error", "ERR_DIRECT_INVOKE") in outcomes
+    assert ("workerapp", "error", "404") in outcomes
+
+
+def test_callee_5xx_marks_the_server_span(daprd: StandInDaprd, telemetry: Telemetry, worker: tuple) -> None:
+    response = requests.post(sidecar(daprd, "/v1.0/invoke/workerapp/method/fail"), json={}, timeout=5)
+    assert response.status_code == 503
+    served = telemetry.wait_for("invoke workerapp/fail", SpanKind.SERVER)
+    assert served.status.status_code is StatusCode.ERROR and served.attributes["error.type"] == "503"
+
+
+# --- raw HTTP to the sidecar -------------------------------------------------------------------------
+
+def test_raw_requests_call_is_named_and_propagated(daprd: StandInDaprd, telemetry: Telemetry, worker: tuple) -> None:
+    response = requests.post(sidecar(daprd, "/v1.0/invoke/workerapp/method/process"), json={"id": 2}, timeout=5)
+    assert response.json() == {"processed": True}
+    call = telemetry.one("invoke workerapp/process", SpanKind.CLIENT)
+    assert call.attributes["http.request.method"] == "POST"
+    assert call.attributes["url.full"] == sidecar(daprd, "/v1.0/invoke/workerapp/method/process")
+    assert call.attributes["server.address"] == "localhost"
+    served = telemetry.wait_for("invoke workerapp/process", SpanKind.SERVER)
+    assert child_of(served, call)
+
+
+def test_raw_httpx_and_aiohttp_calls(daprd: StandInDaprd, telemetry: Telemetry, worker: tuple) -> None:
+    with httpx.Client() as client:
+        assert client.post(sidecar(daprd, "/v1.0/state/statestore"), json=[{"key": "k1", "value": 1}]
+                           ).status_code == 204
+
+    async def calls() -> tuple[int, bytes]:
+        async with httpx.AsyncClient() as client:
+            await client.get(sidecar(daprd, "/v1.0/state/statestore/k1"))
+        async with aiohttp.ClientSession() as session, session.post(
+                sidecar(daprd, "/v1.0/publish/pubsub/audit"), json={"x": 1}) as response:
+            return response.status, await response.read()
+
+    assert asyncio.run(calls()) == (204, b"")
+    save = telemetry.one("state.save statestore")
+    assert save.attributes["db.operation.name"] == "save" and save.attributes["db.namespace"] == "statestore"
+    assert telemetry.one("state.get statestore").attributes["http.response.status_code"] == 200
+    publish = telemetry.one("publish pubsub/audit")
+    assert publish.kind is SpanKind.PRODUCER and publish.attributes["messaging.destination.name"] == "audit"
+    traceparents = {s["target"]: s["headers"].get("traceparent") for s in daprd.seen() if s["direction"] == "in"}
+    assert traceparents["POST /v1.0/publish/pubsub/audit"].split("-")[2] == f"{publish.context.span_id:016x}"
+    assert traceparents["GET /v1.0/state/statestore/k1"] is not None
+
+
+def test_http_error_codes_from_the_sidecar(daprd: StandInDaprd, telemetry: Telemetry) -> None:
+    missing = requests.post(sidecar(daprd, "/v1.0/state/nosuchstore"), json=[{"key": "a", "value": 1}], timeout=5)
+    failing = requests.post(sidecar(daprd, "/v1.0/state/failingstore"), json=[{"key": "a", "value": 1}], timeout=5)
+    assert missing.json()["errorCode"] == "ERR_STATE_STORE_NOT_FOUND"  # the app reads the body as before
+    assert (missing.status_code, failing.status_code) == (400, 500)
+    (missing_span,) = [s for s in telemetry.finished("state.save nosuchstore")]
+    assert missing_span.status.status_code is StatusCode.ERROR
+    assert missing_span.attributes["error.type"] == "ERR_STATE_STORE_NOT_FOUND"
+    assert missing_span.status.description == "state store nosuchstore is not found"
+    assert telemetry.one("state.save failingstore").attributes["error.type"] == "ERR_STATE_SAVE"
+
+
+def test_other_urls_are_not_traced(daprd: StandInDaprd, telemetry: Telemetry) -> None:
+    assert requests.get(sidecar(daprd, "/_standin/seen"), timeout=5).status_code == 200
+    assert requests.get(sidecar(daprd, "/v1.0/healthz"), timeout=5).status_code == 204
+    assert telemetry.finished() == []
+
+
+@pytest.mark.parametrize("order", ["requests instrumented first", "dapr instrumented first"])
+def test_enriches_the_requests_instrumentation_span_instead_of_adding_one(
+        daprd: StandInDaprd, order: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.instrumentation.requests import RequestsInstrumentor
+
+    monkeypatch.setenv("DAPR_HTTP_PORT", str(daprd.http_port))
+    t = Telemetry()
+    first, second = ((RequestsInstrumentor(), DaprInstrumentor()) if order.startswith("requests")
+                     else (DaprInstrumentor(), RequestsInstrumentor()))
+    first.instrument(tracer_provider=t.tracer_provider, meter_provider=t.meter_provider)
+    second.instrument(tracer_provider=t.tracer_provider, meter_provider=t.meter_provider)
+    app = ThreadedAiohttp(lambda: worker_app([]))
+    try:
+        daprd.configure({"workerapp": ("http", app.port)})
+        requests.post(sidecar(daprd, "/v1.0/invoke/workerapp/method/process"), json={}, timeout=5)
+        requests.post(sidecar(daprd, "/v1.0/state/nosuchstore"), json=[{"key": "a", "value": 1}], timeout=5)
+        served = t.wait_for("invoke workerapp/process", SpanKind.SERVER)
+    finally:
+        app.stop()
+        RequestsInstrumentor().uninstrument()
+        DaprInstrumentor().uninstrument()
+    clients = [s for s in t.finished() if s.kind is SpanKind.CLIENT]
+    assert sorted(s.name for s in clients) == ["invoke workerapp/process", "state.save nosuchstore"]
+    call = t.one("invoke workerapp/process", SpanKind.CLIENT)
+    assert call.attributes["dapr.app_id"] == "workerapp"
+    assert child_of(served, call)
+    failed = t.one("state.save nosuchstore")
+    assert failed.status.status_code is StatusCode.ERROR
+    assert failed.attributes["dapr.error_code"] == "ERR_STATE_STORE_NOT_FOUND"
+    # whose span it is: the requests instrumentation's, enriched, when it is the outer wrapper
+    owner = "opentelemetry.instrumentation.requests" if order.startswith("dapr") else "sidetrace.instrumentors.dapr"
+    assert {s.instrumentation_scope.name for s in clients} == {owner}
+
+
+# --- pub/sub ------------------------------------------------------------------------------------------
+
+def test_publish_and_delivery_to_fastapi_and_flask(daprd: StandInDaprd, telemetry: Telemetry) -> None:
+    from dapr.clients import DaprClient
+    from dapr.ext.fastapi import DaprApp
+    from fastapi import Body, FastAPI
+    from flask import Flask
+    from flask import request as flask_request
+
+    delivered: list[Any] = []
+    api = FastAPI()
+    dapr_app = DaprApp(api)
+
+    @dapr_app.subscribe(pubsub="pubsub", topic="orders")
+    def on_order(event: dict = Body(...)) -> dict:  # noqa: B008 - FastAPI's way
+        delivered.append(("fastapi", event["data"]))
+        return {"status": "SUCCESS"}
+
+    flask_app = Flask("subscriber")
+
+    @flask_app.post("/audit")
+    def on_audit() -> dict:
+        delivered.append(("flask", flask_request.get_json(force=True)["data"]))
+        return {"status": "SUCCESS"}
+
+    fastapi_server, flask_server = ThreadedUvicorn(api), ThreadedWsgi(flask_app)
+    try:
+        daprd.configure({"fastapiapp": ("http", fastapi_server.port), "flaskapp": ("http", flask_server.port)}, [
+            {"pubsub": "pubsub", "topic": "orders", "app": "fastapiapp", "route": "/events/pubsub/orders",
+             "trace_headers": False},  # the CloudEvent's traceparent field is the only context
+            {"pubsub": "pubsub", "topic": "orders", "app": "flaskapp", "route": "/audit"}])
+        with DaprClient() as client:
+            client.publish_event("pubsub", "orders", json.dumps({"order": 7}), data_content_type="application/json")
+        wait_until(lambda: len(delivered) == 2, 10, "two deliveries")
+        processed = wait_until(lambda: len(telemetry.finished("process pubsub/orders")) == 2
+                               and telemetry.finished("process pubsub/orders"), 10, "two process spans")
+    finally:
+        fastapi_server.stop()
+        flask_server.stop()
+    assert sorted(delivered) == [("fastapi", {"order": 7}), ("flask", {"order": 7})]  # bodies reached the apps
+    publish = telemetry.one("publish pubsub/orders")
+    assert publish.kind is SpanKind.PRODUCER
+    assert publish.attributes["dapr.api"] == "/dapr.proto.runtime.v1.Dapr/PublishEvent"
+    for span in processed:
+        assert span.kind is SpanKind.CONSUMER and child_of(span, publish)
+        assert span.attributes["messaging.destination.name"] == "orders"
+        assert span.attributes["dapr.component.name"] == "pubsub"
+        assert span.attributes["messaging.message.id"]
+    deliveries = {s["target"].split("/")[-1]: s["headers"] for s in daprd.seen() if "POST http" in s["target"]}
+    assert "traceparent" not in deliveries["orders"] and "traceparent" in deliveries["audit"]
+
+
+def test_bulk_publish_and_delivery_to_a_grpc_subscriber(daprd: StandInDaprd, telemetry: Telemetry) -> None:
+    from dapr.clients import DaprClient
+    from dapr.ext.grpc import App
+
+    app = App()
+    delivered: list[Any] = []
+
+    @app.subscribe(pubsub_name="pubsub", topic="grpc-orders")
+    def on_event(event: Any) -> None:
+        delivered.append(json.loads(event.data))
+
+    grpc_app = GrpcApp(app)
+    try:
+        daprd.configure({"grpcsub": ("grpc", grpc_app.port)},
+                        [{"pubsub": "pubsub", "topic": "grpc-orders", "app": "grpcsub", "route": ""}])
+        with DaprClient() as client:
+            client.publish_events("pubsub", "grpc-orders", ['{"n": 1}', '{"n": 2}'],
+                                  data_content_type="application/json")
+        wait_until(lambda: len(telemetry.finished("process pubsub/grpc-orders")) == 2, 10, "two process spans")
+    finally:
+        grpc_app.stop()
+    assert sorted(d["n"] for d in delivered) == [1, 2]
+    publish = telemetry.one("publish pubsub/grpc-orders")
+    assert publish.attributes["messaging.batch.message_count"] == 2
+    for span in telemetry.finished("process pubsub/grpc-orders"):
+        assert child_of(span, publish) and span.attributes["dapr.api"].endswith("/OnTopicEvent")
+
+
+# --- state, bindings, secrets through the SDK -----------------------------------------------------
+
+def test_state_operations_through_the_sdk(daprd: StandInDaprd, telemetry: Telemetry) -> None:
+    from dapr.clients import DaprClient
+    from dapr.clients.grpc._request import TransactionalStateOperation
+    from dapr.clients.grpc._state import StateItem
+
+    with DaprClient() as client:
+        client.save_state("statestore", "order-1", "pending")
+        assert client.get_state("statestore", "order-1").data == b"pending"
+        client.save_bulk_state("statestore", [StateItem(key="order-3", value="x")])
+        client.get_bulk_state("statestore", ["order-1"])
+        client.execute_state_transaction("statestore", [TransactionalStateOperation("order-2", "x")])
+        client.delete_state("statestore", "order-1")
+        client.invoke_binding("outbox", "create", data="hello")
+        assert client.get_secret("vault", "db").secret == {"db": "s3cr3t"}
+    names = [s.name for s in telemetry.finished()]
+    assert names == ["state.save statestore", "state.get statestore", "state.save statestore",
+                     "state.get_bulk statestore", "state.transaction statestore", "state.delete statestore",
+                     "binding outbox", "secret vault"]
+    get = telemetry.finished("state.get statestore")[0]
+    assert get.kind is SpanKind.CLIENT
+    assert (get.attributes["db.system.name"], get.attributes["db.namespace"], get.attributes["db.operation.name"],
+            get.attributes["dapr.component.type"]) == ("dapr", "statestore", "get", "state")
+    assert get.attributes["rpc.grpc.status_code"] == 0
+    assert telemetry.one("binding outbox").attributes["dapr.binding.operation"] == "create"
+    for entry in (s for s in daprd.seen() if s["direction"] == "in" and s["api"] == "grpc"):
+        assert entry["headers"]["traceparent"], entry  # context on every call
+    points = {(p.attributes["dapr.building_block"], p.attributes["dapr.operation"], p.attributes["dapr.outcome"]):
+              p.count for p in telemetry.metric_points("dapr.client.operation.duration")}
+    assert points[("state", "save", "success")] == 2
+    assert points[("bindings", "invoke", "success")] == 1
+
+
+def test_grpc_state_errors_carry_dapr_error_codes(daprd: StandInDaprd, telemetry: Telemetry) -> None:
+    from dapr.clients import DaprClient
+    from dapr.clients.exceptions import DaprGrpcError
+
+    with DaprClient() as client:
+        with pytest.raises(DaprGrpcError) as missing:
+            client.save_state("nosuchstore", "k", "v")
+        with pytest.raises(DaprGrpcError):
+            client.get_state("failingstore", "k")
+    assert missing.value.error_code() == "DAPR_STATE_NOT_FOUND"
+    missing_span = telemetry.one("state.save nosuchstore")
+    assert missing_span.status.status_code is StatusCode.ERROR
+    assert missing_span.attributes["error.type"] == "DAPR_STATE_NOT_FOUND"  # google.rpc.ErrorInfo reason
+    assert missing_span.attributes["rpc.grpc.status_code"] == 3
+    failing_span = telemetry.one("state.get failingstore")
+    assert failing_span.attributes["error.type"] == "INTERNAL"  # no rich details: the status code name
+    assert "stand-in failure" in failing_span.status.description
+
+
+async def test_async_client(daprd: StandInDaprd, telemetry: Telemetry) -> None:
+    from dapr.aio.clients import DaprClient
+
+    async with DaprClient() as client:
+        await client.save_state("statestore", "a", "1")
+        await client.publish_event("pubsub", "async-topic", "{}", data_content_type="application/json")
+        with pytest.raises(Exception, match="not found"):
+            await client.get_state("nosuchstore", "a")
+    assert [s.name for s in telemetry.finished()] == [
+        "state.save statestore", "publish pubsub/async-topic", "state.get nosuchstore"]
+    assert telemetry.one("state.get nosuchstore").attributes["error.type"] == "DAPR_STATE_NOT_FOUND"
+    traced = [s["headers"].get("traceparent") for s in daprd.seen() if s["direction"] == "in" and s["api"] == "grpc"]
+    assert len(traced) == 3 and all(traced)
+
+
+# --- never break the app ------------------------------------------------------------------------------
+
+def test_a_failure_inside_the_instrumentation_never_fails_the_call(
+        daprd: StandInDaprd, telemetry: Telemetry, worker: tuple, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from dapr.clients import DaprClient
+
+    from sidetrace.instrumentors.dapr import _grpc_client, _http_client
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("instrumentation bug")
+
+    monkeypatch.setattr(_grpc_client, "grpc_operation", broken)
+    monkeypatch.setattr(_http_client, "http_operation", broken)
+    with DaprClient() as client:
+        client.save_state("statestore", "k", "v")
+        client.save_state("statestore", "k", "v")
+        assert client.get_state("statestore", "k").data == b"v"
+        assert json.loads(client.invoke_method("workerapp", "process", data=b"{}", http_verb="POST").data) == {
+            "processed": True}
+    assert requests.post(sidecar(daprd, "/v1.0/invoke/workerapp/method/process"), json={}, timeout=5).ok
+    assert [s for s in telemetry.finished() if s.kind is not SpanKind.SERVER] == []
+    errors = {p.attributes["where"]: p.value for p in telemetry.metric_points("sidetrace.instrumentation.errors")}
+    assert errors == {"dapr grpc client start": 3, "dapr http client start": 2}
+    assert sum("instrumentation bug" in r.getMessage() for r in caplog.records) == 2  # once per place
