@@ -50,13 +50,28 @@ $(BENCH313)/bin/python:
 	$(PYTHON313) -m venv $(BENCH313)
 	$(BENCH313)/bin/python -m pip install -q nats-py opentelemetry-sdk otel-instrumentation-nats -e .
 
-bench: $(VENV)/.test servers $(BENCH313)/bin/python
+# The contrib aiohttp-client instrumentation (the Dapr benchmark's peer) pins an older OpenTelemetry
+# than the test venv's, so the Dapr benchmark's workers get a venv of their own.
+BENCHDAPR := .benchdapr
+OTEL_PEER_API := 1.45.1
+OTEL_PEER_CONTRIB := 0.66b1
+
+$(BENCHDAPR)/bin/python:
+	$(PYTHON) -m venv $(BENCHDAPR)
+	$(BENCHDAPR)/bin/python -m pip install -q opentelemetry-api==$(OTEL_PEER_API) \
+		opentelemetry-sdk==$(OTEL_PEER_API) opentelemetry-instrumentation==$(OTEL_PEER_CONTRIB) \
+		opentelemetry-instrumentation-grpc==$(OTEL_PEER_CONTRIB) \
+		opentelemetry-instrumentation-aiohttp-client==$(OTEL_PEER_CONTRIB) dapr -e .
+
+bench: $(VENV)/.test servers $(BENCH313)/bin/python $(BENCHDAPR)/bin/python
 	@command -v prometheus-node-exporter >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(APT_INSTALL) prometheus-node-exporter; }
 	$(BIN)/python bench/agent_idle.py
 	$(BIN)/python bench/trace_relay.py
 	$(BIN)/python bench/nats_overhead.py
 	$(BIN)/python bench/temporal_overhead.py
+	$(BIN)/python bench/dapr_overhead.py
+	$(BIN)/python bench/dapr_call_path.py
 	$(SUDO) $(BIN)/python bench/netsample_rate.py
 
 clean:
-	rm -rf $(VENV) $(BENCH313) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH313) $(BENCHDAPR) .pytest_cache .ruff_cache

@@ -4,7 +4,7 @@ It is not Dapr. It serves the part of the Dapr API the tests use, in its own pro
 
 - the gRPC API from the dapr SDK's own generated servicer (``dapr.proto.runtime.v1.Dapr``):
   InvokeService, PublishEvent, BulkPublishEventAlpha1/BulkPublishEvent, Get/Save/Delete/GetBulk
-  State, ExecuteStateTransaction, InvokeBinding, GetSecret;
+  State, ExecuteStateTransaction, InvokeBinding, GetSecret, SubscribeConfiguration (one message);
 - the documented HTTP routes (https://docs.dapr.io/reference/api/): ``/v1.0/invoke/{app}/method/
   {method}``, ``/v1.0/publish/{pubsub}/{topic}``, ``/v1.0/state/{store}[/{key}]``,
   ``/v1.0/bindings/{name}``, ``/v1.0/secrets/{store}/{key}``, ``/v1.0/healthz[/outbound]``.
@@ -313,6 +313,10 @@ class DaprServicer(api_service_v1.DaprServicer):
     async def InvokeBinding(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         self._seen(context, "InvokeBinding")
         return api_v1.InvokeBindingResponse(data=request.data)
+
+    async def SubscribeConfiguration(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        self._seen(context, "SubscribeConfiguration")
+        yield api_v1.SubscribeConfigurationResponse(id="subscription-1")
 
     async def GetSecret(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         self._seen(context, "GetSecret")

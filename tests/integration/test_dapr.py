@@ -13,6 +13,7 @@ import httpx
 import pytest
 import requests
 from aiohttp import web
+from fastapi import Request as FastAPIRequest  # module level: FastAPI resolves string annotations here
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -225,8 +226,8 @@ def test_raw_httpx_and_aiohttp_calls(daprd: StandInDaprd, telemetry: Telemetry, 
     async def calls() -> tuple[int, bytes]:
         async with httpx.AsyncClient() as client:
             await client.get(sidecar(daprd, "/v1.0/state/statestore/k1"))
-        async with aiohttp.ClientSession() as session, session.post(
-                sidecar(daprd, "/v1.0/publish/pubsub/audit"), json={"x": 1}) as response:
+        async with aiohttp.ClientSession(base_url=sidecar(daprd, "")) as session, session.post(
+                "/v1.0/publish/pubsub/audit", json={"x": 1}) as response:
             return response.status, await response.read()
 
     assert asyncio.run(calls()) == (204, b"")
@@ -425,6 +426,23 @@ def test_grpc_state_errors_carry_dapr_error_codes(daprd: StandInDaprd, telemetry
     assert "stand-in failure" in failing_span.status.description
 
 
+def test_future_calls_and_streams_of_the_sync_client(daprd: StandInDaprd, telemetry: Telemetry) -> None:
+    from dapr.clients import DaprClient
+    from dapr.proto import api_v1
+
+    with telemetry.tracer.start_as_current_span("parent") as parent, DaprClient() as client:
+        client._stub.SaveState.future(api_v1.SaveStateRequest(store_name="statestore")).result(timeout=5)
+        updates = list(client._stub.SubscribeConfiguration(api_v1.SubscribeConfigurationRequest(store_name="cfg")))
+    assert [u.id for u in updates] == ["subscription-1"]
+    save = wait_until(lambda: telemetry.finished("state.save statestore"), 5, "the future's span")[0]
+    assert child_of(save, telemetry.one("parent"))
+    seen = {s["target"]: s["headers"]["traceparent"] for s in daprd.seen() if s["api"] == "grpc"}
+    assert seen["SaveState"].split("-")[2] == f"{save.context.span_id:016x}"
+    # a stream carries the caller's context, and makes no span of its own
+    assert seen["SubscribeConfiguration"].split("-")[2] == f"{parent.get_span_context().span_id:016x}"
+    assert [s.name for s in telemetry.finished()] == ["state.save statestore", "parent"]
+
+
 async def test_async_client(daprd: StandInDaprd, telemetry: Telemetry) -> None:
     from dapr.aio.clients import DaprClient
 
@@ -465,3 +483,65 @@ def test_a_failure_inside_the_instrumentation_never_fails_the_call(
     errors = {p.attributes["where"]: p.value for p in telemetry.metric_points("sidetrace.instrumentation.errors")}
     assert errors == {"dapr grpc client start": 3, "dapr http client start": 2}
     assert sum("instrumentation bug" in r.getMessage() for r in caplog.records) == 2  # once per place
+
+
+def test_binding_event_and_large_deliveries_reach_the_app_whole(telemetry: Telemetry) -> None:
+    """A CloudEvent too big to inspect (> 64 KiB) still reaches the handler byte for byte, in every
+    framework; an input binding event to a dapr-ext-grpc App is a CONSUMER span."""
+    import grpc
+    from dapr.ext.grpc import App
+    from dapr.proto import appcallback_service_v1, appcallback_v1
+    from fastapi import FastAPI
+    from flask import Flask
+    from flask import request as flask_request
+
+    app = App()
+
+    @app.binding("cron")
+    def on_cron(request: Any) -> None:
+        pass
+
+    received: dict[str, int] = {}
+    api = FastAPI()
+
+    @api.post("/big")
+    async def big(request: FastAPIRequest) -> dict:
+        received["fastapi"] = len(await request.body())
+        return {}
+
+    flask_app = Flask("big")
+
+    @flask_app.post("/big")
+    def flask_big() -> dict:
+        received["flask"] = len(flask_request.get_data())
+        return {}
+
+    async def aiohttp_big(request: web.Request) -> web.Response:
+        received["aiohttp"] = len(await request.read())
+        return web.json_response({})
+
+    def build() -> web.Application:
+        application = web.Application()
+        application.router.add_post("/big", aiohttp_big)
+        return application
+
+    servers = {"fastapi": ThreadedUvicorn(api), "flask": ThreadedWsgi(flask_app), "aiohttp": ThreadedAiohttp(build)}
+    grpc_app = GrpcApp(app)
+    body = json.dumps({"topic": "t", "pubsubname": "p", "data": "x" * 100_000}).encode()
+    try:
+        for port in (server.port for server in servers.values()):
+            response = requests.post(f"http://127.0.0.1:{port}/big", data=body, timeout=5,
+                                     headers={"content-type": "application/cloudevents+json"})
+            assert response.status_code == 200
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_app.port}") as channel:
+            appcallback_service_v1.AppCallbackStub(channel).OnBindingEvent(
+                appcallback_v1.BindingEventRequest(name="cron"),
+                metadata=(("traceparent", f"00-{'a' * 32}-{'b' * 16}-01"),))
+    finally:
+        for server in servers.values():
+            server.stop()
+        grpc_app.stop()
+    assert received == {"fastapi": len(body), "flask": len(body), "aiohttp": len(body)}
+    assert len(telemetry.finished("process unknown/unknown")) == 3  # traced, but not read
+    binding = telemetry.one("binding cron")
+    assert binding.kind is SpanKind.CONSUMER and binding.parent.span_id == int("b" * 16, 16)

@@ -95,7 +95,7 @@ def test_grpc_methods_from_the_sdk_request_messages() -> None:
     assert transaction.name == "state.transaction statestore"
     bulk = grpc_operation(prefix + "BulkPublishEvent", api_v1.BulkPublishRequest(
         pubsub_name="pubsub", topic="t", entries=[api_v1.BulkPublishRequestEntry(entry_id="1")] * 3))
-    assert bulk.producer and bulk.span_attributes()["messaging.batch.message_count"] == 3
+    assert bulk.producer and bulk.per_call == {"messaging.batch.message_count": 3}
     binding = grpc_operation(prefix + "InvokeBinding", api_v1.InvokeBindingRequest(name="out", operation="create"))
     assert binding.name == "binding out" and binding.span_attributes()["dapr.binding.operation"] == "create"
     assert grpc_operation(prefix + "GetMetadata", None).name == "dapr GetMetadata"
@@ -143,3 +143,24 @@ def test_inbound_parent_order_header_then_binary_then_cloudevent() -> None:
     assert parent({}, {"traceparent": TRACEPARENT}) == (TRACE_ID, SPAN_ID)
     assert parent({}, {"traceparent": "garbage"}) == (0, 0)
     assert parent({}) == (0, 0)
+
+
+def test_an_installed_but_unusable_library_is_skipped_quietly(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """dapr >= 1.19 ships dapr.ext.grpc in the core wheel, but importing it without the dapr[grpc]
+    extra raises ImportError: that hook is skipped without a warning, the others still apply."""
+    import sidetrace.instrumentors.dapr as dapr_instrumentation
+    from sidetrace.instrumentors.dapr import DaprInstrumentor
+
+    (tmp_path / "sidetrace_unusable_ext.py").write_text("raise ImportError('missing optional dependency')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(dapr_instrumentation, "_PATCHES", (
+        ("sidetrace_unusable_ext", "sidetrace_unusable_ext", "App.run", "_server:on_invoke_wrapper"),
+        ("requests", "requests.sessions", "Session.send", "_http_client:requests_send_wrapper"),
+    ))
+    DaprInstrumentor().instrument()
+    try:
+        assert dapr_instrumentation._APPLIED == [("requests.sessions", "Session.send")]
+    finally:
+        DaprInstrumentor().uninstrument()
+    assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 from collections.abc import Collection
 from typing import Any
 
@@ -62,6 +63,7 @@ _PATCHES: tuple[tuple[str, str, str, str], ...] = (
     ("flask", "flask.app", "Flask.wsgi_app", "_server:wsgi_wrapper"),
 )
 _APPLIED: list[tuple[str, str]] = []
+log = logging.getLogger(__name__)
 
 
 def _available(module: str) -> bool:
@@ -95,6 +97,11 @@ class DaprInstrumentor(BaseInstrumentor):
         telemetry = Telemetry(tracer, meter, guard)
         for needs, module, name, factory in _PATCHES:
             if not _available(needs):
+                continue
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:  # installed but unusable, e.g. dapr.ext.grpc without the dapr[grpc] extra
+                log.debug("sidetrace dapr: not instrumenting %s.%s: %s", module, name, exc)
                 continue
             try:
                 wrap_function_wrapper(module, name, _factory(factory)(telemetry))

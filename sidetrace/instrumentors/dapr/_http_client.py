@@ -75,7 +75,7 @@ class Call:
                 return cls(telemetry, op, current, own=False)
             if not is_http_instrumentation_enabled():
                 return None
-            span = telemetry.start_client(op, server, {"http.request.method": verb.upper(), "url.full": url})
+            span = telemetry.start_client(op, server, extra={"http.request.method": verb.upper(), "url.full": url})
             return cls(telemetry, op, span, own=True)
         except Exception as exc:  # noqa: BLE001 - never break the app's call
             telemetry.guard.failed("dapr http client start", exc)
@@ -90,7 +90,7 @@ class Call:
             return
         with trace.use_span(self.span, end_on_exit=False), suppress_http_instrumentation():
             try:
-                for key, value in inject({}).items():
+                for key, value in inject({}, self.span).items():
                     headers[key] = value
             except Exception as exc:  # noqa: BLE001
                 self.telemetry.guard.failed("dapr http inject", exc)
@@ -201,7 +201,10 @@ def aiohttp_request_wrapper(telemetry: Telemetry):  # noqa: ANN201
             return await wrapped(*args, **kwargs)
         method, target = args[0], args[1]
         try:
-            url = str(instance._build_url(target)) if hasattr(instance, "_build_url") else str(target)
+            if isinstance(target, str) and getattr(instance, "_base_url", None) is None:
+                url = target
+            else:
+                url = str(instance._build_url(target)) if hasattr(instance, "_build_url") else str(target)
         except Exception:  # noqa: BLE001 - aiohttp reports a bad URL itself
             url = str(target)
         call = Call.begin(telemetry, method, url, kwargs.get("headers"))

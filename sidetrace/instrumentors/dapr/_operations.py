@@ -33,8 +33,10 @@ class Operation:
     component: str | None = None  # store, pub/sub or binding name; the target app id for invocation
     producer: bool = False      # a pub/sub publish is a PRODUCER span, everything else CLIENT
     attributes: dict[str, Any] = field(default_factory=dict)
+    per_call: dict[str, Any] | None = None  # attributes that change from call to call (batch sizes)
 
     def span_attributes(self) -> dict[str, Any]:
+        """The attributes every call of this operation shares (``per_call`` not included)."""
         attributes = {"dapr.api": self.api, **self.attributes}
         if self.component is not None and self.block != INVOCATION:
             attributes["dapr.component.name"] = self.component
@@ -51,10 +53,9 @@ def _publish(api: str, pubsub: str, topic: str, count: int | None = None) -> Ope
     attributes: dict[str, Any] = {
         "messaging.system": "dapr", "messaging.operation.type": "send", "messaging.operation.name": "publish",
         "messaging.destination.name": topic}
-    if count is not None:
-        attributes["messaging.batch.message_count"] = count
     return Operation(f"publish {pubsub}/{topic}", PUBSUB, "publish", api, pubsub, producer=True,
-                     attributes=attributes)
+                     attributes=attributes,
+                     per_call={"messaging.batch.message_count": count} if count is not None else None)
 
 
 def _state(api: str, operation: str, store: str) -> Operation:

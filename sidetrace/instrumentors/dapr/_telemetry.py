@@ -13,11 +13,12 @@ from opentelemetry.metrics import Meter
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags, Tracer
 
 from sidetrace.instrumentors._messaging import GETTER, SETTER, BoundedValues, Guard
-from sidetrace.instrumentors.dapr._operations import Operation
+from sidetrace.instrumentors.dapr._operations import DAPR_SERVICE, Operation
 
 # Bodies we read to find a Dapr error code or a CloudEvent's routing fields are at most this big;
 # a larger one is left alone (the span keeps the HTTP status as its error type).
 MAX_INSPECTED_BODY = 64 * 1024
+CACHE_LIMIT = 4096  # distinct attribute sets kept per cache; past it they are built per call
 CLOUDEVENT_TYPES = ("application/cloudevents+json", "application/cloudevents-batch+json")
 
 
@@ -30,16 +31,27 @@ class Telemetry:
             "dapr.client.operation.duration", unit="s",
             description="Duration of calls to the Dapr sidecar, by building block, component and outcome.")
         self._metric_attributes: dict[tuple[str, str, str | None, str | None], dict[str, Any]] = {}
+        self._client_attributes: dict[tuple[str, str, tuple[str, int] | None, bool], dict[str, Any]] = {}
 
     # client ---------------------------------------------------------------------------------------
 
-    def start_client(self, op: Operation, server: tuple[str, int] | None,
+    def start_client(self, op: Operation, server: tuple[str, int] | None, grpc: bool = False,
                      extra: Mapping[str, Any] | None = None) -> Span:
-        attributes = op.span_attributes()
-        if server is not None:
-            attributes["server.address"], attributes["server.port"] = server
-        if extra:
-            attributes.update(extra)
+        """Starts the span of one call. The attributes an operation shares across calls are built once
+        per (operation, sidecar) and reused: the SDK copies them into each span."""
+        key = (op.name, op.api, server, grpc)
+        attributes = self._client_attributes.get(key)
+        if attributes is None:
+            attributes = op.span_attributes()
+            if server is not None:
+                attributes["server.address"], attributes["server.port"] = server
+            if grpc:
+                attributes.update({"rpc.system": "grpc", "rpc.service": DAPR_SERVICE,
+                                   "rpc.method": op.api.rpartition("/")[2]})
+            if len(self._client_attributes) < CACHE_LIMIT:
+                self._client_attributes[key] = attributes
+        if op.per_call or extra:
+            attributes = {**attributes, **(op.per_call or {}), **(extra or {})}
         return self.tracer.start_span(op.name, kind=SpanKind.PRODUCER if op.producer else SpanKind.CLIENT,
                                       attributes=attributes)
 
@@ -60,7 +72,7 @@ class Telemetry:
                 attributes["dapr.component.name"] = self.components(op.component)
             if error_type:
                 attributes["error.type"] = error_type
-            if len(self._metric_attributes) < 4096:
+            if len(self._metric_attributes) < CACHE_LIMIT:
                 self._metric_attributes[key] = attributes
         self.duration.record(seconds, attributes)
 
@@ -76,8 +88,9 @@ def mark_error(span: Span, error_type: str, message: str | None = None, exc: Bas
         span.set_attribute("dapr.error_code", error_type)
 
 
-def inject(carrier: dict[str, str]) -> dict[str, str]:
-    propagate.inject(carrier, setter=SETTER)
+def inject(carrier: dict[str, str], span: Span | None = None) -> dict[str, str]:
+    """Puts the context of ``span`` (default: the current one) into ``carrier``."""
+    propagate.inject(carrier, context=trace.set_span_in_context(span) if span is not None else None, setter=SETTER)
     return carrier
 
 
