@@ -7,7 +7,8 @@ It is not Dapr. It serves the part of the Dapr API the tests use, in its own pro
   State, ExecuteStateTransaction, InvokeBinding, GetSecret, SubscribeConfiguration (one message);
 - the documented HTTP routes (https://docs.dapr.io/reference/api/): ``/v1.0/invoke/{app}/method/
   {method}``, ``/v1.0/publish/{pubsub}/{topic}``, ``/v1.0/state/{store}[/{key}]``,
-  ``/v1.0/bindings/{name}``, ``/v1.0/secrets/{store}/{key}``, ``/v1.0/healthz[/outbound]``.
+  ``/v1.0/bindings/{name}``, ``/v1.0/secrets/{store}/{key}``, ``/v1.0/healthz[/outbound]``, and
+  invocation by ``dapr-app-id`` header on any other path.
 
 Like daprd it forwards service invocations to the target app (HTTP, or gRPC ``AppCallback.OnInvoke``)
 with ``dapr-caller-app-id``/``dapr-callee-app-id`` and the caller's trace context (W3C headers; gRPC
@@ -152,6 +153,7 @@ class StandIn:
         app.router.add_delete("/v1.0/state/{store}/{key}", self.http_delete)
         app.router.add_post("/v1.0/bindings/{name}", self.http_binding)
         app.router.add_get("/v1.0/secrets/{store}/{key}", self.http_secret)
+        app.router.add_route("*", "/{path:.*}", self.http_proxy)  # invocation by dapr-app-id header
         return app
 
     @web.middleware
@@ -177,6 +179,21 @@ class StandIn:
         status, body, content_type = await self.invoke_app(
             app_id, request.method, method, await request.read(), request.content_type if request.can_read_body
             else "", trace, dict(request.headers), request.query_string)
+        return web.Response(status=status, body=body, headers={"content-type": content_type} if content_type else {})
+
+    async def http_proxy(self, request: web.Request) -> web.Response:
+        """Service invocation by header: any other path, with the target in ``dapr-app-id``."""
+        app_id = request.headers.get("dapr-app-id")
+        if app_id is None:
+            return web.Response(status=404)
+        if app_id not in self.apps:
+            return _dapr_error(500, "ERR_DIRECT_INVOKE",
+                               f"fail to invoke, id: {app_id}, err: couldn't find service: {app_id}")
+        trace = {k: request.headers[k] for k in TRACE_KEYS if k in request.headers}
+        status, body, content_type = await self.invoke_app(
+            app_id, request.method, request.match_info["path"], await request.read(),
+            request.content_type if request.can_read_body else "", trace,
+            {k: v for k, v in request.headers.items() if k.lower() != "dapr-app-id"}, request.query_string)
         return web.Response(status=status, body=body, headers={"content-type": content_type} if content_type else {})
 
     async def http_publish(self, request: web.Request) -> web.Response:

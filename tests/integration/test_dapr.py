@@ -85,9 +85,13 @@ def worker_app(received: list[dict[str, Any]]) -> web.Application:
     async def fail(request: web.Request) -> web.Response:
         return web.json_response({"error": "boom"}, status=503)
 
+    async def order(request: web.Request) -> web.Response:
+        return web.json_response({"order": request.match_info["id"]})
+
     app = web.Application()
     app.router.add_post("/process", process)
     app.router.add_post("/fail", fail)
+    app.router.add_get("/orders/{id}", order)
     return app
 
 
@@ -239,6 +243,42 @@ def test_raw_httpx_and_aiohttp_calls(daprd: StandInDaprd, telemetry: Telemetry, 
     traceparents = {s["target"]: s["headers"].get("traceparent") for s in daprd.seen() if s["direction"] == "in"}
     assert traceparents["POST /v1.0/publish/pubsub/audit"].split("-")[2] == f"{publish.context.span_id:016x}"
     assert traceparents["GET /v1.0/state/statestore/k1"] is not None
+
+
+def test_callee_spans_are_named_by_route_template(daprd: StandInDaprd, telemetry: Telemetry, worker: tuple) -> None:
+    from fastapi import FastAPI
+
+    api = FastAPI()
+
+    @api.get("/items/{item}")
+    def item(item: str) -> dict:
+        return {"item": item}
+
+    server = ThreadedUvicorn(api)
+    try:
+        daprd.configure({"workerapp": ("http", worker[0].port), "itemsapp": ("http", server.port)})
+        for n in (1, 2):
+            assert requests.get(sidecar(daprd, f"/v1.0/invoke/workerapp/method/orders/{n}"), timeout=5).ok
+            assert requests.get(sidecar(daprd, f"/v1.0/invoke/itemsapp/method/items/{n}"), timeout=5).ok
+        served = wait_until(lambda: len([s for s in telemetry.finished() if s.kind is SpanKind.SERVER]) == 4
+                            and [s for s in telemetry.finished() if s.kind is SpanKind.SERVER], 10, "4 server spans")
+    finally:
+        server.stop()
+    assert sorted({s.name for s in served}) == ["invoke itemsapp/items/{item}", "invoke workerapp/orders/{id}"]
+    assert {s.attributes["dapr.method"] for s in served} == {"orders/1", "orders/2", "items/1", "items/2"}
+    assert {s.attributes["http.route"] for s in served} == {"/orders/{id}", "/items/{item}"}
+
+
+def test_invocation_by_dapr_app_id_header(daprd: StandInDaprd, telemetry: Telemetry, worker: tuple) -> None:
+    async def call() -> int:
+        async with aiohttp.ClientSession() as session, session.post(
+                sidecar(daprd, "/process"), json={}, headers={"Dapr-App-Id": "workerapp"}) as response:
+            return response.status
+
+    assert asyncio.run(call()) == 200
+    invoke = telemetry.one("invoke workerapp/process", SpanKind.CLIENT)
+    assert invoke.attributes["dapr.app_id"] == "workerapp"
+    assert child_of(telemetry.wait_for("invoke workerapp/process", SpanKind.SERVER), invoke)
 
 
 def test_http_error_codes_from_the_sidecar(daprd: StandInDaprd, telemetry: Telemetry) -> None:

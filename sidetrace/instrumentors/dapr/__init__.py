@@ -3,8 +3,9 @@
 ``DaprInstrumentor().instrument()`` traces, in the whole process, whichever of these are installed:
 
 - the dapr SDK's gRPC clients (``dapr.clients.DaprClient``, ``DaprGrpcClient`` and the asyncio
-  ``dapr.aio.clients.DaprClient``): every unary call to the sidecar's gRPC API is a span named by its
-  operation, with the context in the call metadata (``traceparent``; streaming calls carry it too);
+  ``dapr.aio.clients.DaprClient``), hooked when a client is made: every unary call to the sidecar's
+  gRPC API is a span named by its operation, with the context in the call metadata (``traceparent``;
+  streaming calls carry it too, without a span);
 - HTTP calls to the sidecar's API made with aiohttp, requests or httpx, which includes the SDK's
   service invocation over HTTP (its default): recognised by URL template on a sidecar address
   (loopback, ``DAPR_RUNTIME_HOST`` or ``DAPR_HTTP_ENDPOINT``) or by a ``dapr-app-id`` header. The

@@ -44,6 +44,16 @@ def _same_request(span: Span, url: str) -> bool:
     return isinstance(recorded, str) and recorded.split("?", 1)[0] == url.split("?", 1)[0]
 
 
+def _app_id(headers: Any) -> str | None:
+    """The ``dapr-app-id`` header of a request, whatever the case of its name."""
+    if not headers:
+        return None
+    value = headers.get("dapr-app-id")
+    if value is None and isinstance(headers, dict):  # a plain dict is case-sensitive
+        value = next((v for k, v in headers.items() if isinstance(k, str) and k.lower() == "dapr-app-id"), None)
+    return value
+
+
 class Call:
     """One traced request to the sidecar: our own span, or the HTTP instrumentation's that we enrich."""
 
@@ -56,7 +66,7 @@ class Call:
     @classmethod
     def begin(cls, telemetry: Telemetry, verb: str, url: str, headers: Any) -> Call | None:
         try:
-            if "/v1" not in url and not (headers and "dapr-app-id" in headers):
+            if "/v1" not in url and not _app_id(headers):
                 return None
             if not is_instrumentation_enabled():
                 return None
@@ -65,7 +75,8 @@ class Call:
                 return None
             path = url.split("://", 1)[-1]
             path = "/" + path.split("/", 1)[1] if "/" in path else "/"
-            op = http_operation(verb, path.split("?", 1)[0], headers)
+            app_id = _app_id(headers)
+            op = http_operation(verb, path.split("?", 1)[0], {"dapr-app-id": app_id} if app_id else None)
             if op is None:
                 return None
             current = trace.get_current_span()

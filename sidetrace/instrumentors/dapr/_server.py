@@ -35,6 +35,8 @@ from sidetrace.instrumentors.dapr._telemetry import (
 )
 
 CALLBACK_SERVICE = "dapr.proto.runtime.v1.AppCallback"
+_DAPR_HEADER_NAMES = (b"dapr-callee-app-id", b"dapr-caller-app-id")
+_CE_PREFIX = b"application/cloudevents"  # 23 bytes
 Spec = tuple[str, SpanKind, otel_context.Context, dict[str, Any]]
 
 
@@ -167,6 +169,17 @@ def _answered(span: Span | None, status: int | None) -> None:
         mark_error(span, str(status))
 
 
+def _routed(span: Span | None, template: str | None) -> None:
+    """Names an invocation SERVER span by the route template that matched (``/orders/{id}``), not by
+    the path daprd called (``orders/42``), so that span names stay few."""
+    if span is None or not template or getattr(span, "kind", None) is not SpanKind.SERVER or not span.is_recording():
+        return
+    callee = (getattr(span, "attributes", None) or {}).get("dapr.app_id")
+    method = template.lstrip("/")
+    span.update_name(f"invoke {callee}/{method}" if callee else f"invoke {method}")
+    span.set_attribute("http.route", template)
+
+
 def _maybe_dapr(get: Any) -> bool:
     return bool(get("dapr-callee-app-id") or get("dapr-caller-app-id") or _is_cloudevent(get("content-type")))
 
@@ -178,9 +191,10 @@ def asgi_wrapper(telemetry: Telemetry):  # noqa: ANN201
         scope, receive, send = args[:3] if len(args) >= 3 else (None, None, None)
         if scope is None or scope.get("type") != "http" or scope.get("sidetrace.dapr"):
             return await wrapped(*args, **kwargs)
-        try:
-            headers = headers_dict(scope.get("headers") or ())
-            dapr = _maybe_dapr(headers.get)
+        try:  # ASGI header names are lower-case bytes: look without decoding every request's headers
+            dapr = any(key in _DAPR_HEADER_NAMES or (key == b"content-type" and value[:23].lower() == _CE_PREFIX)
+                       for key, value in scope.get("headers") or ())
+            headers = headers_dict(scope.get("headers") or ()) if dapr else {}
         except Exception as exc:  # noqa: BLE001
             telemetry.guard.failed("dapr asgi", exc)
             dapr = False
@@ -214,6 +228,7 @@ def asgi_wrapper(telemetry: Telemetry):  # noqa: ANN201
         with serve(telemetry, _http_spec, headers, scope.get("method", "GET"), scope.get("path", "/"), body) as span:
             result = await wrapped(scope, replay, send_status)
             _answered(span, status[0] if status else None)
+            _routed(span, getattr(scope.get("route"), "path", None))  # Starlette keeps the matched route here
             return result
 
     return wrapper
@@ -274,6 +289,8 @@ def aiohttp_server_wrapper(telemetry: Telemetry):  # noqa: ANN201
                 _answered(span, getattr(exc, "status", None))  # web.HTTPException subclasses
                 raise
             _answered(span, response.status)
+            resource = getattr(getattr(request.match_info, "route", None), "resource", None)
+            _routed(span, getattr(resource, "canonical", None))
             return response
 
     return wrapper
