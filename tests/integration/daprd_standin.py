@@ -4,7 +4,8 @@ It is not Dapr. It serves the part of the Dapr API the tests use, in its own pro
 
 - the gRPC API from the dapr SDK's own generated servicer (``dapr.proto.runtime.v1.Dapr``):
   InvokeService, PublishEvent, BulkPublishEventAlpha1/BulkPublishEvent, Get/Save/Delete/GetBulk
-  State, ExecuteStateTransaction, InvokeBinding, GetSecret, SubscribeConfiguration (one message);
+  State, ExecuteStateTransaction, InvokeBinding, GetSecret, GetConfiguration, SubscribeConfiguration
+  (one message), TryLockAlpha1, UnlockAlpha1;
 - the documented HTTP routes (https://docs.dapr.io/reference/api/): ``/v1.0/invoke/{app}/method/
   {method}``, ``/v1.0/publish/{pubsub}/{topic}``, ``/v1.0/state/{store}[/{key}]``,
   ``/v1.0/bindings/{name}``, ``/v1.0/secrets/{store}/{key}``, ``/v1.0/healthz[/outbound]``, and
@@ -330,6 +331,21 @@ class DaprServicer(api_service_v1.DaprServicer):
     async def InvokeBinding(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         self._seen(context, "InvokeBinding")
         return api_v1.InvokeBindingResponse(data=request.data)
+
+    async def GetConfiguration(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        self._seen(context, "GetConfiguration")
+        return api_v1.GetConfigurationResponse(
+            items={key: common_v1.ConfigurationItem(value="on", version="1") for key in request.keys})
+
+    GetConfigurationAlpha1 = GetConfiguration
+
+    async def TryLockAlpha1(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        self._seen(context, "TryLockAlpha1")
+        return api_v1.TryLockResponse(success=True)
+
+    async def UnlockAlpha1(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        self._seen(context, "UnlockAlpha1")
+        return api_v1.UnlockResponse(status=api_v1.UnlockResponse.Status.SUCCESS)
 
     async def SubscribeConfiguration(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         self._seen(context, "SubscribeConfiguration")

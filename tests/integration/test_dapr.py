@@ -428,23 +428,31 @@ def test_state_operations_through_the_sdk(daprd: StandInDaprd, telemetry: Teleme
         client.execute_state_transaction("statestore", [TransactionalStateOperation("order-2", "x")])
         client.delete_state("statestore", "order-1")
         client.invoke_binding("outbox", "create", data="hello")
+        client.invoke_binding("outbox", "delete", data="hello")  # same span name, its own operation
         assert client.get_secret("vault", "db").secret == {"db": "s3cr3t"}
+        assert client.get_configuration("appconfig", ["feature"]).items["feature"].value == "on"
+        assert client.try_lock("lockstore", "order-1", "worker-1", 10).success
+        client.unlock("lockstore", "order-1", "worker-1")
     names = [s.name for s in telemetry.finished()]
     assert names == ["state.save statestore", "state.get statestore", "state.save statestore",
                      "state.get_bulk statestore", "state.transaction statestore", "state.delete statestore",
-                     "binding outbox", "secret vault"]
+                     "binding outbox", "binding outbox", "secret vault", "configuration appconfig", "lock lockstore",
+                     "unlock lockstore"]
+    assert telemetry.one("lock lockstore").attributes["dapr.component.type"] == "lock"
+    assert telemetry.one("configuration appconfig").attributes["dapr.component.name"] == "appconfig"
     get = telemetry.finished("state.get statestore")[0]
     assert get.kind is SpanKind.CLIENT
     assert (get.attributes["db.system.name"], get.attributes["db.namespace"], get.attributes["db.operation.name"],
             get.attributes["dapr.component.type"]) == ("dapr", "statestore", "get", "state")
     assert get.attributes["rpc.grpc.status_code"] == 0
-    assert telemetry.one("binding outbox").attributes["dapr.binding.operation"] == "create"
+    assert [s.attributes["dapr.binding.operation"] for s in telemetry.finished("binding outbox")] == [
+        "create", "delete"]
     for entry in (s for s in daprd.seen() if s["direction"] == "in" and s["api"] == "grpc"):
         assert entry["headers"]["traceparent"], entry  # context on every call
     points = {(p.attributes["dapr.building_block"], p.attributes["dapr.operation"], p.attributes["dapr.outcome"]):
               p.count for p in telemetry.metric_points("dapr.client.operation.duration")}
     assert points[("state", "save", "success")] == 2
-    assert points[("bindings", "invoke", "success")] == 1
+    assert points[("bindings", "invoke", "success")] == 2
 
 
 def test_grpc_state_errors_carry_dapr_error_codes(daprd: StandInDaprd, telemetry: Telemetry) -> None:

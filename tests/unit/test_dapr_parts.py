@@ -97,7 +97,7 @@ def test_grpc_methods_from_the_sdk_request_messages() -> None:
         pubsub_name="pubsub", topic="t", entries=[api_v1.BulkPublishRequestEntry(entry_id="1")] * 3))
     assert bulk.producer and bulk.per_call == {"messaging.batch.message_count": 3}
     binding = grpc_operation(prefix + "InvokeBinding", api_v1.InvokeBindingRequest(name="out", operation="create"))
-    assert binding.name == "binding out" and binding.span_attributes()["dapr.binding.operation"] == "create"
+    assert binding.name == "binding out" and binding.per_call == {"dapr.binding.operation": "create"}
     assert grpc_operation(prefix + "GetMetadata", None).name == "dapr GetMetadata"
     assert grpc_operation("/grpc.health.v1.Health/Check", None) is None
 
@@ -164,3 +164,45 @@ def test_an_installed_but_unusable_library_is_skipped_quietly(tmp_path, monkeypa
     finally:
         DaprInstrumentor().uninstrument()
     assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+
+
+def test_inbound_spans_under_a_web_framework_span() -> None:
+    """With a framework instrumentation's SERVER span current: an invocation enriches it; a delivery
+    is a CONSUMER child of it, or of the CloudEvent's producer when the headers carried no context."""
+    from opentelemetry.metrics import NoOpMeterProvider
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from sidetrace.instrumentors._messaging import Guard
+    from sidetrace.instrumentors.dapr._server import _http_spec, serve
+    from sidetrace.instrumentors.dapr._telemetry import Telemetry
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    telemetry = Telemetry(provider.get_tracer("sidetrace"), NoOpMeterProvider().get_meter("x"), Guard("dapr"))
+    framework = provider.get_tracer("framework")
+    event = b'{"topic": "orders", "pubsubname": "pubsub", "traceparent": "' + TRACEPARENT.encode() + b'"}'
+    headers = {"traceparent": f"00-{'1' * 32}-{'2' * 16}-01"}
+    invocation = {**headers, "dapr-callee-app-id": "worker"}
+    delivery_headers = {**headers, "content-type": "application/cloudevents+json"}
+    parent = extract_parent(headers)
+
+    with framework.start_as_current_span("POST", context=parent, kind=SpanKind.SERVER) as request_span, \
+            serve(telemetry, _http_spec, invocation, "POST", "/process", None) as ours:
+        assert ours is None
+    assert request_span.name == "invoke worker/process"
+    assert request_span.attributes["dapr.app_id"] == "worker"
+
+    with framework.start_as_current_span("POST", context=parent, kind=SpanKind.SERVER) as request_span, \
+            serve(telemetry, _http_spec, delivery_headers, "POST", "/orders", event) as delivery:
+        pass
+    assert delivery.parent.span_id == request_span.get_span_context().span_id
+
+    with framework.start_as_current_span("POST", kind=SpanKind.SERVER), \
+            serve(telemetry, _http_spec, {"content-type": "application/cloudevents+json"}, "POST", "/orders",
+                  event) as delivery:
+        pass
+    assert (delivery.parent.trace_id, delivery.parent.span_id) == (TRACE_ID, SPAN_ID)
+    assert delivery.name == "process pubsub/orders" and delivery.kind is SpanKind.CONSUMER

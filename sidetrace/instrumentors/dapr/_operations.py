@@ -63,10 +63,15 @@ def _state(api: str, operation: str, store: str) -> Operation:
         "db.system.name": "dapr", "db.namespace": store, "db.operation.name": operation})
 
 
-def _named(block: str, operation: str, api: str, component: str, label: str | None = None,
-           **attributes: Any) -> Operation:
-    return Operation(f"{label or operation} {component}", block, operation, api, component,
-                     attributes={k.replace("__", "."): v for k, v in attributes.items() if v})
+def _named(block: str, operation: str, api: str, component: str, label: str | None = None) -> Operation:
+    return Operation(f"{label or operation} {component}", block, operation, api, component)
+
+
+def _binding(api: str, name: str, operation: str) -> Operation:
+    found = _named(BINDINGS, "invoke", api, name, "binding")
+    if operation:  # chosen per call (create, get, delete, ...): not part of the shared attributes
+        found.per_call = {"dapr.binding.operation": operation}
+    return found
 
 
 # --- gRPC ----------------------------------------------------------------------------------------
@@ -88,8 +93,7 @@ def _grpc_table() -> dict[str, Any]:
         "ExecuteStateTransaction": state("transaction", "storeName"),
         "QueryStateAlpha1": state("query"),
         "QueryState": state("query"),
-        "InvokeBinding": lambda api, r: _named(BINDINGS, "invoke", api, r.name, "binding",
-                                               dapr__binding__operation=r.operation),
+        "InvokeBinding": lambda api, r: _binding(api, r.name, r.operation),
         "GetSecret": lambda api, r: _named(SECRETS, "get", api, r.store_name, "secret"),
         "GetBulkSecret": lambda api, r: _named(SECRETS, "get_bulk", api, r.store_name, "secret"),
         "GetConfiguration": lambda api, r: _named(CONFIGURATION, "get", api, r.store_name, "configuration"),

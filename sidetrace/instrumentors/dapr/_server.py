@@ -8,7 +8,8 @@
   then handed to the app unchanged). Every other request passes through after a header lookup.
 
 If a web framework instrumentation already opened a SERVER span for the request (it is the current
-span), that span is renamed and enriched instead of a second one being made.
+span), an invocation renames and enriches that span instead of making a second one; a delivery's
+CONSUMER span is its child (or, when daprd sent no trace headers, the CloudEvent's traceparent's).
 """
 
 from __future__ import annotations
@@ -49,12 +50,16 @@ def serve(telemetry: Telemetry, make: Any, *args: Any) -> Iterator[Span | None]:
         spec: Spec | None = make(*args) if is_instrumentation_enabled() else None
         if spec is not None:
             name, kind, parent, attributes = spec
-            current = trace.get_current_span()
+            current = trace.get_current_span()  # a web framework instrumentation's span for this request?
             if getattr(current, "kind", None) is SpanKind.SERVER and current.is_recording():
-                current.update_name(name)  # a web framework instrumentation's span for this request
-                current.set_attributes(attributes)
-                spec = None
-            else:
+                if kind is SpanKind.SERVER:
+                    current.update_name(name)  # an invocation: that span is the one; enrich it
+                    current.set_attributes(attributes)
+                    spec = None
+                elif trace.get_current_span(parent).get_span_context().trace_id == \
+                        current.get_span_context().trace_id:
+                    parent = None  # a delivery with trace headers: processed under the request's span
+            if spec is not None:
                 span = telemetry.tracer.start_span(name, context=parent, kind=kind, attributes=attributes)
     except Exception as exc:  # noqa: BLE001 - never break the app's handler
         telemetry.guard.failed("dapr server start", exc)
