@@ -593,3 +593,73 @@ def test_binding_event_and_large_deliveries_reach_the_app_whole(telemetry: Telem
     assert len(telemetry.finished("process unknown/unknown")) == 3  # traced, but not read
     binding = telemetry.one("binding cron")
     assert binding.kind is SpanKind.CONSUMER and binding.parent.span_id == int("b" * 16, 16)
+
+
+def test_a_sidecar_that_is_down_gives_an_error_span_and_the_app_its_exception(telemetry: Telemetry) -> None:
+    from tests.conftest import free_port
+
+    closed = free_port()
+    with pytest.raises(requests.ConnectionError):
+        requests.post(f"http://127.0.0.1:{closed}/v1.0/state/statestore", json=[], timeout=5)
+    span = telemetry.one("state.save statestore")
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes["error.type"] == "ConnectionError"
+    assert span.events[0].name == "exception"
+    (point,) = telemetry.metric_points("dapr.client.operation.duration")
+    assert point.attributes["dapr.outcome"] == "error" and point.attributes["error.type"] == "ConnectionError"
+
+
+def test_one_trace_across_dapr_and_nats(daprd: StandInDaprd, telemetry: Telemetry,
+                                        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A caller invokes a Dapr app; its handler publishes to NATS; a NATS subscriber processes the
+    message: one trace, each span the child of the one before."""
+    import nats
+
+    from sidetrace.instrumentors.nats import NatsInstrumentor
+    from tests.integration.nats_server import NatsServer
+
+    server = NatsServer(tmp_path_factory.mktemp("nats"))
+    NatsInstrumentor().instrument(tracer_provider=telemetry.tracer_provider, meter_provider=telemetry.meter_provider)
+    processed: list[bytes] = []
+    connections: list[Any] = []
+
+    async def on_startup(app: web.Application) -> None:
+        nc = await nats.connect(server.url)
+        connections.append(nc)
+
+        async def handle(msg: Any) -> None:
+            processed.append(msg.data)
+
+        await nc.subscribe("orders.accepted", cb=handle)
+
+    async def on_cleanup(app: web.Application) -> None:
+        for nc in connections:
+            await nc.close()
+
+    async def accept(request: web.Request) -> web.Response:
+        await connections[0].publish("orders.accepted", await request.read())
+        return web.json_response({"accepted": True})
+
+    def build() -> web.Application:
+        app = web.Application()
+        app.on_startup.append(on_startup)
+        app.on_cleanup.append(on_cleanup)
+        app.router.add_post("/accept", accept)
+        return app
+
+    app = ThreadedAiohttp(build)
+    try:
+        daprd.configure({"orders": ("http", app.port)})
+        with telemetry.tracer.start_as_current_span("checkout"):
+            assert requests.post(sidecar(daprd, "/v1.0/invoke/orders/method/accept"), data=b"order-9", timeout=5).ok
+        wait_until(lambda: processed == [b"order-9"] and telemetry.finished("process orders.accepted"), 10,
+                   "the NATS message processed")
+    finally:
+        app.stop()
+        NatsInstrumentor().uninstrument()
+        server.stop()
+    chain = [telemetry.one("checkout"), telemetry.one("invoke orders/accept", SpanKind.CLIENT),
+             telemetry.one("invoke orders/accept", SpanKind.SERVER), telemetry.one("publish orders.accepted"),
+             telemetry.one("process orders.accepted")]
+    for parent, child in zip(chain, chain[1:], strict=False):
+        assert child_of(child, parent), (parent.name, child.name)
