@@ -1,4 +1,4 @@
-"""`sidetrace instrument -- python app.py`: an unmodified app's NATS calls traced into the agent."""
+"""`sidetrace instrument -- python app.py`: an unmodified app's NATS and Dapr calls traced into the agent."""
 
 from __future__ import annotations
 
@@ -70,3 +70,41 @@ def test_a_broken_environment_never_stops_the_app(tmp_path: Path) -> None:
          sys.executable, "-c", "print('app ran')"],
         capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "app ran"
+
+
+DAPR_APP = textwrap.dedent('''
+    import sys
+    import requests
+
+    sidecar = f"http://127.0.0.1:{sys.argv[1]}"
+    requests.post(f"{sidecar}/v1.0/state/statestore", json=[{"key": "a", "value": 1}], timeout=5).raise_for_status()
+    assert requests.get(f"{sidecar}/v1.0/state/statestore/a", timeout=5).json() == 1
+''')
+
+
+def test_unmodified_app_calling_the_dapr_sidecar_is_traced_into_the_agent(
+    agent_factory: Callable[..., Agent]
+) -> None:
+    from tests.integration.dapr_apps import StandInDaprd
+
+    agent = agent_factory().start()
+    daprd = StandInDaprd()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "sidetrace", "instrument", "--service", "saver", "--endpoint",
+             f"http://127.0.0.1:{agent.grpc_port}", "--", sys.executable, "-c", DAPR_APP, str(daprd.http_port)],
+            capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        seen = daprd.seen()
+    finally:
+        daprd.stop()
+    summaries = wait_until(lambda: len(json.loads(http_get(agent.url + "/debug/traces?service=saver")[1])["traces"])
+                           == 2 and json.loads(http_get(agent.url + "/debug/traces?service=saver")[1])["traces"], 20,
+                           "the app's two traces at the agent")
+    spans = [s for summary in summaries
+             for s in json.loads(http_get(f"{agent.url}/debug/traces/{summary['trace_id']}")[1])["spans"]]
+    assert sorted((s["name"], s["kind"]) for s in spans) == [("state.get statestore", "SPAN_KIND_CLIENT"),
+                                                            ("state.save statestore", "SPAN_KIND_CLIENT")]
+    # the context went to the sidecar with each call
+    assert sorted(e["headers"]["traceparent"].split("-")[2] for e in seen if e["target"].startswith(("POST", "GET"))
+                  and "/v1.0/state" in e["target"]) == sorted(s["span_id"] for s in spans)
