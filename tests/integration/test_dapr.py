@@ -247,6 +247,7 @@ def test_raw_httpx_and_aiohttp_calls(daprd: StandInDaprd, telemetry: Telemetry, 
 
 def test_callee_spans_are_named_by_route_template(daprd: StandInDaprd, telemetry: Telemetry, worker: tuple) -> None:
     from fastapi import FastAPI
+    from flask import Flask
 
     api = FastAPI()
 
@@ -254,19 +255,30 @@ def test_callee_spans_are_named_by_route_template(daprd: StandInDaprd, telemetry
     def item(item: str) -> dict:
         return {"item": item}
 
-    server = ThreadedUvicorn(api)
+    flask_app = Flask("users")
+
+    @flask_app.get("/users/<name>")
+    def user(name: str) -> dict:
+        return {"user": name}
+
+    server, flask_server = ThreadedUvicorn(api), ThreadedWsgi(flask_app)
     try:
-        daprd.configure({"workerapp": ("http", worker[0].port), "itemsapp": ("http", server.port)})
+        daprd.configure({"workerapp": ("http", worker[0].port), "itemsapp": ("http", server.port),
+                         "usersapp": ("http", flask_server.port)})
         for n in (1, 2):
             assert requests.get(sidecar(daprd, f"/v1.0/invoke/workerapp/method/orders/{n}"), timeout=5).ok
             assert requests.get(sidecar(daprd, f"/v1.0/invoke/itemsapp/method/items/{n}"), timeout=5).ok
-        served = wait_until(lambda: len([s for s in telemetry.finished() if s.kind is SpanKind.SERVER]) == 4
-                            and [s for s in telemetry.finished() if s.kind is SpanKind.SERVER], 10, "4 server spans")
+            assert requests.get(sidecar(daprd, f"/v1.0/invoke/usersapp/method/users/u{n}"), timeout=5).ok
+        served = wait_until(lambda: len([s for s in telemetry.finished() if s.kind is SpanKind.SERVER]) == 6
+                            and [s for s in telemetry.finished() if s.kind is SpanKind.SERVER], 10, "6 server spans")
     finally:
         server.stop()
-    assert sorted({s.name for s in served}) == ["invoke itemsapp/items/{item}", "invoke workerapp/orders/{id}"]
-    assert {s.attributes["dapr.method"] for s in served} == {"orders/1", "orders/2", "items/1", "items/2"}
-    assert {s.attributes["http.route"] for s in served} == {"/orders/{id}", "/items/{item}"}
+        flask_server.stop()
+    assert sorted({s.name for s in served}) == ["invoke itemsapp/items/{item}", "invoke usersapp/users/<name>",
+                                                "invoke workerapp/orders/{id}"]
+    assert {s.attributes["dapr.method"] for s in served} == {
+        "orders/1", "orders/2", "items/1", "items/2", "users/u1", "users/u2"}
+    assert {s.attributes["http.route"] for s in served} == {"/orders/{id}", "/items/{item}", "/users/<name>"}
 
 
 def test_invocation_by_dapr_app_id_header(daprd: StandInDaprd, telemetry: Telemetry, worker: tuple) -> None:
@@ -532,6 +544,46 @@ def test_a_failure_inside_the_instrumentation_never_fails_the_call(
     errors = {p.attributes["where"]: p.value for p in telemetry.metric_points("sidetrace.instrumentation.errors")}
     assert errors == {"dapr grpc client start": 3, "dapr http client start": 2}
     assert sum("instrumentation bug" in r.getMessage() for r in caplog.records) == 2  # once per place
+
+
+def test_bulk_delivery_to_a_grpc_app_is_one_span_linked_to_each_producer(telemetry: Telemetry) -> None:
+    import grpc
+    from dapr.ext.grpc import App
+    from dapr.proto import appcallback_service_v1, appcallback_v1
+    from google.protobuf import struct_pb2
+
+    app = App()
+    handled: list[bytes] = []
+
+    @app.subscribe(pubsub_name="pubsub", topic="bulk-orders")
+    def on_event(event: Any) -> None:
+        handled.append(event.data)
+
+    producers = [f"00-{'c' * 32}-{n:016x}-01" for n in (1, 2)]
+
+    def entry(n: int) -> Any:
+        extensions = struct_pb2.Struct()
+        extensions.update({"traceparent": producers[n - 1]})
+        event = appcallback_v1.TopicEventCERequest(id=str(n), source="s", type="t", spec_version="1.0",
+                                                   data_content_type="application/json", data=b'{"n": %d}' % n,
+                                                   extensions=extensions)
+        return appcallback_v1.TopicEventBulkRequestEntry(entry_id=str(n), content_type="application/cloudevents+json",
+                                                         cloud_event=event)
+
+    grpc_app = GrpcApp(app)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_app.port}") as channel:
+            appcallback_service_v1.AppCallbackStub(channel).OnBulkTopicEvent(appcallback_v1.TopicEventBulkRequest(
+                id="b1", pubsub_name="pubsub", topic="bulk-orders", entries=[entry(1), entry(2)]),
+                metadata=(("traceparent", f"00-{'d' * 32}-{'e' * 16}-01"),))
+    finally:
+        grpc_app.stop()
+    assert len(handled) == 2
+    batch = telemetry.one("process pubsub/bulk-orders")
+    assert batch.kind is SpanKind.CONSUMER and batch.attributes["messaging.batch.message_count"] == 2
+    assert batch.parent.span_id == int("e" * 16, 16)
+    assert [(link.context.trace_id, link.context.span_id) for link in batch.links] == [
+        (int("c" * 32, 16), 1), (int("c" * 32, 16), 2)]
 
 
 def test_binding_event_and_large_deliveries_reach_the_app_whole(telemetry: Telemetry) -> None:

@@ -12,8 +12,9 @@
   HTTP client span of another instrumentation is renamed and enriched; without one, ours is the HTTP
   client span, and it injects the context;
 - the methods Dapr invokes: dapr-ext-grpc's ``App`` (``OnInvoke``, ``OnTopicEvent``,
-  ``OnBindingEvent``) and HTTP routes in aiohttp.web, Starlette/FastAPI (so dapr-ext-fastapi's
-  ``DaprApp``) and Flask apps, recognised by daprd's headers or the CloudEvent content type.
+  ``OnBulkTopicEvent``, ``OnBindingEvent``) and HTTP routes in aiohttp.web, Starlette/FastAPI (so
+  dapr-ext-fastapi's ``DaprApp``) and Flask apps, recognised by daprd's headers or the CloudEvent
+  content type.
 
 Span names: ``invoke {app_id}/{method}`` (CLIENT; SERVER in the callee), ``publish {pubsub}/{topic}``
 (PRODUCER), ``process {pubsub}/{topic}`` (CONSUMER, parented by the ``traceparent`` header, else by
@@ -59,9 +60,14 @@ _PATCHES: tuple[tuple[str, str, str, str], ...] = (
     ("dapr.ext.grpc", "dapr.ext.grpc._servicer", "_CallbackServicer.OnTopicEvent", "_server:on_topic_event_wrapper"),
     ("dapr.ext.grpc", "dapr.ext.grpc._servicer", "_CallbackServicer.OnBindingEvent",
      "_server:on_binding_event_wrapper"),
+    ("dapr.ext.grpc", "dapr.ext.grpc._servicer", "_CallbackServicer.OnBulkTopicEvent",
+     "_server:on_bulk_topic_event_wrapper"),
+    ("dapr.ext.grpc", "dapr.ext.grpc._servicer", "_CallbackServicer.OnBulkTopicEventAlpha1",
+     "_server:on_bulk_topic_event_wrapper"),
     ("aiohttp", "aiohttp.web_app", "Application._handle", "_server:aiohttp_server_wrapper"),
     ("starlette", "starlette.applications", "Starlette.__call__", "_server:asgi_wrapper"),
     ("flask", "flask.app", "Flask.wsgi_app", "_server:wsgi_wrapper"),
+    ("flask", "flask.app", "Flask.dispatch_request", "_server:flask_dispatch_wrapper"),
 )
 _APPLIED: list[tuple[str, str]] = []
 log = logging.getLogger(__name__)

@@ -1,6 +1,7 @@
 """The methods Dapr invokes in the app: service invocation and pub/sub deliveries.
 
-- dapr-ext-grpc's ``App``: ``OnInvoke`` (SERVER), ``OnTopicEvent`` and ``OnBindingEvent`` (CONSUMER).
+- dapr-ext-grpc's ``App``: ``OnInvoke`` (SERVER), ``OnTopicEvent``, ``OnBulkTopicEvent`` (one span
+  per batch, linked to each message's producer) and ``OnBindingEvent`` (CONSUMER).
 - HTTP apps (aiohttp.web, Starlette/FastAPI and so dapr-ext-fastapi's ``DaprApp``, Flask): a request
   daprd makes is recognised by its headers (``dapr-callee-app-id``/``dapr-caller-app-id`` on service
   invocation) or its content type (``application/cloudevents+json`` on a pub/sub delivery, whose
@@ -132,6 +133,48 @@ def on_topic_event_wrapper(telemetry: Telemetry):  # noqa: ANN201
                     if label == "RETRY":
                         mark_error(span, "RETRY", "the handler asked Dapr to redeliver")
             return response
+
+    return wrapper
+
+
+def _entry_link(entry: Any) -> trace.Link | None:
+    """A link to the producer of one bulk-delivered message: its CloudEvent's ``traceparent``
+    extension, else its metadata's."""
+    fields: dict[str, Any] = {}
+    if entry.HasField("cloud_event") and entry.cloud_event.HasField("extensions"):
+        fields = dict(entry.cloud_event.extensions.items())
+    if not isinstance(fields.get("traceparent"), str):
+        fields = dict(entry.metadata)
+    context = trace.get_current_span(extract_parent({}, fields)).get_span_context()
+    return trace.Link(context) if context.is_valid else None
+
+
+def on_bulk_topic_event_wrapper(telemetry: Telemetry):  # noqa: ANN201
+    """``OnBulkTopicEvent``/``OnBulkTopicEventAlpha1``: one ``process`` span for the batch, parented
+    by the call's context and linked to each message's producer (the messaging conventions' batch
+    shape); ``messaging.batch.message_count`` is the number of entries."""
+
+    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        request, context = args[:2]
+        span = None
+        try:
+            if is_instrumentation_enabled():
+                name, attributes = subscription_operation(None, request.topic, request.pubsub_name)
+                attributes["messaging.batch.message_count"] = len(request.entries)
+                attributes["dapr.api"] = f"/{CALLBACK_SERVICE}/OnBulkTopicEvent"
+                links = [link for link in map(_entry_link, request.entries) if link is not None]
+                span = telemetry.tracer.start_span(name, context=extract_parent(_metadata(context)),
+                                                   kind=SpanKind.CONSUMER, attributes=attributes, links=links)
+        except Exception as exc:  # noqa: BLE001
+            telemetry.guard.failed("dapr bulk subscription", exc)
+        if span is None:
+            return wrapped(*args, **kwargs)
+        with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
+            try:
+                return wrapped(*args, **kwargs)
+            except BaseException as exc:
+                mark_error(span, type(exc).__qualname__, str(exc), exc)
+                raise
 
     return wrapper
 
@@ -271,6 +314,24 @@ def wsgi_wrapper(telemetry: Telemetry):  # noqa: ANN201
             result = wrapped(environ, start)
             _answered(span, status[0] if status else None)
             return result
+
+    return wrapper
+
+
+def flask_dispatch_wrapper(telemetry: Telemetry):  # noqa: ANN201
+    """Wraps ``Flask.dispatch_request``: the matched rule is known only inside the request, so the
+    invocation span (current here) is named by it from here."""
+
+    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        try:
+            span = trace.get_current_span()
+            if "dapr.method" in (getattr(span, "attributes", None) or {}):  # ours, or one we enriched
+                from flask import request
+
+                _routed(span, getattr(request.url_rule, "rule", None))
+        except Exception as exc:  # noqa: BLE001
+            telemetry.guard.failed("dapr flask route", exc)
+        return wrapped(*args, **kwargs)
 
     return wrapper
 
