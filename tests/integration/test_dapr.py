@@ -504,7 +504,7 @@ def test_future_calls_and_streams_of_the_sync_client(daprd: StandInDaprd, teleme
     assert sorted(s.name for s in telemetry.finished()) == ["parent", "state.save statestore"]
 
 
-async def test_async_client(daprd: StandInDaprd, telemetry: Telemetry) -> None:
+async def test_async_client(daprd: StandInDaprd, telemetry: Telemetry, worker: tuple) -> None:
     from dapr.aio.clients import DaprClient
 
     async with DaprClient() as client:
@@ -512,8 +512,12 @@ async def test_async_client(daprd: StandInDaprd, telemetry: Telemetry) -> None:
         await client.publish_event("pubsub", "async-topic", "{}", data_content_type="application/json")
         with pytest.raises(Exception, match="not found"):
             await client.get_state("nosuchstore", "a")
-    assert [s.name for s in telemetry.finished()] == [
-        "state.save statestore", "publish pubsub/async-topic", "state.get nosuchstore"]
+        response = await client.invoke_method("workerapp", "process", data=b"{}", http_verb="POST")  # over HTTP
+    assert json.loads(response.data) == {"processed": True}
+    served = telemetry.wait_for("invoke workerapp/process", SpanKind.SERVER)
+    assert child_of(served, telemetry.one("invoke workerapp/process", SpanKind.CLIENT))
+    assert [s.name for s in telemetry.finished() if s.kind is not SpanKind.SERVER] == [
+        "state.save statestore", "publish pubsub/async-topic", "state.get nosuchstore", "invoke workerapp/process"]
     assert telemetry.one("state.get nosuchstore").attributes["error.type"] == "DAPR_STATE_NOT_FOUND"
     traced = [s["headers"].get("traceparent") for s in daprd.seen() if s["direction"] == "in" and s["api"] == "grpc"]
     assert len(traced) == 3 and all(traced)
@@ -584,6 +588,37 @@ def test_bulk_delivery_to_a_grpc_app_is_one_span_linked_to_each_producer(telemet
     assert batch.parent.span_id == int("e" * 16, 16)
     assert [(link.context.trace_id, link.context.span_id) for link in batch.links] == [
         (int("c" * 32, 16), 1), (int("c" * 32, 16), 2)]
+
+
+def test_bulk_delivery_to_an_http_app_is_one_span_linked_to_each_producer(telemetry: Telemetry) -> None:
+    """daprd's bulk subscription delivery to an HTTP app: ``application/cloudevents-batch+json``."""
+    from fastapi import FastAPI
+
+    api = FastAPI()
+    received: list[int] = []
+
+    @api.post("/bulk")
+    async def bulk(request: FastAPIRequest) -> dict:
+        entries = (await request.json())["entries"]
+        received.append(len(entries))
+        return {"statuses": [{"entryId": e["entryId"], "status": "SUCCESS"} for e in entries]}
+
+    producers = [f"00-{'f' * 32}-{n:016x}-01" for n in (1, 2, 3)]
+    body = {"id": "batch-1", "pubsubname": "pubsub", "topic": "bulk-http", "type": "com.dapr.event.sent.bulk",
+            "entries": [{"entryId": str(n), "contentType": "application/cloudevents+json",
+                         "event": {"id": str(n), "data": {"n": n}, "traceparent": tp}}
+                        for n, tp in enumerate(producers, 1)]}
+    server = ThreadedUvicorn(api)
+    try:
+        response = requests.post(f"http://127.0.0.1:{server.port}/bulk", data=json.dumps(body), timeout=5,
+                                 headers={"content-type": "application/cloudevents-batch+json"})
+        assert response.status_code == 200
+        batch = telemetry.wait_for("process pubsub/bulk-http")
+    finally:
+        server.stop()
+    assert received == [3]
+    assert batch.kind is SpanKind.CONSUMER and batch.attributes["messaging.batch.message_count"] == 3
+    assert [link.context.span_id for link in batch.links] == [1, 2, 3]
 
 
 def test_binding_event_and_large_deliveries_reach_the_app_whole(telemetry: Telemetry) -> None:

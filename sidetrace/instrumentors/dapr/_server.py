@@ -4,9 +4,10 @@
   per batch, linked to each message's producer) and ``OnBindingEvent`` (CONSUMER).
 - HTTP apps (aiohttp.web, Starlette/FastAPI and so dapr-ext-fastapi's ``DaprApp``, Flask): a request
   daprd makes is recognised by its headers (``dapr-callee-app-id``/``dapr-caller-app-id`` on service
-  invocation) or its content type (``application/cloudevents+json`` on a pub/sub delivery, whose
-  body is read, at most 64 KiB, to find the topic, pub/sub name and the CloudEvent's traceparent,
-  then handed to the app unchanged). Every other request passes through after a header lookup.
+  invocation) or its content type (``application/cloudevents+json`` on a pub/sub delivery,
+  ``application/cloudevents-batch+json`` on a bulk one, whose body is read, at most 64 KiB, to find
+  the topic, pub/sub name and the CloudEvents' traceparents, then handed to the app unchanged). Every
+  other request passes through after a header lookup.
 
 If a web framework instrumentation already opened a SERVER span for the request (it is the current
 span), an invocation renames and enriches that span instead of making a second one; a delivery's
@@ -39,7 +40,8 @@ from sidetrace.instrumentors.dapr._telemetry import (
 CALLBACK_SERVICE = "dapr.proto.runtime.v1.AppCallback"
 _DAPR_HEADER_NAMES = (b"dapr-callee-app-id", b"dapr-caller-app-id")
 _CE_PREFIX = b"application/cloudevents"  # 23 bytes
-Spec = tuple[str, SpanKind, otel_context.Context, dict[str, Any]]
+# name, kind, parent, attributes, links
+Spec = tuple[str, SpanKind, otel_context.Context | None, dict[str, Any], list[trace.Link] | None]
 
 
 @contextlib.contextmanager
@@ -50,7 +52,7 @@ def serve(telemetry: Telemetry, make: Any, *args: Any) -> Iterator[Span | None]:
     try:
         spec: Spec | None = make(*args) if is_instrumentation_enabled() else None
         if spec is not None:
-            name, kind, parent, attributes = spec
+            name, kind, parent, attributes, links = spec
             current = trace.get_current_span()  # a web framework instrumentation's span for this request?
             if getattr(current, "kind", None) is SpanKind.SERVER and current.is_recording():
                 if kind is SpanKind.SERVER:
@@ -61,7 +63,8 @@ def serve(telemetry: Telemetry, make: Any, *args: Any) -> Iterator[Span | None]:
                         current.get_span_context().trace_id:
                     parent = None  # a delivery with trace headers: processed under the request's span
             if spec is not None:
-                span = telemetry.tracer.start_span(name, context=parent, kind=kind, attributes=attributes)
+                span = telemetry.tracer.start_span(name, context=parent, kind=kind, attributes=attributes,
+                                                   links=links)
     except Exception as exc:  # noqa: BLE001 - never break the app's handler
         telemetry.guard.failed("dapr server start", exc)
         span = None
@@ -86,13 +89,13 @@ def _invocation(headers: Mapping[str, Any], method: str, extra: dict[str, Any]) 
     if caller:
         attributes["dapr.caller.app_id"] = caller
     name = f"invoke {callee}/{method}" if callee else f"invoke {method}"
-    return name, SpanKind.SERVER, extract_parent(headers), attributes
+    return name, SpanKind.SERVER, extract_parent(headers), attributes, None
 
 
 def _delivery(headers: Mapping[str, Any], cloudevent: Mapping[str, Any] | None, topic: str | None = None,
               pubsub: str | None = None) -> Spec:
     name, attributes = subscription_operation(cloudevent, topic, pubsub)
-    return name, SpanKind.CONSUMER, extract_parent(headers, cloudevent), attributes
+    return name, SpanKind.CONSUMER, extract_parent(headers, cloudevent), attributes, None
 
 
 # dapr-ext-grpc ------------------------------------------------------------------------------------
@@ -118,9 +121,10 @@ def on_topic_event_wrapper(telemetry: Telemetry):  # noqa: ANN201
     def make(request: Any, context: Any) -> Spec:
         extensions = dict(request.extensions.items()) if request.HasField("extensions") else {}
         extensions.setdefault("id", request.id)
-        name, kind, parent, attributes = _delivery(_metadata(context), extensions, request.topic, request.pubsub_name)
+        name, kind, parent, attributes, _ = _delivery(_metadata(context), extensions, request.topic,
+                                                      request.pubsub_name)
         attributes["dapr.api"] = f"/{CALLBACK_SERVICE}/OnTopicEvent"
-        return name, kind, parent, attributes
+        return name, kind, parent, attributes, None
 
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         with serve(telemetry, make, *args[:2]) as span:
@@ -183,7 +187,7 @@ def on_binding_event_wrapper(telemetry: Telemetry):  # noqa: ANN201
     def make(request: Any, context: Any) -> Spec:
         return (f"binding {request.name}", SpanKind.CONSUMER, extract_parent(_metadata(context)), {
             "dapr.component.name": request.name, "dapr.component.type": "bindings",
-            "dapr.api": f"/{CALLBACK_SERVICE}/OnBindingEvent"})
+            "dapr.api": f"/{CALLBACK_SERVICE}/OnBindingEvent"}, None)
 
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         with serve(telemetry, make, *args[:2]):
@@ -194,12 +198,37 @@ def on_binding_event_wrapper(telemetry: Telemetry):  # noqa: ANN201
 
 # HTTP apps ----------------------------------------------------------------------------------------
 
+def _media_type(content_type: str | None) -> str:
+    return content_type.split(";", 1)[0].strip().lower() if content_type else ""
+
+
 def _is_cloudevent(content_type: str | None) -> bool:
-    return bool(content_type) and content_type.split(";", 1)[0].strip().lower() == CLOUDEVENT_TYPES[0]
+    """A pub/sub delivery: one CloudEvent, or a bulk subscription's batch of them."""
+    return _media_type(content_type) in CLOUDEVENT_TYPES
+
+
+def _batch(headers: Mapping[str, Any], batch: Mapping[str, Any] | None) -> Spec:
+    """A bulk delivery (``application/cloudevents-batch+json``): one span for the batch, linked to
+    each entry's producer (its event's ``traceparent``)."""
+    batch = batch or {}
+    entries = batch.get("entries") if isinstance(batch.get("entries"), list) else []
+    name, kind, parent, attributes, _ = _delivery(headers, batch)
+    attributes.pop("messaging.message.id", None)
+    attributes["messaging.batch.message_count"] = len(entries)
+    links = []
+    for entry in entries:
+        event = entry.get("event") if isinstance(entry, dict) else None
+        context = trace.get_current_span(extract_parent({}, event if isinstance(event, dict) else None))
+        if context.get_span_context().is_valid:
+            links.append(trace.Link(context.get_span_context()))
+    return name, kind, parent, attributes, links
 
 
 def _http_spec(headers: Mapping[str, Any], verb: str, path: str, body: bytes | None) -> Spec | None:
-    if _is_cloudevent(headers.get("content-type")):
+    media_type = _media_type(headers.get("content-type"))
+    if media_type == CLOUDEVENT_TYPES[1]:
+        spec = _batch(headers, cloudevent_from(body))
+    elif media_type == CLOUDEVENT_TYPES[0]:
         spec = _delivery(headers, cloudevent_from(body))
     elif "dapr-callee-app-id" in headers or "dapr-caller-app-id" in headers:
         spec = _invocation(headers, path.lstrip("/"), {"http.request.method": verb, "url.path": path})
