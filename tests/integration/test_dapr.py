@@ -590,6 +590,36 @@ def test_bulk_delivery_to_a_grpc_app_is_one_span_linked_to_each_producer(telemet
         (int("c" * 32, 16), 1), (int("c" * 32, 16), 2)]
 
 
+def test_a_grpc_subscriber_asking_for_redelivery_marks_its_span(telemetry: Telemetry) -> None:
+    import grpc
+    from dapr.clients.grpc._response import TopicEventResponse
+    from dapr.ext.grpc import App
+    from dapr.proto import appcallback_service_v1, appcallback_v1
+
+    app = App()
+
+    @app.subscribe(pubsub_name="pubsub", topic="flaky")
+    def on_event(event: Any) -> TopicEventResponse:
+        return TopicEventResponse("retry")
+
+    @app.subscribe(pubsub_name="pubsub", topic="stale")
+    def on_stale(event: Any) -> TopicEventResponse:
+        return TopicEventResponse("drop")
+
+    grpc_app = GrpcApp(app)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_app.port}") as channel:
+            stub = appcallback_service_v1.AppCallbackStub(channel)
+            for topic in ("flaky", "stale"):
+                assert stub.OnTopicEvent(appcallback_v1.TopicEventRequest(
+                    id="1", pubsub_name="pubsub", topic=topic, data=b"{}")).status in (1, 2)
+    finally:
+        grpc_app.stop()
+    retried, dropped = telemetry.one("process pubsub/flaky"), telemetry.one("process pubsub/stale")
+    assert retried.attributes["dapr.pubsub.status"] == "RETRY" and retried.status.status_code is StatusCode.ERROR
+    assert dropped.attributes["dapr.pubsub.status"] == "DROP" and dropped.status.status_code is StatusCode.UNSET
+
+
 def test_bulk_delivery_to_an_http_app_is_one_span_linked_to_each_producer(telemetry: Telemetry) -> None:
     """daprd's bulk subscription delivery to an HTTP app: ``application/cloudevents-batch+json``."""
     from fastapi import FastAPI

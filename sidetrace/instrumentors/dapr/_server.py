@@ -158,27 +158,16 @@ def on_bulk_topic_event_wrapper(telemetry: Telemetry):  # noqa: ANN201
     by the call's context and linked to each message's producer (the messaging conventions' batch
     shape); ``messaging.batch.message_count`` is the number of entries."""
 
+    def make(request: Any, context: Any) -> Spec:
+        name, attributes = subscription_operation(None, request.topic, request.pubsub_name)
+        attributes["messaging.batch.message_count"] = len(request.entries)
+        attributes["dapr.api"] = f"/{CALLBACK_SERVICE}/OnBulkTopicEvent"
+        links = [link for link in map(_entry_link, request.entries) if link is not None]
+        return name, SpanKind.CONSUMER, extract_parent(_metadata(context)), attributes, links
+
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-        request, context = args[:2]
-        span = None
-        try:
-            if is_instrumentation_enabled():
-                name, attributes = subscription_operation(None, request.topic, request.pubsub_name)
-                attributes["messaging.batch.message_count"] = len(request.entries)
-                attributes["dapr.api"] = f"/{CALLBACK_SERVICE}/OnBulkTopicEvent"
-                links = [link for link in map(_entry_link, request.entries) if link is not None]
-                span = telemetry.tracer.start_span(name, context=extract_parent(_metadata(context)),
-                                                   kind=SpanKind.CONSUMER, attributes=attributes, links=links)
-        except Exception as exc:  # noqa: BLE001
-            telemetry.guard.failed("dapr bulk subscription", exc)
-        if span is None:
+        with serve(telemetry, make, *args[:2]):
             return wrapped(*args, **kwargs)
-        with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
-            try:
-                return wrapped(*args, **kwargs)
-            except BaseException as exc:
-                mark_error(span, type(exc).__qualname__, str(exc), exc)
-                raise
 
     return wrapper
 
