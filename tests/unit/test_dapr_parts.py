@@ -148,7 +148,8 @@ def test_inbound_parent_order_header_then_binary_then_cloudevent() -> None:
 def test_an_installed_but_unusable_library_is_skipped_quietly(tmp_path, monkeypatch: pytest.MonkeyPatch,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     """dapr >= 1.19 ships dapr.ext.grpc in the core wheel, but importing it without the dapr[grpc]
-    extra raises ImportError: that hook is skipped without a warning, the others still apply."""
+    extra raises ImportError; an older version lacks a method: those hooks are skipped without a
+    warning, the others still apply."""
     import sidetrace.instrumentors.dapr as dapr_instrumentation
     from sidetrace.instrumentors.dapr import DaprInstrumentor
 
@@ -156,6 +157,7 @@ def test_an_installed_but_unusable_library_is_skipped_quietly(tmp_path, monkeypa
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(dapr_instrumentation, "_PATCHES", (
         ("sidetrace_unusable_ext", "sidetrace_unusable_ext", "App.run", "_server:on_invoke_wrapper"),
+        ("requests", "requests.sessions", "Session.no_such_method", "_http_client:requests_send_wrapper"),
         ("requests", "requests.sessions", "Session.send", "_http_client:requests_send_wrapper"),
     ))
     DaprInstrumentor().instrument()

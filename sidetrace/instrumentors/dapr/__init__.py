@@ -80,6 +80,12 @@ def _available(module: str) -> bool:
         return False
 
 
+def _resolve(owner: Any, path: str) -> Any:
+    for part in path.split("."):
+        owner = getattr(owner, part)
+    return owner
+
+
 def _factory(path: str) -> Any:
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(f"{__name__}.{module}"), name)
@@ -106,9 +112,12 @@ class DaprInstrumentor(BaseInstrumentor):
             if not _available(needs):
                 continue
             try:
-                importlib.import_module(module)
+                _resolve(importlib.import_module(module), name)
             except ImportError as exc:  # installed but unusable, e.g. dapr.ext.grpc without the dapr[grpc] extra
                 log.debug("sidetrace dapr: not instrumenting %s.%s: %s", module, name, exc)
+                continue
+            except AttributeError:  # an SDK version without this method (older ones lack the stable OnBulkTopicEvent)
+                log.debug("sidetrace dapr: %s has no %s; not instrumented", module, name)
                 continue
             try:
                 wrap_function_wrapper(module, name, _factory(factory)(telemetry))
@@ -121,10 +130,7 @@ class DaprInstrumentor(BaseInstrumentor):
         while _APPLIED:
             module, name = _APPLIED.pop()
             owner_path, _, attribute = name.rpartition(".")
-            owner: Any = importlib.import_module(module)
-            for part in owner_path.split("."):
-                owner = getattr(owner, part)
-            unwrap(owner, attribute)
+            unwrap(_resolve(importlib.import_module(module), owner_path), attribute)
 
 
 __all__ = ["DaprInstrumentor"]
