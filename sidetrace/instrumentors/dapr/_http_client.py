@@ -66,7 +66,8 @@ class Call:
     @classmethod
     def begin(cls, telemetry: Telemetry, verb: str, url: str, headers: Any) -> Call | None:
         try:
-            if "/v1" not in url and not _app_id(headers):
+            app_id = _app_id(headers)
+            if "/v1" not in url and not app_id:
                 return None
             if not is_instrumentation_enabled():
                 return None
@@ -75,7 +76,6 @@ class Call:
                 return None
             path = url.split("://", 1)[-1]
             path = "/" + path.split("/", 1)[1] if "/" in path else "/"
-            app_id = _app_id(headers)
             op = http_operation(verb, path.split("?", 1)[0], {"dapr-app-id": app_id} if app_id else None)
             if op is None:
                 return None
@@ -95,17 +95,22 @@ class Call:
     @contextlib.contextmanager
     def active(self, headers: Any):  # noqa: ANN201
         """While the request runs: our span is current, its context is in ``headers`` (a mutable
-        mapping) and HTTP instrumentation below is suppressed. An enriched span needs none of that."""
-        if not self.own:
-            yield
-            return
-        with trace.use_span(self.span, end_on_exit=False), suppress_http_instrumentation():
+        mapping) and HTTP instrumentation below is suppressed; an enriched span needs none of that.
+        A request that raises is recorded as failed, and the exception goes on to the app."""
+        with contextlib.ExitStack() as stack:
+            if self.own:
+                stack.enter_context(trace.use_span(self.span, end_on_exit=False))
+                stack.enter_context(suppress_http_instrumentation())
+                try:
+                    for key, value in inject({}, self.span).items():
+                        headers[key] = value
+                except Exception as exc:  # noqa: BLE001
+                    self.telemetry.guard.failed("dapr http inject", exc)
             try:
-                for key, value in inject({}, self.span).items():
-                    headers[key] = value
-            except Exception as exc:  # noqa: BLE001
-                self.telemetry.guard.failed("dapr http inject", exc)
-            yield
+                yield
+            except BaseException as exc:
+                self.failed(exc)
+                raise
 
     def failed(self, exc: BaseException) -> None:
         try:
@@ -145,11 +150,7 @@ def requests_send_wrapper(telemetry: Telemetry):  # noqa: ANN201
         if call is None:
             return wrapped(*args, **kwargs)
         with call.active(request.headers):
-            try:
-                response = wrapped(*args, **kwargs)
-            except BaseException as exc:
-                call.failed(exc)
-                raise
+            response = wrapped(*args, **kwargs)
         body = response._content if response.status_code >= 400 and not kwargs.get("stream") else None
         call.answered(response.status_code, body if isinstance(body, bytes) else None)
         return response
@@ -175,11 +176,7 @@ def httpx_send_wrapper(telemetry: Telemetry):  # noqa: ANN201
         if call is None:
             return wrapped(*args, **kwargs)
         with call.active(request.headers):
-            try:
-                response = wrapped(*args, **kwargs)
-            except BaseException as exc:
-                call.failed(exc)
-                raise
+            response = wrapped(*args, **kwargs)
         call.answered(response.status_code, _httpx_body(response, kwargs.get("stream", False)))
         return response
 
@@ -193,11 +190,7 @@ def httpx_async_send_wrapper(telemetry: Telemetry):  # noqa: ANN201
         if call is None:
             return await wrapped(*args, **kwargs)
         with call.active(request.headers):
-            try:
-                response = await wrapped(*args, **kwargs)
-            except BaseException as exc:
-                call.failed(exc)
-                raise
+            response = await wrapped(*args, **kwargs)
         call.answered(response.status_code, _httpx_body(response, kwargs.get("stream", False)))
         return response
 
@@ -228,11 +221,7 @@ def aiohttp_request_wrapper(telemetry: Telemetry):  # noqa: ANN201
             headers = CIMultiDict(kwargs.get("headers") or {})
             kwargs = {**kwargs, "headers": headers}
         with call.active(headers):
-            try:
-                response = await wrapped(*args, **kwargs)
-            except BaseException as exc:
-                call.failed(exc)
-                raise
+            response = await wrapped(*args, **kwargs)
         body = None
         length = response.content_length
         if response.status >= 400 and length is not None and length <= MAX_INSPECTED_BODY:
