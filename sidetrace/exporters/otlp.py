@@ -29,6 +29,7 @@ import grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from prometheus_client.core import CounterMetricFamily, Metric
 
+from sidetrace._grpc_status import status_details
 from sidetrace.config import OtlpExporterSection
 from sidetrace.exporters.spool import Batch, Spool
 
@@ -119,16 +120,10 @@ class _GrpcSender:
 
 def _grpc_retry_delay(exc: grpc.aio.AioRpcError) -> float | None:
     """The RetryInfo delay in a gRPC error's status details, when the backend sent one."""
-    for key, value in exc.trailing_metadata() or ():
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            from google.rpc import error_details_pb2, status_pb2
+    from google.rpc import error_details_pb2
 
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                    info = error_details_pb2.RetryInfo()
-                    detail.Unpack(info)
-                    return min(MAX_RETRY_AFTER, info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
+    for info in status_details(exc.trailing_metadata(), error_details_pb2.RetryInfo):
+        return min(MAX_RETRY_AFTER, info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
     return None
 
 

@@ -144,3 +144,32 @@ async def test_stop_in_the_middle_of_a_send_counts_it_as_possibly_resent(tmp_pat
     finally:
         release.set()
         await runner.cleanup()
+
+
+def test_grpc_retry_delay_comes_from_the_rich_status_retry_info() -> None:
+    from google.protobuf import any_pb2
+    from google.rpc import error_details_pb2, status_pb2
+
+    from sidetrace.exporters.otlp import MAX_RETRY_AFTER, _grpc_retry_delay
+
+    class Failure:  # the part of grpc.aio.AioRpcError the exporter reads
+        def __init__(self, *details: object) -> None:
+            packed = []
+            for detail in details:
+                any_detail = any_pb2.Any()
+                any_detail.Pack(detail)
+                packed.append(any_detail)
+            status = status_pb2.Status(code=14, details=packed)
+            self.trailers = (("grpc-status-details-bin", status.SerializeToString()),)
+
+        def trailing_metadata(self) -> tuple:
+            return self.trailers
+
+    info = error_details_pb2.ErrorInfo(reason="BUSY")
+    retry = error_details_pb2.RetryInfo()
+    retry.retry_delay.FromMilliseconds(2500)
+    assert _grpc_retry_delay(Failure(info, retry)) == 2.5
+    far = error_details_pb2.RetryInfo()
+    far.retry_delay.FromSeconds(10**6)
+    assert _grpc_retry_delay(Failure(far)) == MAX_RETRY_AFTER
+    assert _grpc_retry_delay(Failure(info)) is None

@@ -12,6 +12,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.metrics import Meter
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags, Tracer
 
+from sidetrace._grpc_status import status_details
 from sidetrace.instrumentors._messaging import GETTER, SETTER, BoundedValues, Guard
 from sidetrace.instrumentors.dapr._operations import DAPR_SERVICE, Operation
 
@@ -122,18 +123,11 @@ def grpc_error_type(error: Any) -> tuple[str, str | None]:
 
 
 def error_info_reason(trailers: Iterable[Any] | None) -> str | None:
-    for key, value in trailers or ():
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            from google.rpc import error_details_pb2, status_pb2
+    if not trailers:
+        return None
+    from google.rpc import error_details_pb2
 
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                    info = error_details_pb2.ErrorInfo()
-                    detail.Unpack(info)
-                    if info.reason:
-                        return info.reason
-    return None
+    return next((info.reason for info in status_details(trailers, error_details_pb2.ErrorInfo) if info.reason), None)
 
 
 # inbound context ---------------------------------------------------------------------------------
