@@ -19,13 +19,12 @@ Usage: python bench/dapr_overhead.py [--rounds 5] [--ops 2000] [--python .benchd
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._rounds import alternating_runs, python_version  # noqa: E402
 from tests.integration.dapr_apps import StandInDaprd  # noqa: E402
 
 WORKER = str(Path(__file__).with_name("dapr_worker.py"))
@@ -40,19 +39,13 @@ def main() -> None:
     parser.add_argument("--python", default=str(Path(__file__).resolve().parents[1] / ".benchdapr/bin/python"))
     args = parser.parse_args()
     daprd = StandInDaprd()
-    runs: dict[str, list[dict]] = {c: [] for c in CONDITIONS}
     try:
         daprd.configure({"echo": ("http", daprd.http_port)})
-        for round_number in range(args.rounds):
-            order = CONDITIONS if round_number % 2 == 0 else tuple(reversed(CONDITIONS))
-            for condition in order:
-                done = subprocess.run([args.python, WORKER, str(daprd.http_port), str(daprd.grpc_port), condition,
-                                       str(args.ops)], capture_output=True, text=True, timeout=600, check=True)
-                runs[condition].append(json.loads(done.stdout.strip().splitlines()[-1]))
+        runs = alternating_runs(CONDITIONS, args.rounds, lambda condition: [
+            args.python, WORKER, str(daprd.http_port), str(daprd.grpc_port), condition, str(args.ops)])
     finally:
         daprd.stop()
-    version = subprocess.run([args.python, "-c", "import sys; print(sys.version.split()[0])"],
-                             capture_output=True, text=True).stdout.strip()
+    version = python_version(args.python)
     print(f"{args.rounds} rounds, {args.ops} save_state and invoke_aiohttp / {args.ops // 5} invoke_sdk calls each; "
           f"Python {version}; caller CPU microseconds per call, median")
     print(f"{'mode':15} {'bare':>8} {'sidetrace':>10} {'peer':>8} {'added: sidetrace':>17} {'added: peer':>12} "

@@ -14,14 +14,13 @@ Usage: python bench/nats_overhead.py [--rounds 5] [--messages 5000] [--python .b
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._rounds import alternating_runs, python_version  # noqa: E402
 from tests.integration.nats_server import NatsServer  # noqa: E402
 
 WORKER = str(Path(__file__).with_name("nats_worker.py"))
@@ -36,18 +35,12 @@ def main() -> None:
     parser.add_argument("--python", default=str(Path(__file__).resolve().parents[1] / ".bench313/bin/python"))
     args = parser.parse_args()
     server = NatsServer(Path(tempfile.mkdtemp(prefix="sidetrace-nats-bench-")))
-    runs: dict[str, list[dict]] = {c: [] for c in CONDITIONS}
     try:
-        for round_number in range(args.rounds):
-            order = CONDITIONS if round_number % 2 == 0 else tuple(reversed(CONDITIONS))
-            for condition in order:
-                done = subprocess.run([args.python, WORKER, server.url, condition, str(args.messages)],
-                                      capture_output=True, text=True, timeout=600, check=True)
-                runs[condition].append(json.loads(done.stdout.strip().splitlines()[-1]))
+        runs = alternating_runs(CONDITIONS, args.rounds,
+                                lambda condition: [args.python, WORKER, server.url, condition, str(args.messages)])
     finally:
         server.stop()
-    version = subprocess.run([args.python, "-c", "import sys; print(sys.version.split()[0])"],
-                             capture_output=True, text=True).stdout.strip()
+    version = python_version(args.python)
     print(f"{args.rounds} rounds, {args.messages} pipelined / {args.messages // 5} sequential and request "
           f"messages each; Python {version}; CPU microseconds per message, median")
     print(f"{'mode':11} {'bare':>8} {'sidetrace':>10} {'peer':>8} {'added: sidetrace':>17} {'added: peer':>12}")

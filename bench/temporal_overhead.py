@@ -12,13 +12,13 @@ Usage: python bench/temporal_overhead.py [--rounds 3] [--activities 200]
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._rounds import alternating_runs  # noqa: E402
 from tests.conftest import free_port, port_open, stop_process, wait_until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,16 +34,11 @@ def main() -> None:
     server = subprocess.Popen([str(Path(sys.executable).with_name("temporal")), "server", "start-dev", "--headless",
                                "--ip", "127.0.0.1", "--port", str(port), "--ui-port", str(free_port())],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    runs: dict[str, list[dict]] = {c: [] for c in CONDITIONS}
     try:
         wait_until(lambda: port_open(port), 60, "the Temporal dev server")
-        for round_number in range(args.rounds):
-            order = CONDITIONS if round_number % 2 == 0 else tuple(reversed(CONDITIONS))
-            for condition in order:
-                done = subprocess.run([sys.executable, "-m", "bench.temporal_worker", f"127.0.0.1:{port}", condition,
-                                       str(args.activities)], cwd=ROOT, capture_output=True, text=True,
-                                      timeout=600, check=True)
-                runs[condition].append(json.loads(done.stdout.strip().splitlines()[-1]))
+        runs = alternating_runs(CONDITIONS, args.rounds, lambda condition: [
+            sys.executable, "-m", "bench.temporal_worker", f"127.0.0.1:{port}", condition, str(args.activities)],
+            cwd=ROOT)
     finally:
         stop_process(server)
     median = {c: statistics.median(r["cpu_ms_per_activity"] for r in runs[c]) for c in CONDITIONS}
