@@ -15,16 +15,12 @@ import nats.aio.client
 import nats.js.client
 import pytest
 from nats.js.api import ConsumerConfig
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
 from sidetrace.instrumentors import nats as nats_instrumentation
 from sidetrace.instrumentors.nats import NatsInstrumentor, process
 from tests.integration.nats_server import NatsServer
+from tests.telemetry import Telemetry
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,28 +30,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     s = NatsServer(tmp_path_factory.mktemp("nats"))
     yield s
     s.stop()
-
-
-class Telemetry:
-    def __init__(self) -> None:
-        self.spans = InMemorySpanExporter()
-        self.tracer_provider = TracerProvider()
-        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
-        self.metrics = InMemoryMetricReader()
-        self.meter_provider = MeterProvider(metric_readers=[self.metrics])
-
-    def finished(self, name: str | None = None) -> list[ReadableSpan]:
-        return [s for s in self.spans.get_finished_spans() if name is None or s.name == name]
-
-    def one(self, name: str) -> ReadableSpan:
-        found = self.finished(name)
-        assert len(found) == 1, (name, [s.name for s in self.finished()])
-        return found[0]
-
-    def metric_points(self, name: str) -> list:
-        data = self.metrics.get_metrics_data()
-        return [point for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
-                if m.name == name for point in m.data.data_points]
 
 
 @pytest.fixture
