@@ -80,6 +80,15 @@ def _age(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s"
 
 
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_CONTROL.update({0x9: "\\t", 0xA: "\\n", 0xD: "\\r"})
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, so a span name cannot drive the operator's terminal."""
+    return text.translate(_CONTROL)
+
+
 def render_status(status: dict[str, Any]) -> str:
     """The /debug/status JSON as a table for a person."""
     lines = [
@@ -91,7 +100,8 @@ def render_status(status: dict[str, Any]) -> str:
         lines.append(f"last reload FAILED: {status['last_reload_error']}")
     rows = [("COMPONENT", "STATE", "DETAIL", "LAST ERROR")]
     for name, component in status["components"].items():
-        rows.append((name, component["state"], component.get("detail") or "", component.get("last_error") or "-"))
+        rows.append((name, component["state"], printable(component.get("detail") or ""),
+                     printable(component.get("last_error") or "-")))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines.append("")
     for row in rows:
@@ -167,24 +177,24 @@ def render_trace(trace: dict[str, Any], width: int = 30) -> str:
     rows: list[tuple[str, dict[str, Any]]] = []
 
     def walk(span: dict[str, Any], depth: int) -> None:
-        rows.append(("  " * (depth + 1) + span["name"], span))
+        rows.append(("  " * (depth + 1) + printable(span["name"]), span))
         for child in sorted(children.get(span["span_id"], []), key=lambda s: s["start_unix_nano"]):
             walk(child, depth + 1)
 
     for root in sorted(roots, key=lambda s: s["start_unix_nano"]):
         walk(root, 0)
     status = "ERROR" if trace["error"] else "OK"
-    lines = [f"trace {trace['trace_id']}  {trace['root_service']}: {trace['root_name']}  {trace['span_count']} spans  "
-             f"{trace['duration_ms']:.3f} ms  {status}"]
+    lines = [f"trace {printable(trace['trace_id'])}  {printable(trace['root_service'])}: "
+             f"{printable(trace['root_name'])}  {trace['span_count']} spans  {trace['duration_ms']:.3f} ms  {status}"]
     name_width = max(len(label) for label, _ in rows)
-    service_width = max(len(span["service"]) for span in spans)
+    service_width = max(len(printable(span["service"])) for span in spans)
     for label, span in rows:
         offset = int((span["start_unix_nano"] - start) / total * width)
         length = max(1, round((span["end_unix_nano"] - span["start_unix_nano"]) / total * width))
         bar = (" " * offset + "#" * length)[:width].ljust(width)
         kind = span["kind"].removeprefix("SPAN_KIND_")
         code = span["status_code"].removeprefix("STATUS_CODE_")
-        lines.append(f"{label.ljust(name_width)}  {span['service'].ljust(service_width)}  {kind:<8}  "
+        lines.append(f"{label.ljust(name_width)}  {printable(span['service']).ljust(service_width)}  {kind:<8}  "
                      f"{span['duration_ms']:>10.3f} ms  |{bar}|  {code}")
     if trace.get("spans_dropped"):
         lines.append(f"  ({trace['spans_dropped']} more spans not kept: recent_traces.max_spans_per_trace)")
@@ -224,7 +234,7 @@ def render_flows(snapshot: dict[str, Any]) -> str:
         rows.append((flow["device"], flow["direction"][:2], flow["protocol"], f"{flow['local']}:{flow['local_port']}",
                      f"{flow['remote']}:{flow['remote_port']}", _rate(flow["bytes_per_second"]),
                      str(flow["estimated_packets"]), str(flow["estimated_bytes"]), f"{flow['error_bound_percent']}%",
-                     flow["process"]))
+                     printable(flow["process"])))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [f"sampling {interfaces or 'no interface'}; {snapshot['flow_count']} flows, "
              f"{snapshot['evicted_flows']} evicted"]

@@ -219,6 +219,12 @@ class OtlpReceiverSection:
     max_request_bytes: int = _key("Largest request body accepted (after decompression); larger ones get 413 or "
                                   "RESOURCE_EXHAUSTED.", _check_positive, default=4 * 1024 * 1024)
     auth_token: str = _key("When set, requests must carry `Authorization: Bearer <token>`.", default="")
+    read_timeout_seconds: float = _key("A request whose body (HTTP) or message (gRPC) has not arrived in full this "
+                                       "long after it began is refused (408 / DEADLINE_EXCEEDED) and counted.",
+                                       _check_positive, default=10.0)
+    idle_timeout_seconds: float = _key("An HTTP connection that sends no complete request for this long is closed; "
+                                       "a gRPC connection idle this long is sent away.", _check_positive,
+                                       default=60.0)
     tls: ListenerTlsSection = field(default_factory=ListenerTlsSection)
 
 
@@ -254,6 +260,9 @@ class OtlpExporterSection:
     timeout_seconds: float = _key("Deadline of one export request.", _check_positive, default=10.0)
     max_batch_spans: int = _key("Most spans sent in one request (spooled batches are joined up to it).",
                                 _check_positive, default=8192)
+    max_request_bytes: int = _key("Largest request sent: batches are joined up to it, a larger batch is split by "
+                                  "spans (gRPC servers take 4 MiB by default).", _check_positive,
+                                  default=4 * 1024 * 1024)
     batch_timeout_seconds: float = _key("How long a request short of max_batch_spans waits for more spans "
                                         "(the data waits on disk); 0 sends at once.", _check_non_negative,
                                         default=0.2)
@@ -310,8 +319,10 @@ class RecentTracesSection:
 
     max_traces: int = _key("Traces kept; the least recently updated goes first.", _check_positive, default=1000)
     max_spans_per_trace: int = _key("Spans kept per trace; the rest are counted.", _check_positive, default=1000)
-    max_spans: int = _key("Spans kept across all traces (bounds memory: about 300 bytes a span).", _check_positive,
-                          default=50_000)
+    max_spans: int = _key("Spans kept across all traces.", _check_positive, default=50_000)
+    max_bytes: int = _key("Bytes of span data kept across all traces (spans are kept as received, encoded: about "
+                          "250 bytes a span with 10 attributes); the oldest requests go first.", _check_positive,
+                          default=16 * 1024 * 1024)
 
 
 @dataclass(frozen=True)
@@ -558,10 +569,13 @@ def _apply_env(
 
 def _cross_checks(config: Config, origin: str) -> list[str]:
     problems = []
-    names = [exporter.name for exporter in config.exporters.otlp]
-    for index, name in enumerate(names):
-        if name in names[:index]:
-            problems.append(f'{origin}: exporters.otlp[{index}].name: expected a unique name, got "{name}" again')
+    seen: set[str] = set()
+    for kind in (spec.name for spec in dataclasses.fields(ExportersSection)):
+        for index, exporter in enumerate(getattr(config.exporters, kind)):
+            if exporter.name in seen:
+                problems.append(f'{origin}: exporters.{kind}[{index}].name: expected a name unique among all '
+                                f'exporters, got "{exporter.name}" again')
+            seen.add(exporter.name)
     if config.receivers.otlp.max_request_bytes > config.spool.max_bytes:
         problems.append(f"{origin}: receivers.otlp.max_request_bytes: expected at most spool.max_bytes "
                         f"({config.spool.max_bytes}), got {config.receivers.otlp.max_request_bytes}")

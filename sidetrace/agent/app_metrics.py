@@ -12,18 +12,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from sidetrace._aio import finish
 from sidetrace.config import AppMetricsSection
+
+if TYPE_CHECKING:
+    from sidetrace.agent.components import Context
 
 DELTA = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
 UNITS = {
@@ -94,12 +99,18 @@ class _Series:
 
 
 class AppMetrics:
-    """Cumulative series built from OTLP metrics requests, bounded and expiring."""
+    """The ``app_metrics`` component: cumulative series built from OTLP metrics requests, bounded and expiring.
 
-    def __init__(self, section: AppMetricsSection) -> None:
+    Everything it keeps for a series (family, type, help text, ``target_info``) exists only once a
+    series is accepted within ``max_series``: a refused one leaves nothing behind. Series not updated
+    for ``stale_seconds`` are removed by a timer, whether or not anyone scrapes.
+    """
+
+    def __init__(self, section: AppMetricsSection, context: Context | None = None) -> None:
+        self._links = context.links if context is not None else None
         self.max_series = section.max_series
         self.stale_seconds = section.stale_seconds
-        # (family name, type) -> {label tuple -> series}; help text per family name
+        # (family name, type) -> {label tuple -> series}; type and help text per family name
         self._families: dict[tuple[str, str], dict[tuple[tuple[str, str], ...], _Series]] = {}
         self._help: dict[str, str] = {}
         self._types: dict[str, str] = {}
@@ -107,21 +118,66 @@ class AppMetrics:
         self._count = 0
         self.dropped: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._state = "created"
+
+    # component -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._expire_periodically(), name="app-metrics-expiry")
+        if self._links is not None:
+            self._links.metrics.bind(self)
+        self._state = "running"
+
+    async def stop(self) -> None:
+        if self._links is not None:
+            self._links.metrics.unbind(self)
+        if self._task is not None:
+            await finish(self._task, 5.0)
+        self._state = "stopped"
+
+    async def reconfigure(self, section: AppMetricsSection, context: Context) -> None:
+        """Apply new bounds in place: series already kept stay (a lower max_series refuses new ones)."""
+        self.max_series = section.max_series
+        self.stale_seconds = section.stale_seconds
+        self.expire()
+
+    async def _expire_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(min(30.0, self.stale_seconds / 4))
+            await asyncio.to_thread(self.expire)
+
+    def status(self) -> dict[str, Any]:
+        return {"state": self._state, "detail": f"{self._count} series from apps", "last_error": None}
+
+    def collect(self) -> Iterator[Metric]:
+        return self.families()
+
+    # store -----------------------------------------------------------------------------------
 
     def _drop(self, reason: str, points: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + points
 
-    def _series(self, family: tuple[str, str], labels: tuple[tuple[str, str], ...], now: float) -> _Series | None:
-        by_labels = self._families.setdefault(family, {})
-        series = by_labels.get(labels)
+    def _series(self, family: tuple[str, str], labels: tuple[tuple[str, str], ...], now: float,
+                help_text: str) -> _Series | None:
+        by_labels = self._families.get(family)
+        series = by_labels.get(labels) if by_labels is not None else None
         if series is None:
             if self._count >= self.max_series:
                 self._drop("max_series")
                 return None
+            if by_labels is None:
+                by_labels = self._families[family] = {}
+                self._types[family[0]] = family[1]
+                self._help[family[0]] = help_text
             series = by_labels[labels] = _Series()
             self._count += 1
         series.updated = now
         return series
+
+    def accept_metrics(self, request: ExportMetricsServiceRequest) -> int:
+        """The MetricSink interface: fold ``request`` into the store; return the data points taken."""
+        return self.apply(request)
 
     def apply(self, request: ExportMetricsServiceRequest) -> int:
         """Fold ``request`` into the store; return the number of data points taken."""
@@ -135,12 +191,18 @@ class AppMetrics:
                 job = f"{namespace}/{name}" if namespace else name
                 instance = attributes.pop("service.instance.id", "")
                 target = (("job", job), ("instance", instance))
-                self._targets[(job, instance)] = (
-                    tuple(sorted((label_name(k), v) for k, v in attributes.items())), now)
+                self._target(job, instance, attributes, now)
                 for scope_metrics in resource_metrics.scope_metrics:
                     for metric in scope_metrics.metrics:
                         taken += self._metric(metric, target, now)
         return taken
+
+    def _target(self, job: str, instance: str, attributes: dict[str, str], now: float) -> None:
+        key = (job, instance)
+        if key not in self._targets and len(self._targets) >= self.max_series:
+            self._drop("max_series_target_info")
+            return
+        self._targets[key] = (tuple(sorted((label_name(k), v) for k, v in attributes.items())), now)
 
     def _metric(self, metric: Any, target: tuple[tuple[str, str], ...], now: float) -> int:
         kind = metric.WhichOneof("data")
@@ -157,16 +219,16 @@ class AppMetrics:
             return 0
         prom_type = {"gauge": "gauge", "sum": "gauge" if gauge else "counter", "histogram": "histogram",
                      "summary": "summary"}[kind]
-        if self._types.setdefault(base, prom_type) != prom_type:
+        if self._types.get(base, prom_type) != prom_type:
             self._drop("type_conflict", len(data.data_points))
             return 0
-        self._help.setdefault(base, metric.description or metric.name)
         family = (base, prom_type)
+        help_text = metric.description or metric.name
         delta = getattr(data, "aggregation_temporality", 0) == DELTA
         taken = 0
         for point in data.data_points:
             labels = target + tuple(sorted((label_name(kv.key), any_value(kv.value)) for kv in point.attributes))
-            series = self._series(family, labels, now)
+            series = self._series(family, labels, now, help_text)
             if series is None:
                 continue
             taken += 1
@@ -199,6 +261,7 @@ class AppMetrics:
                 if not by_labels:
                     del self._families[family]
                     del self._types[family[0]]
+                    del self._help[family[0]]
             for key, (_, updated) in list(self._targets.items()):
                 if updated < cutoff:
                     del self._targets[key]
@@ -208,16 +271,16 @@ class AppMetrics:
         return self._count
 
     def families(self) -> Iterator[Metric]:
-        self.expire()
         with self._lock:
             snapshot = [(family, [(labels, series.value, series.sum, series.count, list(series.buckets),
                                    series.bounds) for labels, series in by_labels.items()])
                         for family, by_labels in self._families.items()]
             targets = list(self._targets.items())
             dropped = dict(self.dropped)
+            helps = dict(self._help)
         for (name, prom_type), rows in snapshot:
             # Series of one family may carry different label keys, so samples are added one by one.
-            family = Metric(name, self._help[name], prom_type)
+            family = Metric(name, helps[name], prom_type)
             for labels, value, total, count, buckets, bounds in rows:
                 base = dict(labels)
                 if prom_type in ("gauge", "counter"):
@@ -241,7 +304,9 @@ class AppMetrics:
         yield info
         points = CounterMetricFamily("sidetrace_app_metrics_dropped_points",
                                      "OTLP metric points not served, by reason (max_series, reserved_name, "
-                                     "type_conflict, exponential_histogram).", labels=["reason"])
+                                     "type_conflict, exponential_histogram; max_series_target_info counts "
+                                     "requests whose resource was refused a target_info series, also capped at "
+                                     "max_series).", labels=["reason"])
         for reason, count in sorted(dropped.items()):
             points.add_metric([reason], count)
         yield points

@@ -1,14 +1,22 @@
 """The daemon: builds components from config, starts and stops them, reloads on SIGHUP.
 
 One asyncio loop runs everything. Components start in registry order and stop in reverse;
-SIGTERM and SIGINT stop them within ``STOP_SECONDS``; SIGHUP reloads the config file and
-restarts only the components whose section changed, rolling back to the old config (which
-keeps serving) when the new one is invalid or a changed component fails to start.
+SIGTERM and SIGINT stop them within ``STOP_SECONDS``, and win over a reload in progress (it
+finishes first; no READY=1 follows). SIGHUP reloads the config file and changes only the
+components whose section changed (in place, for those that can take a new section without
+stopping), rolling back to the old config (which keeps serving) when the new one is invalid or a
+changed component fails to start. ``agent.data_dir`` is held with a lock file for the whole run; a
+new value takes effect at the next start.
+
+The daemon is the only collector in the metric registry: it gathers the running components'
+metrics, merging families of the same name, so a component stopped (or left behind by a stop that
+timed out) is never exported, and never twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import platform
@@ -22,7 +30,9 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from sidetrace import __version__
-from sidetrace.agent.components import REGISTRY, Component, Context, Registration
+from sidetrace._aio import within
+from sidetrace._files import DataDirInUse, DataDirLock, make_private_dirs
+from sidetrace.agent.components import REGISTRY, Component, Context, Links, Registration
 from sidetrace.agent.systemd import Notifier
 from sidetrace.config import Config, ConfigError, load
 
@@ -50,8 +60,11 @@ class Daemon:
         self.config_path = config_path
         self.notifier = notifier or Notifier()
         self.registry = CollectorRegistry(auto_describe=False)
-        ProcessCollector(registry=self.registry)
+        self._process = ProcessCollector(registry=None)
         self.registry.register(self)
+        self.links = Links()
+        self._lock: DataDirLock | None = None
+        self._reloading = asyncio.Lock()
         self._components: dict[str, Component] = {}
         self._ready = False
         self._started_at = time.time()
@@ -71,14 +84,24 @@ class Daemon:
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         try:
-            self.config.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_private_dirs(self.config.data_path)
         except OSError as exc:
             log.error("agent.data_dir: cannot create %s: %s", self.config.data_path, exc.strerror or exc)
+            return 2
+        self._lock = DataDirLock(self.config.data_path)
+        try:
+            self._lock.acquire()
+        except DataDirInUse as exc:
+            log.error("agent.data_dir: %s", exc)
+            return 2
+        except OSError as exc:
+            log.error("agent.data_dir: cannot use %s: %s", self.config.data_path, exc.strerror or exc)
             return 2
         try:
             self._components = await self._start(self.config, REGISTRY)
         except RuntimeError as exc:
             log.error("%s; stopping", exc)
+            self._lock.release()
             return 1
         self._ready = True
         self.notifier.notify(f"READY=1\nSTATUS=serving on {self.config.server.listen}\nMAINPID={os.getpid()}")
@@ -90,16 +113,18 @@ class Daemon:
         log.info("stopping")
         self._ready = False
         self.notifier.notify("STOPPING=1")
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
-        await self._stop_components(self._components, time.monotonic() + STOP_SECONDS)
+        async with self._reloading:  # a reload in progress finishes (bounded by STOP_SECONDS per step) first
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await self._stop_components(self._components, time.monotonic() + STOP_SECONDS)
+        self._lock.release()
         log.info("stopped")
         return 0
 
     def _context(self, config: Config) -> Context:
         return Context(config=config, registry=self.registry, daemon_status=self.status, ready=lambda: self._ready,
-                       lookup=lambda name: self._components.get(name))
+                       links=self.links)
 
     async def _start(self, config: Config, registrations: tuple[Registration, ...]) -> dict[str, Component]:
         """Start the enabled components in order; on a failure stop those started and raise."""
@@ -120,8 +145,8 @@ class Daemon:
     async def _stop_components(self, components: dict[str, Component], deadline: float) -> None:
         for name, component in reversed(list(components.items())):
             try:
-                await asyncio.wait_for(component.stop(), timeout=max(0.1, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
+                await within(component.stop(), max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
                 log.error("%s did not stop before the %.0f s deadline; leaving it", name, STOP_SECONDS)
             except Exception as exc:
                 log.error("%s failed to stop cleanly: %s", name, exc)
@@ -141,39 +166,64 @@ class Daemon:
 
     async def reload(self) -> bool:
         """Re-read the config file and apply it; on any failure keep running on the old config."""
-        # MONOTONIC_USEC lets Type=notify-reload units match this reload to their request.
-        self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
-        try:
-            ok = await self._apply(load(self.config_path))
-        except ConfigError as exc:
-            ok = self._reload_failed("; ".join(exc.problems))
-        except Exception as exc:  # a bug must not end the reload loop: later SIGHUPs still work
-            log.exception("reload failed unexpectedly")
-            ok = self._reload_failed(f"{type(exc).__name__}: {exc}")
-        self.notifier.notify("READY=1")
-        return ok
+        async with self._reloading:
+            if self._stop.is_set():
+                return False
+            # MONOTONIC_USEC lets Type=notify-reload units match this reload to their request.
+            self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            try:
+                ok = await self._apply(load(self.config_path))
+            except ConfigError as exc:
+                ok = self._reload_failed("; ".join(exc.problems))
+            except Exception as exc:  # a bug must not end the reload loop: later SIGHUPs still work
+                log.exception("reload failed unexpectedly")
+                ok = self._reload_failed(f"{type(exc).__name__}: {exc}")
+            if not self._stop.is_set():  # a SIGTERM meanwhile wins: systemd must not see READY again
+                self.notifier.notify("READY=1")
+            return ok
 
     async def _apply(self, new: Config) -> bool:
         old = self.config
         if new.agent.data_dir != old.agent.data_dir:
-            log.warning("agent.data_dir changed; it takes effect when the agent restarts")
+            log.warning("agent.data_dir changed from %s to %s: it takes effect when the agent restarts; until then "
+                        "the spool and lock stay in %s", old.agent.data_dir, new.agent.data_dir, old.agent.data_dir)
+            new = dataclasses.replace(new, agent=dataclasses.replace(new.agent, data_dir=old.agent.data_dir))
         changed = tuple(r for r in REGISTRY if r.section(new) != r.section(old))
         if not changed:
             self._reload_succeeded(new)
+            log.info("reloaded %s: nothing changed", self.config_path)
             return True
-        running = {r.name: self._components.pop(r.name) for r in changed if r.name in self._components}
-        await self._stop_components(running, time.monotonic() + STOP_SECONDS)
         try:
-            self._adopt(await self._start(new, changed))
+            await self._change(changed, new)
         except RuntimeError as exc:
             try:
-                self._adopt(await self._start(old, changed))
+                await self._change(changed, old)
             except RuntimeError as again:
                 log.error("could not restore the previous config either: %s", again)
             return self._reload_failed(str(exc))
         self._reload_succeeded(new)
-        log.info("reloaded %s; restarted %s", self.config_path, ", ".join(r.name for r in changed))
+        log.info("reloaded %s; changed %s", self.config_path, ", ".join(r.name for r in changed))
         return True
+
+    async def _change(self, changed: tuple[Registration, ...], config: Config) -> None:
+        """Bring the ``changed`` components to ``config``: in place where they can, else stop and start them.
+
+        Raises RuntimeError naming the component that failed.
+        """
+        context = self._context(config)
+        restart = []
+        for registration in changed:
+            component = self._components.get(registration.name)
+            if component is None or not registration.enabled(config) or not hasattr(component, "reconfigure"):
+                restart.append(registration)
+                continue
+            try:
+                await within(component.reconfigure(registration.section(config), context), STOP_SECONDS)
+            except Exception as exc:
+                raise RuntimeError(f"{registration.name} failed to reconfigure: {exc}") from exc
+        running = {r.name: self._components.pop(r.name) for r in restart if r.name in self._components}
+        await self._stop_components(running, time.monotonic() + STOP_SECONDS)
+        self._adopt(await self._start(config, tuple(restart)))
 
     def _adopt(self, started: dict[str, Component]) -> None:
         """Add freshly started components, keeping registry order for the next stop."""
@@ -218,7 +268,29 @@ class Daemon:
         }
 
     def collect(self) -> Iterator[Metric]:
-        """The agent's own metrics (prometheus_client's Collector interface)."""
+        """Every metric of the agent (prometheus_client's Collector interface): the process's, the running
+        components', and the daemon's own. Families of one name from several components are merged."""
+        merged: dict[str, Metric] = {}
+        sources = [self._process.collect, self._own_metrics] + [
+            component.collect for component in list(self._components.values()) if hasattr(component, "collect")]
+        for source in sources:
+            try:
+                families = list(source())
+            except Exception:  # one broken collector must not empty the whole endpoint
+                log.exception("collecting metrics failed")
+                continue
+            for family in families:
+                kept = merged.get(family.name)
+                if kept is None:
+                    merged[family.name] = family
+                elif kept.type == family.type:
+                    kept.samples.extend(family.samples)
+                else:
+                    log.error("metric %s is emitted as both %s and %s; keeping the first", family.name, kept.type,
+                              family.type)
+        return iter(merged.values())
+
+    def _own_metrics(self) -> Iterator[Metric]:
         info = GaugeMetricFamily("sidetrace_build_info", "The agent's version and Python.",
                                  labels=["version", "python"])
         info.add_metric([__version__, platform.python_version()], 1)

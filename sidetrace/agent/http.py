@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import ssl
 from typing import Any
@@ -34,7 +35,7 @@ class HttpServer:
         app.router.add_get("/debug/traces/{trace_id}", self._debug_trace)
         app.router.add_get("/debug/flows", self._debug_flows)
         self._app = app
-        self._expected_auth = f"Bearer {section.auth_token}" if section.auth_token else None
+        self._expected_auth = f"Bearer {section.auth_token}".encode() if section.auth_token else None
 
     async def start(self) -> None:
         self._state = "starting"
@@ -85,7 +86,10 @@ class HttpServer:
         return web.Response(status=503, text="not ready\n")
 
     def _authorize(self, request: web.Request) -> None:
-        if self._expected_auth is not None and request.headers.get("Authorization") != self._expected_auth:
+        if self._expected_auth is None:
+            return
+        given = request.headers.get("Authorization", "").encode(errors="replace")
+        if not hmac.compare_digest(given, self._expected_auth):
             raise web.HTTPUnauthorized(text="missing or wrong bearer token ([server] auth_token)\n")
 
     async def _debug_status(self, request: web.Request) -> web.Response:
@@ -93,10 +97,10 @@ class HttpServer:
         return web.json_response(self._context.daemon_status())
 
     def _recent(self) -> Any:
-        pipeline = self._context.lookup("pipeline")
-        if pipeline is None:
+        recent = self._context.links.recent.get()
+        if recent is None:
             raise web.HTTPServiceUnavailable(text="the trace pipeline is not running\n")
-        return pipeline.recent
+        return recent
 
     async def _debug_traces(self, request: web.Request) -> web.Response:
         """Recent trace summaries, newest first: ?service=NAME&min_duration_ms=N&limit=N."""
@@ -107,13 +111,15 @@ class HttpServer:
             limit = int(query.get("limit", "20"))
         except ValueError:
             raise web.HTTPBadRequest(text="min_duration_ms must be a number and limit an integer\n") from None
-        traces = self._recent().list(query.get("service") or None, min_duration, max(1, min(limit, 1000)))
+        # Built from the encoded spans when asked: CPU-bound, so off the event loop.
+        traces = await asyncio.to_thread(self._recent().list, query.get("service") or None, min_duration,
+                                         max(1, min(limit, 1000)))
         return web.json_response({"traces": traces})
 
     async def _debug_flows(self, request: web.Request) -> web.Response:
         """The top sampled flows with estimates and error bounds: ?top=N (20)."""
         self._authorize(request)
-        source = self._context.lookup("netsample")
+        source = self._context.links.flows.get()
         if source is None:
             raise web.HTTPServiceUnavailable(text="the netsample source is not running ([sources.netsample] "
                                              "enabled = true)\n")
@@ -125,7 +131,7 @@ class HttpServer:
 
     async def _debug_trace(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        trace = self._recent().get(request.match_info["trace_id"])
+        trace = await asyncio.to_thread(self._recent().get, request.match_info["trace_id"])
         if trace is None:
             raise web.HTTPNotFound(text=f"no recent trace {request.match_info['trace_id']}\n")
         return web.json_response(trace)

@@ -1,148 +1,229 @@
-"""The trace pipeline: processors, the durable spool, exporters, span metrics and recent traces.
+"""The trace pipeline: the trace sink receivers and sources hand requests to.
 
-Receivers hand every decoded request to ``accept_traces`` / ``accept_metrics``. A trace request is
-enriched and redacted, written to the spool (when an exporter is configured) and only then
-acknowledged; span metrics and the recent-traces index see it after the write, so a request the
-spool refused (and the app will retry) is not counted twice.
+A request goes through the processors in order (resource enrichment, redaction), is written to the
+spool when an exporter is configured, and only then is acknowledged; span metrics and the
+recent-traces index see it after the write, so a request the spool refused (and the app will
+retry) is not counted twice. The exporters read the spool on their own (``sidetrace.exporters``).
+
+A reload changes only what changed: processors are swapped between two requests, the spool's
+bounds are applied in place, and only the exporters whose tables changed are restarted, so traffic
+is never refused, other exports are never cut, and no counter starts over.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterator
 from typing import Any
 
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, Metric
 
-from sidetrace.agent.app_metrics import AppMetrics
 from sidetrace.agent.components import Context
 from sidetrace.agent.processors.redaction import RedactionProcessor
 from sidetrace.agent.processors.resource import ResourceProcessor
 from sidetrace.agent.processors.span_metrics import SpanMetricsProcessor
 from sidetrace.agent.recent import RecentTraces
-from sidetrace.exporters.otlp import OtlpExporter, exporter_families
-from sidetrace.exporters.spool import Spool
+from sidetrace.config import Config
+from sidetrace.exporters import configured, exporter_class
+from sidetrace.exporters.delivery import DeliveryStats, delivery_families
+from sidetrace.exporters.spool import Spool, SpoolBusy, SpoolError, SpoolFull
 
 log = logging.getLogger("sidetrace.pipeline")
 
 SPOOL_FILE = "spool.db"
 
 
+class SinkBusy(Exception):
+    """The pipeline cannot take a request now; the sender should retry. ``reason`` is a metric label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def span_count(request: ExportTraceServiceRequest) -> int:
     return sum(len(scope.spans) for resource in request.resource_spans for scope in resource.scope_spans)
 
 
+class _Processors:
+    """The processors of one config, applied in order; replaced whole at a reload."""
+
+    def __init__(self, config: Config, redacted: int) -> None:
+        section = config.processors
+        self.resource = ResourceProcessor(section.resource) if section.resource.enabled else None
+        self.redaction = RedactionProcessor(section.redaction, redacted)
+        # The byte prefilter looks at what the app sent: added attributes with a sensitive key need the walk.
+        self.prefilter = not (self.resource and any(map(self.redaction.sensitive, self.resource.attributes)))
+
+    def apply(self, request: ExportTraceServiceRequest, raw: bytes | None) -> None:
+        if self.resource is not None:
+            self.resource.apply(request)
+        self.redaction.apply(request, raw if self.prefilter else None)
+
+
 class TracePipeline:
-    """Everything between the receivers and the backends (see module doc)."""
+    """The ``pipeline`` component (see module doc)."""
 
     def __init__(self, section: Any, context: Context) -> None:
         config = context.config
-        self._registry = context.registry
-        processors = config.processors
-        self.resource = ResourceProcessor(processors.resource) if processors.resource.enabled else None
-        self.redaction = RedactionProcessor(processors.redaction)
-        self.span_metrics = SpanMetricsProcessor(processors.span_metrics) if processors.span_metrics.enabled else None
+        self._links = context.links
+        self._config = config
+        self._processors = _Processors(config, 0)
+        self.span_metrics = SpanMetricsProcessor(config.processors.span_metrics) \
+            if config.processors.span_metrics.enabled else None
         self.recent = RecentTraces(config.recent_traces)
-        self.app_metrics = AppMetrics(config.app_metrics)
-        exporters = config.exporters.otlp
-        self.spool = Spool(config.data_path / SPOOL_FILE, [e.name for e in exporters], config.spool.max_bytes,
-                           config.spool.sync, config.spool.max_pending_bytes) if exporters else None
-        self.exporters = [OtlpExporter(e, self.spool) for e in exporters] if self.spool else []
-        self.accepted: dict[str, int] = {}
-        self.refused: dict[tuple[str, str], int] = {}
-        self.accepted_points = 0
+        self.spool: Spool | None = None
+        self.exporters: dict[str, Any] = {}
+        self._sections: dict[str, tuple[str, Any]] = {}
+        self._stats: dict[str, DeliveryStats] = {}
         self._state = "created"
+
+    # lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._state = "starting"
-        if self.spool is not None:
-            await self.spool.open()
-            for exporter in self.exporters:
-                await exporter.start()
+        wanted = configured(self._config.exporters)
+        if wanted:
+            spool = self._new_spool(self._config)
+            built = self._build(wanted, spool)  # before anything starts: a missing CA file fails here
+            await self._open(spool, built)
+            await self._start_exporters(built, wanted)
             log.info("spool %s holds %d bytes; exporting to %s", self.spool.path, self.spool.size_bytes,
-                     ", ".join(f"{e.name} ({e.section.endpoint})" for e in self.exporters))
+                     ", ".join(f"{name} ({section.endpoint})" for name, (_, section) in self._sections.items()))
         else:
-            log.info("no [[exporters.otlp]] configured: traces are kept in memory only (/debug/traces, "
-                     "`sidetrace traces`), nothing is sent to Jaeger")
-        self._registry.register(self)
+            log.info("no exporter configured: traces are kept in memory only (/debug/traces, `sidetrace traces`), "
+                     "nothing is sent to Jaeger")
+        self._links.traces.bind(self)
+        self._links.recent.bind(self.recent)
         self._state = "running"
 
     async def stop(self) -> None:
         self._state = "stopping"
-        for exporter in self.exporters:
+        self._links.traces.unbind(self)
+        self._links.recent.unbind(self.recent)
+        for exporter in self.exporters.values():
             await exporter.stop()
         if self.spool is not None:
             await self.spool.close()
-        with contextlib.suppress(KeyError):
-            self._registry.unregister(self)
         self._state = "stopped"
 
-    async def accept_traces(self, request: ExportTraceServiceRequest, transport: str, raw: bytes | None = None) -> int:
+    def _new_spool(self, config: Config) -> Spool:
+        return Spool(config.data_path / SPOOL_FILE, config.spool.max_bytes, config.spool.sync,
+                     config.spool.max_pending_bytes)
+
+    async def _open(self, spool: Spool, built: dict[str, Any]) -> None:
+        for exporter in built.values():
+            for reader, queue in exporter.readers():
+                spool.add_reader_at_open(reader, queue)
+        await spool.open()
+        self.spool = spool
+
+    def _stats_for(self, reader: str) -> DeliveryStats:
+        return self._stats.setdefault(reader, DeliveryStats())
+
+    def _build(self, wanted: list[tuple[str, Any]], spool: Spool) -> dict[str, Any]:
+        """The exporters of ``wanted`` that are new or changed, built (not started)."""
+        return {section.name: exporter_class(kind)(section, spool, self._stats_for) for kind, section in wanted
+                if (kind, section) != self._sections.get(section.name)}
+
+    async def _start_exporters(self, built: dict[str, Any], wanted: list[tuple[str, Any]]) -> None:
+        sections = {section.name: (kind, section) for kind, section in wanted}
+        for name, exporter in built.items():
+            await exporter.start()
+            self.exporters[name] = exporter
+            self._sections[name] = sections[name]
+
+    async def reconfigure(self, section: Any, context: Context) -> None:
+        """Apply a reload's config, restarting only the exporters whose tables changed (see module doc)."""
+        new = context.config
+        old = self._config
+        wanted = configured(new.exporters)
+        spool = self.spool or self._new_spool(new)  # opened below, if an exporter needs it
+        built = self._build(wanted, spool)  # may raise: nothing has changed yet
+        if new.processors.resource != old.processors.resource or new.processors.redaction != old.processors.redaction:
+            self._processors = _Processors(new, self._processors.redaction.redacted)
+        if new.processors.span_metrics != old.processors.span_metrics:
+            if not new.processors.span_metrics.enabled:
+                self.span_metrics = None
+            elif self.span_metrics is None:
+                self.span_metrics = SpanMetricsProcessor(new.processors.span_metrics)
+            else:
+                self.span_metrics.max_series = new.processors.span_metrics.max_series
+        self.recent.configure(new.recent_traces)
+        if self.spool is not None:
+            self.spool.max_bytes = new.spool.max_bytes
+            self.spool.max_pending_bytes = new.spool.max_pending_bytes
+            if new.spool.sync != old.spool.sync:
+                self.spool.set_sync(new.spool.sync)
+        names = {s.name for _, s in wanted}
+        leaving = [n for n in self.exporters if n not in names or n in built]
+        for name in leaving:
+            exporter = self.exporters.pop(name)
+            await exporter.stop()
+            self._sections.pop(name)
+            if name not in names:
+                for reader, _ in exporter.readers():
+                    await self.spool.remove_reader(reader)
+                    self._stats.pop(reader, None)
+        if built and self.spool is None:
+            await self._open(spool, built)
+        else:
+            for exporter in built.values():
+                for reader, queue in exporter.readers():
+                    await spool.add_reader(reader, queue)
+        await self._start_exporters(built, wanted)
+        self._config = new
+        if built or leaving:
+            log.info("exporters restarted: %s; exporting to %s", ", ".join(sorted({*built, *leaving})),
+                     ", ".join(self.exporters) or "nothing")
+
+    # the trace sink ----------------------------------------------------------------------------
+
+    async def accept_traces(self, request: ExportTraceServiceRequest, raw: bytes | None = None) -> int:
         """Process and durably queue ``request``; return its span count.
 
         ``raw`` is the request's protobuf encoding when the receiver has it (a fast path for redaction).
-        Raises SpoolBusy when too much waits for the disk, OSError when the disk fails; the receiver
-        refuses the request then (and counts it), so the app retries.
+        Raises SinkBusy when the spool cannot take it now (busy, disk full, failing); the receiver
+        refuses the request then, so the app retries.
         """
         spans = span_count(request)
         if not spans:
             return 0
-        if self.resource is not None:
-            self.resource.apply(request)
-        self.redaction.apply(request, raw)
+        self._processors.apply(request, raw)
+        body = request.SerializeToString()
         if self.spool is not None:
-            await self.spool.append(request.SerializeToString(), spans)
-        self.accepted[transport] = self.accepted.get(transport, 0) + spans
+            try:
+                await self.spool.append(body, spans)
+            except SpoolBusy as exc:
+                raise SinkBusy("busy", str(exc)) from None
+            except SpoolFull as exc:
+                raise SinkBusy("disk_full", str(exc)) from None
+            except SpoolError as exc:
+                raise SinkBusy("spool_error", str(exc)) from None
         if self.span_metrics is not None:
             self.span_metrics.apply(request)
-        self.recent.apply(request)
+        self.recent.add(body, spans)
         return spans
 
-    def accept_metrics(self, request: ExportMetricsServiceRequest) -> int:
-        points = self.app_metrics.apply(request)
-        self.accepted_points += points
-        return points
-
-    def refuse(self, transport: str, reason: str, spans: int) -> None:
-        """Count spans a receiver turned away before they reached the pipeline."""
-        self.refused[(transport, reason)] = self.refused.get((transport, reason), 0) + spans
+    # observability -------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        exporters = {e.name: e.status() for e in self.exporters}
+        exporters = {name: exporter.status() for name, exporter in self.exporters.items()}
         detail = f"{len(self.exporters)} exporter(s), spool {self.spool.size_bytes} bytes" if self.spool \
             else "no exporter: recent traces only"
-        errors = [f"{name}: {e['last_error']}" for name, e in exporters.items() if e["last_error"]]
+        errors = [f"{name}: {e['last_error']}" for name, e in exporters.items() if e["state"] == "failing"]
         return {"state": self._state, "detail": detail, "last_error": "; ".join(errors) or None,
                 "exporters": exporters, "recent_traces": self.recent.span_count}
 
     def collect(self) -> Iterator[Metric]:
-        """prometheus_client's Collector interface."""
-        accepted = CounterMetricFamily("sidetrace_receiver_accepted_spans", "Spans accepted (durably queued).",
-                                       labels=["transport"])
-        for transport, count in sorted(self.accepted.items()):
-            accepted.add_metric([transport], count)
-        yield accepted
-        refused = CounterMetricFamily("sidetrace_receiver_refused_spans",
-                                      "Spans refused with an error the sender sees, by reason.",
-                                      labels=["transport", "reason"])
-        for (transport, reason), count in sorted(self.refused.items()):
-            refused.add_metric([transport, reason], count)
-        yield refused
-        yield CounterMetricFamily("sidetrace_receiver_accepted_metric_points", "OTLP metric points taken.",
-                                  value=self.accepted_points)
+        """prometheus_client's Collector interface: each part's own metrics."""
         yield CounterMetricFamily("sidetrace_redacted_attributes", "Attribute values replaced by redaction.",
-                                  value=self.redaction.redacted)
-        yield GaugeMetricFamily("sidetrace_recent_traces_spans", "Spans held for /debug/traces.",
-                                value=self.recent.span_count)
-        yield CounterMetricFamily("sidetrace_recent_traces_dropped_spans",
-                                  "Spans not kept for /debug/traces because a trace was at max_spans_per_trace.",
-                                  value=self.recent.dropped_spans)
+                                  value=self._processors.redaction.redacted)
         if self.span_metrics is not None:
             yield from self.span_metrics.families()
+        yield from self.recent.families()
         if self.spool is not None:
             yield from self.spool.families()
-            yield from exporter_families(self.exporters)
-        yield from self.app_metrics.families()
+            yield from delivery_families(list(self._stats.items()))
+

@@ -174,9 +174,9 @@ def test_status_command_renders_components(agent_factory: Callable[..., Agent]) 
     assert lines[1] == f"config: {agent.config_path}"
     header = next(i for i, line in enumerate(lines) if line.startswith("COMPONENT"))
     rows = {line.split()[0]: line.split()[1] for line in lines[header + 1:]}
-    assert {name for name, state in rows.items() if state == "running"} == {"server", "host", "pipeline", "otlp"}
-    assert {state for name, state in rows.items() if name not in ("server", "host", "pipeline", "otlp")} == \
-        {"disabled"}  # the sources that are off by default
+    running = {"server", "host", "app_metrics", "pipeline", "otlp"}
+    assert {name for name, state in rows.items() if state == "running"} == running
+    assert {state for name, state in rows.items() if name not in running} == {"disabled"}  # sources off by default
     assert {"netsample", "nats_trace"} <= set(rows)
 
 

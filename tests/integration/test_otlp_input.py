@@ -60,6 +60,16 @@ def grpc_export(agent: Agent, body: bytes, metadata: tuple = ()) -> grpc.StatusC
         return grpc.StatusCode.OK
 
 
+def refused_requests(agent: Agent, transport: str) -> dict[str, float]:
+    _, text = http_get(agent.url + "/metrics")
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("sidetrace_receiver_refused_requests_total{") and f'transport="{transport}"' in line:
+            reason = line.split('reason="', 1)[1].split('"', 1)[0]
+            found[reason] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
 def refused(agent: Agent, reason: str) -> float:
     _, text = http_get(agent.url + "/metrics")
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
@@ -78,10 +88,29 @@ def test_malformed_requests_get_4xx_with_a_message_and_the_agent_keeps_serving(
     assert status_pb2.Status.FromString(body).message.startswith("invalid protobuf ExportTraceServiceRequest")
 
     status, _, body = post(url, good, content_type="text/plain")
-    assert (status, body) == (415, b"Content-Type must be application/x-protobuf or application/json, got text/plain")
+    assert status == 415 and status_pb2.Status.FromString(body).message == \
+        "Content-Type must be application/x-protobuf or application/json, got text/plain"
 
-    status, _, _ = post(url, b"\0" * 70_000)
-    assert status == 413
+    status, _, body = post(url, b"\0" * 70_000)
+    assert status == 413 and status_pb2.Status.FromString(body).message.startswith("request body larger than 65536")
+
+    for _ in range(5):  # any client may send these: one log line a minute, no traceback
+        status, _, body = post(url, good, **{"Content-Encoding": "br"})
+        assert status == 415 and status_pb2.Status.FromString(body).message == \
+            "Content-Encoding must be gzip, deflate or identity, got br"
+        status, _, body = post(url, b"not deflate", **{"Content-Encoding": "deflate"})
+        assert status == 400 and status_pb2.Status.FromString(body).message.startswith("invalid deflate body")
+
+    deep = b"[" * 30_000 + b"]" * 30_000  # far past the recursion limit, within max_request_bytes
+    status, _, body = post(url, b'{"resourceSpans": ' + deep + b"}", content_type="application/json")
+    assert status == 400 and json.loads(body)["message"] == "invalid OTLP/JSON: nested deeper than 128 levels"
+    nested = {"resourceSpans": [{"scopeSpans": [{"spans": [{"attributes": [{"key": "k", "value": {}}]}]}]}]}
+    value = nested["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["attributes"][0]["value"]
+    for _ in range(200):
+        value["kvlistValue"] = {"values": [{"key": "k", "value": {}}]}
+        value = value["kvlistValue"]["values"][0]["value"]
+    status, _, body = post(url, json.dumps(nested).encode(), content_type="application/json")
+    assert status == 400 and json.loads(body)["message"] == "invalid OTLP/JSON: nested deeper than 128 levels"
 
     status, _, body = post(url, b"x" * 10, **{"Content-Encoding": "gzip"})
     assert status == 400 and b"invalid gzip body" in status_pb2.Status.FromString(body).message.encode()
@@ -101,7 +130,14 @@ def test_malformed_requests_get_4xx_with_a_message_and_the_agent_keeps_serving(
     assert grpc_export(agent, good) == grpc.StatusCode.OK
     assert post(url, good)[0] == 200
     assert refused(agent, "invalid") == 0  # malformed requests carry no countable spans
+    assert refused_requests(agent, "http") == {"invalid": 3, "unsupported_media_type": 1, "too_large": 2,
+                                               "unsupported_encoding": 5, "bad_encoding": 6, "json_too_deep": 2}
+    assert refused_requests(agent, "grpc") == {"invalid": 1}
     assert http_get(agent.url + "/healthz")[0] == 200
+    log = agent.log()
+    assert "Traceback" not in log
+    assert log.count("refused an OTLP/http request (unsupported_encoding)") == 1
+    assert log.count("refused an OTLP/http request (bad_encoding)") == 1
 
 
 def test_otlp_json_with_hex_ids_is_accepted(agent_factory: Callable[..., Agent]) -> None:
@@ -160,7 +196,7 @@ def test_spool_backpressure_refuses_with_retryable_errors(agent_factory: Callabl
     status, headers, _ = post(agent.otlp_http + "/v1/traces", body)
     assert status == 429 and headers["Retry-After"] == "1"
     assert grpc_export(agent, body) == grpc.StatusCode.UNAVAILABLE
-    assert refused(agent, "unavailable") == 2  # one span each
+    assert refused(agent, "busy") == 2  # one span each
 
 
 def test_bearer_token_guards_receivers_and_debug(agent_factory: Callable[..., Agent]) -> None:

@@ -185,7 +185,7 @@ def test_corrupt_spool_entry_is_set_aside_and_counted_without_crash_loop(
     third = send_spans(agent, 10)
     assert agent.stop() == 0
     with sqlite3.connect(agent.data_dir / "spool.db") as db:
-        rows = db.execute("SELECT id, spans FROM batches ORDER BY id").fetchall()
+        rows = db.execute("SELECT id, items FROM batches ORDER BY id").fetchall()
         assert [spans for _, spans in rows] == [30, 30, 30]
         db.execute("UPDATE batches SET body = substr(body, 1, 40) || x'00ff' WHERE id = ?", (rows[1][0],))
     agent.start()

@@ -36,6 +36,7 @@ async def harness() -> AsyncIterator[Harness]:
     h = Harness()
     await h.server.start()
     await h.host.start()
+    h.registry.register(h.host)  # the daemon collects its components; here the test does
     yield h
     await h.host.stop()
     await h.server.stop()

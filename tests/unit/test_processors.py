@@ -6,6 +6,7 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 from prometheus_client import CollectorRegistry, generate_latest
 
 from sidetrace.agent.app_metrics import AppMetrics, metric_name
+from sidetrace.agent.pipeline import span_count
 from sidetrace.agent.processors.redaction import RedactionProcessor
 from sidetrace.agent.processors.resource import ResourceProcessor, container_id
 from sidetrace.agent.processors.span_metrics import SpanMetricsProcessor
@@ -30,7 +31,8 @@ def traces(*spans: tuple[str, str, bytes, int], attributes: dict[str, str] | Non
             kv.key, kv.value.string_value = "service.name", service
             by_service[service] = resource_spans.scope_spans.add()
         span = by_service[service].spans.add()
-        span.name, span.trace_id, span.span_id = name, trace_id, len(by_service[service].spans).to_bytes(8, "big")
+        span.name, span.trace_id = name, trace_id
+        span.span_id = sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans).to_bytes(8, "big")
         span.start_time_unix_nano, span.end_time_unix_nano = 10**9, 10**9 + duration_ms * 10**6
         for key, value in (attributes or {}).items():
             kv = span.attributes.add()
@@ -105,18 +107,49 @@ def test_container_id_from_cgroup_v1_and_v2_mountinfo() -> None:
     assert container_id("0::/user.slice\n", "1 2 0:3 / / rw\n") == ""
 
 
+def keep(recent: RecentTraces, request: ExportTraceServiceRequest) -> None:
+    recent.add(request.SerializeToString(), span_count(request))
+
+
 def test_recent_traces_bounds_and_summaries() -> None:
     recent = RecentTraces(RecentTracesSection(max_traces=2, max_spans_per_trace=2, max_spans=100))
-    recent.apply(traces(("a", "one", b"1" * 16, 5)))
-    recent.apply(traces(("a", "two", b"2" * 16, 50), ("b", "two-b", b"2" * 16, 7), ("b", "extra", b"2" * 16, 1)))
-    recent.apply(traces(("c", "three", b"3" * 16, 1)))
+    keep(recent, traces(("a", "one", b"1" * 16, 5)))
+    keep(recent, traces(("a", "two", b"2" * 16, 50), ("b", "two-b", b"2" * 16, 7), ("b", "extra", b"2" * 16, 1)))
+    keep(recent, traces(("c", "three", b"3" * 16, 1)))
     listed = recent.list()
-    assert [t["root_name"] for t in listed] == ["three", "two"]  # "one" was evicted
-    assert listed[1]["spans_dropped"] == 1 and recent.dropped_spans == 1
+    assert [t["root_name"] for t in listed] == ["three", "two"]  # max_traces: "one" is not listed
+    assert listed[1]["span_count"] == 2 and listed[1]["spans_dropped"] == 1  # max_spans_per_trace
     assert [t["trace_id"] for t in recent.list(service="b")] == [(b"2" * 16).hex()]
     assert [t["root_name"] for t in recent.list(min_duration_ms=10)] == ["two"]
-    assert recent.get((b"1" * 16).hex()) is None
-    assert recent.get("not hex") is None
+    assert recent.get((b"1" * 16).hex())["root_name"] == "one"  # still held, just past max_traces in a listing
+    assert recent.get("not hex") is None and recent.get((b"9" * 16).hex()) is None
+    assert recent.span_count == 5 and recent.dropped_spans == 0
+
+
+def test_recent_traces_let_the_oldest_requests_go_at_max_spans_and_max_bytes() -> None:
+    recent = RecentTraces(RecentTracesSection(max_spans=3))
+    keep(recent, traces(("a", "one", b"1" * 16, 5)))
+    keep(recent, traces(("a", "two", b"2" * 16, 5), ("a", "two", b"2" * 16, 5), ("a", "two", b"2" * 16, 5)))
+    assert recent.span_count == 3 and recent.dropped_spans == 1
+    keep(recent, traces(("a", "three", b"3" * 16, 5)))
+    assert recent.span_count == 1 and recent.dropped_spans == 4
+    assert [t["root_name"] for t in recent.list()] == ["three"]
+    request = traces(("a", "big", b"4" * 16, 5), attributes={"payload": "x" * 1000})
+    size = len(request.SerializeToString())
+    sized = RecentTraces(RecentTracesSection(max_bytes=2 * size))
+    for _ in range(5):
+        keep(sized, request)
+    assert sized.span_count == 2 and sized.dropped_spans == 3
+
+
+def test_recent_traces_show_a_span_received_twice_once() -> None:
+    recent = RecentTraces(RecentTracesSection())
+    request = traces(("a", "root", b"1" * 16, 5), ("a", "child", b"1" * 16, 2))
+    for _ in range(3):  # an SDK retrying, or the agent re-sending after a crash
+        keep(recent, request)
+    (summary,) = recent.list()
+    assert summary["span_count"] == 2
+    assert [span["name"] for span in recent.get((b"1" * 16).hex())["spans"]] == ["root", "child"]
 
 
 def metrics_request(kind: str, value: float, temporality: int = 0, name: str = "jobs.done", unit: str = "{job}",

@@ -6,11 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from sidetrace.exporters.spool import Spool, SpoolBusy
+from sidetrace.exporters.spool import CursorFile, Spool, SpoolBusy, SpoolError, SpoolFull
+from tests.filesystems import fill, needs_root, remount_read_only, tmpfs
 
 
-async def opened(path: Path, consumers: tuple[str, ...] = ("a",), **kwargs: object) -> Spool:
-    spool = Spool(path, consumers, **{"max_bytes": 1 << 20, **kwargs})
+async def opened(path: Path, readers: tuple[str, ...] = ("a",), **kwargs: object) -> Spool:
+    spool = Spool(path, **{"max_bytes": 1 << 20, **kwargs})
+    for reader in readers:
+        spool.add_reader_at_open(reader)
     await spool.open()
     return spool
 
@@ -18,60 +21,95 @@ async def opened(path: Path, consumers: tuple[str, ...] = ("a",), **kwargs: obje
 async def test_batches_come_back_in_order_and_are_freed_once_every_exporter_passed(tmp_path: Path) -> None:
     spool = await opened(tmp_path / "spool.db", ("a", "b"))
     for i in range(5):
-        await spool.append(f"body{i}".encode(), spans=i + 1)
+        await spool.append(f"body{i}".encode(), items=i + 1)
     assert spool.size_bytes == 25
-    a = await spool.read("a", max_spans=6, max_bytes=1000)
-    assert [b.body for b in a] == [b"body0", b"body1", b"body2"]  # 1+2+3 spans fit in 6
+    a = await spool.read("a", max_items=6, max_bytes=1000)
+    assert [b.body for b in a] == [b"body0", b"body1", b"body2"]  # 1+2+3 items fit in 6
     await spool.ack("a", a[-1].id)
     assert spool.size_bytes == 25  # b has not read anything yet
-    b = await spool.read("b", max_spans=100, max_bytes=1000)
+    b = await spool.read("b", max_items=100, max_bytes=1000)
     assert [x.body for x in b] == [f"body{i}".encode() for i in range(5)]
     await spool.ack("b", b[-1].id)
     assert spool.size_bytes == 10  # batches 3 and 4 wait for a
     assert [x.body for x in await spool.read("a", 100, 1000)] == [b"body3", b"body4"]
     await spool.close()
+    with sqlite3.connect(tmp_path / "spool.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM batches").fetchone()[0] == 2  # the passed rows are deleted
 
 
 async def test_first_batch_is_returned_even_when_larger_than_the_limits(tmp_path: Path) -> None:
     spool = await opened(tmp_path / "spool.db")
-    await spool.append(b"x" * 100, spans=50)
-    assert len(await spool.read("a", max_spans=10, max_bytes=10)) == 1
+    await spool.append(b"x" * 100, items=50)
+    assert len(await spool.read("a", max_items=10, max_bytes=10)) == 1
     await spool.close()
 
 
-async def test_full_spool_drops_oldest_and_counts_their_spans(tmp_path: Path) -> None:
+async def test_full_spool_drops_oldest_and_counts_their_items(tmp_path: Path) -> None:
     spool = await opened(tmp_path / "spool.db", max_bytes=300)
     for i in range(5):
-        await spool.append(bytes([i]) * 100, spans=10)
+        await spool.append(bytes([i]) * 100, items=10)
     assert spool.size_bytes == 300
-    assert spool.dropped == {"spool_full": 20}
+    assert spool.dropped == {"a": 20}
     batches = await spool.read("a", 1000, 10_000)
     assert [b.body[0] for b in batches] == [2, 3, 4]
     await spool.close()
 
 
-async def test_corrupt_row_is_set_aside_and_counted_not_retried(tmp_path: Path) -> None:
+async def test_set_aside_bodies_count_against_the_bound_and_go_first(tmp_path: Path) -> None:
+    spool = await opened(tmp_path / "spool.db", max_bytes=300)
+    await spool.append(b"a" * 100, items=1)
+    (first,) = await spool.read("a", 10, 1000)
+    await spool.set_aside("a", first.id, first.body, 1, "rejected", "HTTP 400: bad")
+    await spool.ack("a", first.id)
+    assert spool.size_bytes == 100  # the set-aside copy
+    await spool.append(b"b" * 100, items=1)
+    await spool.append(b"c" * 100, items=1)
+    assert spool.size_bytes == 300 and spool.dropped == {}
+    await spool.append(b"d" * 100, items=1)  # over the bound: the set-aside copy goes, no queued batch
+    assert spool.size_bytes == 300 and spool.dropped == {}
+    assert [b.body[:1] for b in await spool.read("a", 10, 1000)] == [b"b", b"c", b"d"]
+    await spool.close()
+    with sqlite3.connect(tmp_path / "spool.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM set_aside").fetchone()[0] == 0
+
+
+async def test_corrupt_row_is_set_aside_once_and_the_cursor_moves_past_it(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
     spool = await opened(path)
     for i in range(3):
-        await spool.append(f"body{i}".encode(), spans=7)
+        await spool.append(f"body{i}".encode(), items=7)
     with sqlite3.connect(path) as db:
-        db.execute("UPDATE batches SET body = ? WHERE id = 2", (b"b0dy1",))
-    batches = await spool.read("a", 1000, 10_000)
-    assert [b.body for b in batches] == [b"body0", b"body2"]
+        db.execute("UPDATE batches SET body = ? WHERE id = 3", (b"b0dy2",))  # the last row
+    for _ in range(5):
+        batches = await spool.read("a", 1000, 10_000)
+        assert [b.body for b in batches] == [b"body0", b"body1"]
     assert spool.set_aside_counts == {("a", "corrupt"): 7}
     await spool.ack("a", batches[-1].id)
     assert await spool.read("a", 1000, 10_000) == []
+    assert spool.size_bytes == len(b"b0dy2")  # the set-aside copy
     await spool.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT batch_id, reason, body FROM set_aside").fetchall() == [(2, "corrupt", b"b0dy1")]
+        assert db.execute("SELECT batch_id, reason, body FROM set_aside").fetchall() == [(3, "corrupt", b"b0dy2")]
+        assert db.execute("SELECT COUNT(*) FROM batches").fetchone()[0] == 0
+
+
+async def test_row_rewritten_as_invalid_text_is_set_aside(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    spool = await opened(path)
+    for i in range(2):
+        await spool.append(f"body{i}".encode(), items=4)
+    with sqlite3.connect(path) as db:  # bytes that are not UTF-8, stored with TEXT affinity
+        db.execute("UPDATE batches SET body = substr(body, 1, 2) || x'00ff' WHERE id = 1")
+    assert [b.body for b in await spool.read("a", 100, 1000)] == [b"body1"]
+    assert spool.set_aside_counts == {("a", "corrupt"): 4}
+    await spool.close()
 
 
 async def test_unacked_batches_and_cursors_survive_reopen(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
     spool = await opened(path)
     for i in range(4):
-        await spool.append(f"body{i}".encode(), spans=3)
+        await spool.append(f"body{i}".encode(), items=3)
     first = await spool.read("a", 3, 1000)
     await spool.ack("a", first[-1].id)
     await spool.close()  # a clean stop: nothing can have been in flight
@@ -80,6 +118,7 @@ async def test_unacked_batches_and_cursors_survive_reopen(tmp_path: Path) -> Non
     batches = await again.read("a", 1000, 1000)
     assert [b.body for b in batches] == [b"body1", b"body2", b"body3"]
     assert again.possibly_resent("a", batches) == 0
+    assert again.size_bytes == 15
     await again.close()
 
 
@@ -87,11 +126,11 @@ async def test_after_a_crash_only_the_first_read_counts_as_possibly_resent(tmp_p
     path = tmp_path / "spool.db"
     spool = await opened(path)
     for i in range(3):
-        await spool.append(f"body{i}".encode(), spans=5)
+        await spool.append(f"body{i}".encode(), items=5)
     spool._thread.shutdown(wait=True)  # as if killed: the spool is never closed
 
     again = await opened(path)
-    await again.append(b"after", spans=7)
+    await again.append(b"after", items=7)
     first = await again.read("a", 10, 1000)
     assert [b.body for b in first] == [b"body0", b"body1"]
     assert again.possibly_resent("a", first) == 10
@@ -102,32 +141,152 @@ async def test_after_a_crash_only_the_first_read_counts_as_possibly_resent(tmp_p
     await again.close()
 
 
-async def test_unreadable_database_file_is_moved_aside_and_replaced(tmp_path: Path) -> None:
+async def test_a_new_reader_inherits_what_the_queue_holds_and_a_removed_one_frees_its_share(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    spool = await opened(path, ("old",))
+    for i in range(3):
+        await spool.append(f"body{i}".encode(), items=1)
+    await spool.close()
+    renamed = await opened(path, ("renamed",))  # an exporter renamed between two runs: nothing is lost
+    assert [b.body for b in await renamed.read("renamed", 10, 1000)] == [b"body0", b"body1", b"body2"]
+    await renamed.add_reader("second")
+    assert len(await renamed.read("second", 10, 1000)) == 3
+    batches = await renamed.read("renamed", 10, 1000)
+    await renamed.ack("renamed", batches[-1].id)
+    assert renamed.size_bytes == 15  # "second" still needs them
+    await renamed.remove_reader("second")
+    assert renamed.size_bytes == 0
+    await renamed.close()
+
+
+async def test_unreadable_database_file_is_moved_aside_and_replaced(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "spool.db"
     path.write_bytes(b"this is not a sqlite database" * 100)
     spool = await opened(path)
     assert spool.replaced_files == 1
-    assert len(list(tmp_path.glob("spool.db.corrupt-*"))) == 1
-    await spool.append(b"fresh", spans=1)
+    (aside,) = tmp_path.glob("spool.db.corrupt-*")
+    assert f"spool {path} is corrupt" in caplog.text and f"moved it to {aside}" in caplog.text
+    await spool.append(b"fresh", items=1)
     assert [b.body for b in await spool.read("a", 10, 100)] == [b"fresh"]
     await spool.close()
 
 
+async def test_a_locked_spool_fails_to_open_and_nothing_is_moved(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    spool = await opened(path)
+    await spool.append(b"keep me", items=1)
+    await spool.close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(SpoolError) as failure:
+            await opened(path)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert str(failure.value).startswith(f"spool {path}: cannot be used (database is locked): another process holds it")
+    assert not list(tmp_path.glob("*.corrupt-*")) and (tmp_path / "spool.db").exists()
+    again = await opened(path)
+    assert [b.body for b in await again.read("a", 10, 100)] == [b"keep me"]
+    await again.close()
+
+
+@needs_root
+async def test_a_spool_on_a_full_filesystem_fails_to_open_and_nothing_is_moved(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "small", 1024) as mount:
+        spool = await opened(mount / "spool.db")
+        await spool.append(b"keep me", items=1)
+        await spool.close()
+        (mount / "spool.db-wal").unlink(missing_ok=True)
+        (mount / "spool.db-shm").unlink(missing_ok=True)
+        fill(mount)
+        with pytest.raises(SpoolError) as failure:
+            await opened(mount / "spool.db")
+        assert f"the filesystem holding {mount} is full" in str(failure.value)
+        assert not list(mount.glob("*.corrupt-*"))
+        (mount / "filler").unlink()
+        again = await opened(mount / "spool.db")
+        assert [b.body for b in await again.read("a", 10, 100)] == [b"keep me"]
+        await again.close()
+
+
+@needs_root
+async def test_a_spool_in_a_read_only_directory_fails_to_open_and_nothing_is_moved(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "ro", 1024) as mount:
+        spool = await opened(mount / "spool.db")
+        await spool.append(b"keep me", items=1)
+        await spool.close()
+        remount_read_only(mount)
+        with pytest.raises(SpoolError) as failure:
+            await opened(mount / "spool.db")
+        assert str(failure.value).startswith(f"spool {mount / 'spool.db'}: cannot be used (")
+        assert "read-only" in str(failure.value) or "may write there" in str(failure.value)
+        assert sorted(p.name for p in mount.iterdir()) == ["spool.db", "spool.db-cursors", "spool.db-reserve"]
+
+
+@needs_root
+async def test_a_full_disk_refuses_with_the_cause_and_delivery_still_drains(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "small", 2048) as mount:
+        spool = await opened(mount / "spool.db", max_bytes=1 << 30)
+        body = b"x" * 20_000
+        accepted = 0
+        with pytest.raises(SpoolFull) as failure:
+            for _ in range(1000):
+                await spool.append(body, items=10)
+                accepted += 1
+        assert str(failure.value).startswith("disk full: cannot write")
+        assert spool.size_bytes == accepted * len(body)  # what committed, and only that
+        assert spool.failed_writes == {"full": 1}
+        fill(mount)  # not one free block
+        delivered = 0
+        while batches := await spool.read("a", 30, 1 << 20):
+            await spool.ack("a", batches[-1].id)  # needs no new space
+            delivered += sum(b.items for b in batches)
+        assert delivered == accepted * 10 and spool.size_bytes == 0 and spool.dropped == {}
+        (mount / "filler").unlink()
+        await spool.append(b"after", items=1)
+        assert [b.body for b in await spool.read("a", 10, 100)] == [b"after"]
+        await spool.close()
+
+
+async def test_a_spool_from_sidetrace_0_1_is_upgraded_with_its_cursors(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    with sqlite3.connect(path) as db:
+        db.executescript("""
+            CREATE TABLE batches (id INTEGER PRIMARY KEY AUTOINCREMENT, received_at REAL NOT NULL,
+                spans INTEGER NOT NULL, size INTEGER NOT NULL, crc INTEGER NOT NULL, body BLOB NOT NULL);
+            CREATE TABLE cursors (consumer TEXT PRIMARY KEY, acked INTEGER NOT NULL, running INTEGER NOT NULL);
+            CREATE TABLE set_aside (id INTEGER PRIMARY KEY, batch_id INTEGER, consumer TEXT, reason TEXT, at REAL,
+                body BLOB);
+            INSERT INTO batches VALUES (1, 1.0, 3, 5, 3513755018, 'body0'), (2, 2.0, 4, 5, 2791871772, 'body1');
+            INSERT INTO cursors VALUES ('a', 1, 0);
+            INSERT INTO set_aside VALUES (1, 7, 'a', 'rejected: HTTP 400: bad', 3.0, 'old');
+        """)
+    spool = await opened(path)
+    assert [(b.id, b.items, b.body) for b in await spool.read("a", 10, 100)] == [(2, 4, b"body1")]
+    assert spool.size_bytes == 5 + 3  # body1 and the set-aside copy
+    await spool.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT reader, reason, detail FROM set_aside").fetchall() == [
+            ("a", "rejected", "rejected: HTTP 400: bad")]
+
+
 async def test_append_refuses_when_too_much_is_pending(tmp_path: Path) -> None:
     spool = await opened(tmp_path / "spool.db", max_pending_bytes=150)
-    first = asyncio.ensure_future(spool.append(b"x" * 100, spans=1))
+    first = asyncio.ensure_future(spool.append(b"x" * 100, items=1))
     await asyncio.sleep(0)  # first is now pending
     with pytest.raises(SpoolBusy):
-        await spool.append(b"y" * 100, spans=1)
+        await spool.append(b"y" * 100, items=1)
     await first
-    await spool.append(b"z" * 100, spans=1)  # room again once written
+    await spool.append(b"z" * 100, items=1)  # room again once written
     assert [b.body[:1] for b in await spool.read("a", 10, 1000)] == [b"x", b"z"]
     await spool.close()
 
 
 async def test_group_commit_writes_concurrent_appends_together(tmp_path: Path) -> None:
     spool = await opened(tmp_path / "spool.db")
-    await asyncio.gather(*(spool.append(f"{i:03d}".encode(), spans=1) for i in range(200)))
+    await asyncio.gather(*(spool.append(f"{i:03d}".encode(), items=1) for i in range(200)))
     batches = await spool.read("a", 1000, 100_000)
     assert [b.body for b in batches] == [f"{i:03d}".encode() for i in range(200)]
     await spool.close()
@@ -137,18 +296,20 @@ async def test_wait_for_new_wakes_on_commit(tmp_path: Path) -> None:
     spool = await opened(tmp_path / "spool.db")
     assert await spool.read("a", 10, 100) == []
     waiter = asyncio.ensure_future(spool.wait_for_new("a", timeout=10))
-    await spool.append(b"new", spans=1)
+    await spool.append(b"new", items=1)
     await asyncio.wait_for(waiter, 2)
     await spool.close()
 
 
-async def test_row_rewritten_as_invalid_text_is_set_aside(tmp_path: Path) -> None:
-    path = tmp_path / "spool.db"
-    spool = await opened(path)
-    for i in range(2):
-        await spool.append(f"body{i}".encode(), spans=4)
-    with sqlite3.connect(path) as db:  # bytes that are not UTF-8, stored with TEXT affinity
-        db.execute("UPDATE batches SET body = substr(body, 1, 2) || x'00ff' WHERE id = 1")
-    assert [b.body for b in await spool.read("a", 100, 1000)] == [b"body1"]
-    assert spool.set_aside_counts == {("a", "corrupt"): 4}
-    await spool.close()
+def test_cursor_file_keeps_the_previous_state_when_a_write_is_torn(tmp_path: Path) -> None:
+    cursors = CursorFile(tmp_path / "c", fsync=False)
+    assert cursors.open() is None
+    cursors.store({"acked": {"a": 1}})
+    cursors.store({"acked": {"a": 2}})
+    cursors.close()
+    with open(tmp_path / "c", "r+b") as handle:  # the newest slot (seq 2 is in slot 0) half written
+        handle.seek(30)
+        handle.write(b"\xff" * 4)
+    again = CursorFile(tmp_path / "c", fsync=False)
+    assert again.open() == {"acked": {"a": 1}}
+    again.close()

@@ -63,9 +63,33 @@ def _implies(needed: list[str], other: list[str]) -> bool:
     return all(any(o in n for n in needed) for o in other)
 
 
+# The non-ASCII letters that Python's case-insensitive matching equates with ASCII ones (found by trying
+# every code point against every ASCII letter); folding them to those letters lets one rule serve the
+# byte prefilter and the full check alike.
+_EQUIVALENTS = {"\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212a": "k"}
+_TRANSLATION = str.maketrans(_EQUIVALENTS)
+_EQUIVALENT_BYTES = tuple((letter.encode(), ascii_letter.encode()) for letter, ascii_letter in _EQUIVALENTS.items())
+
+
+def fold(key: str) -> str:
+    """Redaction's one case-folding rule, for attribute keys: the letters above become their ASCII
+    equivalents, then everything is lowered. Every ASCII letter of the result comes from an ASCII
+    letter of ``key`` or from one of those four, which ``fold_bytes`` treats the same way."""
+    return key.translate(_TRANSLATION).lower()
+
+
+def fold_bytes(raw: bytes) -> bytes:
+    """``fold`` as seen by a byte search: ASCII lowered, the four equivalent letters' UTF-8 replaced."""
+    lowered = raw.lower()
+    if b"\xc4" in lowered or b"\xc5\xbf" in lowered or b"\xe2\x84\xaa" in lowered:
+        for letter, ascii_letter in _EQUIVALENT_BYTES:
+            lowered = lowered.replace(letter, ascii_letter)
+    return lowered
+
+
 def _needles(keys: Iterable[str], patterns: Iterable[str]) -> list[list[bytes]] | None:
-    """Literal sets, one of which every sensitive key contains; None when that cannot be known."""
-    needles = [[key.lower()] for key in keys]
+    """Literal sets, one of which every sensitive key contains once folded; None when that cannot be known."""
+    needles = [[fold(key)] for key in keys]
     for pattern in patterns:
         try:
             required = _required(list(sre_parse.parse(pattern, re.IGNORECASE)))
@@ -73,9 +97,9 @@ def _needles(keys: Iterable[str], patterns: Iterable[str]) -> list[list[bytes]] 
             return None
         if required is None:
             return None
-        needles.extend(required)
+        needles.extend([[fold(needle) for needle in needed] for needed in required])
     if any(not needle.isascii() for needed in needles for needle in needed):
-        return None  # bytes.lower() folds ASCII only
+        return None  # fold_bytes can only find ASCII needles
     # A set that can only be found where a smaller set is found too adds no search: keep the smaller.
     kept: list[list[str]] = []
     for needed in needles:
@@ -86,48 +110,72 @@ def _needles(keys: Iterable[str], patterns: Iterable[str]) -> list[list[bytes]] 
 
 
 class RedactionProcessor:
-    """Replaces values of attributes whose key is listed or matches a pattern (resource, span, event, link)."""
+    """Replaces values of sensitive attributes at every depth: resource, scope, span, event and link attributes,
+    and keys inside map values (``kvlist``) and arrays of maps."""
 
-    def __init__(self, section: RedactionProcessorSection) -> None:
-        self._keys = {key.lower() for key in section.keys}
+    def __init__(self, section: RedactionProcessorSection, redacted: int = 0) -> None:
+        self._keys = {fold(key) for key in section.keys}
         self._pattern = re.compile("|".join(f"(?:{p})" for p in section.key_patterns), re.IGNORECASE) \
             if section.key_patterns else None
         self._replacement = section.replacement
         self._decisions: dict[str, bool] = {}
-        self.redacted = 0
+        self.redacted = redacted
         # Every attribute key is in the request's wire bytes as plain UTF-8: if no key or pattern
         # could match anywhere in them (checked with a few C-speed substring searches for the literals
-        # each pattern requires), the request is clean and its attributes need not be walked.
+        # each pattern requires, after the same folding as the full check), the request is clean and
+        # its attributes need not be walked.
         self._needles = _needles(section.keys, section.key_patterns)
         self.skipped_requests = 0
 
-    def _sensitive(self, key: str) -> bool:
+    def sensitive(self, key: str) -> bool:
+        """Whether values under ``key`` are redacted (the full check)."""
         decision = self._decisions.get(key)
         if decision is None:
-            decision = key.lower() in self._keys or bool(self._pattern and self._pattern.search(key))
+            folded = fold(key)
+            decision = folded in self._keys or bool(self._pattern and self._pattern.search(folded))
             if len(self._decisions) < _DECISIONS_KEPT:
                 self._decisions[key] = decision
         return decision
 
+    def may_contain(self, raw: bytes) -> bool:
+        """The prefilter: False only when no attribute key in ``raw`` (wire bytes) can be sensitive."""
+        if self._needles is None:
+            return True
+        lowered = fold_bytes(raw)
+        return any(all(needle in lowered for needle in needed) for needed in self._needles)
+
     def _scrub(self, attributes: Iterable) -> None:
         for kv in attributes:
-            if self._sensitive(kv.key):
+            if self.sensitive(kv.key):
                 kv.value.string_value = self._replacement
                 self.redacted += 1
+                continue
+            kind = kv.value.WhichOneof("value")
+            if kind == "kvlist_value":
+                self._scrub(kv.value.kvlist_value.values)
+            elif kind == "array_value":
+                self._scrub_array(kv.value.array_value.values)
+
+    def _scrub_array(self, values: Iterable) -> None:
+        for value in values:
+            kind = value.WhichOneof("value")
+            if kind == "kvlist_value":
+                self._scrub(value.kvlist_value.values)
+            elif kind == "array_value":
+                self._scrub_array(value.array_value.values)
 
     def apply(self, request: ExportTraceServiceRequest, raw: bytes | None = None) -> None:
         """Redact ``request`` in place; ``raw``, its protobuf bytes when known, lets clean requests skip the walk."""
         if not self._keys and self._pattern is None:
             return
-        if raw is not None and self._needles is not None:
-            lowered = raw.lower()
-            if not any(all(needle in lowered for needle in needed) for needed in self._needles):
-                self.skipped_requests += 1
-                return
+        if raw is not None and not self.may_contain(raw):
+            self.skipped_requests += 1
+            return
         scrub = self._scrub
         for resource_spans in request.resource_spans:
             scrub(resource_spans.resource.attributes)
             for scope_spans in resource_spans.scope_spans:
+                scrub(scope_spans.scope.attributes)
                 for span in scope_spans.spans:
                     scrub(span.attributes)
                     for event in span.events:

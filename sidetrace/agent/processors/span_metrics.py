@@ -75,7 +75,7 @@ class SpanMetricsProcessor:
                 series = series_of.get(key)
                 if series is None:
                     series = self._new_series(key)
-                duration_ms = (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6
+                duration_ms = max(0, span.end_time_unix_nano - span.start_time_unix_nano) / 1e6  # a clock skewed end
                 series[0] += 1
                 series[1] += duration_ms
                 series[2][bisect_left(BUCKETS_MS, duration_ms)] += 1

@@ -1,19 +1,30 @@
-"""OTLP receiver: traces and metrics over gRPC (4317) and HTTP (4318, protobuf or JSON, gzip).
+"""OTLP receiver: traces and metrics over gRPC (4317) and HTTP (4318, protobuf or JSON, gzip or deflate).
 
 Accepts whatever a stock OpenTelemetry SDK exporter sends with its defaults. A trace request is
-answered with success only after the pipeline has written it to the spool. When the spool cannot
-keep up the receiver refuses with its protocol's retryable answer (gRPC UNAVAILABLE, HTTP 429
-with Retry-After) instead of buffering; malformed input gets INVALID_ARGUMENT or a 4xx with a
-message. Every refusal is counted in ``sidetrace_receiver_refused_spans_total``.
+answered with success only after the trace pipeline has written it to the spool. When the pipeline
+cannot take it now the receiver refuses with its protocol's retryable answer (gRPC UNAVAILABLE, HTTP
+429 with Retry-After) instead of buffering; malformed input gets INVALID_ARGUMENT or a 4xx. Every
+HTTP refusal carries a ``google.rpc.Status`` body in the request's own encoding.
+
+Slow and stalled clients cannot starve the receivers: a request whose body (HTTP) or message (gRPC)
+has not arrived within ``read_timeout_seconds`` is refused, a connection that sends no complete
+request for ``idle_timeout_seconds`` is closed, and a processing slot (``MAX_CONCURRENT_REQUESTS``)
+is taken only once a request has arrived whole. Every refusal is counted, by transport and reason,
+in ``sidetrace_receiver_refused_requests_total`` (and its spans, when they could be counted, in
+``sidetrace_receiver_refused_spans_total``); each reason is logged at most once a minute.
 """
 
 from __future__ import annotations
 
 import base64
+import hmac
 import json
 import logging
-import sqlite3
+import socket
 import ssl
+import time
+import zlib
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -30,60 +41,82 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
 
+from sidetrace._aio import within
 from sidetrace.agent.components import Context
-from sidetrace.agent.pipeline import span_count
+from sidetrace.agent.pipeline import SinkBusy, span_count
 from sidetrace.config import OtlpReceiverSection, parse_host_port
-from sidetrace.exporters.spool import SpoolBusy
 
 log = logging.getLogger("sidetrace.otlp")
 
 TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 METRICS_SERVICE = "opentelemetry.proto.collector.metrics.v1.MetricsService"
 RETRY_AFTER_SECONDS = "1"
-MAX_CONCURRENT_REQUESTS = 64
+MAX_CONCURRENT_REQUESTS = 64  # requests being processed at once, per transport
+MAX_READING_REQUESTS = 256  # HTTP requests whose bodies are being read at once
+MAX_JSON_DEPTH = 128
+MAX_GRPC_STREAMS_PER_CONNECTION = 100
+LOG_EVERY_SECONDS = 60.0
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
+ENCODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 15}  # zlib wbits
 # OTLP/JSON writes these ids as hex, where protobuf's JSON mapping expects base64.
-_HEX_ID_KEYS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
+_HEX_ID_KEYS = frozenset(("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"))
+# gRPC status code numbers, for google.rpc.Status bodies
+_CODES = {400: 3, 401: 16, 408: 4, 413: 8, 415: 3, 429: 8, 503: 14}
 
 
-class BadRequest(Exception):
-    """Input that will never be valid: the sender must not retry it."""
+class Refusal(Exception):
+    """A request turned away: its HTTP status, gRPC code, metric reason and the message the sender reads."""
+
+    def __init__(self, status: int, code: grpc.StatusCode, reason: str, message: str, spans: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.reason = reason
+        self.spans = spans
 
 
-class Unavailable(Exception):
-    """A passing condition (spool busy, pipeline restarting): the sender should retry."""
+def _bad(reason: str, message: str) -> Refusal:
+    return Refusal(400, grpc.StatusCode.INVALID_ARGUMENT, reason, message)
 
 
-def _hex_ids_to_base64(node: Any) -> None:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in _HEX_ID_KEYS and isinstance(value, str):
-                try:
-                    node[key] = base64.b64encode(bytes.fromhex(value)).decode()
-                except ValueError:
-                    raise BadRequest(f"{key}: expected a hex string, got {value[:40]!r}") from None
-            else:
-                _hex_ids_to_base64(value)
-    elif isinstance(node, list):
-        for item in node:
-            _hex_ids_to_base64(item)
+def _hex_ids_to_base64(document: Any) -> None:
+    """Rewrite OTLP/JSON's hex ids in place, iteratively, refusing documents nested past MAX_JSON_DEPTH."""
+    stack = [(document, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _bad("json_too_deep", f"invalid OTLP/JSON: nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in _HEX_ID_KEYS and isinstance(value, str):
+                    try:
+                        node[key] = base64.b64encode(bytes.fromhex(value)).decode()
+                    except ValueError:
+                        raise _bad("invalid", f"{key}: expected a hex string, got {value[:40]!r}") from None
+                elif isinstance(value, (dict, list)):
+                    stack.append((value, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((item, depth + 1) for item in node if isinstance(item, (dict, list)))
 
 
 def parse_json(body: bytes, message_type: type) -> Any:
     try:
         document = json.loads(body)
+    except RecursionError:
+        raise _bad("json_too_deep", f"invalid OTLP/JSON: nested deeper than {MAX_JSON_DEPTH} levels") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"invalid JSON: {exc}") from None
+        raise _bad("invalid", f"invalid JSON: {exc}") from None
     if not isinstance(document, dict):
-        raise BadRequest("invalid OTLP/JSON: expected an object at the top level")
+        raise _bad("invalid", "invalid OTLP/JSON: expected an object at the top level")
     _hex_ids_to_base64(document)
     message = message_type()
     try:
         json_format.ParseDict(document, message, ignore_unknown_fields=True)
     except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
-        raise BadRequest(f"invalid OTLP/JSON: {exc}") from None
+        raise _bad("invalid", f"invalid OTLP/JSON: {exc}") from None
     return message
 
 
@@ -91,7 +124,28 @@ def parse_protobuf(body: bytes, message_type: type) -> Any:
     try:
         return message_type.FromString(body)
     except (DecodeError, RecursionError, ValueError) as exc:
-        raise BadRequest(f"invalid protobuf {message_type.__name__}: {exc}") from None
+        raise _bad("invalid", f"invalid protobuf {message_type.__name__}: {exc}") from None
+
+
+def inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """Decompress a request body, refusing one that inflates past ``limit`` bytes (without inflating further)."""
+    decompressor = zlib.decompressobj(ENCODINGS[encoding])
+    try:
+        data = decompressor.decompress(body, limit + 1)
+    except zlib.error as exc:
+        if encoding != "deflate":
+            raise _bad("bad_encoding", f"invalid {encoding} body: {exc}") from None
+        try:  # some clients send raw deflate without the zlib wrapper
+            decompressor = zlib.decompressobj(-15)
+            data = decompressor.decompress(body, limit + 1)
+        except zlib.error:
+            raise _bad("bad_encoding", f"invalid deflate body: {exc}") from None
+    if len(data) > limit or decompressor.unconsumed_tail:
+        raise Refusal(413, grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large",
+                      f"request body inflates to more than {limit} bytes ([receivers.otlp] max_request_bytes)")
+    if not decompressor.eof:
+        raise _bad("bad_encoding", f"truncated {encoding} body")
+    return data
 
 
 def _server_ssl(section: OtlpReceiverSection) -> ssl.SSLContext | None:
@@ -102,18 +156,36 @@ def _server_ssl(section: OtlpReceiverSection) -> ssl.SSLContext | None:
     return context
 
 
+def _check_bindable(key: str, address: str) -> None:
+    """Fail with the config key when ``address`` cannot be bound (grpc would only log a C-core line)."""
+    host, port = parse_host_port(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise RuntimeError(f"receivers.otlp.{key}: cannot listen on {address}: {exc.strerror or exc}") from None
+
+
 class OtlpReceiver:
-    """The OTLP/gRPC and OTLP/HTTP listeners, handing requests to the pipeline."""
+    """The OTLP/gRPC and OTLP/HTTP listeners, handing requests to the trace pipeline and the app-metrics store."""
 
     def __init__(self, section: OtlpReceiverSection, context: Context) -> None:
         self.section = section
-        self._lookup = context.lookup
+        self._links = context.links
         self._grpc: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
-        self._inflight = 0
+        self._inflight = {"grpc": 0, "http": 0}
+        self._reading = 0
         self._state = "created"
         self._last_error: str | None = None
-        self._expected_auth = f"Bearer {section.auth_token}" if section.auth_token else None
+        self._expected_auth = f"Bearer {section.auth_token}".encode() if section.auth_token else None
+        self.accepted: dict[str, int] = {}
+        self.accepted_points: dict[str, int] = {}
+        self.refused_spans: dict[tuple[str, str], int] = {}
+        self.refused_requests: dict[tuple[str, str], int] = {}
+        self._logged_at: dict[str, float] = {}
 
     # lifecycle --------------------------------------------------------------------------------
 
@@ -131,27 +203,36 @@ class OtlpReceiver:
         self._state = "running"
 
     async def _start_grpc(self) -> None:
+        # Stream handlers, though OTLP's Export is unary: the handler runs when the call opens, so a call
+        # whose message never comes is cut after read_timeout_seconds instead of holding a slot.
         handlers = [
-            grpc.method_handlers_generic_handler(TRACE_SERVICE, {"Export": grpc.unary_unary_rpc_method_handler(
+            grpc.method_handlers_generic_handler(TRACE_SERVICE, {"Export": grpc.stream_unary_rpc_method_handler(
                 self._grpc_traces, request_deserializer=None,
                 response_serializer=ExportTraceServiceResponse.SerializeToString)}),
-            grpc.method_handlers_generic_handler(METRICS_SERVICE, {"Export": grpc.unary_unary_rpc_method_handler(
+            grpc.method_handlers_generic_handler(METRICS_SERVICE, {"Export": grpc.stream_unary_rpc_method_handler(
                 self._grpc_metrics, request_deserializer=None,
                 response_serializer=ExportMetricsServiceResponse.SerializeToString)}),
         ]
-        server = grpc.aio.server(
-            handlers=handlers, maximum_concurrent_rpcs=MAX_CONCURRENT_REQUESTS,
-            options=[("grpc.max_receive_message_length", self.section.max_request_bytes),
-                     ("grpc.so_reuseport", 0)],
-        )
         address = self.section.grpc_listen
+        _check_bindable("grpc_listen", address)
+        server = grpc.aio.server(
+            handlers=handlers,
+            options=[("grpc.max_receive_message_length", self.section.max_request_bytes),
+                     ("grpc.so_reuseport", 0),
+                     ("grpc.max_concurrent_streams", MAX_GRPC_STREAMS_PER_CONNECTION),
+                     ("grpc.max_connection_idle_ms", int(self.section.idle_timeout_seconds * 1000))],
+        )
         tls = self.section.tls
-        if tls.cert_file:
-            with open(tls.cert_file, "rb") as cert, open(tls.key_file, "rb") as key:
-                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
-            port = server.add_secure_port(address, credentials)
-        else:
-            port = server.add_insecure_port(address)
+        try:
+            if tls.cert_file:
+                with open(tls.cert_file, "rb") as cert, open(tls.key_file, "rb") as key:
+                    credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+                port = server.add_secure_port(address, credentials)
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            port = 0
+            self._last_error = str(exc)
         if not port:
             raise RuntimeError(f"receivers.otlp.grpc_listen: cannot listen on {address}")
         await server.start()
@@ -159,11 +240,13 @@ class OtlpReceiver:
         log.info("OTLP/gRPC on %s", address)
 
     async def _start_http(self) -> None:
-        # client_max_size bounds the body after decompression: larger ones get 413.
+        # client_max_size bounds the body as sent; inflate() bounds it decompressed.
         app = web.Application(client_max_size=self.section.max_request_bytes)
         app.router.add_post("/v1/traces", self._http_traces)
         app.router.add_post("/v1/metrics", self._http_metrics)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # keepalive_timeout also closes a connection that never completes its first request.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False,
+                               keepalive_timeout=self.section.idle_timeout_seconds)
         await runner.setup()
         host, port = parse_host_port(self.section.http_listen)
         try:
@@ -192,133 +275,171 @@ class OtlpReceiver:
 
     # shared ----------------------------------------------------------------------------------------
 
-    def _pipeline(self) -> Any:
-        pipeline = self._lookup("pipeline")
-        if pipeline is None:
-            raise Unavailable("the trace pipeline is restarting")
-        return pipeline
+    def _refused(self, transport: str, refusal: Refusal) -> None:
+        key = (transport, refusal.reason)
+        self.refused_requests[key] = self.refused_requests.get(key, 0) + 1
+        if refusal.spans:
+            self.refused_spans[key] = self.refused_spans.get(key, 0) + refusal.spans
+        now = time.monotonic()
+        if now - self._logged_at.get(refusal.reason, -LOG_EVERY_SECONDS) >= LOG_EVERY_SECONDS:
+            self._logged_at[refusal.reason] = now
+            log.warning("refused an OTLP/%s request (%s): %s (logged at most once a minute per reason; counted in "
+                        "sidetrace_receiver_refused_requests_total)", transport, refusal.reason, refusal)
+
+    def _authorized(self, value: str | None) -> bool:
+        if self._expected_auth is None:
+            return True
+        return value is not None and hmac.compare_digest(value.encode(errors="replace"), self._expected_auth)
 
     async def _take_traces(self, request: ExportTraceServiceRequest, transport: str, raw: bytes | None) -> None:
-        """Hand ``request`` to the pipeline; raise Unavailable (counted) when it cannot take it now."""
+        """Hand ``request`` to the trace pipeline; raise a retryable Refusal when it cannot take it now."""
+        spans = span_count(request)
+        if self._inflight[transport] >= MAX_CONCURRENT_REQUESTS:
+            raise Refusal(429, grpc.StatusCode.UNAVAILABLE, "too_many_requests",
+                          f"{MAX_CONCURRENT_REQUESTS} requests in flight; retry later", spans)
+        sink = self._links.traces.get()
+        if sink is None:
+            raise Refusal(429, grpc.StatusCode.UNAVAILABLE, "unavailable", "the trace pipeline is restarting", spans)
+        self._inflight[transport] += 1
         try:
-            pipeline = self._pipeline()
-            try:
-                await pipeline.accept_traces(request, transport, raw)
-            except SpoolBusy as exc:
-                raise Unavailable(f"the spool is busy ({exc}); retry later") from None
-            except (OSError, sqlite3.Error) as exc:
-                self._last_error = f"spool write failed: {exc}"
-                raise Unavailable(self._last_error) from None
-            except RuntimeError as exc:  # the pipeline closed its spool under us (a reload)
-                raise Unavailable(f"the trace pipeline is restarting: {exc}") from None
-        except Unavailable:
-            self._refuse(transport, "unavailable", span_count(request))
-            raise
+            taken = await sink.accept_traces(request, raw)
+        except SinkBusy as exc:
+            self._last_error = str(exc)
+            raise Refusal(429, grpc.StatusCode.UNAVAILABLE, exc.reason, f"{exc}; retry later", spans) from None
+        finally:
+            self._inflight[transport] -= 1
+        self.accepted[transport] = self.accepted.get(transport, 0) + taken
 
-    def _refuse(self, transport: str, reason: str, spans: int = 0) -> None:
-        pipeline = self._lookup("pipeline")
-        if pipeline is not None:
-            pipeline.refuse(transport, reason, spans)
+    def _take_metrics(self, request: ExportMetricsServiceRequest, transport: str) -> None:
+        sink = self._links.metrics.get()
+        if sink is None:
+            raise Refusal(503, grpc.StatusCode.UNAVAILABLE, "unavailable", "the app-metrics store is not running")
+        self.accepted_points[transport] = self.accepted_points.get(transport, 0) + sink.accept_metrics(request)
 
     # gRPC --------------------------------------------------------------------------------------------
 
-    def _grpc_authorized(self, context: grpc.aio.ServicerContext) -> bool:
-        if self._expected_auth is None:
-            return True
+    async def _grpc_message(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
         metadata = dict(context.invocation_metadata() or ())
-        return metadata.get("authorization") == self._expected_auth
+        if not self._authorized(metadata.get("authorization")):
+            raise Refusal(401, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated", "missing or wrong bearer token")
+        try:
+            return await within(anext(requests), self.section.read_timeout_seconds)
+        except TimeoutError:
+            raise Refusal(408, grpc.StatusCode.DEADLINE_EXCEEDED, "read_timeout",
+                          f"no request message within {self.section.read_timeout_seconds:g} s") from None
+        except StopAsyncIteration:
+            raise _bad("invalid", "the call carried no request message") from None
 
-    async def _grpc_traces(self, body: bytes, context: grpc.aio.ServicerContext) -> ExportTraceServiceResponse:
-        if not self._grpc_authorized(context):
-            self._refuse("grpc", "unauthenticated")
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+    async def _grpc_traces(self, requests: AsyncIterator[bytes],
+                           context: grpc.aio.ServicerContext) -> ExportTraceServiceResponse:
         try:
-            request = parse_protobuf(body, ExportTraceServiceRequest)
-        except BadRequest as exc:
-            self._refuse("grpc", "invalid")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        try:
-            await self._take_traces(request, "grpc", body)
-        except Unavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            body = await self._grpc_message(requests, context)
+            await self._take_traces(parse_protobuf(body, ExportTraceServiceRequest), "grpc", body)
+        except Refusal as refusal:
+            self._refused("grpc", refusal)
+            await context.abort(refusal.code, str(refusal))
         return ExportTraceServiceResponse()
 
-    async def _grpc_metrics(self, body: bytes, context: grpc.aio.ServicerContext) -> ExportMetricsServiceResponse:
-        if not self._grpc_authorized(context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+    async def _grpc_metrics(self, requests: AsyncIterator[bytes],
+                            context: grpc.aio.ServicerContext) -> ExportMetricsServiceResponse:
         try:
-            request = parse_protobuf(body, ExportMetricsServiceRequest)
-        except BadRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        try:
-            self._pipeline().accept_metrics(request)
-        except Unavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            body = await self._grpc_message(requests, context)
+            self._take_metrics(parse_protobuf(body, ExportMetricsServiceRequest), "grpc")
+        except Refusal as refusal:
+            self._refused("grpc", refusal)
+            await context.abort(refusal.code, str(refusal))
         return ExportMetricsServiceResponse()
 
     # HTTP --------------------------------------------------------------------------------------------
 
-    async def _http_body(self, request: web.Request, message_type: type) -> tuple[Any, str, bytes | None]:
-        """The decoded message, its content type, and its protobuf bytes (None for JSON)."""
-        if self._expected_auth is not None and request.headers.get("Authorization") != self._expected_auth:
-            raise web.HTTPUnauthorized(text="missing or wrong bearer token")
+    async def _http_body(self, request: web.Request, message_type: type) -> tuple[Any, bytes | None]:
+        """The decoded message and its protobuf bytes (None for JSON); raises Refusal."""
+        if not self._authorized(request.headers.get("Authorization")):
+            raise Refusal(401, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated", "missing or wrong bearer token")
         content_type = request.content_type
         if content_type not in (PROTOBUF, JSON):
-            raise web.HTTPUnsupportedMediaType(
-                text=f"Content-Type must be {PROTOBUF} or {JSON}, got {content_type or 'none'}")
-        encoding = request.headers.get("Content-Encoding", "").lower()
-        if encoding not in ("", "identity", "gzip", "deflate"):
-            raise web.HTTPUnsupportedMediaType(text=f"Content-Encoding must be gzip or identity, got {encoding}")
-        # aiohttp inflates gzip itself, in bounded steps, and answers 413 past client_max_size.
+            raise Refusal(415, grpc.StatusCode.INVALID_ARGUMENT, "unsupported_media_type",
+                          f"Content-Type must be {PROTOBUF} or {JSON}, got {content_type or 'none'}")
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower() or "identity"
+        if encoding not in ENCODINGS and encoding != "identity":
+            raise Refusal(415, grpc.StatusCode.INVALID_ARGUMENT, "unsupported_encoding",
+                          f"Content-Encoding must be gzip, deflate or identity, got {encoding[:40]}")
+        if self._reading >= MAX_READING_REQUESTS:
+            raise Refusal(429, grpc.StatusCode.UNAVAILABLE, "too_many_requests",
+                          f"{MAX_READING_REQUESTS} request bodies being read; retry later")
+        self._reading += 1
         try:
-            body = await request.read()
+            body = await within(request.read(), self.section.read_timeout_seconds)
+        except TimeoutError:
+            raise Refusal(408, grpc.StatusCode.DEADLINE_EXCEEDED, "read_timeout",
+                          f"the body did not arrive within {self.section.read_timeout_seconds:g} s") from None
+        except web.HTTPRequestEntityTooLarge:
+            raise Refusal(413, grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large",
+                          f"request body larger than {self.section.max_request_bytes} bytes "
+                          "([receivers.otlp] max_request_bytes)") from None
         except RequestPayloadError as exc:
-            raise BadRequest(f"invalid {encoding or 'request'} body: {exc.__cause__ or exc}") from None
+            raise _bad("invalid", f"invalid request body: {exc}") from None
+        finally:
+            self._reading -= 1
+        if encoding != "identity":
+            body = inflate(body, encoding, self.section.max_request_bytes)
         if content_type == JSON:
-            return parse_json(body, message_type), content_type, None
-        return parse_protobuf(body, message_type), content_type, body
+            return parse_json(body, message_type), None
+        return parse_protobuf(body, message_type), body
 
     def _http_answer(self, response: Any, content_type: str) -> web.Response:
         if content_type == JSON:
             return web.Response(body=json_format.MessageToJson(response).encode(), content_type=JSON)
         return web.Response(body=response.SerializeToString(), content_type=PROTOBUF)
 
-    def _http_error(self, status: int, message: str, content_type: str, **headers: str) -> web.Response:
-        error = status_pb2.Status(code=3 if status == 400 else 14, message=message)
+    def _http_refusal(self, refusal: Refusal, content_type: str) -> web.Response:
+        self._refused("http", refusal)
+        error = status_pb2.Status(code=_CODES.get(refusal.status, 2), message=str(refusal))
         body = json_format.MessageToJson(error).encode() if content_type == JSON else error.SerializeToString()
-        return web.Response(status=status, body=body, content_type=content_type, headers=headers)
+        headers = {"Retry-After": RETRY_AFTER_SECONDS} if refusal.status in (429, 503) else {}
+        return web.Response(status=refusal.status, body=body, content_type=content_type, headers=headers)
 
     async def _http_traces(self, request: web.Request) -> web.Response:
-        content_type = request.content_type if request.content_type == JSON else PROTOBUF
-        if self._inflight >= MAX_CONCURRENT_REQUESTS:
-            self._refuse("http", "too_many_requests")
-            return self._http_error(429, "too many requests in flight", content_type,
-                                    **{"Retry-After": RETRY_AFTER_SECONDS})
-        self._inflight += 1
+        content_type = JSON if request.content_type == JSON else PROTOBUF
         try:
-            message, content_type, raw = await self._http_body(request, ExportTraceServiceRequest)
+            message, raw = await self._http_body(request, ExportTraceServiceRequest)
             await self._take_traces(message, "http", raw)
-        except BadRequest as exc:
-            self._refuse("http", "invalid")
-            return self._http_error(400, str(exc), content_type)
-        except Unavailable as exc:
-            return self._http_error(429, str(exc), content_type, **{"Retry-After": RETRY_AFTER_SECONDS})
-        except web.HTTPException as exc:
-            self._refuse("http", exc.reason.lower().replace(" ", "_"))
-            raise
-        finally:
-            self._inflight -= 1
+        except Refusal as refusal:
+            return self._http_refusal(refusal, content_type)
         return self._http_answer(ExportTraceServiceResponse(), content_type)
 
     async def _http_metrics(self, request: web.Request) -> web.Response:
-        content_type = request.content_type if request.content_type == JSON else PROTOBUF
+        content_type = JSON if request.content_type == JSON else PROTOBUF
         try:
-            message, content_type, _ = await self._http_body(request, ExportMetricsServiceRequest)
-            self._pipeline().accept_metrics(message)
-        except BadRequest as exc:
-            return self._http_error(400, str(exc), content_type)
-        except Unavailable as exc:
-            return self._http_error(503, str(exc), content_type, **{"Retry-After": RETRY_AFTER_SECONDS})
+            message, _ = await self._http_body(request, ExportMetricsServiceRequest)
+            self._take_metrics(message, "http")
+        except Refusal as refusal:
+            return self._http_refusal(refusal, content_type)
         return self._http_answer(ExportMetricsServiceResponse(), content_type)
 
+    # metrics ---------------------------------------------------------------------------------------
 
+    def collect(self) -> Iterator[Metric]:
+        accepted = CounterMetricFamily("sidetrace_receiver_accepted_spans", "Spans accepted (durably queued).",
+                                       labels=["transport"])
+        points = CounterMetricFamily("sidetrace_receiver_accepted_metric_points", "OTLP metric points taken.",
+                                     labels=["transport"])
+        for transport in ("grpc", "http"):
+            accepted.add_metric([transport], self.accepted.get(transport, 0))
+            points.add_metric([transport], self.accepted_points.get(transport, 0))
+        yield accepted
+        yield points
+        spans = CounterMetricFamily("sidetrace_receiver_refused_spans",
+                                    "Spans in refused requests, by reason, where they could be counted.",
+                                    labels=["transport", "reason"])
+        for (transport, reason), count in sorted(self.refused_spans.items()):
+            spans.add_metric([transport, reason], count)
+        yield spans
+        requests = CounterMetricFamily("sidetrace_receiver_refused_requests",
+                                       "Requests refused, by transport and reason (unauthenticated, invalid, "
+                                       "json_too_deep, bad_encoding, unsupported_encoding, unsupported_media_type, "
+                                       "too_large, read_timeout, too_many_requests, busy, disk_full, spool_error, "
+                                       "unavailable).", labels=["transport", "reason"])
+        for (transport, reason), count in sorted(self.refused_requests.items()):
+            requests.add_metric([transport, reason], count)
+        yield requests

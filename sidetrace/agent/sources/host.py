@@ -132,7 +132,6 @@ class HostSource:
 
     def __init__(self, section: HostSection, context: Context, proc: str = "/proc") -> None:
         self.section = section
-        self._registry = context.registry
         self._proc = proc
         self._faults = FaultLog("host", log)
         self._filters = {
@@ -164,7 +163,6 @@ class HostSource:
     async def start(self) -> None:
         self._state = "starting"
         await asyncio.to_thread(self.scan)
-        self._registry.register(self)
         self._task = asyncio.create_task(self._run(), name="host-source")
         self._state = "running"
 
@@ -174,8 +172,6 @@ class HostSource:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        with contextlib.suppress(KeyError):
-            self._registry.unregister(self)
         self._state = "stopped"
 
     def status(self) -> dict[str, Any]:

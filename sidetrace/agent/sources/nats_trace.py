@@ -154,7 +154,6 @@ class NatsTraceSource:
         self.undelivered = 0
 
     async def start(self) -> None:
-        self._context.registry.register(self)
         self._task = asyncio.create_task(self._run(), name="nats-trace")
         self._state = "connecting"
 
@@ -165,8 +164,6 @@ class NatsTraceSource:
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.close()
-        with contextlib.suppress(KeyError):
-            self._context.registry.unregister(self)
         self._state = "stopped"
 
     async def _run(self) -> None:
@@ -217,12 +214,12 @@ class NatsTraceSource:
             self.malformed += 1
             self._last_error = f"malformed trace event: {type(exc).__name__}: {exc}"
             return
-        pipeline = self._context.lookup("pipeline")
+        sink = self._context.links.traces.get()
         spans = len(request.resource_spans[0].scope_spans[0].spans)
         try:
-            if pipeline is None:
+            if sink is None:
                 raise RuntimeError("the trace pipeline is not running")
-            await pipeline.accept_traces(request, "nats_trace")
+            await sink.accept_traces(request)
         except Exception as exc:  # the spool is full or busy: count, the event is not retried
             self.undelivered += spans
             self._last_error = f"could not queue spans: {exc}"

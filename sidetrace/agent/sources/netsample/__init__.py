@@ -184,7 +184,7 @@ class NetsampleSource:
 
     def __init__(self, section: NetsampleSourceSection, context: Context) -> None:
         self.section = section
-        self._registry = context.registry
+        self._links = context.links
         self.lock = threading.Lock()
         self.flows = FlowTable(section.max_flows)
         self.processes = ProcessMap()
@@ -228,10 +228,11 @@ class NetsampleSource:
                 sampler.thread.start()
         if self._state != "no permission":
             self._state = "running"
-        self._registry.register(self)
+        self._links.flows.bind(self)
         self._task = asyncio.create_task(self._housekeeping(), name="netsample")
 
     async def stop(self) -> None:
+        self._links.flows.unbind(self)
         self._stop.set()
         if self._task is not None:
             self._task.cancel()
@@ -240,8 +241,6 @@ class NetsampleSource:
             if sampler.thread is not None:
                 await asyncio.to_thread(sampler.thread.join, 2)
             sampler.close()
-        with contextlib.suppress(KeyError):
-            self._registry.unregister(self)
         self._state = "stopped"
 
     def status(self) -> dict[str, Any]:

@@ -1,0 +1,398 @@
+"""The shared delivery loop with the OTLP senders, against real misbehaving backends (tests/backends.py)
+and a real spool: every failure a backend can answer, and what it costs the queued data."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from sidetrace.config import OtlpExporterSection
+from sidetrace.exporters.delivery import Delivery, DeliveryStats, Policy
+from sidetrace.exporters.otlp import GrpcSender, HttpSender, OtlpExporter, TracesPayload, retry_after_seconds
+from sidetrace.exporters.spool import TRACES, Spool
+from tests.backends import Backend, GrpcBackend, HttpBackend
+from tests.conftest import free_port
+
+BATCHES = 300
+SPANS = 10
+FAST = Policy(max_items=8192, max_request_bytes=4 * 1024 * 1024, initial_backoff=0.01, max_backoff=0.05,
+              max_fault_backoff=0.05)
+
+
+def request(first_id: int, spans: int, name: str = "op", attribute_bytes: int = 0) -> bytes:
+    message = ExportTraceServiceRequest()
+    scope = message.resource_spans.add().scope_spans.add()
+    for n in range(spans):
+        span = scope.spans.add()
+        span.trace_id, span.span_id, span.name = b"t" * 16, (first_id + n).to_bytes(8, "big"), name
+        span.start_time_unix_nano, span.end_time_unix_nano = 1, 2
+        if attribute_bytes:
+            kv = span.attributes.add()
+            kv.key, kv.value.string_value = "payload", "x" * attribute_bytes
+    return message.SerializeToString()
+
+
+async def queued(tmp_path: Path, bodies: list[tuple[bytes, int]]) -> Spool:
+    spool = Spool(tmp_path / "spool.db", max_bytes=1 << 30, sync="normal")
+    spool.add_reader_at_open("b")
+    await spool.open()
+    await asyncio.gather(*(spool.append(body, spans) for body, spans in bodies))
+    return spool
+
+
+def standard_batches(poisoned: int | None = None) -> list[tuple[bytes, int]]:
+    return [(request(i * SPANS + 1, SPANS, "POISON" if i == poisoned else "op"), SPANS) for i in range(BATCHES)]
+
+
+def delivery(backend: Backend, spool: Spool, protocol: str, policy: Policy = FAST, **section: object) -> Delivery:
+    scheme = section.pop("scheme", "http")
+    exporter = OtlpExporterSection(name="b", endpoint=f"{scheme}://127.0.0.1:{backend.port}", protocol=protocol,
+                                   compression="none", batch_timeout_seconds=0, **section)
+    sender = (GrpcSender if protocol == "grpc" else HttpSender)(exporter, {})
+    return Delivery("b", spool, TRACES, sender, TracesPayload(), policy, DeliveryStats())
+
+
+async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def drained(spool: Spool, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while await spool.read("b", 1, 1):
+        if time.monotonic() > deadline:
+            raise AssertionError("the spool was not drained")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def backends() -> AsyncIterator[Callable[..., object]]:
+    started: list[Backend] = []
+
+    async def make(protocol: str, **kwargs: object) -> Backend:
+        backend = await (GrpcBackend if protocol == "grpc" else HttpBackend)(**kwargs).start()
+        started.append(backend)
+        return backend
+
+    yield make
+    for backend in started:
+        await backend.stop()
+
+
+def set_aside(spool: Spool) -> int:
+    return sum(spool.set_aside_counts.values())
+
+
+# (protocol, answer, how many spans the data itself is guilty of)
+RETRYABLE = [("http", s) for s in (429, 502, 503, 504)] + [
+    ("grpc", c) for c in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
+                          grpc.StatusCode.ABORTED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.DATA_LOSS)]
+FAULTS = [("http", s) for s in (401, 403, 404, 405, 415, 500)] + [
+    ("grpc", c) for c in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED,
+                          grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)]
+
+
+@pytest.mark.parametrize(("protocol", "status"), RETRYABLE + FAULTS, ids=str)
+async def test_a_backend_or_config_fault_never_costs_a_span(tmp_path: Path, backends: Callable, protocol: str,
+                                                            status: object) -> None:
+    backend = await backends(protocol)
+    backend.script.status, backend.script.fail_requests = status, 3
+    spool = await queued(tmp_path, standard_batches())
+    loop = delivery(backend, spool, protocol)
+    await loop.start()
+    await drained(spool)
+    await loop.stop()
+    assert backend.unique() == BATCHES * SPANS and backend.duplicates() == 0
+    assert set_aside(spool) == 0
+    assert loop.stats.sent == BATCHES * SPANS
+    reason = f"http_{status}" if protocol == "http" else f"grpc_{status.name.lower()}"
+    assert loop.stats.failures == {reason: 3} and loop.stats.retries == 3
+    await spool.close()
+
+
+@pytest.mark.parametrize(("protocol", "status"), [("http", 400), ("grpc", grpc.StatusCode.INVALID_ARGUMENT)], ids=str)
+async def test_only_the_batch_the_backend_calls_invalid_is_set_aside(tmp_path: Path, backends: Callable,
+                                                                     protocol: str, status: object) -> None:
+    backend = await backends(protocol)
+    backend.script.poison, backend.script.poison_status = "POISON", status
+    spool = await queued(tmp_path, standard_batches(poisoned=137))
+    loop = delivery(backend, spool, protocol)
+    await loop.start()
+    await drained(spool)
+    await loop.stop()
+    assert backend.unique() + set_aside(spool) == BATCHES * SPANS
+    assert spool.set_aside_counts == {("b", "rejected"): SPANS}
+    assert set(backend.received).isdisjoint(range(137 * SPANS + 1, 138 * SPANS + 1))
+    await spool.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+async def test_a_backend_answering_404_for_a_while_keeps_every_batch(tmp_path: Path, backends: Callable,
+                                                                     protocol: str) -> None:
+    backend = await backends(protocol)
+    backend.script.status = 404 if protocol == "http" else grpc.StatusCode.UNIMPLEMENTED
+    backend.script.fail_until = time.monotonic() + 1.5
+    spool = await queued(tmp_path, standard_batches())
+    loop = delivery(backend, spool, protocol)
+    await loop.start()
+    await until(lambda: loop.stats.failing, 5, "the first failure")
+    status = loop.status()
+    assert status["state"] == "failing" and status["last_error"].startswith(("http_404: HTTP 404",
+                                                                             "grpc_unimplemented: gRPC UNIMPLEMENTED"))
+    await drained(spool)
+    await loop.stop()
+    assert backend.unique() == BATCHES * SPANS and set_aside(spool) == 0
+    assert loop.status()["state"] == "stopped" and not loop.stats.failing
+    await spool.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+async def test_a_batch_larger_than_the_backend_takes_is_delivered_in_parts(tmp_path: Path, backends: Callable,
+                                                                           protocol: str) -> None:
+    backend = await backends(protocol, max_request_bytes=100_000)
+    big = request(1, 3000, attribute_bytes=50)  # about 250 KB
+    small = [(request(10_000 + i * SPANS, SPANS), SPANS) for i in range(10)]
+    spool = await queued(tmp_path, [(big, 3000), *small])
+    loop = delivery(backend, spool, protocol)
+    await loop.start()
+    await drained(spool)
+    await loop.stop()
+    assert backend.unique() == 3000 + 10 * SPANS and backend.duplicates() == 0
+    assert set_aside(spool) == 0 and max(backend.sizes) <= 100_000
+    await spool.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+async def test_a_single_span_too_large_for_the_backend_is_set_aside_alone(tmp_path: Path, backends: Callable,
+                                                                          protocol: str) -> None:
+    backend = await backends(protocol, max_request_bytes=100_000)
+    spans = ExportTraceServiceRequest.FromString(request(1, 4))
+    huge = spans.resource_spans[0].scope_spans[0].spans.add()
+    huge.trace_id, huge.span_id, huge.name = b"t" * 16, (99).to_bytes(8, "big"), "huge"
+    kv = huge.attributes.add()
+    kv.key, kv.value.string_value = "payload", "x" * 150_000
+    spool = await queued(tmp_path, [(spans.SerializeToString(), 5), (request(100, 3), 3)])
+    loop = delivery(backend, spool, protocol)
+    await loop.start()
+    await drained(spool)
+    await loop.stop()
+    assert backend.unique() == 7 and (99).to_bytes(8, "big") not in backend.received
+    assert spool.set_aside_counts == {("b", "too_large"): 1}
+    await spool.close()
+
+
+async def test_a_batch_above_max_request_bytes_is_split_before_sending(tmp_path: Path, backends: Callable) -> None:
+    backend = await backends("grpc")
+    spool = await queued(tmp_path, [(request(1, 2000, attribute_bytes=50), 2000)])
+    loop = delivery(backend, spool, "grpc", Policy(max_items=8192, max_request_bytes=50_000, initial_backoff=0.01))
+    await loop.start()
+    await drained(spool)
+    await loop.stop()
+    assert backend.unique() == 2000 and max(backend.sizes) <= 50_000
+    assert loop.stats.failures == {}  # never refused: split before it was sent
+    await spool.close()
+
+
+async def test_requests_past_8_mib_go_out_when_the_backend_takes_them(tmp_path: Path, backends: Callable) -> None:
+    backend = await backends("grpc")
+    spool = await queued(tmp_path, [(request(1, 9000, attribute_bytes=1000), 9000)])  # about 9.2 MB
+    loop = delivery(backend, spool, "grpc", Policy(max_items=10_000, max_request_bytes=16 << 20))
+    await loop.start()
+    await drained(spool)
+    await loop.stop()
+    assert backend.unique() == 9000 and backend.requests == 1 and loop.stats.failures == {}
+    await spool.close()
+
+
+async def test_a_body_that_cannot_be_decoded_is_set_aside(tmp_path: Path, backends: Callable) -> None:
+    backend = await backends("http", max_request_bytes=1000)
+    spool = await queued(tmp_path, [(b"\xff" * 5000, 5), (request(1, 2), 2)])
+    loop = delivery(backend, spool, "http")
+    await loop.start()
+    await drained(spool)
+    await loop.stop()
+    assert backend.unique() == 2 and spool.set_aside_counts == {("b", "undecodable"): 5}
+    await spool.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+async def test_a_zero_retry_delay_never_spins(tmp_path: Path, backends: Callable, protocol: str) -> None:
+    backend = await backends(protocol)
+    backend.script.status = 503 if protocol == "http" else grpc.StatusCode.RESOURCE_EXHAUSTED
+    backend.script.retry_delay = 0.0
+    backend.script.fail_until = time.monotonic() + 1.0
+    spool = await queued(tmp_path, [(request(1, 3), 3)])
+    loop = delivery(backend, spool, protocol)
+    await loop.start()
+    await drained(spool)
+    await loop.stop()
+    assert backend.unique() == 3 and set_aside(spool) == 0
+    assert backend.requests <= 1.0 / 0.2 + 2  # the delay floor is 0.2 s
+    await spool.close()
+
+
+async def test_retry_after_is_honoured_then_delivered(tmp_path: Path, backends: Callable) -> None:
+    backend = await backends("http")
+    backend.script.status, backend.script.fail_requests, backend.script.retry_delay = 503, 1, 1.0
+    spool = await queued(tmp_path, [(request(1, 1), 1), (request(2, 1), 1)])
+    loop = delivery(backend, spool, "http")
+    await loop.start()
+    await drained(spool)
+    await loop.stop()
+    assert backend.requests == 2 and backend.unique() == 2  # both batches joined in one request
+    assert backend.times[1] - backend.times[0] >= 0.95
+    assert (loop.stats.retries, loop.stats.sent, loop.stats.failed) == (1, 2, 2)
+    await spool.close()
+
+
+async def test_a_partial_success_is_counted_and_its_message_logged_once(
+        tmp_path: Path, backends: Callable, caplog: pytest.LogCaptureFixture) -> None:
+    backend = await backends("grpc")
+    backend.script.partial_rejected, backend.script.partial_message = 2, "span names too long"
+    spool = await queued(tmp_path, [])
+    loop = delivery(backend, spool, "grpc", Policy(max_items=SPANS, max_request_bytes=1 << 20))
+    await loop.start()
+    with caplog.at_level(logging.WARNING, logger="sidetrace.exporter"):
+        for i in range(4):
+            await spool.append(request(i * SPANS + 1, SPANS), SPANS)
+            await until(lambda i=i: backend.requests == i + 1, 10, "the request")
+        await drained(spool)
+    await loop.stop()
+    assert loop.stats.rejected == 8 and loop.stats.sent == 4 * SPANS - 8
+    assert sum("span names too long" in record.getMessage() for record in caplog.records) == 1
+    await spool.close()
+
+
+async def test_connection_refused_keeps_the_data_until_the_backend_comes(tmp_path: Path) -> None:
+    backend = HttpBackend()
+    spool = await queued(tmp_path, standard_batches()[:5])
+    loop = delivery(backend, spool, "http")
+    await loop.start()
+    await until(lambda: loop.stats.failures.get("connection_refused", 0) >= 2, 10, "refused connections")
+    await backend.start()
+    try:
+        await drained(spool)
+    finally:
+        await loop.stop()
+        await backend.stop()
+    assert backend.unique() == 5 * SPANS and set_aside(spool) == 0
+    await spool.close()
+
+
+async def test_a_tls_failure_keeps_the_data(tmp_path: Path, backends: Callable) -> None:
+    backend = await backends("http")  # plain HTTP, but the exporter speaks TLS to it
+    spool = await queued(tmp_path, standard_batches()[:5])
+    loop = delivery(backend, spool, "http", scheme="https")
+    await loop.start()
+    await until(lambda: loop.stats.failures.get("tls", 0) >= 2, 10, "TLS failures")
+    await loop.stop()
+    assert set_aside(spool) == 0 and len(await spool.read("b", 10_000, 1 << 30)) == 5
+    await spool.close()
+
+
+def test_retry_after_seconds_and_dates() -> None:
+    assert retry_after_seconds("3") == 3.0
+    assert retry_after_seconds("100000") == 300.0  # capped
+    in_two = email.utils.formatdate(time.time() + 2, usegmt=True)
+    assert 0.5 < retry_after_seconds(in_two) <= 2.0
+    assert retry_after_seconds("soon") is None and retry_after_seconds(None) is None
+
+
+def test_backoff_grows_with_jitter_and_is_capped() -> None:
+    policy = Policy(max_items=1, max_request_bytes=1)
+    assert 0.25 <= policy.backoff(0, fault=False) <= 0.5
+    assert 2.0 <= policy.backoff(3, fault=False) <= 4.0
+    assert all(15.0 <= policy.backoff(40, fault=False) <= 30.0 for _ in range(20))
+    assert all(60.0 <= policy.backoff(40, fault=True) <= 120.0 for _ in range(20))
+
+
+async def test_a_partial_request_waits_batch_timeout_for_more(tmp_path: Path, backends: Callable) -> None:
+    backend = await backends("http")
+    spool = await queued(tmp_path, [])
+    exporter = OtlpExporter(OtlpExporterSection(name="b", endpoint=f"http://127.0.0.1:{backend.port}",
+                                                protocol="http", compression="none", batch_timeout_seconds=0.5),
+                            spool, lambda reader: DeliveryStats())
+    await exporter.start()
+    await spool.append(request(1, 1), 1)
+    await asyncio.sleep(0.2)
+    await spool.append(request(2, 1), 1)
+    await drained(spool)
+    await exporter.stop()
+    assert backend.requests == 1 and backend.unique() == 2  # one request, not two
+    await spool.close()
+
+
+async def test_stop_in_the_middle_of_a_send_counts_it_as_possibly_resent(tmp_path: Path) -> None:
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await request.read()
+        arrived.set()
+        await release.wait()
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", hang)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        spool = await queued(tmp_path, [(request(1, 9), 9)])
+        exporter = OtlpExporter(OtlpExporterSection(name="b", endpoint=f"http://127.0.0.1:{port}", protocol="http",
+                                                    compression="none"), spool, lambda reader: DeliveryStats())
+        await exporter.start()
+        await asyncio.wait_for(arrived.wait(), 10)
+        await exporter.stop()
+        await spool.close()
+        again = Spool(tmp_path / "spool.db", max_bytes=1 << 20)
+        again.add_reader_at_open("b")
+        await again.open()
+        batches = await again.read("b", 100, 1000)
+        assert again.possibly_resent("b", batches) == 9
+        await again.close()
+    finally:
+        release.set()
+        await runner.cleanup()
+
+
+def test_grpc_retry_delay_comes_from_the_rich_status_retry_info() -> None:
+    from google.protobuf import any_pb2
+    from google.rpc import error_details_pb2, status_pb2
+
+    from sidetrace.exporters.delivery import MAX_RETRY_AFTER
+    from sidetrace.exporters.otlp import _grpc_retry_delay
+
+    class Failure:  # the part of grpc.aio.AioRpcError the exporter reads
+        def __init__(self, *details: object) -> None:
+            packed = []
+            for detail in details:
+                any_detail = any_pb2.Any()
+                any_detail.Pack(detail)
+                packed.append(any_detail)
+            status = status_pb2.Status(code=14, details=packed)
+            self.trailers = (("grpc-status-details-bin", status.SerializeToString()),)
+
+        def trailing_metadata(self) -> tuple:
+            return self.trailers
+
+    info = error_details_pb2.ErrorInfo(reason="BUSY")
+    retry = error_details_pb2.RetryInfo()
+    retry.retry_delay.FromMilliseconds(2500)
+    assert _grpc_retry_delay(Failure(info, retry)) == 2.5
+    far = error_details_pb2.RetryInfo()
+    far.retry_delay.FromSeconds(10**6)
+    assert _grpc_retry_delay(Failure(far)) == MAX_RETRY_AFTER
+    assert _grpc_retry_delay(Failure(info)) is None
