@@ -3,8 +3,10 @@ ingest, which cannot be installed here) forwarding to an in-process gRPC sink th
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -52,23 +54,29 @@ class Collected(RequestHandler):
 
 
 class _TraceServicer(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, handler: RequestHandler) -> None:
+    def __init__(self, handler: RequestHandler, delay_seconds: float) -> None:
         self.handler = handler
+        self.delay_seconds = delay_seconds
+        self.arrivals = 0
 
     def Export(self, request, context):  # noqa: N802 - the gRPC method name
+        self.arrivals += 1
+        time.sleep(self.delay_seconds)  # a slow backend: the request is in flight meanwhile
         self.handler.handle_trace(request, context.invocation_metadata())
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
 class Sink:
-    """An OTLP/gRPC sink on a free loopback port (oteltest's GrpcSink binds 0.0.0.0, so not used as is)."""
+    """An OTLP/gRPC sink on a free loopback port (oteltest's GrpcSink binds 0.0.0.0, so not used as is), taking
+    ``delay_seconds`` over each request."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay_seconds: float = 0.0) -> None:
         self.port = free_port()
         self.collected = Collected()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
                                   options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceServicer(self.collected), self.server)
+        self.servicer = _TraceServicer(self.collected, delay_seconds)
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self.servicer, self.server)
         self.server.add_insecure_port(f"127.0.0.1:{self.port}")
         self.server.start()
 
@@ -107,3 +115,42 @@ class Rotel:
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc)
+
+
+def span_request(spans: int, service: str = "load") -> bytes:
+    """An encoded ExportTraceServiceRequest of ``spans`` spans with random ids (one trace each)."""
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    kv = resource_spans.resource.attributes.add()
+    kv.key, kv.value.string_value = "service.name", service
+    scope = resource_spans.scope_spans.add()
+    now = time.time_ns()
+    for _ in range(spans):
+        span = scope.spans.add()
+        span.trace_id, span.span_id, span.name = os.urandom(16), os.urandom(8), "load"
+        span.start_time_unix_nano, span.end_time_unix_nano = now, now + 1000
+    return request.SerializeToString()
+
+
+def send_load(agent: object, stop: threading.Event, spans_per_request: int = 20, max_requests: int = 20_000,
+              max_seconds: float = 120.0) -> int:
+    """Send requests to ``agent``'s OTLP/gRPC receiver until ``stop`` (bounded in count and time), retrying refused
+    ones as an SDK would; return the spans acknowledged."""
+    acknowledged = 0
+    deadline = time.monotonic() + max_seconds
+    with grpc.insecure_channel(f"127.0.0.1:{agent.grpc_port}") as channel:
+        export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                                     request_serializer=None, response_deserializer=None)
+        for _ in range(max_requests):
+            if stop.is_set() or time.monotonic() > deadline:
+                break
+            body = span_request(spans_per_request)
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    export(body, timeout=10)
+                except grpc.RpcError:
+                    time.sleep(0.05)
+                    continue
+                acknowledged += spans_per_request
+                break
+    return acknowledged

@@ -6,13 +6,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Agent, free_port, http_get, wait_until
+from tests.conftest import Agent, assert_promtool_clean, free_port, http_get, wait_until
+from tests.integration.otlp_servers import Sink, send_load
 
 
 @pytest.fixture
@@ -186,3 +188,122 @@ def test_status_command_when_agent_is_down() -> None:
                           capture_output=True, text=True, timeout=20)
     assert done.returncode == 1
     assert done.stderr.startswith(f"cannot reach the agent at {url}/debug/status: ")
+
+
+def test_a_second_agent_on_the_same_data_dir_exits_2_naming_the_first(agent_factory: Callable[..., Agent]) -> None:
+    first = agent_factory().start()
+    second = agent_factory(env={"SIDETRACE_AGENT__DATA_DIR": str(first.data_dir)})
+    second.start(wait_ready=False)
+    assert second.proc.wait(10) == 2
+    assert (f"agent.data_dir: {first.data_dir} is in use by another sidetrace agent (pid {first.proc.pid}); give "
+            "each agent its own agent.data_dir") in second.log()
+    assert first.alive()
+    assert first.stop() == 0
+    second.start()  # the lock went with the first agent
+    assert (first.data_dir / "sidetrace.lock").read_text().strip() == str(second.proc.pid)
+
+
+def test_directories_the_agent_creates_are_private(agent_factory: Callable[..., Agent], tmp_path: Path) -> None:
+    data_dir = tmp_path / "new" / "state" / "sidetrace"
+    agent = agent_factory(env={"SIDETRACE_AGENT__DATA_DIR": str(data_dir)}).start()
+    for directory in (data_dir, data_dir.parent, data_dir.parent.parent):
+        assert directory.stat().st_mode & 0o777 == 0o700, directory
+    agent.stop()
+
+
+def test_a_reload_that_changes_nothing_says_so(agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory().start()
+    agent.signal(signal.SIGHUP)
+    wait_until(lambda: metric_value(agent.url, "sidetrace_config_reloads_total") == 1.0, 10, "the reload")
+    assert f"reloaded {agent.config_path}: nothing changed" in agent.log()
+
+
+def test_sigterm_right_after_a_sighup_always_stops_the_agent(
+    agent_factory: Callable[..., Agent], notify_socket: tuple[socket.socket, str]
+) -> None:
+    sock, path = notify_socket
+    for trial in range(5):
+        agent = agent_factory(env={"NOTIFY_SOCKET": path})
+        agent.start(wait_ready=False)
+        receive_until(sock, "READY=1")
+        wait_until(lambda agent=agent: http_get(agent.url + "/readyz", 1)[0] == 200, 10, "ready")
+        agent.grpc_port = free_port()  # the reload restarts the receivers
+        agent.write_config()
+        agent.signal(signal.SIGHUP)
+        time.sleep(0.005)
+        agent.signal(signal.SIGTERM)
+        assert agent.proc.wait(10) == 0, f"trial {trial}: {agent.log()}"
+        seen = []
+        sock.settimeout(0.2)
+        try:
+            while True:
+                seen.append(sock.recv(4096).decode())
+        except TimeoutError:
+            pass
+        stopping = [i for i, message in enumerate(seen) if "STOPPING=1" in message]
+        assert stopping, f"trial {trial}: {seen}"
+        assert not any("READY=1" in message for message in seen[stopping[0]:]), f"trial {trial}: {seen}"
+        sock.settimeout(20)
+
+
+@pytest.mark.slow
+def test_sighup_changing_data_dir_and_an_exporter_under_load_completes_quickly(
+    agent_factory: Callable[..., Agent], tmp_path: Path
+) -> None:
+    sink = Sink()
+    exporter = f'[[exporters.otlp]]\nname = "sink"\nendpoint = "http://127.0.0.1:{sink.port}"\n'
+    agent = agent_factory(exporter).start()
+    stop = threading.Event()
+    load = threading.Thread(target=send_load, args=(agent, stop), daemon=True)
+    load.start()
+    try:
+        for reload in range(1, 7):
+            other_dir = tmp_path / f"elsewhere{reload}"
+            agent.write_config(exporter + f"timeout_seconds = {5 + reload}\n")
+            agent.config_path.write_text(agent.config_path.read_text().replace(
+                f'data_dir = "{agent.data_dir}"', f'data_dir = "{other_dir}"'))
+            started = time.monotonic()
+            agent.signal(signal.SIGHUP)
+            wait_until(lambda reload=reload: metric_value(agent.url, "sidetrace_config_reloads_total") == reload, 10,
+                       f"reload {reload}", interval=0.02)
+            assert time.monotonic() - started < 2.0, f"reload {reload} took {time.monotonic() - started:.2f} s"
+            assert not other_dir.exists()  # data_dir takes effect at the next start, as the log says
+    finally:
+        stop.set()
+        load.join(20)
+    assert "agent.data_dir changed from" in agent.log() and "it takes effect when the agent restarts" in agent.log()
+    assert metric_value(agent.url, "sidetrace_receiver_refused_spans_total") is None  # never refused a request
+    wait_until(lambda: metric_value(agent.url, "sidetrace_spool_size_bytes") == 0, 30, "the spool to drain")
+    assert agent.stop() == 0
+    sink.stop()
+
+
+def test_a_reload_restarts_only_the_exporter_that_changed(agent_factory: Callable[..., Agent]) -> None:
+    kept, changed = Sink(), Sink()
+    exporters = (f'[[exporters.otlp]]\nname = "kept"\nendpoint = "http://127.0.0.1:{kept.port}"\n'
+                 f'[[exporters.otlp]]\nname = "changed"\nendpoint = "http://127.0.0.1:{changed.port}"\n')
+    agent = agent_factory(exporters).start()
+    stop = threading.Event()
+    load = threading.Thread(target=send_load, args=(agent, stop), daemon=True)
+    load.start()
+    try:
+        wait_until(lambda: (metric_value(agent.url, 'sidetrace_exporter_sent_spans_total{exporter="kept"}') or 0)
+                   >= 500, 30, "spans delivered before the reload")
+        before = metric_value(agent.url, "sidetrace_receiver_accepted_spans_total")
+        agent.write_config(exporters.replace('name = "changed"\n', 'name = "changed"\ntimeout_seconds = 3\n'))
+        agent.signal(signal.SIGHUP)
+        wait_until(lambda: metric_value(agent.url, "sidetrace_config_reloads_total") == 1.0, 10, "the reload")
+        assert metric_value(agent.url, "sidetrace_receiver_accepted_spans_total") >= before  # counters kept
+        assert_promtool_clean(http_get(agent.url + "/metrics")[1])
+    finally:
+        stop.set()
+        load.join(20)
+    accepted = metric_value(agent.url, "sidetrace_receiver_accepted_spans_total")
+    wait_until(lambda: kept.collected.unique() == accepted and changed.collected.unique() == accepted, 30,
+               "every span at both sinks")
+    assert kept.collected.duplicates() == 0  # its export was never cut
+    assert "exporters restarted: changed; exporting to kept, changed" in agent.log()
+    assert metric_value(agent.url, "sidetrace_receiver_refused_spans_total") is None
+    agent.stop()
+    kept.stop()
+    changed.stop()

@@ -5,11 +5,13 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -17,6 +19,7 @@ from google.rpc import status_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
@@ -246,3 +249,77 @@ def test_sdk_metrics_appear_on_metrics_translated(agent_factory: Callable[..., A
     assert 'queue_depth{instance="cart-1",job="cart"} 4.0' in lines
     assert any(line.startswith("target_info{") and 'deployment="prod"' in line and 'job="cart"' in line
                for line in lines)
+
+
+@pytest.mark.slow
+def test_stalled_clients_cannot_starve_the_receivers(agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory(env={"SIDETRACE_RECEIVERS__OTLP__READ_TIMEOUT_SECONDS": "2"}).start()
+    good = one_span_request().SerializeToString()
+    stalled_http = []
+    for _ in range(64):  # headers and half a body, then nothing
+        sock = socket.create_connection(("127.0.0.1", agent.http_port), timeout=10)
+        sock.sendall(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
+                     b"Content-Length: 1000\r\n\r\n" + b"\0" * 500)
+        stalled_http.append(sock)
+    channel = grpc.insecure_channel(f"127.0.0.1:{agent.grpc_port}")
+    open_calls = channel.stream_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                                      request_serializer=None, response_deserializer=None)
+    silence = threading.Event()
+
+    def nothing() -> Iterator[bytes]:
+        silence.wait(30)
+        return
+        yield b""
+
+    stalled_grpc = [open_calls.future(nothing(), timeout=30) for _ in range(64)]
+    try:
+        started = time.monotonic()
+        for _ in range(20):  # valid requests go through meanwhile
+            assert post(agent.otlp_http + "/v1/traces", good)[0] == 200
+            assert grpc_export(agent, good) == grpc.StatusCode.OK
+        assert time.monotonic() - started < 10
+        for sock in stalled_http:  # cut after read_timeout_seconds with a 408
+            sock.settimeout(10)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 408 ")
+        for call in stalled_grpc:
+            assert call.exception(10).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        silence.set()
+        for sock in stalled_http:
+            sock.close()
+        channel.close()
+    assert refused_requests(agent, "http") == {"read_timeout": 64}
+    assert refused_requests(agent, "grpc") == {"read_timeout": 64}
+
+
+@pytest.mark.slow
+def test_metric_names_and_resources_past_max_series_leave_nothing_behind(agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory(env={"SIDETRACE_APP_METRICS__MAX_SERIES": "10"}).start()
+    url = agent.otlp_http + "/v1/metrics"
+
+    def rss() -> float:
+        _, text = http_get(agent.url + "/metrics")
+        return next(float(line.split()[1]) for line in text.splitlines()
+                    if line.startswith("process_resident_memory_bytes "))
+
+    def batch(first: int) -> bytes:
+        request = ExportMetricsServiceRequest()
+        for n in range(first, first + 100):
+            resource_metrics = request.resource_metrics.add()
+            for key, value in (("service.name", f"svc-{n}"), ("host.name", f"host-{n}")):
+                kv = resource_metrics.resource.attributes.add()
+                kv.key, kv.value.string_value = key, value
+            metric = resource_metrics.scope_metrics.add().metrics.add()
+            metric.name, metric.description = f"metric.number.{n}", "x" * 200
+            metric.gauge.data_points.add().as_double = n
+        return request.SerializeToString()
+
+    assert post(url, batch(0))[0] == 200
+    before = rss()
+    for first in range(100, 10_000, 100):
+        assert post(url, batch(first))[0] == 200
+    after = rss()
+    _, text = http_get(agent.url + "/metrics")
+    assert sum(line.startswith("metric_number_") for line in text.splitlines()) == 10
+    assert sum(line.startswith("target_info{") for line in text.splitlines()) == 10
+    assert after - before < 10 * 1024 * 1024, f"RSS grew {(after - before) / 2**20:.1f} MiB"

@@ -10,19 +10,23 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from tests.conftest import Agent, http_get, wait_until
-from tests.integration.otlp_servers import Rotel, Sink
+from tests.filesystems import needs_root, tmpfs
+from tests.integration.otlp_servers import Rotel, Sink, send_load, span_request
 
 pytestmark = pytest.mark.slow
 
@@ -214,3 +218,85 @@ def test_traces_command_prints_the_tree(agent_factory: Callable[..., Agent]) -> 
     assert names == ["GET /cart", "SELECT cart", "charge"]
     assert lines[1].startswith("  GET /cart") and lines[2].startswith("    SELECT cart")
     assert "|" in lines[1] and "#" in lines[1]
+
+
+def test_sigkill_while_sending_to_a_slow_backend_duplicates_no_more_than_it_counts(
+    agent_factory: Callable[..., Agent]
+) -> None:
+    slow = Sink(delay_seconds=0.5)
+    agent = agent_factory(f'[[exporters.otlp]]\nname = "slow"\nendpoint = "http://127.0.0.1:{slow.port}"\n'
+                          "max_batch_spans = 600\n").start()
+    sent = send_spans(agent, 500)  # 1,500 spans: three requests of 600 spans or less
+    wait_until(lambda: slow.servicer.arrivals >= 2, 30, "a request in flight after one delivered")
+    agent.signal(signal.SIGKILL)  # while the backend holds a request the agent has not seen answered
+    agent.proc.wait(10)
+    agent.start()
+    wait_until(lambda: slow.collected.unique() == len(sent), 60, "every acknowledged span after the kill")
+    resent = metric(agent, "sidetrace_exporter_resent_spans_total", exporter="slow")
+    assert 0 < resent <= 600
+    assert slow.collected.duplicates() <= resent
+    agent.stop()
+    slow.stop()
+
+
+@needs_root
+@pytest.mark.slow
+def test_a_full_disk_costs_nothing_acknowledged(
+    agent_factory: Callable[..., Agent], rotel_factory: Callable[..., Rotel], sink: Sink, tmp_path: Path
+) -> None:
+    rotel = rotel_factory()  # down while the disk fills
+    with tmpfs(tmp_path / "small", 8 * 1024) as mount:
+        agent = agent_factory(exporter_config(rotel), env={"SIDETRACE_AGENT__DATA_DIR": str(mount / "data")}).start()
+        stop = threading.Event()
+        load = threading.Thread(target=send_load, args=(agent, stop), kwargs={"spans_per_request": 200}, daemon=True)
+        load.start()
+        try:
+            wait_until(lambda: metric(agent, "sidetrace_spool_failed_writes_total", cause="full") >= 3, 60,
+                       "the disk to fill")
+            with grpc.insecure_channel(f"127.0.0.1:{agent.grpc_port}") as channel:
+                export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                                             request_serializer=None, response_deserializer=None)
+                with pytest.raises(grpc.RpcError) as refusal:
+                    export(span_request(200), timeout=10)
+            assert refusal.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert refusal.value.details().startswith("disk full: cannot write")
+        finally:
+            stop.set()
+            load.join(30)
+        accepted = metric(agent, "sidetrace_receiver_accepted_spans_total")
+        assert metric(agent, "sidetrace_spool_size_bytes") <= 8 * 1024 * 1024
+        rotel.start()
+        wait_until(lambda: sink.collected.unique() == accepted, 120, "every acknowledged span at the sink")
+        assert sink.collected.duplicates() == 0
+        assert metric(agent, "sidetrace_spool_dropped_spans_total") == 0
+        wait_until(lambda: metric(agent, "sidetrace_spool_size_bytes") == 0, 30, "the spool accounting to empty")
+        send_spans(agent, 10)  # accepted again once delivery gave the disk back
+        agent.stop()
+
+
+def test_traces_command_shows_a_span_received_twice_once_and_escapes_control_characters(
+    agent_factory: Callable[..., Agent]
+) -> None:
+    agent = agent_factory().start()
+    request = ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    kv = resource_spans.resource.attributes.add()
+    kv.key, kv.value.string_value = "service.name", "evil\x1b]0;owned\x07"
+    scope = resource_spans.scope_spans.add()
+    for span_id, parent, name in ((b"\x01" * 8, b"", "root\x1b[2J"), (b"\x02" * 8, b"\x01" * 8, "child\r\nfake")):
+        span = scope.spans.add()
+        span.trace_id, span.span_id, span.parent_span_id, span.name = b"\x07" * 16, span_id, parent, name
+        span.start_time_unix_nano, span.end_time_unix_nano = 10**18, 10**18 + 10**6
+    with grpc.insecure_channel(f"127.0.0.1:{agent.grpc_port}") as channel:
+        export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                                     request_serializer=None, response_deserializer=None)
+        for _ in range(3):  # an SDK retrying
+            export(request.SerializeToString(), timeout=10)
+    done = subprocess.run([sys.executable, "-m", "sidetrace", "traces", "--url", agent.url],
+                          capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3 and " 2 spans " in lines[0]
+    assert "\x1b" not in done.stdout and "\x07" not in done.stdout and "\r" not in done.stdout
+    assert lines[0].startswith("trace " + "07" * 16 + "  evil\\x1b]0;owned\\x07: root\\x1b[2J  2 spans")
+    assert lines[2].strip().startswith("child\\r\\nfake")

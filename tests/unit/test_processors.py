@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
@@ -230,3 +233,74 @@ def test_redaction_with_patterns_that_need_no_literal_always_walks() -> None:
     processor.apply(request, request.SerializeToString())
     values = [kv.value.string_value for kv in request.resource_spans[0].scope_spans[0].spans[0].attributes]
     assert values == ["[REDACTED]", "[REDACTED]", "z"] and processor.skipped_requests == 0
+
+
+DEFAULT_REDACTION = RedactionProcessor(RedactionProcessorSection())
+
+
+def test_redaction_reaches_map_values_arrays_of_maps_and_scope_attributes() -> None:
+    processor = RedactionProcessor(RedactionProcessorSection())
+    request = traces(("cart", "op", b"t" * 16, 1))
+    span = request.resource_spans[0].scope_spans[0].spans[0]
+    headers = span.attributes.add()
+    headers.key = "http.request.headers"
+    entry = headers.value.kvlist_value.values.add()
+    entry.key, entry.value.string_value = "authorization", "Bearer s3cret"
+    kept = headers.value.kvlist_value.values.add()
+    kept.key, kept.value.string_value = "accept", "text/html"
+    listed = span.attributes.add()
+    listed.key = "sessions"
+    inner = listed.value.array_value.values.add().kvlist_value.values.add()
+    inner.key, inner.value.string_value = "session_token", "abc"
+    scope = request.resource_spans[0].scope_spans[0].scope
+    scoped = scope.attributes.add()
+    scoped.key, scoped.value.string_value = "api-key", "k"
+    processor.apply(request, request.SerializeToString())
+    assert [(kv.key, kv.value.string_value) for kv in headers.value.kvlist_value.values] == [
+        ("authorization", "[REDACTED]"), ("accept", "text/html")]
+    assert listed.value.array_value.values[0].kvlist_value.values[0].value.string_value == "[REDACTED]"
+    assert scoped.value.string_value == "[REDACTED]"
+    assert processor.redacted == 3
+
+
+@pytest.mark.parametrize("key", ["api_\u212aey", "\u017fecret", "PR\u0130VATE_KEY", "pr\u0131vate-key", "AUTHORIZATION",
+                                 "db.pa\u017f\u017fword"])
+def test_redaction_folds_case_the_same_on_the_protobuf_and_json_paths(key: str) -> None:
+    processor = RedactionProcessor(RedactionProcessorSection())
+    with_bytes = traces(("cart", "op", b"t" * 16, 1), attributes={key: "v"})
+    processor.apply(with_bytes, with_bytes.SerializeToString())  # the protobuf path: prefilter first
+    without = traces(("cart", "op", b"t" * 16, 1), attributes={key: "v"})
+    processor.apply(without)  # the JSON path: no bytes, always walked
+    for request in (with_bytes, without):
+        assert request.resource_spans[0].scope_spans[0].spans[0].attributes[0].value.string_value == "[REDACTED]", key
+
+
+_VARIANTS = {"i": "iI\u0130\u0131", "s": "sS\u017f", "k": "kK\u212a"}
+_SENSITIVE = ("secret", "password", "passwd", "api_key", "apikey", "access-token", "private.key", "credential",
+              "authorization", "cookie", "sessiontoken")
+
+
+def _spelled(word: str, choices: list[int]) -> str:
+    """``word`` with each letter in one of its case-insensitive spellings."""
+    out = []
+    for char, choice in zip(word, choices, strict=False):
+        variants = _VARIANTS.get(char, char + char.upper())
+        out.append(variants[choice % len(variants)])
+    return "".join(out)
+
+
+_KEYS = st.one_of(
+    st.text(min_size=1, max_size=24),
+    st.builds(lambda before, word, choices, after: before + _spelled(word, choices) + after,
+              st.text(max_size=6), st.sampled_from(_SENSITIVE), st.lists(st.integers(0, 3), min_size=16, max_size=16),
+              st.text(max_size=6)),
+)
+
+
+@settings(max_examples=3000, deadline=None, derandomize=True)
+@given(key=_KEYS, filler=st.text(max_size=8))
+def test_the_prefilter_never_skips_a_key_the_full_check_redacts(key: str, filler: str) -> None:
+    processor = DEFAULT_REDACTION
+    request = traces(("cart", filler or "op", b"t" * 16, 1), attributes={key: "v", f"x{filler}": filler})
+    if processor.sensitive(key):
+        assert processor.may_contain(request.SerializeToString()), key
