@@ -56,10 +56,20 @@ class _Processors:
         # The byte prefilter looks at what the app sent: added attributes with a sensitive key need the walk.
         self.prefilter = not (self.resource and any(map(self.redaction.sensitive, self.resource.attributes)))
 
-    def apply(self, request: ExportTraceServiceRequest, raw: bytes | None) -> None:
+    def apply(self, request: ExportTraceServiceRequest, raw: bytes | None) -> bytes:
+        """Process ``request`` (``raw`` its encoding, when the receiver has it); return the encoding to queue."""
+        if raw is not None and self.prefilter and not self.redaction.may_contain(raw):
+            # Nothing to redact: only the resources change, on the wire bytes, without re-encoding the spans.
+            self.redaction.skipped_requests += 1
+            if self.resource is None:
+                return raw
+            body = self.resource.enrich_encoded(raw)
+            if body is not None:
+                return body
         if self.resource is not None:
             self.resource.apply(request)
-        self.redaction.apply(request, raw if self.prefilter else None)
+        self.redaction.apply(request)
+        return request.SerializeToString()
 
 
 class TracePipeline:
@@ -190,8 +200,7 @@ class TracePipeline:
         spans = span_count(request)
         if not spans:
             return 0
-        self._processors.apply(request, raw)
-        body = request.SerializeToString()
+        body = self._processors.apply(request, raw)
         if self.spool is not None:
             try:
                 await self.spool.append(body, spans)

@@ -48,6 +48,12 @@ log = logging.getLogger("sidetrace.spool")
 
 TRACES = "traces"  # the queue the trace pipeline writes and every trace exporter reads
 SET_ASIDE_KEEP = 100  # newest set-aside batches kept for inspection; older ones are deleted
+# Delivered rows are deleted in bulk, at most this often or once this many bytes wait (one commit for many acks).
+PRUNE_SECONDS = 1.0
+PRUNE_BYTES = 16 * 1024 * 1024
+PRUNE_ROWS = 256  # rows deleted per transaction
+PAGE_SIZE = 16 * 1024
+SHRINK_BYTES = 64 * 1024 * 1024  # free pages past this are given back to the filesystem
 SET_ASIDE_REASONS = ("corrupt", "rejected", "too_large", "undecodable")
 SCHEMA_VERSION = "2"
 SCHEMA = """
@@ -224,6 +230,8 @@ class Spool:
         self._queue_bytes: dict[str, int] = {}  # queue -> bytes of batches some reader still needs
         self._aside_bytes = 0
         self._prune: dict[str, int] = {}  # queue -> id through which rows wait to be deleted
+        self._prunable = 0  # bytes of rows waiting to be deleted
+        self._pruned_at = 0.0
         self._pending: list[tuple[str, bytes, int, float, asyncio.Future[None]]] = []
         self._pending_bytes = 0
         self._writer: asyncio.Task[None] | None = None
@@ -313,7 +321,10 @@ class Spool:
     def _connect(self) -> None:
         self._db = db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=1.0)
         if db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
-            db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # only possible before the first table: lets the file shrink
+            # Only possible before the first table. Incremental vacuum lets the file shrink; 16 KiB pages keep a
+            # request's body in few overflow pages, halving the CPU of writing and deleting it (measured).
+            db.execute(f"PRAGMA page_size={PAGE_SIZE}")
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise sqlite3.OperationalError(f"attempt to write a readonly database (journal mode {mode})")
@@ -407,6 +418,7 @@ class Spool:
     def _close(self) -> None:
         if self._db is not None:
             self._store_cursors(running=self.interrupted)
+            self._prune_passed()
             self._disconnect()
 
     async def _run(self, function, *args):  # type: ignore[no-untyped-def]
@@ -512,13 +524,24 @@ class Spool:
         return SpoolError(f"cannot write {self.path}: {exc}")
 
     def _write(self, items: list[tuple[str, bytes, int, float]]) -> None:
-        db = self._db
-        if db is None:
+        if self._db is None:
             raise SpoolError(f"spool {self.path} is closed")
+        if self._prune and time.monotonic() - self._pruned_at >= PRUNE_SECONDS:
+            self._prune_passed()
+        try:
+            self._insert(items)
+        except sqlite3.OperationalError as exc:
+            if not self._prune or sqlite_cause(exc) not in ("full", "io"):
+                raise
+            self._prune_passed()  # delivered rows still on disk: delete them, then try once more
+            self._insert(items)
+
+    def _insert(self, items: list[tuple[str, bytes, int, float]]) -> None:
+        db = self._db
+        assert db is not None
         if not self._reserve.ensure():
             raise sqlite3.OperationalError(f"database or disk is full (no room left for the spool's "
                                            f"{self._reserve.size} byte reserve)")
-        self._prune_passed()  # what an earlier try could not delete
         added: dict[str, int] = {}
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -621,6 +644,8 @@ class Spool:
                 "SELECT id, received_at, items, crc, CAST(body AS BLOB) FROM batches WHERE queue = ? AND id > ? "
                 "ORDER BY id LIMIT 64", (queue, after)).fetchall()
             if not rows:
+                if not batches and self._prune:  # caught up: a good moment to delete what was delivered
+                    self._prune_passed()
                 return batches
             for row_id, received_at, row_items, crc, body in rows:
                 after = row_id
@@ -703,49 +728,60 @@ class Spool:
                                  (queue, before, passed)).fetchone()[0]
         self._queue_bytes[queue] = self._queue_bytes.get(queue, 0) - freed
         self._prune[queue] = max(self._prune.get(queue, 0), passed)
-        self._prune_passed()
+        self._prunable += freed
+        if self._prunable >= PRUNE_BYTES or time.monotonic() - self._pruned_at >= PRUNE_SECONDS:
+            self._prune_passed()
 
     def _prune_passed(self) -> None:
         """Delete rows every reader has passed; on a full disk, with the reserve's room, or at the next try."""
-        db = self._db
-        assert db is not None
+        self._pruned_at = time.monotonic()
         if not self._prune:
             return
         try:
-            for queue, through in list(self._prune.items()):
-                db.execute("DELETE FROM batches WHERE queue = ? AND id <= ?", (queue, through))
-                del self._prune[queue]
+            self._delete_pruned(PRUNE_ROWS)
         except sqlite3.OperationalError as exc:
             if sqlite_cause(exc) in ("full", "io") and self._reserve.present:
                 self._reclaim()
             return
         self._shrink()
 
-    def _reclaim(self) -> None:
-        """On a full disk: spend the reserve's room to fold the WAL into the database, delete what every reader
-        passed and shrink the file, so the spool frees its disk."""
+    def _delete_pruned(self, rows: int, checkpoint: bool = False) -> None:
+        """Delete the rows waiting in ``_prune``, ``rows`` per transaction so the WAL stays small."""
         db = self._db
         assert db is not None
+        for queue, through in list(self._prune.items()):
+            while db.execute("DELETE FROM batches WHERE id IN (SELECT id FROM batches WHERE queue = ? AND id <= ? "
+                             "ORDER BY id LIMIT ?)", (queue, through, rows)).rowcount:
+                if checkpoint:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            del self._prune[queue]
+        self._prunable = 0
+
+    def _reclaim(self) -> None:
+        """On a full disk: spend the reserve's room to fold the WAL into the database, delete what every reader
+        passed a few rows at a time (checkpointing between, so the WAL reuses its room) and shrink the file."""
         log.warning("spool %s: the disk is full; giving back the %d byte reserve to delete delivered batches",
                     self.path, self._reserve.size)
         self._reserve.release()
         try:
-            db.execute("PRAGMA wal_checkpoint(RESTART)")
-            for queue, through in list(self._prune.items()):
-                db.execute("DELETE FROM batches WHERE queue = ? AND id <= ?", (queue, through))
-                del self._prune[queue]
+            assert self._db is not None
+            self._db.execute("PRAGMA wal_checkpoint(RESTART)")
+            self._delete_pruned(8, checkpoint=True)
         except sqlite3.OperationalError as exc:
             log.warning("spool %s: could not delete delivered batches yet: %s", self.path, exc)
             return
         self._shrink(force=True)
 
     def _shrink(self, force: bool = False) -> None:
-        """Give free pages back to the filesystem once they are many (so a drained spool frees its disk)."""
+        """Give free pages back to the filesystem once they are many (a drained backlog), or on a full disk.
+
+        Below that, new batches reuse the free pages: shrinking and growing again would only cost I/O.
+        """
         db = self._db
         assert db is not None
         free, pages, page_size = (db.execute(f"PRAGMA {name}").fetchone()[0]
                                   for name in ("freelist_count", "page_count", "page_size"))
-        if not force and free * page_size < self._reserve.size and free * 4 < pages:
+        if not force and free * page_size < SHRINK_BYTES:
             return
         try:
             db.executescript("PRAGMA incremental_vacuum;")  # execute() would free one page per call

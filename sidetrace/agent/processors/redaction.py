@@ -14,6 +14,11 @@ _DECISIONS_KEPT = 10_000  # attribute keys are few in practice; the bound is for
 _MIN_NEEDLE = 3  # shorter literals match too much to be worth a search
 _MAX_ALTERNATIVES = 64
 
+try:
+    import hyperscan
+except ImportError:  # an accelerator with x86-64 wheels; BytePrefilter gives the same answers without it
+    hyperscan = None
+
 if sys.version_info >= (3, 11):
     from re import _constants as sre_constants
     from re import _parser as sre_parse
@@ -81,8 +86,8 @@ def fold(key: str) -> str:
 def fold_bytes(raw: bytes) -> bytes:
     """``fold`` as seen by a byte search: ASCII lowered, the four equivalent letters' UTF-8 replaced."""
     lowered = raw.lower()
-    if b"\xc4" in lowered or b"\xc5\xbf" in lowered or b"\xe2\x84\xaa" in lowered:
-        for letter, ascii_letter in _EQUIVALENT_BYTES:
+    for letter, ascii_letter in _EQUIVALENT_BYTES:
+        if letter in lowered:
             lowered = lowered.replace(letter, ascii_letter)
     return lowered
 
@@ -109,6 +114,65 @@ def _needles(keys: Iterable[str], patterns: Iterable[str]) -> list[list[bytes]] 
     return [[needle.encode() for needle in needed] for needed in needles] or None
 
 
+class BytePrefilter:
+    """The prefilter with the standard library: substring searches over the folded request bytes."""
+
+    def __init__(self, needles: list[list[bytes]]) -> None:
+        self._needles = needles
+
+    def may_contain(self, raw: bytes) -> bool:
+        lowered = raw.lower()
+        if self._found(lowered):
+            return True
+        # Only the four non-ASCII equivalents can make a needle appear after folding: most requests hold none.
+        if not any(letter in lowered for letter, _ in _EQUIVALENT_BYTES):
+            return False
+        return self._found(fold_bytes(raw))
+
+    def _found(self, lowered: bytes) -> bool:
+        return any(all(needle in lowered for needle in needed) for needed in self._needles)
+
+
+class HyperscanPrefilter:
+    """The same answers as BytePrefilter in one Hyperscan pass over the raw bytes: each needle is compiled
+    case-insensitively with its i, s and k also matching their non-ASCII equivalents (about 40 times
+    faster on a 170 KB request, bench/RESULTS.md)."""
+
+    def __init__(self, needles: list[list[bytes]]) -> None:
+        distinct = sorted({needle for needed in needles for needle in needed})
+        index = {needle: number for number, needle in enumerate(distinct)}
+        self._needles = [[index[needle] for needle in needed] for needed in needles]
+        self._database = hyperscan.Database()
+        self._database.compile(expressions=[_expression(needle) for needle in distinct], ids=list(range(len(distinct))),
+                               flags=[hyperscan.HS_FLAG_CASELESS | hyperscan.HS_FLAG_SINGLEMATCH] * len(distinct))
+
+    def may_contain(self, raw: bytes) -> bool:
+        found: set[int] = set()
+        self._database.scan(raw, match_event_handler=lambda number, *_: found.add(number))
+        return any(all(number in found for number in needed) for needed in self._needles)
+
+
+def _expression(needle: bytes) -> bytes:
+    """A Hyperscan expression matching what folds to ``needle`` (ASCII case comes from HS_FLAG_CASELESS)."""
+    equivalents: dict[int, list[bytes]] = {}
+    for letter, ascii_letter in _EQUIVALENT_BYTES:
+        equivalents.setdefault(ascii_letter[0], []).append(letter)
+    parts = []
+    for byte in needle:
+        plain = bytes([byte]) if chr(byte).isalnum() else b"\\x%02x" % byte
+        if byte in equivalents:
+            plain = b"(?:" + b"|".join([plain, *(b"".join(b"\\x%02x" % b for b in letter)
+                                                  for letter in equivalents[byte])]) + b")"
+        parts.append(plain)
+    return b"".join(parts)
+
+
+def prefilter(needles: list[list[bytes]] | None) -> BytePrefilter | HyperscanPrefilter | None:
+    if needles is None:
+        return None
+    return HyperscanPrefilter(needles) if hyperscan is not None else BytePrefilter(needles)
+
+
 class RedactionProcessor:
     """Replaces values of sensitive attributes at every depth: resource, scope, span, event and link attributes,
     and keys inside map values (``kvlist``) and arrays of maps."""
@@ -124,7 +188,7 @@ class RedactionProcessor:
         # could match anywhere in them (checked with a few C-speed substring searches for the literals
         # each pattern requires, after the same folding as the full check), the request is clean and
         # its attributes need not be walked.
-        self._needles = _needles(section.keys, section.key_patterns)
+        self._prefilter = prefilter(_needles(section.keys, section.key_patterns))
         self.skipped_requests = 0
 
     def sensitive(self, key: str) -> bool:
@@ -139,10 +203,7 @@ class RedactionProcessor:
 
     def may_contain(self, raw: bytes) -> bool:
         """The prefilter: False only when no attribute key in ``raw`` (wire bytes) can be sensitive."""
-        if self._needles is None:
-            return True
-        lowered = fold_bytes(raw)
-        return any(all(needle in lowered for needle in needed) for needed in self._needles)
+        return self._prefilter is None or self._prefilter.may_contain(raw)
 
     def _scrub(self, attributes: Iterable) -> None:
         for kv in attributes:
