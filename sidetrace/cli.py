@@ -102,6 +102,10 @@ def render_status(status: dict[str, Any]) -> str:
     for name, component in status["components"].items():
         rows.append((name, component["state"], printable(component.get("detail") or ""),
                      printable(component.get("last_error") or "-")))
+        for exporter, state in (component.get("exporters") or {}).items():
+            detail = f"sent {state['sent']}, oldest unsent {_age(state['oldest_unsent_age_seconds'])}"
+            rows.append((f"  exporter {printable(exporter)}", state["state"], detail,
+                         printable(state.get("last_error") or "-") if state["state"] == "failing" else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines.append("")
     for row in rows:

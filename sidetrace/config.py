@@ -242,7 +242,7 @@ class SpoolSection:
     sync: str = _key("`full`: fsync before acknowledging (survives power loss); `normal`: survives a crash of "
                      "the agent, not of the host.", _check_choice("full", "normal"), default="full")
     max_pending_bytes: int = _key("Bytes accepted but not yet written; past it receivers refuse with a "
-                                  "retryable error (429 / RESOURCE_EXHAUSTED).", _check_positive,
+                                  "retryable error (HTTP 429 / gRPC UNAVAILABLE).", _check_positive,
                                   default=64 * 1024 * 1024)
 
 
@@ -321,8 +321,8 @@ class RecentTracesSection:
     max_spans_per_trace: int = _key("Spans kept per trace; the rest are counted.", _check_positive, default=1000)
     max_spans: int = _key("Spans kept across all traces.", _check_positive, default=50_000)
     max_bytes: int = _key("Bytes of span data kept across all traces (spans are kept as received, encoded: about "
-                          "250 bytes a span with 10 attributes); the oldest requests go first.", _check_positive,
-                          default=16 * 1024 * 1024)
+                          "350 bytes a span with 8 to 10 attributes); the oldest requests go first.", _check_positive,
+                          default=8 * 1024 * 1024)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """Misbehaving OTLP backends for the delivery tests: a real grpc.aio server and a real aiohttp server
 whose answer to each request follows a script the test sets.
 
-A script answers ``status`` (an HTTP status or a gRPC code) to the first ``fail_requests`` requests,
-or to every request until ``fail_until`` (monotonic time), then succeeds; it answers ``poison_status``
-to any request holding ``poison`` (a span name); it can add a retry delay (Retry-After, or a gRPC
-RetryInfo) and a partial success. The servers' own size limits are real: aiohttp's client_max_size
-answers 413, grpc's max_receive_message_length RESOURCE_EXHAUSTED.
+A script answers ``status`` (an HTTP status or a gRPC code) to ``fail_requests`` requests after the
+first ``fail_after`` (which succeed), or to every request until ``fail_until`` (monotonic time), then
+succeeds; it answers ``poison_status`` to any request holding ``poison`` (a span name); it can add a
+retry delay (Retry-After, or a gRPC RetryInfo) and a partial success. The servers' own size limits
+are real: aiohttp's client_max_size answers 413, grpc's max_receive_message_length RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 class Script:
     status: int | grpc.StatusCode | None = None
     fail_requests: int = 0
+    fail_after: int = 0
     fail_until: float = 0.0
     poison: str | None = None
     poison_status: int | grpc.StatusCode | None = None
@@ -66,7 +67,8 @@ class Backend:
         if script.poison is not None and any(
                 span.name == script.poison for r in request.resource_spans for s in r.scope_spans for span in s.spans):
             return script.poison_status
-        failing = self.requests <= script.fail_requests or time.monotonic() < script.fail_until
+        failing = (script.fail_after < self.requests <= script.fail_after + script.fail_requests
+                   or time.monotonic() < script.fail_until)
         if script.status is not None and failing:
             return script.status
         self.sizes.append(len(body))

@@ -302,7 +302,7 @@ class AppMetrics:
         for (job, instance), (attributes, _) in targets:
             info.add_sample("target_info", {"job": job, "instance": instance, **dict(attributes)}, 1)
         yield info
-        points = CounterMetricFamily("sidetrace_app_metrics_dropped_points",
+        points = CounterMetricFamily("sidetrace_app_metrics_dropped_points_total",
                                      "OTLP metric points not served, by reason (max_series, reserved_name, "
                                      "type_conflict, exponential_histogram; max_series_target_info counts "
                                      "requests whose resource was refused a target_info series, also capped at "

@@ -47,7 +47,7 @@ class FaultLog:
 
     def families(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(
-            "sidetrace_source_errors",
+            "sidetrace_source_errors_total",
             "Errors met by a source while collecting, by the collector that failed.",
             labels=["source", "collector"],
         )

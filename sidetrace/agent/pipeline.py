@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import Metric
 
 from sidetrace.agent.components import Context
 from sidetrace.agent.processors.redaction import RedactionProcessor
@@ -227,8 +227,7 @@ class TracePipeline:
 
     def collect(self) -> Iterator[Metric]:
         """prometheus_client's Collector interface: each part's own metrics."""
-        yield CounterMetricFamily("sidetrace_redacted_attributes", "Attribute values replaced by redaction.",
-                                  value=self._processors.redaction.redacted)
+        yield from self._processors.redaction.families()
         if self.span_metrics is not None:
             yield from self.span_metrics.families()
         yield from self.recent.families()

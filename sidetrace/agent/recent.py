@@ -163,6 +163,7 @@ class RecentTraces:
         yield GaugeMetricFamily("sidetrace_recent_traces_spans", "Spans held for /debug/traces.", value=self._spans)
         yield GaugeMetricFamily("sidetrace_recent_traces_bytes", "Bytes of encoded spans held for /debug/traces "
                                 "([recent_traces] max_bytes).", value=self._bytes, unit="bytes")
-        yield CounterMetricFamily("sidetrace_recent_traces_dropped_spans", "Spans let go from /debug/traces to stay "
-                                  "within [recent_traces] max_spans and max_bytes (oldest first).",
+        yield CounterMetricFamily("sidetrace_recent_traces_dropped_spans_total",
+                                  "Spans let go from /debug/traces to stay within [recent_traces] max_spans and "
+                                  "max_bytes (oldest first).",
                                   value=self.dropped_spans)

@@ -237,7 +237,10 @@ class Delivery:
             work[0] = part
             body = part.body if part.body is not None else self.payload.join([b.body for b in part.batches])
             if len(body) > self.policy.max_request_bytes:
-                pieces = self._split(part, body, below_batch=True)
+                pieces = await self._divide(part, body, below_batch=True)
+                if pieces is None:
+                    work.pop(0)
+                    continue
                 if pieces:
                     work[0:1] = pieces
                     continue
@@ -250,10 +253,8 @@ class Delivery:
                 continue
             self._failed(part, answer)
             if verdict in (Verdict.TOO_LARGE, Verdict.BAD_DATA):
-                try:
-                    pieces = self._split(part, body, below_batch=verdict is Verdict.TOO_LARGE)
-                except ValueError as exc:
-                    await self._set_aside(part, body, "undecodable", str(exc))
+                pieces = await self._divide(part, body, below_batch=verdict is Verdict.TOO_LARGE)
+                if pieces is None:
                     work.pop(0)
                     continue
                 if pieces:
@@ -272,6 +273,14 @@ class Delivery:
             attempt += 1
             self.stats.retries += 1
             await asyncio.sleep(min(delay, MAX_RETRY_AFTER))
+
+    async def _divide(self, part: _Part, body: bytes, below_batch: bool) -> list[_Part] | None:
+        """``_split``, or None once ``part`` was set aside because its body cannot be decoded."""
+        try:
+            return self._split(part, body, below_batch)
+        except ValueError as exc:
+            await self._set_aside(part, body, "undecodable", str(exc))
+            return None
 
     def _split(self, part: _Part, body: bytes, below_batch: bool) -> list[_Part]:
         """Halves of ``part``: by batches while it has several, then (``below_batch``) by items."""
@@ -319,17 +328,20 @@ class Delivery:
 
 def delivery_families(deliveries: list[tuple[str, DeliveryStats]]) -> Iterator[Metric]:
     """The per-exporter counters of trace exporters, one family each with an ``exporter`` label."""
-    sent = CounterMetricFamily("sidetrace_exporter_sent_spans", "Spans the backend accepted.", labels=["exporter"])
-    failed = CounterMetricFamily("sidetrace_exporter_send_failed_spans",
+    sent = CounterMetricFamily("sidetrace_exporter_sent_spans_total", "Spans the backend accepted.",
+                               labels=["exporter"])
+    failed = CounterMetricFamily("sidetrace_exporter_send_failed_spans_total",
                                  "Spans in send attempts that failed (retried, split or set aside).",
                                  labels=["exporter"])
-    rejected = CounterMetricFamily("sidetrace_exporter_rejected_spans",
+    rejected = CounterMetricFamily("sidetrace_exporter_rejected_spans_total",
                                    "Spans the backend reported as rejected in a partial success.", labels=["exporter"])
-    retries = CounterMetricFamily("sidetrace_exporter_retries", "Send attempts retried.", labels=["exporter"])
-    resent = CounterMetricFamily("sidetrace_exporter_resent_spans", "Spans sent again after a restart because their "
-                                 "delivery was not confirmed before it (possible duplicates).", labels=["exporter"])
-    failures = CounterMetricFamily("sidetrace_exporter_send_failures", "Send attempts that failed, by the backend's "
-                                   "answer (http_503, grpc_unimplemented, connection_refused, timeout, tls, ...).",
+    retries = CounterMetricFamily("sidetrace_exporter_retries_total", "Send attempts retried.", labels=["exporter"])
+    resent = CounterMetricFamily("sidetrace_exporter_resent_spans_total",
+                                 "Spans sent again after a restart because their delivery was not confirmed before it "
+                                 "(possible duplicates).", labels=["exporter"])
+    failures = CounterMetricFamily("sidetrace_exporter_send_failures_total",
+                                   "Send attempts that failed, by the backend's answer (http_503, grpc_unimplemented, "
+                                   "connection_refused, timeout, tls, ...).",
                                    labels=["exporter", "reason"])
     failing = GaugeMetricFamily("sidetrace_exporter_failing", "1 while the exporter's last send attempt failed.",
                                 labels=["exporter"])

@@ -861,9 +861,9 @@ class Spool:
         oldest = GaugeMetricFamily("sidetrace_spool_oldest_unsent_age_seconds",
                                    "Age of the oldest batch an exporter has not delivered yet.",
                                    labels=["exporter"], unit="seconds")
-        dropped = CounterMetricFamily("sidetrace_spool_dropped_spans", "Items dropped by the spool before an "
+        dropped = CounterMetricFamily("sidetrace_spool_dropped_spans_total", "Items dropped by the spool before an "
                                       "exporter delivered them, by exporter and reason.", labels=["exporter", "reason"])
-        aside = CounterMetricFamily("sidetrace_spool_set_aside_spans",
+        aside = CounterMetricFamily("sidetrace_spool_set_aside_spans_total",
                                     "Items set aside for an exporter and never retried, by reason (corrupt: failed "
                                     "its checksum; rejected: the backend called it invalid; too_large: one item "
                                     "larger than the backend takes; undecodable: not a valid request).",
@@ -876,13 +876,13 @@ class Spool:
         yield oldest
         yield dropped
         yield aside
-        failed = CounterMetricFamily("sidetrace_spool_failed_writes", "Appends refused because the write failed, "
+        failed = CounterMetricFamily("sidetrace_spool_failed_writes_total", "Appends refused because the write failed, "
                                      "by cause (full, io, readonly, ...); the sender was told to retry.",
                                      labels=["cause"])
         for cause in sorted({"full", *self.failed_writes}):
             failed.add_metric([cause], self.failed_writes.get(cause, 0))
         yield failed
-        yield CounterMetricFamily("sidetrace_spool_replaced_files",
+        yield CounterMetricFamily("sidetrace_spool_replaced_files_total",
                                   "Corrupt spool files moved aside and replaced.", value=self.replaced_files)
 
 

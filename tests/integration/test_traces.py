@@ -140,10 +140,17 @@ def test_backend_down_then_up_every_acknowledged_span_arrives(
     wait_until(lambda: metric(agent, "sidetrace_exporter_retries_total", exporter="rotel") >= 1, 20,
                "the exporter to retry")
     assert sink.collected.unique() == 0
+    assert metric(agent, "sidetrace_exporter_send_failures_total", exporter="rotel", reason="connection_refused") >= 1
+    assert metric(agent, "sidetrace_exporter_failing", exporter="rotel") == 1
+    status = subprocess.run([sys.executable, "-m", "sidetrace", "status", "--url", agent.url],
+                            capture_output=True, text=True, timeout=30)
+    row = next(line for line in status.stdout.splitlines() if line.strip().startswith("exporter rotel"))
+    assert row.split()[2] == "failing" and "connection_refused" in row, status.stdout
     rotel.start()
     wait_until(lambda: sink.collected.unique() == len(sent), 90, "every acknowledged span at the sink")
     assert sink.collected.duplicates() == 0
     wait_until(lambda: metric(agent, "sidetrace_spool_size_bytes") == 0, 10, "the spool to drain")
+    assert metric(agent, "sidetrace_exporter_failing", exporter="rotel") == 0
 
 
 def test_sigkill_with_spans_queued_then_restart_delivers_everything(

@@ -39,3 +39,18 @@ def test_dashboard_and_rules_use_only_documented_metrics() -> None:
             "sidetrace_spool_dropped_spans_total"} <= names
     undocumented = sorted(name for name in names if not documented(name, readme))
     assert undocumented == []
+
+
+def test_every_metric_name_in_the_readme_is_written_whole_in_the_code() -> None:
+    """So that `grep` leads from a dashboard's series to the line that emits it."""
+    readme = (ROOT / "README.md").read_text()
+    # The agent's metrics: the instrumentors' context variables share the prefix but are no metrics.
+    code = "\n".join(path.read_text() for part in ("agent", "exporters")
+                     for path in (ROOT / "sidetrace" / part).rglob("*.py"))
+    listed = {name.rstrip("_") for name in METRIC.findall(readme) if not name.startswith("process_")}
+    assert len(listed) >= 60
+    missing = sorted(name for name in listed if f'"{name}"' not in code
+                     and not any(name.endswith(s) and f'"{name[: -len(s)]}"' in code for s in SUFFIXES))
+    assert missing == []
+    emitted = set(re.findall(r'"((?:sidetrace|system|traces_span_metrics)_[a-z0-9_]+)"', code))
+    assert sorted(name for name in emitted if not documented(name, readme)) == []

@@ -95,30 +95,56 @@ def set_aside(spool: Spool) -> int:
     return sum(spool.set_aside_counts.values())
 
 
-# (protocol, answer, how many spans the data itself is guilty of)
+# Requests of at most 10 batches: the 300 queued batches go out in 30 requests, so a failure lands mid-queue.
+TABLE = Policy(max_items=10 * SPANS, max_request_bytes=4 * 1024 * 1024, initial_backoff=0.01, max_backoff=0.05,
+               max_fault_backoff=0.05)
 RETRYABLE = [("http", s) for s in (429, 502, 503, 504)] + [
     ("grpc", c) for c in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
                           grpc.StatusCode.ABORTED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.DATA_LOSS)]
 FAULTS = [("http", s) for s in (401, 403, 404, 405, 415, 500)] + [
     ("grpc", c) for c in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED,
                           grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)]
+TOO_LARGE = [("http", 413), ("grpc", grpc.StatusCode.RESOURCE_EXHAUSTED)]  # no RetryInfo: split, not retried
 
 
-@pytest.mark.parametrize(("protocol", "status"), RETRYABLE + FAULTS, ids=str)
+def reason_of(protocol: str, status: object) -> str:
+    return f"http_{status}" if protocol == "http" else f"grpc_{status.name.lower()}"
+
+
+@pytest.mark.parametrize(("protocol", "status"), RETRYABLE + FAULTS + TOO_LARGE, ids=str)
 async def test_a_backend_or_config_fault_never_costs_a_span(tmp_path: Path, backends: Callable, protocol: str,
                                                             status: object) -> None:
     backend = await backends(protocol)
-    backend.script.status, backend.script.fail_requests = status, 3
+    backend.script.status, backend.script.fail_after, backend.script.fail_requests = status, 5, 3
     spool = await queued(tmp_path, standard_batches())
-    loop = delivery(backend, spool, protocol)
+    loop = delivery(backend, spool, protocol, TABLE)
     await loop.start()
     await drained(spool)
     await loop.stop()
     assert backend.unique() == BATCHES * SPANS and backend.duplicates() == 0
     assert set_aside(spool) == 0
     assert loop.stats.sent == BATCHES * SPANS
-    reason = f"http_{status}" if protocol == "http" else f"grpc_{status.name.lower()}"
-    assert loop.stats.failures == {reason: 3} and loop.stats.retries == 3
+    assert loop.stats.failures == {reason_of(protocol, status): 3}
+    # A batch called too large is split at once; every other refusal waits and sends the same again.
+    assert loop.stats.retries == (0 if (protocol, status) in TOO_LARGE else 3)
+    await spool.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+async def test_resource_exhausted_or_429_with_a_retry_delay_waits_it_and_keeps_every_span(
+        tmp_path: Path, backends: Callable, protocol: str) -> None:
+    backend = await backends(protocol)
+    backend.script.status = 429 if protocol == "http" else grpc.StatusCode.RESOURCE_EXHAUSTED
+    backend.script.fail_after, backend.script.fail_requests, backend.script.retry_delay = 5, 2, 0.3
+    spool = await queued(tmp_path, standard_batches())
+    loop = delivery(backend, spool, protocol, TABLE)
+    await loop.start()
+    await drained(spool)
+    await loop.stop()
+    assert backend.unique() == BATCHES * SPANS and set_aside(spool) == 0
+    assert loop.stats.failures == {reason_of(protocol, backend.script.status): 2} and loop.stats.retries == 2
+    waits = [later - earlier for earlier, later in zip(backend.times[5:7], backend.times[6:8], strict=True)]
+    assert min(waits) >= 0.3
     await spool.close()
 
 
@@ -128,13 +154,15 @@ async def test_only_the_batch_the_backend_calls_invalid_is_set_aside(tmp_path: P
     backend = await backends(protocol)
     backend.script.poison, backend.script.poison_status = "POISON", status
     spool = await queued(tmp_path, standard_batches(poisoned=137))
-    loop = delivery(backend, spool, protocol)
+    loop = delivery(backend, spool, protocol, TABLE)
     await loop.start()
     await drained(spool)
     await loop.stop()
-    assert backend.unique() + set_aside(spool) == BATCHES * SPANS
+    assert backend.unique() == (BATCHES - 1) * SPANS
     assert spool.set_aside_counts == {("b", "rejected"): SPANS}
-    assert set(backend.received).isdisjoint(range(137 * SPANS + 1, 138 * SPANS + 1))
+    assert loop.stats.sent == (BATCHES - 1) * SPANS
+    received = {int.from_bytes(span_id, "big") for span_id in backend.received}
+    assert received == set(range(1, BATCHES * SPANS + 1)) - set(range(137 * SPANS + 1, 138 * SPANS + 1))
     await spool.close()
 
 
@@ -224,6 +252,19 @@ async def test_a_body_that_cannot_be_decoded_is_set_aside(tmp_path: Path, backen
     await drained(spool)
     await loop.stop()
     assert backend.unique() == 2 and spool.set_aside_counts == {("b", "undecodable"): 5}
+    await spool.close()
+
+
+async def test_an_undecodable_body_above_max_request_bytes_is_set_aside_without_sending(
+        tmp_path: Path, backends: Callable) -> None:
+    backend = await backends("grpc")
+    spool = await queued(tmp_path, [(b"\xff" * 60_000, 5), (request(1, 2), 2)])
+    loop = delivery(backend, spool, "grpc", Policy(max_items=8192, max_request_bytes=50_000, initial_backoff=0.01))
+    await loop.start()
+    await drained(spool)
+    await loop.stop()
+    assert backend.unique() == 2 and backend.requests == 1
+    assert spool.set_aside_counts == {("b", "undecodable"): 5}
     await spool.close()
 
 

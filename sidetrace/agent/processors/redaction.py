@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from sidetrace.config import RedactionProcessorSection
 
@@ -190,6 +191,10 @@ class RedactionProcessor:
         # its attributes need not be walked.
         self._prefilter = prefilter(_needles(section.keys, section.key_patterns))
         self.skipped_requests = 0
+
+    def families(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("sidetrace_redacted_attributes_total", "Attribute values replaced by redaction.",
+                                  value=self.redacted)
 
     def sensitive(self, key: str) -> bool:
         """Whether values under ``key`` are redacted (the full check)."""

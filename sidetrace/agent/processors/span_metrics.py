@@ -82,7 +82,7 @@ class SpanMetricsProcessor:
 
     def families(self) -> Iterator[Metric]:
         labels = ["service_name", "span_name", "span_kind", "status_code"]
-        calls = CounterMetricFamily("traces_span_metrics_calls", "Spans seen, by service, name, kind and status.",
+        calls = CounterMetricFamily("traces_span_metrics_calls_total", "Spans seen, by service, name, kind and status.",
                                     labels=labels)
         duration = HistogramMetricFamily("traces_span_metrics_duration_milliseconds",
                                          "Span durations in milliseconds.", labels=labels, unit="milliseconds")
@@ -101,6 +101,6 @@ class SpanMetricsProcessor:
             duration.add_metric(values, cumulative, total)
         yield calls
         yield duration
-        yield CounterMetricFamily("sidetrace_span_metrics_overflow_spans",
+        yield CounterMetricFamily("sidetrace_span_metrics_overflow_spans_total",
                                   f'Spans counted under span_name="{OVERFLOW}" because [processors.span_metrics] '
                                   "max_series was reached.", value=overflow)

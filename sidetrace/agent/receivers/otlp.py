@@ -420,22 +420,22 @@ class OtlpReceiver:
     # metrics ---------------------------------------------------------------------------------------
 
     def collect(self) -> Iterator[Metric]:
-        accepted = CounterMetricFamily("sidetrace_receiver_accepted_spans", "Spans accepted (durably queued).",
+        accepted = CounterMetricFamily("sidetrace_receiver_accepted_spans_total", "Spans accepted (durably queued).",
                                        labels=["transport"])
-        points = CounterMetricFamily("sidetrace_receiver_accepted_metric_points", "OTLP metric points taken.",
+        points = CounterMetricFamily("sidetrace_receiver_accepted_metric_points_total", "OTLP metric points taken.",
                                      labels=["transport"])
         for transport in ("grpc", "http"):
             accepted.add_metric([transport], self.accepted.get(transport, 0))
             points.add_metric([transport], self.accepted_points.get(transport, 0))
         yield accepted
         yield points
-        spans = CounterMetricFamily("sidetrace_receiver_refused_spans",
+        spans = CounterMetricFamily("sidetrace_receiver_refused_spans_total",
                                     "Spans in refused requests, by reason, where they could be counted.",
                                     labels=["transport", "reason"])
         for (transport, reason), count in sorted(self.refused_spans.items()):
             spans.add_metric([transport, reason], count)
         yield spans
-        requests = CounterMetricFamily("sidetrace_receiver_refused_requests",
+        requests = CounterMetricFamily("sidetrace_receiver_refused_requests_total",
                                        "Requests refused, by transport and reason (unauthenticated, invalid, "
                                        "json_too_deep, bad_encoding, unsupported_encoding, unsupported_media_type, "
                                        "too_large, read_timeout, too_many_requests, busy, disk_full, spool_error, "

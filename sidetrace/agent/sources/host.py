@@ -83,7 +83,7 @@ class DeviceFilter:
 
 def _cpu() -> Iterator[Metric]:
     family = CounterMetricFamily(
-        "system_cpu_time_seconds", "Seconds each logical CPU spent in each mode.", labels=["cpu", "state"],
+        "system_cpu_time_seconds_total", "Seconds each logical CPU spent in each mode.", labels=["cpu", "state"],
         unit="seconds",
     )
     for index, times in enumerate(psutil.cpu_times(percpu=True)):
@@ -96,8 +96,9 @@ def _cpu() -> Iterator[Metric]:
 
 
 def _load() -> Iterator[Metric]:
-    for window, value in zip(("1m", "5m", "15m"), os.getloadavg(), strict=False):
-        yield GaugeMetricFamily(f"system_cpu_load_average_{window}", f"Load average over {window}.", value=value)
+    names = ("system_cpu_load_average_1m", "system_cpu_load_average_5m", "system_cpu_load_average_15m")
+    for name, value in zip(names, os.getloadavg(), strict=True):
+        yield GaugeMetricFamily(name, f"Load average over {name.rsplit('_', 1)[1]}.", value=value)
 
 
 def _memory() -> Iterator[Metric]:
@@ -223,7 +224,8 @@ class HostSource:
         for name, seconds in durations.items():
             duration.add_metric(["host", name], seconds)
         yield duration
-        scans = CounterMetricFamily("sidetrace_source_collections", "Collections run, by source.", labels=["source"])
+        scans = CounterMetricFamily("sidetrace_source_collections_total", "Collections run, by source.",
+                                    labels=["source"])
         scans.add_metric(["host"], self._scans)
         yield scans
         over = GaugeMetricFamily(
@@ -265,13 +267,13 @@ class HostSource:
     def _disk(self) -> Iterator[Metric]:
         counters = psutil.disk_io_counters(perdisk=True) or {}
         kept = self._filters["disk"].select(counters)
-        io = CounterMetricFamily("system_disk_io_bytes", "Bytes read and written.", labels=["device", "direction"],
-                                 unit="bytes")
-        ops = CounterMetricFamily("system_disk_operations", "Read and write operations.",
+        io = CounterMetricFamily("system_disk_io_bytes_total", "Bytes read and written.",
+                                 labels=["device", "direction"], unit="bytes")
+        ops = CounterMetricFamily("system_disk_operations_total", "Read and write operations.",
                                   labels=["device", "direction"])
-        op_time = CounterMetricFamily("system_disk_operation_time_seconds", "Time spent in reads and writes.",
+        op_time = CounterMetricFamily("system_disk_operation_time_seconds_total", "Time spent in reads and writes.",
                                       labels=["device", "direction"], unit="seconds")
-        io_time = CounterMetricFamily("system_disk_io_time_seconds", "Time the disk was busy.", labels=["device"],
+        io_time = CounterMetricFamily("system_disk_io_time_seconds_total", "Time the disk was busy.", labels=["device"],
                                       unit="seconds")
         for device in sorted(kept):
             c = counters[device]
@@ -287,11 +289,12 @@ class HostSource:
         counters = psutil.net_io_counters(pernic=True)
         kept = self._filters["network"].select(counters)
         labels = ["device", "direction"]
-        io = CounterMetricFamily("system_network_io_bytes", "Bytes received and transmitted.", labels=labels,
+        io = CounterMetricFamily("system_network_io_bytes_total", "Bytes received and transmitted.", labels=labels,
                                  unit="bytes")
-        packets = CounterMetricFamily("system_network_packets", "Packets received and transmitted.", labels=labels)
-        errors = CounterMetricFamily("system_network_errors", "Receive and transmit errors.", labels=labels)
-        dropped = CounterMetricFamily("system_network_dropped", "Packets dropped.", labels=labels)
+        packets = CounterMetricFamily("system_network_packets_total", "Packets received and transmitted.",
+                                      labels=labels)
+        errors = CounterMetricFamily("system_network_errors_total", "Receive and transmit errors.", labels=labels)
+        dropped = CounterMetricFamily("system_network_dropped_total", "Packets dropped.", labels=labels)
         for device in sorted(kept):
             c = counters[device]
             for direction, suffix in DIRECTIONS:

@@ -233,10 +233,11 @@ class NatsTraceSource:
     def collect(self) -> list[Metric]:
         families: list[Metric] = []
         for name, doc, value in (
-            ("sidetrace_nats_trace_events", "NATS message-trace events received.", self.events),
-            ("sidetrace_nats_trace_spans", "Spans made from them and queued.", self.spans),
-            ("sidetrace_nats_trace_malformed_events", "Events that were not a message trace.", self.malformed),
-            ("sidetrace_nats_trace_undelivered_spans", "Spans the pipeline refused (spool busy).", self.undelivered),
+            ("sidetrace_nats_trace_events_total", "NATS message-trace events received.", self.events),
+            ("sidetrace_nats_trace_spans_total", "Spans made from them and queued.", self.spans),
+            ("sidetrace_nats_trace_malformed_events_total", "Events that were not a message trace.", self.malformed),
+            ("sidetrace_nats_trace_undelivered_spans_total", "Spans the pipeline refused (spool busy).",
+             self.undelivered),
         ):
             families.append(CounterMetricFamily(name, doc, value=value))
         families.append(GaugeMetricFamily("sidetrace_nats_trace_connected", "1 while subscribed to a server.",

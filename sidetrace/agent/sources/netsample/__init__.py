@@ -373,13 +373,14 @@ class NetsampleSource:
             sizes = [(key, list(buckets), self._size_sums.get(key, 0)) for key, buckets in self._sizes.items()]
             evicted = self.flows.evicted
         per_device = (
-            ("sidetrace_network_sampled_packets", "Packets sampled (read by user space).", "samples", "counter"),
+            ("sidetrace_network_sampled_packets_total", "Packets sampled (read by user space).", "samples", "counter"),
             ("sidetrace_network_sampling_rate", "N of the 1-in-N sampling in force.", "rate", "gauge"),
-            ("sidetrace_network_sampler_kernel_drops", "Sampled packets the kernel dropped (socket buffer full).",
+            ("sidetrace_network_sampler_kernel_drops_total", "Sampled packets the kernel dropped (socket buffer full).",
              "kernel_drops", "counter"),
-            ("sidetrace_network_sampler_malformed_packets", "Sampled frames that were not parsable IP.",
+            ("sidetrace_network_sampler_malformed_packets_total", "Sampled frames that were not parsable IP.",
              "malformed", "counter"),
-            ("sidetrace_network_sampler_errors", "Read errors (an interface that went away).", "errors", "counter"),
+            ("sidetrace_network_sampler_errors_total", "Read errors (an interface that went away).", "errors",
+             "counter"),
         )
         for name, doc, attribute, kind in per_device:
             family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, doc, labels=["device"])
@@ -387,10 +388,10 @@ class NetsampleSource:
                 family.add_metric([sampler.device], getattr(sampler, attribute))
             yield family
         labels = ["device", "direction", "protocol", "remote", "remote_port", "process"]
-        packets = CounterMetricFamily("sidetrace_network_estimated_packets",
+        packets = CounterMetricFamily("sidetrace_network_estimated_packets_total",
                                       "Packets estimated from samples (samples x N), top flows and other.",
                                       labels=labels)
-        octets = CounterMetricFamily("sidetrace_network_estimated_bytes", "Bytes estimated from samples.",
+        octets = CounterMetricFamily("sidetrace_network_estimated_bytes_total", "Bytes estimated from samples.",
                                      labels=labels, unit="bytes")
         for label_values, (count, size) in series:
             packets.add_metric(list(label_values), count)
@@ -408,8 +409,8 @@ class NetsampleSource:
             cumulative.append(("+Inf", running + buckets[-1]))
             histogram.add_metric([device, direction], cumulative, total)
         yield histogram
-        yield CounterMetricFamily("sidetrace_network_evicted_flows", "Flows evicted at [sources.netsample] "
+        yield CounterMetricFamily("sidetrace_network_evicted_flows_total", "Flows evicted at [sources.netsample] "
                                   "max_flows.", value=evicted)
-        yield CounterMetricFamily("sidetrace_network_attribution_refreshes",
+        yield CounterMetricFamily("sidetrace_network_attribution_refreshes_total",
                                   "Reads of the process connection table.", value=self.processes.refreshes)
 
