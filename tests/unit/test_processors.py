@@ -70,6 +70,18 @@ def test_span_metrics_histogram_and_calls() -> None:
     assert f"traces_span_metrics_duration_milliseconds_sum{{{labels}}} 123.0" in lines
 
 
+def test_span_metrics_bucket_bounds_are_inclusive_and_a_span_ending_before_it_starts_counts_as_zero() -> None:
+    processor = SpanMetricsProcessor(SpanMetricsProcessorSection())
+    request = traces(("cart", "GET /", b"t" * 16, 2), ("cart", "GET /", b"t" * 16, 0))
+    skewed = request.resource_spans[0].scope_spans[0].spans[1]
+    skewed.end_time_unix_nano = skewed.start_time_unix_nano - 5 * 10**6
+    processor.apply(request)
+    lines = exposition(Families(processor))
+    labels = 'service_name="cart",span_kind="SPAN_KIND_UNSPECIFIED",span_name="GET /",status_code="STATUS_CODE_UNSET"'
+    assert f'traces_span_metrics_duration_milliseconds_bucket{{le="2",{labels}}} 2.0' in lines
+    assert f"traces_span_metrics_duration_milliseconds_sum{{{labels}}} 2.0" in lines
+
+
 def test_span_metrics_overflow_is_capped_and_counted() -> None:
     processor = SpanMetricsProcessor(SpanMetricsProcessorSection(max_series=3))
     processor.apply(traces(*(("cart", f"GET /item/{i}", b"t" * 16, 1) for i in range(10))))

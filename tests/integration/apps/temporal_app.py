@@ -69,11 +69,13 @@ class Flow:
 @workflow.defn
 class Gated:
     def __init__(self) -> None:
+        self.first_done = False
         self.released = False
 
     @workflow.run
     async def run(self, x: str) -> str:
         first = await workflow.execute_activity(ok, x, start_to_close_timeout=timedelta(seconds=10))
+        self.first_done = True  # the server has the first activity's result: the history says so
         await workflow.wait_condition(lambda: self.released)
         second = await workflow.execute_activity(ok, x + "!", start_to_close_timeout=timedelta(seconds=10))
         return first + second
@@ -84,7 +86,10 @@ class Gated:
 
     @workflow.query
     def state(self) -> str:
-        return "released" if self.released else "waiting"
+        """"waiting" only once the first activity's completion is in the history and the signal has not come."""
+        if self.released:
+            return "released"
+        return "waiting" if self.first_done else "first activity running"
 
 
 async def gated(target: str, namespace: str, mode: str) -> None:
@@ -98,7 +103,6 @@ async def gated(target: str, namespace: str, mode: str) -> None:
         handle = await client.start_workflow(Gated.run, "hi", id="wf-gated", task_queue="g")
         while await handle.query(Gated.state) != "waiting":
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)  # the first activity is done; the workflow waits for the signal
         if mode == "restart":
             await worker.shutdown()
             worker = Worker(client, **options)  # a new worker with an empty cache replays the history
