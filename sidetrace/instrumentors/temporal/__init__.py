@@ -44,7 +44,9 @@ import contextlib
 import contextvars
 import hashlib
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
@@ -76,6 +78,7 @@ from sidetrace.instrumentors._messaging import Guard
 
 log = logging.getLogger("sidetrace.instrumentors.temporal")
 GUARD = Guard("temporal")
+EMITTED_REMEMBERED = 10_000  # workflow-side span ids remembered per worker (about 1 MB)
 HEADER = "_tracer-data"  # the official interceptor's header: both can read each other's context
 _INSTRUMENTS = ("temporalio >= 1.5",)
 # (trace id, span id) the next span of our workflow tracer must have: a workflow's span is made only
@@ -190,6 +193,8 @@ class TracingInterceptor(temporalio.client.Interceptor, temporalio.worker.Interc
         self.tracer = tracer or trace.get_tracer(__name__, __version__)
         self.namespace = namespace
         self._workflow_tracers: dict[int, Tracer | None] = {}
+        self._emitted: OrderedDict[int, None] = OrderedDict()
+        self._emitted_lock = threading.Lock()  # workflow activations run on several threads
         meter = meter or metrics.get_meter(__name__, __version__)
         self.activity_duration = meter.create_histogram(
             "temporal.activity.execution.duration", unit="s", description="Duration of each activity attempt.")
@@ -200,6 +205,22 @@ class TracingInterceptor(temporalio.client.Interceptor, temporalio.worker.Interc
             "temporal.activity.attempts", unit="{attempt}", description="Activity attempts, by outcome.")
         self.workflow_outcomes = meter.create_counter(
             "temporal.workflow.outcomes", unit="{run}", description="Workflow runs completed, by outcome.")
+
+    def first_emission(self, span_id: int) -> bool:
+        """Whether this worker has not yet emitted the workflow-side span ``span_id`` (and remembers it).
+
+        A query to a worker without a workflow cache replays the history, and events after the last
+        completed workflow task replay as new: an activity's result that arrived with its task pending
+        would end its StartActivity span a second time. The ids are deterministic, so a bounded memory of
+        the ones emitted catches it (a query answered by another worker process is not covered).
+        """
+        with self._emitted_lock:
+            if span_id in self._emitted:
+                return False
+            self._emitted[span_id] = None
+            if len(self._emitted) > EMITTED_REMEMBERED:
+                self._emitted.popitem(last=False)
+            return True
 
     def workflow_tracer(self) -> Tracer | None:
         """A tracer of the SDK's whose ids can be preset, or None when no SDK tracer is configured."""
@@ -399,7 +420,7 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
     def _end_span(self, name: str, kind: SpanKind, context: SpanContext, parent: otel_context.Context | None,
                   attributes: dict[str, Any], started: int, error: BaseException | None) -> None:
         tracer = self.interceptor.workflow_tracer()
-        if tracer is None:
+        if tracer is None or not self.interceptor.first_emission(context.span_id):
             return
         token = _PRESET.set((context.trace_id, context.span_id))
         try:

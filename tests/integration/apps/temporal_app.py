@@ -101,8 +101,12 @@ async def gated(target: str, namespace: str, mode: str) -> None:
     worker = Worker(client, **options)
     async with worker:
         handle = await client.start_workflow(Gated.run, "hi", id="wf-gated", task_queue="g")
-        while await handle.query(Gated.state) != "waiting":
-            await asyncio.sleep(0.05)
+
+        async def watch() -> None:  # queries while the first activity runs and completes, as a UI's would
+            while await handle.query(Gated.state) != "waiting":
+                pass
+
+        await asyncio.gather(watch(), watch())
         if mode == "restart":
             await worker.shutdown()
             worker = Worker(client, **options)  # a new worker with an empty cache replays the history
