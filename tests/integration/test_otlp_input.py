@@ -292,6 +292,23 @@ def test_stalled_clients_cannot_starve_the_receivers(agent_factory: Callable[...
     assert refused_requests(agent, "grpc") == {"read_timeout": 64}
 
 
+def test_connections_that_never_finish_their_headers_or_stay_idle_are_closed(
+        agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory(env={"SIDETRACE_RECEIVERS__OTLP__IDLE_TIMEOUT_SECONDS": "1"}).start()
+    half_headers = socket.create_connection(("127.0.0.1", agent.http_port), timeout=10)
+    half_headers.sendall(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Ty")
+    silent = socket.create_connection(("127.0.0.1", agent.http_port), timeout=10)
+    try:
+        started = time.monotonic()
+        for sock in (half_headers, silent):
+            assert sock.recv(4096) == b""  # closed by the agent, with nothing to say to a request never made
+        assert time.monotonic() - started < 5
+        assert post(agent.otlp_http + "/v1/traces", one_span_request().SerializeToString())[0] == 200
+    finally:
+        half_headers.close()
+        silent.close()
+
+
 @pytest.mark.slow
 def test_metric_names_and_resources_past_max_series_leave_nothing_behind(agent_factory: Callable[..., Agent]) -> None:
     agent = agent_factory(env={"SIDETRACE_APP_METRICS__MAX_SERIES": "10"}).start()
