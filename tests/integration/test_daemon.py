@@ -290,11 +290,18 @@ def test_a_reload_restarts_only_the_exporter_that_changed(agent_factory: Callabl
         wait_until(lambda: (metric_value(agent.url, 'sidetrace_exporter_sent_spans_total{exporter="kept"}') or 0)
                    >= 500, 30, "spans delivered before the reload")
         before = metric_value(agent.url, "sidetrace_receiver_accepted_spans_total")
-        agent.write_config(exporters.replace('name = "changed"\n', 'name = "changed"\ntimeout_seconds = 3\n'))
+        changed_exporter = exporters.replace('name = "changed"\n', 'name = "changed"\ntimeout_seconds = 3\n')
+        agent.write_config(changed_exporter)
         agent.signal(signal.SIGHUP)
         wait_until(lambda: metric_value(agent.url, "sidetrace_config_reloads_total") == 1.0, 10, "the reload")
         assert metric_value(agent.url, "sidetrace_receiver_accepted_spans_total") >= before  # counters kept
         assert_promtool_clean(http_get(agent.url + "/metrics")[1])
+        # A processor's setting alone: swapped between two requests, no exporter restarted.
+        agent.write_config(changed_exporter + "[processors.span_metrics]\nmax_series = 500\n")
+        agent.signal(signal.SIGHUP)
+        wait_until(lambda: metric_value(agent.url, "sidetrace_config_reloads_total") == 2.0, 10, "the second reload")
+        wait_until(lambda: (metric_value(agent.url, 'sidetrace_exporter_sent_spans_total{exporter="kept"}') or 0)
+                   >= metric_value(agent.url, "sidetrace_receiver_accepted_spans_total"), 30, "traffic after it")
     finally:
         stop.set()
         load.join(20)
@@ -302,6 +309,9 @@ def test_a_reload_restarts_only_the_exporter_that_changed(agent_factory: Callabl
     wait_until(lambda: kept.collected.unique() == accepted and changed.collected.unique() == accepted, 30,
                "every span at both sinks")
     assert kept.collected.duplicates() == 0  # its export was never cut
+    assert changed.collected.duplicates() <= metric_value(
+        agent.url, 'sidetrace_exporter_resent_spans_total{exporter="changed"}')
+    assert agent.log().count("exporters restarted:") == 1
     assert "exporters restarted: changed; exporting to kept, changed" in agent.log()
     assert metric_value(agent.url, "sidetrace_receiver_refused_spans_total") is None
     agent.stop()
