@@ -20,7 +20,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from sidetrace.instrumentors.dapr import DaprInstrumentor
 from tests.conftest import wait_until
 from tests.integration.dapr_apps import GrpcApp, StandInDaprd, ThreadedAiohttp, ThreadedUvicorn, ThreadedWsgi
-from tests.telemetry import Telemetry
+from tests.telemetry import FailingTelemetry, Telemetry
 
 
 def child_of(child: ReadableSpan, parent: ReadableSpan) -> bool:
@@ -518,6 +518,204 @@ def test_a_failure_inside_the_instrumentation_never_fails_the_call(
     errors = {p.attributes["where"]: p.value for p in telemetry.metric_points("sidetrace.instrumentation.errors")}
     assert errors == {"dapr grpc client start": 3, "dapr http client start": 2}
     assert sum("instrumentation bug" in r.getMessage() for r in caplog.records) == 2  # once per place
+
+
+# A broken tracer in the app: a SpanProcessor whose on_start and on_end raise (then no span starts),
+# or whose on_end alone raises (spans start, and fail as they end), and an exporter that raises.
+TRACER_FAULTS = [("on_start", "on_end"), ("on_end",)]
+
+
+@pytest.fixture(params=TRACER_FAULTS, ids=["on_start and on_end raise", "on_end raises"])
+def failing(request: pytest.FixtureRequest, daprd: StandInDaprd,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[FailingTelemetry]:
+    monkeypatch.setenv("DAPR_HTTP_PORT", str(daprd.http_port))
+    monkeypatch.setenv("DAPR_GRPC_PORT", str(daprd.grpc_port))
+    monkeypatch.setenv("DAPR_HEALTH_TIMEOUT", "5")
+    t = FailingTelemetry(request.param)
+    DaprInstrumentor().instrument(tracer_provider=t.tracer_provider, meter_provider=t.meter_provider)
+    yield t
+    DaprInstrumentor().uninstrument()
+
+
+def test_a_failing_tracer_never_reaches_the_app(daprd: StandInDaprd, failing: FailingTelemetry,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every client call the tests above make and every server hook, with a tracer that raises:
+    each call answers as it would untraced, each handler runs once, and each span we tried to
+    make is one counted failure (in the place it failed: starting it, or ending it)."""
+    import grpc
+    from dapr.aio.clients import DaprClient as AsyncDaprClient
+    from dapr.clients import DaprClient
+    from dapr.clients.grpc._request import TransactionalStateOperation
+    from dapr.clients.grpc._state import StateItem
+    from dapr.ext.grpc import App, InvokeMethodRequest
+    from dapr.proto import api_v1, appcallback_service_v1, appcallback_v1
+    from fastapi import FastAPI
+    from flask import Flask
+    from flask import request as flask_request
+
+    handled: list[str] = []
+    grpc_app = App()
+
+    @grpc_app.method("process")
+    def grpc_process(request: InvokeMethodRequest) -> bytes:
+        handled.append("grpc invoke")
+        return b'{"grpc": true}'
+
+    @grpc_app.subscribe(pubsub_name="pubsub", topic="orders")
+    def grpc_event(event: Any) -> None:
+        handled.append("grpc event")
+
+    @grpc_app.subscribe(pubsub_name="pubsub", topic="bulk-orders")
+    def grpc_bulk_event(event: Any) -> None:
+        handled.append("grpc bulk entry")
+
+    @grpc_app.binding("cron")
+    def grpc_binding(request: Any) -> None:
+        handled.append("grpc binding")
+
+    async def aiohttp_process(request: web.Request) -> web.Response:
+        handled.append("aiohttp event" if request.content_type == "application/cloudevents+json" else "aiohttp invoke")
+        return web.json_response({"processed": True})
+
+    async def aiohttp_bulk(request: web.Request) -> web.Response:
+        handled.append("aiohttp bulk")
+        return web.json_response({"statuses": []})
+
+    def build_aiohttp() -> web.Application:
+        application = web.Application()
+        application.router.add_post("/process", aiohttp_process)
+        application.router.add_post("/bulk", aiohttp_bulk)
+        return application
+
+    api = FastAPI()
+
+    @api.get("/items/{item}")
+    def fastapi_item(item: str) -> dict:
+        handled.append("fastapi invoke")
+        return {"item": item}
+
+    @api.post("/events")
+    async def fastapi_event(request: FastAPIRequest) -> dict:
+        handled.append("fastapi event")
+        return {"status": "SUCCESS"}
+
+    @api.post("/bulk")
+    async def fastapi_bulk(request: FastAPIRequest) -> dict:
+        handled.append("fastapi bulk")
+        return {"statuses": []}
+
+    flask_app = Flask("users")
+
+    @flask_app.get("/users/<name>")
+    def flask_user(name: str) -> dict:
+        handled.append("flask invoke")
+        return {"user": name}
+
+    @flask_app.post("/audit")
+    def flask_event() -> dict:
+        handled.append("flask event")
+        return {"status": "SUCCESS"}
+
+    @flask_app.post("/bulk")
+    def flask_bulk() -> dict:
+        handled.append(f"flask bulk of {len(flask_request.get_json(force=True)['entries'])}")
+        return {"statuses": []}
+
+    batch = json.dumps({"pubsubname": "pubsub", "topic": "bulk-http", "entries": [
+        {"entryId": "1", "event": {"id": "1", "data": {}, "traceparent": f"00-{'f' * 32}-{1:016x}-01"}}]})
+    servers = {"aiohttp": ThreadedAiohttp(build_aiohttp), "fastapi": ThreadedUvicorn(api),
+               "flask": ThreadedWsgi(flask_app)}
+    grpc_server = GrpcApp(grpc_app)
+    try:
+        daprd.configure(
+            {"workerapp": ("http", servers["aiohttp"].port), "itemsapp": ("http", servers["fastapi"].port),
+             "usersapp": ("http", servers["flask"].port), "grpcworker": ("grpc", grpc_server.port)},
+            [{"pubsub": "pubsub", "topic": "orders", "app": app, "route": route}
+             for app, route in (("workerapp", "/process"), ("itemsapp", "/events"), ("usersapp", "/audit"),
+                                ("grpcworker", ""))])
+        # clients: the SDK's gRPC client (and its HTTP invocation), its futures and streams
+        with DaprClient() as client:
+            assert json.loads(client.invoke_method("workerapp", "process", data=b"{}", http_verb="POST").data) == {
+                "processed": True}
+            client.publish_event("pubsub", "orders", json.dumps({"order": 7}), data_content_type="application/json")
+            client.publish_events("pubsub", "unsubscribed", ['{"n": 1}'], data_content_type="application/json")
+            client.save_state("statestore", "order-1", "pending")
+            assert client.get_state("statestore", "order-1").data == b"pending"
+            client.save_bulk_state("statestore", [StateItem(key="order-3", value="x")])
+            assert [item.data for item in client.get_bulk_state("statestore", ["order-1"]).items] == [b"pending"]
+            client.execute_state_transaction("statestore", [TransactionalStateOperation("order-2", "x")])
+            client.delete_state("statestore", "order-1")
+            client.invoke_binding("outbox", "create", data="hello")
+            assert client.get_secret("vault", "db").secret == {"db": "s3cr3t"}
+            assert client.get_configuration("appconfig", ["feature"]).items["feature"].value == "on"
+            assert client.try_lock("lockstore", "order-1", "worker-1", 10).success
+            client.unlock("lockstore", "order-1", "worker-1")
+            client._stub.SaveState.future(api_v1.SaveStateRequest(store_name="statestore")).result(timeout=5)
+            updates = list(client._stub.SubscribeConfiguration(api_v1.SubscribeConfigurationRequest(store_name="c")))
+            assert [u.id for u in updates] == ["subscription-1"]
+        monkeypatch.setenv("DAPR_API_METHOD_INVOCATION_PROTOCOL", "grpc")
+        with DaprClient() as client:
+            assert client.invoke_method("grpcworker", "process", data=b"{}").data == b'{"grpc": true}'
+        monkeypatch.delenv("DAPR_API_METHOD_INVOCATION_PROTOCOL")
+
+        async def async_calls() -> None:
+            async with AsyncDaprClient() as client:
+                await client.save_state("statestore", "a", "1")
+                await client.publish_event("pubsub", "unsubscribed", "{}")
+                assert (await client.get_state("statestore", "a")).data == b"1"
+                response = await client.invoke_method("workerapp", "process", data=b"{}", http_verb="POST")
+                assert json.loads(response.data) == {"processed": True}
+            async with httpx.AsyncClient() as async_httpx:
+                assert (await async_httpx.get(sidecar(daprd, "/v1.0/state/statestore/a"))).status_code == 200
+            async with aiohttp.ClientSession() as session:
+                async with session.post(sidecar(daprd, "/v1.0/publish/pubsub/unsubscribed"), json={}) as answer:
+                    assert answer.status == 204
+                async with session.post(sidecar(daprd, "/process"), json={},
+                                        headers={"dapr-app-id": "workerapp"}) as answer:
+                    assert (answer.status, await answer.json()) == (200, {"processed": True})
+
+        asyncio.run(async_calls())
+        # clients: raw HTTP to the sidecar, invoking each HTTP framework
+        assert requests.post(sidecar(daprd, "/v1.0/invoke/workerapp/method/process"), json={}, timeout=5).json() == {
+            "processed": True}
+        assert requests.get(sidecar(daprd, "/v1.0/invoke/itemsapp/method/items/1"), timeout=5).json() == {"item": "1"}
+        assert requests.get(sidecar(daprd, "/v1.0/invoke/usersapp/method/users/u1"), timeout=5).json() == {
+            "user": "u1"}
+        with httpx.Client() as sync_httpx:
+            assert sync_httpx.post(sidecar(daprd, "/v1.0/state/statestore"), json=[{"key": "k", "value": 1}]
+                                   ).status_code == 204
+        # server hooks daprd reaches without a client of ours: bulk deliveries and a binding event
+        for name in ("aiohttp", "fastapi", "flask"):
+            response = requests.post(f"http://127.0.0.1:{servers[name].port}/bulk", data=batch, timeout=5,
+                                     headers={"content-type": "application/cloudevents-batch+json"})
+            assert (name, response.status_code) == (name, 200)
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_server.port}") as channel:
+            stub = appcallback_service_v1.AppCallbackStub(channel)
+            event = appcallback_v1.TopicEventCERequest(id="1", source="s", type="t", spec_version="1.0",
+                                                       data_content_type="application/json", data=b"{}")
+            stub.OnBulkTopicEvent(appcallback_v1.TopicEventBulkRequest(
+                id="b1", pubsub_name="pubsub", topic="bulk-orders", entries=[appcallback_v1.TopicEventBulkRequestEntry(
+                    entry_id="1", content_type="application/cloudevents+json", cloud_event=event)]))
+            stub.OnBindingEvent(appcallback_v1.BindingEventRequest(name="cron"))
+        wait_until(lambda: len(handled) == 16, 10, f"every handler ({handled})")
+    finally:
+        for server in servers.values():
+            server.stop()
+        grpc_server.stop()
+    assert sorted(handled) == sorted([
+        *["aiohttp invoke"] * 4, "aiohttp event", "aiohttp bulk", "fastapi invoke", "fastapi event", "fastapi bulk",
+        "flask invoke", "flask event", "flask bulk of 1", "grpc invoke", "grpc event", "grpc bulk entry",
+        "grpc binding"])
+    # 18 calls through the SDK's gRPC client, 9 HTTP calls to the sidecar, 16 deliveries to server hooks
+    if "on_start" in failing.hooks:  # no span could start: each call and delivery went on without one
+        expected = {"dapr grpc client start": 18, "dapr http client start": 9, "dapr server start": 16}
+        assert (failing.finished(), failing.exporter.spans) == ([], 0)
+    else:  # every span started and ended; its end is what failed
+        expected = {"dapr grpc client finish": 18, "dapr http client finish": 9, "dapr server end": 16}
+        assert (len(failing.finished()), failing.exporter.spans) == (43, 43)
+        # ... and not the clients' duration metric
+        assert sum(p.count for p in failing.metric_points("dapr.client.operation.duration")) == 27
+    wait_until(lambda: failing.errors() == expected, 10, f"{expected} (counted: {failing.errors()})")
 
 
 def test_bulk_delivery_to_a_grpc_app_is_one_span_linked_to_each_producer(telemetry: Telemetry) -> None:

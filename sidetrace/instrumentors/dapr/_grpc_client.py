@@ -61,7 +61,10 @@ class _Base:
         except Exception as exc:  # noqa: BLE001 - never break the app's call
             self.telemetry.guard.failed("dapr grpc client start", exc)
             if span is not None:
-                span.end()
+                try:
+                    span.end()
+                except Exception as end_exc:  # noqa: BLE001 - a SpanProcessor's on_end raised
+                    self.telemetry.guard.failed("dapr grpc client finish", end_exc)
             return None, None, None
 
     def _finish(self, span: Any, op: Any, started: float, error: BaseException | None) -> None:

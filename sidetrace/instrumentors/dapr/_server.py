@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -71,14 +71,27 @@ def serve(telemetry: Telemetry, make: Any, *args: Any) -> Iterator[Span | None]:
     if span is None:
         yield None
         return
-    with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
-        try:
-            yield span
-        except BaseException as exc:
-            status = getattr(exc, "status", None)  # aiohttp's HTTPException: _answered judged its status
-            if not isinstance(status, int):
-                mark_error(span, type(exc).__qualname__, str(exc), exc)
-            raise
+    # Not trace.use_span(end_on_exit=True): span.end() runs the SpanProcessors' on_end, which may
+    # raise, and that must reach neither the app nor the app's own exception.
+    token = otel_context.attach(trace.set_span_in_context(span))
+    try:
+        yield span
+    except BaseException as exc:
+        status = getattr(exc, "status", None)  # aiohttp's HTTPException: _answered judged its status
+        if not isinstance(status, int):
+            guarded(telemetry, "dapr server error", mark_error, span, type(exc).__qualname__, str(exc), exc)
+        raise
+    finally:
+        otel_context.detach(token)
+        guarded(telemetry, "dapr server end", span.end)
+
+
+def guarded(telemetry: Telemetry, where: str, action: Callable[..., None], *args: Any) -> None:
+    """Runs one step of our span handling; a failure is the guard's to log and count, never the app's."""
+    try:
+        action(*args)
+    except Exception as exc:  # noqa: BLE001 - never break the app's handler
+        telemetry.guard.failed(where, exc)
 
 
 def _invocation(headers: Mapping[str, Any], method: str, extra: dict[str, Any]) -> Spec:
@@ -129,16 +142,20 @@ def on_topic_event_wrapper(telemetry: Telemetry):  # noqa: ANN201
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         with serve(telemetry, make, *args[:2]) as span:
             response = wrapped(*args, **kwargs)
-            if span is not None:
-                status = getattr(response, "status", None)
-                if status:  # TopicEventResponse: 0 SUCCESS, 1 RETRY, 2 DROP
-                    label = {1: "RETRY", 2: "DROP"}.get(status, str(status))
-                    span.set_attribute("dapr.pubsub.status", label)
-                    if label == "RETRY":
-                        mark_error(span, "RETRY", "the handler asked Dapr to redeliver")
+            guarded(telemetry, "dapr server answer", _topic_status, span, response)
             return response
 
     return wrapper
+
+
+def _topic_status(span: Span | None, response: Any) -> None:
+    status = getattr(response, "status", None)
+    if span is None or not status:  # TopicEventResponse: 0 SUCCESS, 1 RETRY, 2 DROP
+        return
+    label = {1: "RETRY", 2: "DROP"}.get(status, str(status))
+    span.set_attribute("dapr.pubsub.status", label)
+    if label == "RETRY":
+        mark_error(span, "RETRY", "the handler asked Dapr to redeliver")
 
 
 def _entry_link(entry: Any) -> trace.Link | None:
@@ -293,8 +310,9 @@ def asgi_wrapper(telemetry: Telemetry):  # noqa: ANN201
 
         with serve(telemetry, _http_spec, headers, scope.get("method", "GET"), scope.get("path", "/"), body) as span:
             result = await wrapped(scope, replay, send_status)
-            _answered(span, status[0] if status else None)
-            _routed(span, getattr(scope.get("route"), "path", None))  # Starlette keeps the matched route here
+            guarded(telemetry, "dapr server answer", _answered, span, status[0] if status else None)
+            # Starlette keeps the matched route in the scope
+            guarded(telemetry, "dapr server route", _routed, span, getattr(scope.get("route"), "path", None))
             return result
 
     return wrapper
@@ -330,7 +348,7 @@ def wsgi_wrapper(telemetry: Telemetry):  # noqa: ANN201
         with serve(telemetry, _http_spec, headers, environ.get("REQUEST_METHOD", "GET"),
                    environ.get("PATH_INFO", "/"), body) as span:
             result = wrapped(environ, start)
-            _answered(span, status[0] if status else None)
+            guarded(telemetry, "dapr server answer", _answered, span, status[0] if status else None)
             return result
 
     return wrapper
@@ -370,11 +388,12 @@ def aiohttp_server_wrapper(telemetry: Telemetry):  # noqa: ANN201
             try:
                 response = await wrapped(*args, **kwargs)
             except Exception as exc:
-                _answered(span, getattr(exc, "status", None))  # web.HTTPException subclasses
+                # web.HTTPException subclasses carry the status they answer with
+                guarded(telemetry, "dapr server answer", _answered, span, getattr(exc, "status", None))
                 raise
-            _answered(span, response.status)
+            guarded(telemetry, "dapr server answer", _answered, span, response.status)
             resource = getattr(getattr(request.match_info, "route", None), "resource", None)
-            _routed(span, getattr(resource, "canonical", None))
+            guarded(telemetry, "dapr server route", _routed, span, getattr(resource, "canonical", None))
             return response
 
     return wrapper

@@ -60,8 +60,10 @@ class Telemetry:
                       message: str | None = None, exc: BaseException | None = None) -> None:
         if error_type is not None:
             mark_error(span, error_type, message, exc)
-        span.end()
-        self.record(op, time.perf_counter() - started, error_type)
+        try:
+            span.end()
+        finally:  # a SpanProcessor whose on_end raises costs the span, not the call's metric
+            self.record(op, time.perf_counter() - started, error_type)
 
     def record(self, op: Operation, seconds: float, error_type: str | None) -> None:
         key = (op.block, op.operation, op.component, error_type)
