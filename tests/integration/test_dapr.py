@@ -251,6 +251,65 @@ def test_callee_spans_are_named_by_route_template(daprd: StandInDaprd, telemetry
     assert {s.attributes["http.route"] for s in served} == {"/orders/{id}", "/items/{item}", "/users/<name>"}
 
 
+def invoke_orders(daprd: StandInDaprd, client_path: str, monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    """GET /orders/1 .. /orders/{count} of workerapp, each through ``client_path``."""
+    from dapr.clients import DaprClient
+
+    url = sidecar(daprd, "/v1.0/invoke/workerapp/method/orders/{}")
+    if client_path in ("sdk http", "sdk grpc"):
+        if client_path == "sdk grpc":
+            monkeypatch.setenv("DAPR_API_METHOD_INVOCATION_PROTOCOL", "grpc")
+        with DaprClient() as client:
+            for n in range(1, count + 1):
+                assert json.loads(client.invoke_method("workerapp", f"orders/{n}", http_verb="GET").data) == {
+                    "order": str(n)}
+    elif client_path in ("requests", "dapr-app-id header"):
+        with requests.Session() as session:
+            for n in range(1, count + 1):
+                response = (session.get(url.format(n), timeout=5) if client_path == "requests" else
+                            session.get(sidecar(daprd, f"/orders/{n}"), headers={"dapr-app-id": "workerapp"},
+                                        timeout=5))
+                assert response.json() == {"order": str(n)}
+    elif client_path == "httpx":
+        with httpx.Client() as client:
+            for n in range(1, count + 1):
+                assert client.get(url.format(n)).json() == {"order": str(n)}
+    else:
+        async def calls() -> None:
+            async with aiohttp.ClientSession() as session:
+                for n in range(1, count + 1):
+                    async with session.get(url.format(n)) as response:
+                        assert await response.json() == {"order": str(n)}
+
+        asyncio.run(calls())
+
+
+@pytest.mark.parametrize("client_path", ["sdk http", "sdk grpc", "requests", "httpx", "aiohttp",
+                                         "dapr-app-id header"])
+def test_a_thousand_order_ids_make_one_span_name_and_one_span_metrics_series(
+        daprd: StandInDaprd, telemetry: Telemetry, worker: tuple, client_path: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    from sidetrace.agent.processors.span_metrics import SpanMetricsProcessor
+    from sidetrace.config import SpanMetricsProcessorSection
+
+    invoke_orders(daprd, client_path, monkeypatch, 1000)
+    served = wait_until(lambda: len(telemetry.finished("invoke workerapp/orders/{id}")) == 2000
+                        and telemetry.finished("invoke workerapp/orders/{id}"), 30, "1000 client and server spans")
+    calls = [s for s in telemetry.finished() if s.kind is SpanKind.CLIENT]
+    assert {s.name for s in calls} == {"invoke workerapp/orders/{id}"}  # the callee's route template, by chance
+    assert sorted(s.attributes["dapr.method"] for s in calls) == sorted(f"orders/{n}" for n in range(1, 1001))
+    # what the agent makes of them: one calls series per side, not one per order
+    processor = SpanMetricsProcessor(SpanMetricsProcessorSection())
+    processor.apply(encode_spans(served))
+    calls_family = next(processor.families())
+    assert {(m.labels["span_name"], m.labels["span_kind"], m.labels["status_code"]): m.value
+            for m in calls_family.samples} == {
+        ("invoke workerapp/orders/{id}", "SPAN_KIND_CLIENT", "STATUS_CODE_UNSET"): 1000,
+        ("invoke workerapp/orders/{id}", "SPAN_KIND_SERVER", "STATUS_CODE_UNSET"): 1000}
+
+
 def test_invocation_by_dapr_app_id_header(daprd: StandInDaprd, telemetry: Telemetry, worker: tuple) -> None:
     async def call() -> int:
         async with aiohttp.ClientSession() as session, session.post(

@@ -8,7 +8,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from opentelemetry import trace
 
-from sidetrace.instrumentors.dapr._operations import grpc_operation, http_operation, sidecar_address
+from sidetrace.instrumentors.dapr._operations import grpc_operation, http_operation, method_name, sidecar_address
 from sidetrace.instrumentors.dapr._telemetry import (
     error_info_reason,
     extract_parent,
@@ -54,7 +54,7 @@ def test_http_routes_are_named_by_template(verb: str, path: str, name: str, api:
     op = http_operation(verb, path)
     assert op is not None
     assert (op.name, op.api) == (name, api)
-    assert attributes.items() <= op.span_attributes().items()
+    assert attributes.items() <= op.call_attributes().items()
     assert op.span_attributes()["dapr.api"] == api
 
 
@@ -67,6 +67,32 @@ def test_other_paths_are_not_dapr_operations(path: str) -> None:
 def test_dapr_app_id_header_invocation() -> None:
     op = http_operation("POST", "/orders/new", {"dapr-app-id": "checkout"})
     assert op is not None and op.name == "invoke checkout/orders/new"
+    op = http_operation("GET", "/orders/42", {"dapr-app-id": "checkout"})
+    assert op is not None and (op.name, op.call_attributes()["dapr.method"]) == ("invoke checkout/orders/{id}",
+                                                                                 "orders/42")
+
+
+@pytest.mark.parametrize(("method", "name"), [
+    ("process", "process"),
+    ("orders/list", "orders/list"),
+    ("orders/42", "orders/{id}"),
+    ("/orders/42/", "orders/{id}"),
+    ("orders/42/items/7", "orders/{id}/items/{id}"),
+    ("users/u7", "users/{id}"),
+    ("orders/ORD-2024-9", "orders/{id}"),
+    ("orders/8f14e45f-ceea-467f-a0e6-0d9a6c5e2b1c", "orders/{id}"),
+    ("blobs/5f2b9c0e1a3d4b6c8e7f9a0b", "blobs/{id}"),
+    ("42", "{id}"),
+    ("api/v2/list", "api/v2/list"),
+    ("api/v2.1/orders/9", "api/v2.1/orders/{id}"),
+    ("apis/v1beta1/jobs", "apis/v1beta1/jobs"),
+    ("users/alice", "users/alice"),  # an id of letters only is not recognised (the callee's route names it)
+])
+def test_invoked_method_names_hold_no_id(method: str, name: str) -> None:
+    assert method_name(method) == name
+    op = http_operation("POST", f"/v1.0/invoke/app/method/{method.lstrip('/')}")
+    assert op is not None and op.name == f"invoke app/{name}"
+    assert op.call_attributes()["dapr.method"] == method.lstrip("/")
 
 
 def test_sidecar_addresses(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,9 @@
   dapr-ext-fastapi's ``DaprApp``) and Flask apps, recognised by daprd's headers or the CloudEvent
   content type.
 
-Span names: ``invoke {app_id}/{method}`` (CLIENT; SERVER in the callee), ``publish {pubsub}/{topic}``
+Span names: ``invoke {app_id}/{method}`` (CLIENT; SERVER in the callee, where the method is the
+matched route template; on the calling side each method path segment holding a digit is ``{id}``,
+``orders/42`` giving ``orders/{id}``, and ``dapr.method`` keeps the path), ``publish {pubsub}/{topic}``
 (PRODUCER), ``process {pubsub}/{topic}`` (CONSUMER, parented by the ``traceparent`` header, else by
 the CloudEvent's ``traceparent`` field), ``state.{operation} {store}``, ``binding {name}``,
 ``secret {store}``, ``configuration {store}``, ``lock {store}``/``unlock {store}``, ``dapr {Method}``

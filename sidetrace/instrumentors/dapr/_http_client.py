@@ -82,7 +82,7 @@ class Call:
             current = trace.get_current_span()
             if _same_request(current, url):
                 current.update_name(op.name)
-                current.set_attributes(op.span_attributes())
+                current.set_attributes(op.call_attributes())
                 return cls(telemetry, op, current, own=False)
             if not is_http_instrumentation_enabled():
                 return None

@@ -43,10 +43,34 @@ class Operation:
             attributes["dapr.component.type"] = COMPONENT_TYPE.get(self.block, self.block)
         return attributes
 
+    def call_attributes(self) -> dict[str, Any]:
+        """All the attributes of one call: the shared ones and ``per_call``."""
+        return {**self.span_attributes(), **(self.per_call or {})}
+
+
+_DIGIT = re.compile(r"\d")
+_VERSION_SEGMENT = re.compile(r"v\d+(?:\.\d+)*(?:(?:alpha|beta)\d*)?\Z")
+
+
+def method_name(method: str) -> str:
+    """The low-cardinality form of an invoked method path, for span names: each segment holding a
+    digit (``42``, ``u7``, ``ORD-2024-9``, a UUID, a hash) is ``{id}``, except a version (``v1``,
+    ``v2.1``, ``v1beta1``). ``orders/42`` is ``orders/{id}``, as the callee's route template says.
+
+    The caller cannot know the callee's routes (OpenTelemetry's HTTP conventions forbid the raw path
+    as a span name for that reason), and an id made of letters only (``alice``) still passes: the
+    ``dapr.method`` attribute keeps the path whole."""
+    if _DIGIT.search(method) is None:  # most method names ("process", "orders/list"): nothing to do
+        return method.strip("/")
+    return "/".join("{id}" if _DIGIT.search(segment) and not _VERSION_SEGMENT.match(segment) else segment
+                    for segment in method.strip("/").split("/"))
+
 
 def _invoke(api: str, app_id: str, method: str) -> Operation:
-    return Operation(f"invoke {app_id}/{method}", INVOCATION, "invoke", api, app_id,
-                     attributes={"dapr.app_id": app_id, "dapr.method": method})
+    # The method path differs from call to call (orders/1, orders/2) where the name does not: per call,
+    # so that the attributes cached per span name never carry another call's path.
+    return Operation(f"invoke {app_id}/{method_name(method)}", INVOCATION, "invoke", api, app_id,
+                     attributes={"dapr.app_id": app_id}, per_call={"dapr.method": method})
 
 
 def _publish(api: str, pubsub: str, topic: str, count: int | None = None) -> Operation:

@@ -26,6 +26,7 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import Span, SpanKind
 
+from sidetrace.instrumentors.dapr._operations import method_name
 from sidetrace.instrumentors.dapr._telemetry import (
     CLOUDEVENT_TYPES,
     MAX_INSPECTED_BODY,
@@ -101,7 +102,8 @@ def _invocation(headers: Mapping[str, Any], method: str, extra: dict[str, Any]) 
         attributes["dapr.app_id"] = callee
     if caller:
         attributes["dapr.caller.app_id"] = caller
-    name = f"invoke {callee}/{method}" if callee else f"invoke {method}"
+    # until (and unless) a route template names it: a path no route matched keeps no id either
+    name = f"invoke {callee}/{method_name(method)}" if callee else f"invoke {method_name(method)}"
     return name, SpanKind.SERVER, extract_parent(headers), attributes, None
 
 
