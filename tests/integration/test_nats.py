@@ -7,7 +7,8 @@ import json
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import nats
@@ -15,8 +16,16 @@ import nats.aio.client
 import nats.js.client
 import pytest
 from nats.js.api import ConsumerConfig
-from opentelemetry.trace import SpanKind
+from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Sampler, SamplingResult
+from opentelemetry.trace import Link, SpanKind, TraceState
+from opentelemetry.util.types import Attributes
 
+from sidetrace.agent.processors.span_metrics import SpanMetricsProcessor
+from sidetrace.config import SpanMetricsProcessorSection
 from sidetrace.instrumentors import nats as nats_instrumentation
 from sidetrace.instrumentors.nats import NatsInstrumentor, process
 from tests.integration.nats_server import NatsServer
@@ -206,6 +215,120 @@ async def test_next_msg_is_a_receive_span(nc, telemetry: Telemetry) -> None:
     receive = telemetry.one("receive pulled")
     assert [link.context.span_id for link in receive.links] == [telemetry.one("publish pulled").context.span_id]
     assert msg.data == b"x"
+
+
+class LinkRecordingSampler(Sampler):
+    """Samples everything, and keeps the links each span was started with: what a sampler can see."""
+
+    def __init__(self) -> None:
+        self.links: dict[str, list[int]] = {}
+
+    def should_sample(self, parent_context: Context | None, trace_id: int, name: str, kind: SpanKind | None = None,
+                      attributes: Attributes = None, links: Sequence[Link] | None = None,
+                      trace_state: TraceState | None = None) -> SamplingResult:
+        self.links[name] = [link.context.span_id for link in links or ()]
+        return ALWAYS_ON.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+
+    def get_description(self) -> str:
+        return "LinkRecordingSampler"
+
+
+async def test_receive_links_are_given_at_span_start(server: NatsServer) -> None:
+    sampler = LinkRecordingSampler()
+    t = Telemetry()
+    t.tracer_provider = TracerProvider(sampler=sampler)
+    t.tracer_provider.add_span_processor(SimpleSpanProcessor(t.spans))
+    NatsInstrumentor().instrument(tracer_provider=t.tracer_provider, meter_provider=t.meter_provider)
+    client = await nats.connect(server.url)
+    try:
+        js = client.jetstream()
+        await js.add_stream(name="LINKS", subjects=["links.>"])
+        psub = await js.pull_subscribe("links.>", durable="linker")
+        await js.publish("links.a", b"1")
+        await js.publish("links.b", b"2")
+        before = time.time_ns()
+        await psub.fetch(2, timeout=5)
+        after = time.time_ns()
+        await js.delete_stream("LINKS")
+    finally:
+        await client.close()
+        NatsInstrumentor().uninstrument()
+    publishes = [s.context.span_id for s in t.finished() if s.name.startswith("publish links.")]
+    receive = t.one("receive links.>")
+    assert sampler.links["receive links.>"] == publishes == [link.context.span_id for link in receive.links]
+    assert before <= receive.start_time <= receive.end_time <= after  # the span covers the whole fetch
+
+
+def consumed(telemetry: Telemetry) -> dict[tuple[str, str], int]:
+    """messaging.client.consumed.messages by (operation, destination)."""
+    return {(p.attributes["messaging.operation.name"], p.attributes["messaging.destination.name"]): p.value
+            for p in telemetry.metric_points("messaging.client.consumed.messages")}
+
+
+async def test_a_pulled_message_is_counted_consumed_once(nc, telemetry: Telemetry) -> None:
+    js = nc.jetstream()
+    await js.add_stream(name="ONCE", subjects=["once.>"])
+    psub = await js.pull_subscribe("once.>", durable="counter")
+    for n in range(3):
+        await js.publish(f"once.{n}", b"x")
+    for msg in await psub.fetch(3, timeout=5):
+        with process(msg):
+            await msg.ack()
+    sub = await nc.subscribe("once.core")
+    await nc.publish("once.core", b"x")
+    with process(await sub.next_msg(timeout=5)):
+        pass
+    await js.delete_stream("ONCE")
+    # each delivery counted by its receive, none again by its process span
+    assert consumed(telemetry) == {("receive", "once.>"): 3, ("receive", "once.core"): 1}
+    assert sum(p.count for p in telemetry.metric_points("messaging.process.duration")) == 4
+
+
+async def test_receive_spans_of_a_queue_subscription_carry_its_group(nc, telemetry: Telemetry) -> None:
+    sub = await nc.subscribe("work.items", queue="workers")
+    await nc.publish("work.items", b"x")
+    await sub.next_msg(timeout=5)
+    receive = telemetry.one("receive work.items")
+    assert receive.attributes["messaging.consumer.group.name"] == "workers"
+    assert consumed(telemetry) == {("receive", "work.items"): 1}
+    assert [p.attributes["messaging.consumer.group.name"]
+            for p in telemetry.metric_points("messaging.client.consumed.messages")] == ["workers"]
+
+
+async def test_a_thousand_subjects_to_one_wildcard_subscription_make_one_consumer_span_name(
+        nc, telemetry: Telemetry) -> None:
+    """Publishers of id-bearing subjects get a span name per subject (the conventions name a send by
+    its destination); the wildcard subscription's consumer names all of them by its own subject, and
+    the agent's span-metrics cap bounds what the publishers' names cost it."""
+    got: list = []
+    await nc.subscribe("orders.*", cb=collector(got))
+    pulled = await nc.subscribe("pulled.*")
+    for n in range(1, 1001):
+        await nc.publish(f"orders.{n}", b"x")
+    await nc.publish("pulled.7", b"x")
+    with process(await pulled.next_msg(timeout=5)):
+        pass
+    await wait_for(lambda: len(telemetry.finished("process orders.*")) == 1000, timeout=30)
+    consumers = [s for s in telemetry.finished() if s.kind is SpanKind.CONSUMER]
+    assert sorted({s.name for s in consumers}) == ["process orders.*", "process pulled.*"]
+    assert {s.attributes["messaging.destination.template"] for s in consumers} == {"orders.*", "pulled.*"}
+    assert len({s.attributes["messaging.destination.name"] for s in consumers}) == 1001
+    assert telemetry.one("receive pulled.*").attributes["messaging.destination.template"] == "pulled.*"
+    assert len({s.name for s in telemetry.finished() if s.kind is SpanKind.PRODUCER}) == 1001
+    # metrics: the consumer's one destination; the publishers' first 200, then _OTHER
+    assert consumed(telemetry) == {("process", "orders.*"): 1000, ("receive", "pulled.*"): 1}
+    sent = {p.attributes["messaging.destination.name"]: p.value
+            for p in telemetry.metric_points("messaging.client.sent.messages")}
+    assert (len(sent), sent["_OTHER"]) == (201, 801)
+    # the agent's span metrics, [processors.span_metrics] max_series = 10: the two consumers' series,
+    # eight publish subjects, and the other 993 publishes in one overflow series
+    processor = SpanMetricsProcessor(SpanMetricsProcessorSection(max_series=10))
+    processor.apply(encode_spans([*consumers, *(s for s in telemetry.finished() if s.kind is SpanKind.PRODUCER)]))
+    calls, _, overflow = processor.families()
+    series = {(m.labels["span_name"], m.labels["span_kind"]): m.value for m in calls.samples}
+    assert series[("process orders.*", "SPAN_KIND_CONSUMER")] == 1000
+    assert series[("__overflow__", "SPAN_KIND_PRODUCER")] == 993
+    assert len(series) == 11 and overflow.samples[0].value == 993
 
 
 async def test_metrics_are_recorded(nc, telemetry: Telemetry) -> None:

@@ -11,8 +11,9 @@ OpenTelemetry messaging conventions.
 - ``Client.request``: one ``request {subject}`` (CLIENT) span for the round trip; the responder's
   process span is its child, and ``Msg.respond`` sends the responder's context, not the request's.
 - ``Subscription.next_msg`` and JetStream ``fetch``: ``receive {subject}`` (CLIENT) linked to each
-  message's producer. To process a received message inside a ``process`` span parented by its
-  producer, wrap the work in :func:`process`::
+  message's producer; the span starts once the messages are in (backdated to the call's start), so
+  samplers see the links. To process a received message inside a ``process`` span parented by its
+  producer, wrap the work in :func:`process` (its delivery was counted by the receive, not again)::
 
       for msg in await psub.fetch(10):
           with process(msg):

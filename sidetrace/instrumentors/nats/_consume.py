@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -13,14 +14,21 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import Link, Span, SpanKind
 
-from sidetrace.instrumentors.nats._publish import SUPPRESSED, Wrapper, run_in_span
-from sidetrace.instrumentors.nats._telemetry import DELIVERED, STREAM, Telemetry, Timer, record_error
+from sidetrace.instrumentors.nats._publish import SUPPRESSED, Wrapper, run_in_span, run_suppressed
+from sidetrace.instrumentors.nats._telemetry import (
+    DELIVERED,
+    STREAM,
+    Telemetry,
+    Timer,
+    record_error,
+)
 
 # The subject a JetStream subscribe call is for, while it creates its core subscription (whose
 # subject is a deliver inbox): used to name the spans of that subscription's messages.
 JS_SUBJECT: contextvars.ContextVar[str | None] = contextvars.ContextVar("sidetrace_nats_js_subject", default=None)
 SPAN_ATTR = "_sidetrace_span"
 TEMPLATE_ATTR = "_sidetrace_template"
+COUNTED_ATTR = "_sidetrace_counted"  # a pulled message, counted consumed by its receive
 
 
 def _message_attributes(telemetry: Telemetry, operation: str, kind: str, msg: Any, template: str | None,
@@ -67,35 +75,59 @@ def traced_callback(telemetry: Telemetry, cb: Callable[[Any], Awaitable[None]], 
         try:
             return await cb(msg)
         except BaseException as exc:
-            error = record_error(span, exc)
+            error = _record_error(telemetry, span, exc)
             raise
         finally:
-            _end_process(telemetry, span, token, attributes, timer, error)
+            _end_process(telemetry, span, token, attributes, timer, error, counted=False)
 
     callback.__wrapped__ = cb  # type: ignore[attr-defined]
     return callback
 
 
 def _start_process(telemetry: Telemetry, msg: Any, template: str | None, queue: str | None
-                   ) -> tuple[Span, object, dict[str, Any], Timer]:
+                   ) -> tuple[Span | None, object, dict[str, Any], Timer]:
+    """(span, context token, attributes, timer) of processing ``msg``; the span is None when the
+    tracer failed to start it (the failure counted), and the message is still timed and counted."""
     attributes = _message_attributes(telemetry, "process", "process", msg, template, queue)
-    parent, links = telemetry.consumer_context(msg.headers)
-    name = f"process {template or telemetry.template(msg.subject, getattr(msg, '_client', None))[0]}"
-    span = telemetry.tracer.start_span(name, context=parent or otel_context.Context(), kind=SpanKind.CONSUMER,
-                                       attributes=attributes, links=links)
+    timer = Timer()
+    try:
+        parent, links = telemetry.consumer_context(msg.headers)
+        name = f"process {template or telemetry.template(msg.subject, getattr(msg, '_client', None))[0]}"
+        span = telemetry.tracer.start_span(name, context=parent or otel_context.Context(), kind=SpanKind.CONSUMER,
+                                           attributes=attributes, links=links)
+    except Exception as exc:
+        telemetry.guard.failed("process", exc)
+        return None, None, attributes, timer
     setattr(msg, SPAN_ATTR, span)
     token = otel_context.attach(trace.set_span_in_context(span))
-    return span, token, attributes, Timer()
+    return span, token, attributes, timer
 
 
-def _end_process(telemetry: Telemetry, span: Span, token: object, attributes: dict[str, Any], timer: Timer,
-                 error: str | None) -> None:
+def _record_error(telemetry: Telemetry, span: Span | None, exc: BaseException) -> str:
+    """The error.type of the app's exception, recorded on ``span`` when there is one."""
+    if span is not None:
+        try:
+            return record_error(span, exc)
+        except Exception as inner:
+            telemetry.guard.failed("error", inner)
+    return type(exc).__qualname__
+
+
+def _end_process(telemetry: Telemetry, span: Span | None, token: object, attributes: dict[str, Any], timer: Timer,
+                 error: str | None, counted: bool) -> None:
+    """Ends the process span and records its metrics; a delivery its receive already ``counted`` is
+    not counted again (each delivery is one consumed message, as the messaging conventions say)."""
+    if span is not None:
+        try:
+            otel_context.detach(token)
+            span.end()
+        except Exception as exc:
+            telemetry.guard.failed("process end", exc)
     try:
-        otel_context.detach(token)
-        span.end()
         metric_attributes = telemetry.metric_attributes(attributes, error)
         telemetry.process_duration.record(timer.seconds(), metric_attributes)
-        telemetry.consumed.add(1, metric_attributes)
+        if not counted:
+            telemetry.consumed.add(1, metric_attributes)
     except Exception as exc:
         telemetry.guard.failed("process end", exc)
 
@@ -112,12 +144,12 @@ def process_span(telemetry: Telemetry, msg: Any) -> Iterator[Span]:
         return
     error = None
     try:
-        yield span
+        yield span if span is not None else trace.INVALID_SPAN
     except BaseException as exc:
-        error = record_error(span, exc)
+        error = _record_error(telemetry, span, exc)
         raise
     finally:
-        _end_process(telemetry, span, token, attributes, timer, error)
+        _end_process(telemetry, span, token, attributes, timer, error, counted=getattr(msg, COUNTED_ATTR, False))
 
 
 def subscribe_wrapper(telemetry: Telemetry) -> Wrapper:
@@ -178,68 +210,103 @@ def js_pull_subscribe_wrapper(telemetry: Telemetry) -> Wrapper:
     return wrapper
 
 
-def _receive(telemetry: Telemetry, subject: str, client: Any, template: str | None) -> tuple[Span, dict, Timer]:
-    attributes = telemetry.base_attributes("receive", "receive", subject, client, template)
-    name = f"receive {template or telemetry.template(subject, client)[0]}"
-    span = telemetry.tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
-    return span, attributes, Timer()
-
-
-def _link_messages(telemetry: Telemetry, template: str | None, messages: list[Any],
-                   attributes: dict[str, Any]) -> Callable[[Span, Any], None]:
-    def on_result(span: Span, _: Any) -> None:
-        if len(messages) != 1:
-            span.set_attribute("messaging.batch.message_count", len(messages))
-        for msg in messages:
-            if template:
-                setattr(msg, TEMPLATE_ATTR, template)
-            producer = telemetry.extract(msg.headers)
-            if producer is not None and span.is_recording():
-                span.add_link(trace.get_current_span(producer).get_span_context())
-        telemetry.consumed.add(len(messages), telemetry.metric_attributes(attributes, None))
-
-    return on_result
-
-
-def _receive_wrapper(telemetry: Telemetry, where: str, source: Callable[[Any, str | None], tuple[str, Any]],
+def _receive_wrapper(telemetry: Telemetry, where: str,
+                     source: Callable[[Any], tuple[str, str | None, str | None, Any]],
                      messages_of: Callable[[Any], list[Any]]) -> Wrapper:
     """A receive operation: `receive {subject}` (CLIENT) linked to each received message's producer.
 
-    ``source(instance, template)`` gives the subject and client to describe; ``messages_of(result)``
-    the messages the call returned.
+    ``source(instance)`` gives the subject, its template, the queue group and the client;
+    ``messages_of(result)`` the messages the call returned. The links are known only once the
+    messages are in, and a sampler sees only the links a span starts with: so the span is started
+    when the call returns, with the time the call began as its start time.
     """
 
     async def wrapper(wrapped: Callable[..., Awaitable[Any]], instance: Any, args: tuple, kwargs: dict) -> Any:
         if SUPPRESSED.get() or not is_instrumentation_enabled():
             return await wrapped(*args, **kwargs)
         try:
-            template = getattr(instance, TEMPLATE_ATTR, None)
-            subject, client = source(instance, template)
-            span, attributes, timer = _receive(telemetry, subject, client, template)
+            subject, template, queue, client = source(instance)
+            name = f"receive {template or telemetry.template(subject, client)[0]}"
+            attributes = telemetry.base_attributes("receive", "receive", subject, client, template)
+            if queue:
+                attributes["messaging.consumer.group.name"] = queue
+            started, timer = time.time_ns(), Timer()
         except Exception as exc:
             telemetry.guard.failed(where, exc)
-            return await wrapped(*args, **kwargs)
-        received: list[Any] = []
-
-        async def call() -> Any:
+            return await run_suppressed(wrapped(*args, **kwargs))
+        token = SUPPRESSED.set(True)  # the fetch's own request and next_msg make no spans
+        try:
             result = await wrapped(*args, **kwargs)
-            received.extend(messages_of(result))
-            return result
-
-        return await run_in_span(telemetry, span, attributes, timer, call(),
-                                 on_result=_link_messages(telemetry, template, received, attributes))
+        except BaseException as exc:
+            _received(telemetry, where, name, template, attributes, started, timer, None, exc)
+            raise
+        finally:
+            SUPPRESSED.reset(token)
+        _received(telemetry, where, name, template, attributes, started, timer, lambda: messages_of(result), None)
+        return result
 
     return wrapper
 
 
+def _received(telemetry: Telemetry, where: str, name: str, template: str | None, attributes: dict[str, Any],
+              started: int, timer: Timer, messages_of: Callable[[], list[Any]] | None,
+              error: BaseException | None) -> None:
+    """Makes the span of a receive that has returned (or raised ``error``) and counts its messages,
+    marking each as counted so that its `process` span does not count it again."""
+    messages: list[Any] = []
+    span = None
+    try:
+        links = []
+        for msg in messages_of() if messages_of is not None else ():
+            messages.append(msg)
+            setattr(msg, COUNTED_ATTR, True)
+            if template:
+                setattr(msg, TEMPLATE_ATTR, template)
+            producer = telemetry.extract(msg.headers)
+            if producer is not None:
+                links.append(Link(trace.get_current_span(producer).get_span_context()))
+        span_attributes = attributes
+        if error is None and len(messages) != 1:
+            span_attributes = {**attributes, "messaging.batch.message_count": len(messages)}
+        span = telemetry.tracer.start_span(name, kind=SpanKind.CLIENT, attributes=span_attributes, links=links,
+                                           start_time=started)
+    except Exception as exc:
+        telemetry.guard.failed(where, exc)
+    error_type = _record_error(telemetry, span, error) if error is not None else None
+    if span is not None:
+        try:
+            span.end()
+        except Exception as exc:
+            telemetry.guard.failed("end", exc)
+    try:
+        metric_attributes = telemetry.metric_attributes(attributes, error_type)
+        telemetry.operation_duration.record(timer.seconds(), metric_attributes)
+        if messages:
+            telemetry.consumed.add(len(messages), metric_attributes)
+    except Exception as exc:
+        telemetry.guard.failed("end", exc)
+
+
 def next_msg_wrapper(telemetry: Telemetry) -> Wrapper:
     """Subscription.next_msg: one message."""
-    return _receive_wrapper(telemetry, "next_msg", lambda sub, _: (sub.subject, sub._conn), lambda msg: [msg])
+
+    def source(sub: Any) -> tuple[str, str | None, str | None, Any]:
+        # The template names the messages' `process` spans too: a JetStream push subscription's
+        # stream subject, else a wildcard or inbox subscription's own.
+        template = getattr(sub, TEMPLATE_ATTR, None) or telemetry.template(sub.subject, sub._conn)[1]
+        return sub.subject, template, sub.queue or None, sub._conn
+
+    return _receive_wrapper(telemetry, "next_msg", source, lambda msg: [msg])
 
 
 def fetch_wrapper(telemetry: Telemetry) -> Wrapper:
     """PullSubscription.fetch: a batch of messages."""
-    return _receive_wrapper(telemetry, "fetch", lambda psub, template: (template or psub._deliver, psub._nc), list)
+
+    def source(psub: Any) -> tuple[str, str | None, str | None, Any]:
+        template = getattr(psub, TEMPLATE_ATTR, None)
+        return template or psub._deliver, template, None, psub._nc
+
+    return _receive_wrapper(telemetry, "fetch", source, list)
 
 
 def settle_wrapper(telemetry: Telemetry, operation: str) -> Wrapper:

@@ -70,6 +70,9 @@ async def run_in_span(telemetry: Telemetry, span: Span, attributes: dict[str, An
         SUPPRESSED.reset(token)
         try:
             span.end()
+        except Exception as exc:  # a SpanProcessor's on_end raised: the span is lost, not the metrics
+            telemetry.guard.failed("end", exc)
+        try:
             metric_attributes = telemetry.metric_attributes(attributes, error)
             telemetry.operation_duration.record(timer.seconds(), metric_attributes)
             if sent and error is None:
@@ -132,20 +135,21 @@ def request_wrapper(telemetry: Telemetry) -> Wrapper:
             telemetry.guard.failed("request", exc)
             return await wrapped(*args, **kwargs)
         if plumbing:
-            return await _suppressed(wrapped(*args, **kwargs))
+            return await run_suppressed(wrapped(*args, **kwargs))
         try:
             span, attributes, new_headers, timer = _start_send(telemetry, "request", SpanKind.CLIENT, subject,
                                                                payload, headers, instance)
         except Exception as exc:
             telemetry.guard.failed("request", exc)
-            return await wrapped(*args, **kwargs)
+            # its inner publish stays unspanned, as under a request span: one failure, counted once
+            return await run_suppressed(wrapped(*args, **kwargs))
         call = wrapped(subject, payload, timeout=timeout, old_style=old_style, headers=new_headers)
         return await run_in_span(telemetry, span, attributes, timer, call, sent=1)
 
     return wrapper
 
 
-async def _suppressed(call: Awaitable[Any]) -> Any:
+async def run_suppressed(call: Awaitable[Any]) -> Any:
     token = SUPPRESSED.set(True)
     try:
         return await call
@@ -174,7 +178,7 @@ def js_publish_wrapper(telemetry: Telemetry) -> Wrapper:
                                                                payload, headers, client)
         except Exception as exc:
             telemetry.guard.failed("jetstream publish", exc)
-            return await wrapped(*args, **kwargs)
+            return await run_suppressed(wrapped(*args, **kwargs))  # no request span for its inner request
         call = wrapped(subject, payload, timeout=timeout, stream=stream, headers=new_headers, **rest)
         return await run_in_span(telemetry, span, attributes, timer, call, sent=1, on_result=_pub_ack)
 
@@ -201,7 +205,7 @@ def respond_wrapper(telemetry: Telemetry) -> Wrapper:
             telemetry.guard.failed("respond", exc)
             return await wrapped(*args, **kwargs)
         try:
-            return await _suppressed(wrapped(*args, **kwargs))
+            return await run_suppressed(wrapped(*args, **kwargs))
         finally:
             instance.headers = original
 

@@ -51,7 +51,9 @@ class Telemetry:
         self.guard = guard
         self.use_links = use_links
         self.settle_spans = settle_spans
-        self.destinations = BoundedValues()
+        # 200 destinations per operation: publishers of id-bearing subjects (orders.1, orders.2, ...) use
+        # up their own operation's share, and a consumer's wildcard template keeps its name
+        self.destinations: dict[str, BoundedValues] = {}
         self._templates: dict[tuple[str, str], tuple[str, str | None, bool]] = {}
         self._metric_attributes: dict[tuple, dict[str, Any]] = {}
         self.injection_misses = 0
@@ -159,7 +161,7 @@ class Telemetry:
         found = {
             "messaging.system": SYSTEM,
             "messaging.operation.name": key[0],
-            "messaging.destination.name": self.destinations(destination),
+            "messaging.destination.name": self.destinations.setdefault(key[0], BoundedValues())(destination),
         }
         if key[2]:
             found["messaging.consumer.group.name"] = key[2]
