@@ -29,7 +29,7 @@ from sidetrace.config import SpanMetricsProcessorSection
 from sidetrace.instrumentors import nats as nats_instrumentation
 from sidetrace.instrumentors.nats import NatsInstrumentor, process
 from tests.integration.nats_server import NatsServer
-from tests.telemetry import Telemetry
+from tests.telemetry import FailingTelemetry, Telemetry
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -359,6 +359,53 @@ async def test_our_failure_never_reaches_the_app(nc, telemetry: Telemetry, monke
     await wait_for(lambda: got)
     assert got[0].data == b"still delivered"
     assert guard.errors - before == 2  # the publish and the process wrappers each failed once
+
+
+@pytest.mark.parametrize("hooks", [("on_start", "on_end"), ("on_end",)], ids=["on_start and on_end raise",
+                                                                           "on_end raises"])
+async def test_a_failing_tracer_never_reaches_the_app(server: NatsServer, hooks: tuple[str, ...]) -> None:
+    """publish, process, request, respond, JetStream publish, fetch, next_msg and ack with a tracer
+    whose SpanProcessor raises (then no span starts, or each fails as it ends) and whose exporter
+    raises: the app sees every message and answer, and each span we tried is one counted failure."""
+    failing = FailingTelemetry(hooks)
+    NatsInstrumentor().instrument(tracer_provider=failing.tracer_provider, meter_provider=failing.meter_provider)
+    client = await nats.connect(server.url)
+    try:
+        got: list = []
+
+        async def respond(msg) -> None:  # noqa: ANN001
+            await msg.respond(b"pong:" + msg.data)
+
+        await client.subscribe("safe.sub", cb=collector(got))
+        await client.subscribe("safe.svc", cb=respond)
+        pulled = await client.subscribe("safe.pulled")
+        await client.publish("safe.sub", b"pushed")
+        assert (await client.request("safe.svc", b"ping", timeout=5)).data == b"pong:ping"
+        await client.publish("safe.pulled", b"pulled")
+        assert (await pulled.next_msg(timeout=5)).data == b"pulled"
+        js = client.jetstream()
+        await js.add_stream(name="SAFE", subjects=["safe.js.>"])
+        assert (await js.publish("safe.js.a", b"stored")).seq == 1
+        psub = await js.pull_subscribe("safe.js.>", durable="safe")
+        (msg,) = await psub.fetch(1, timeout=5)
+        with process(msg):
+            await msg.ack()
+        assert msg.data == b"stored"
+        await wait_for(lambda: [m.data for m in got] == [b"pushed"])
+        await js.delete_stream("SAFE")
+    finally:
+        await client.close()
+        NatsInstrumentor().uninstrument()
+    if "on_start" in hooks:  # no span started; the ack, outside any process span, tried its own
+        expected = {"publish": 2, "request": 1, "jetstream publish": 1, "process": 3, "next_msg": 1, "fetch": 1,
+                    "ack": 1}
+        assert (failing.finished(), failing.exporter.spans) == ([], 0)
+    else:  # 9 spans started and ended (the ack an event on its process span); each end failed
+        expected = {"end": 6, "process end": 3}
+        assert (len(failing.finished()), failing.exporter.spans) == (9, 9)
+    assert failing.errors() == expected
+    # the messages were counted all the same: two pushed (callback and responder), two pulled
+    assert sum(p.value for p in failing.metric_points("messaging.client.consumed.messages")) == 4
 
 
 async def test_over_max_payload_goes_without_headers_and_is_counted(
