@@ -284,6 +284,7 @@ def invoke_orders(daprd: StandInDaprd, client_path: str, monkeypatch: pytest.Mon
         asyncio.run(calls())
 
 
+@pytest.mark.filterwarnings("ignore:invoke_method with protocol gRPC is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("client_path", ["sdk http", "sdk grpc", "requests", "httpx", "aiohttp",
                                          "dapr-app-id header"])
 def test_a_thousand_order_ids_make_one_span_name_and_one_span_metrics_series(
