@@ -129,12 +129,21 @@ def test_malformed_requests_get_4xx_with_a_message_and_the_agent_keeps_serving(
                            .encode(), content_type="application/json")
     assert status == 400 and json.loads(body)["message"].startswith("traceId: expected a hex string")
 
+    status, _, body = post(agent.otlp_http + "/v1/logs", b"")  # an SDK exporting logs to the agent
+    assert status == 404 and status_pb2.Status.FromString(body).message == \
+        "no OTLP endpoint at /v1/logs: the agent takes /v1/traces and /v1/metrics"
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(url, timeout=10)
+    assert answer.value.code == 405
+    assert status_pb2.Status.FromString(answer.value.read()).message == "GET /v1/traces: OTLP/HTTP takes POST"
+
     assert grpc_export(agent, b"\xff\xff\xff garbage") == grpc.StatusCode.INVALID_ARGUMENT
     assert grpc_export(agent, good) == grpc.StatusCode.OK
     assert post(url, good)[0] == 200
     assert refused(agent, "invalid") == 0  # malformed requests carry no countable spans
     assert refused_requests(agent, "http") == {"invalid": 3, "unsupported_media_type": 1, "too_large": 2,
-                                               "unsupported_encoding": 5, "bad_encoding": 6, "json_too_deep": 2}
+                                               "unsupported_encoding": 5, "bad_encoding": 6, "json_too_deep": 2,
+                                               "not_found": 1, "method_not_allowed": 1}
     assert refused_requests(agent, "grpc") == {"invalid": 1}
     assert http_get(agent.url + "/healthz")[0] == 200
     log = agent.log()

@@ -64,7 +64,7 @@ ENCODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 15}  # zlib wbits
 # OTLP/JSON writes these ids as hex, where protobuf's JSON mapping expects base64.
 _HEX_ID_KEYS = frozenset(("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"))
 # gRPC status code numbers, for google.rpc.Status bodies
-_CODES = {400: 3, 401: 16, 408: 4, 413: 8, 415: 3, 429: 8, 503: 14}
+_CODES = {400: 3, 401: 16, 404: 5, 405: 12, 408: 4, 413: 8, 415: 3, 429: 8, 503: 14}  # google.rpc.Code
 
 
 class Refusal(Exception):
@@ -241,7 +241,7 @@ class OtlpReceiver:
 
     async def _start_http(self) -> None:
         # client_max_size bounds the body as sent; inflate() bounds it decompressed.
-        app = web.Application(client_max_size=self.section.max_request_bytes)
+        app = web.Application(client_max_size=self.section.max_request_bytes, middlewares=[self._unrouted])
         app.router.add_post("/v1/traces", self._http_traces)
         app.router.add_post("/v1/metrics", self._http_metrics)
         # keepalive_timeout also closes a connection that never completes its first request.
@@ -387,6 +387,19 @@ class OtlpReceiver:
             return parse_json(body, message_type), None
         return parse_protobuf(body, message_type), body
 
+    @web.middleware
+    async def _unrouted(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """aiohttp's own 404 and 405 answered like every other refusal: a google.rpc.Status, counted."""
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            refusal = Refusal(404, grpc.StatusCode.UNIMPLEMENTED, "not_found",
+                              f"no OTLP endpoint at {request.path[:100]}: the agent takes /v1/traces and /v1/metrics")
+        except web.HTTPMethodNotAllowed:
+            refusal = Refusal(405, grpc.StatusCode.UNIMPLEMENTED, "method_not_allowed",
+                              f"{request.method[:16]} {request.path[:100]}: OTLP/HTTP takes POST")
+        return self._http_refusal(refusal, JSON if request.content_type == JSON else PROTOBUF)
+
     def _http_answer(self, response: Any, content_type: str) -> web.Response:
         if content_type == JSON:
             return web.Response(body=json_format.MessageToJson(response).encode(), content_type=JSON)
@@ -436,8 +449,9 @@ class OtlpReceiver:
             spans.add_metric([transport, reason], count)
         yield spans
         requests = CounterMetricFamily("sidetrace_receiver_refused_requests_total",
-                                       "Requests refused, by transport and reason (unauthenticated, invalid, "
-                                       "json_too_deep, bad_encoding, unsupported_encoding, unsupported_media_type, "
+                                       "Requests refused, by transport and reason (unauthenticated, not_found, "
+                                       "method_not_allowed, invalid, json_too_deep, bad_encoding, "
+                                       "unsupported_encoding, unsupported_media_type, "
                                        "too_large, read_timeout, too_many_requests, busy, disk_full, spool_error, "
                                        "unavailable).", labels=["transport", "reason"])
         for (transport, reason), count in sorted(self.refused_requests.items()):
