@@ -25,7 +25,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
-from tests.conftest import Agent, http_get
+from tests.conftest import Agent, http_get, wait_until
 
 TRACE_ID = "5b8efff798038103d269b633813fc60c"
 SPAN_ID = "eee19b7ec3c1b174"
@@ -349,3 +349,19 @@ def test_metric_names_and_resources_past_max_series_leave_nothing_behind(agent_f
     assert sum(line.startswith("metric_number_") for line in text.splitlines()) == 10
     assert sum(line.startswith("target_info{") for line in text.splitlines()) == 10
     assert after - before < 10 * 1024 * 1024, f"RSS grew {(after - before) / 2**20:.1f} MiB"
+
+
+def test_stale_app_metrics_expire_on_a_timer_without_a_scrape(agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory(env={"SIDETRACE_APP_METRICS__STALE_SECONDS": "1"}).start()
+    request = ExportMetricsServiceRequest()
+    metric = request.resource_metrics.add().scope_metrics.add().metrics.add()
+    metric.name = "queue.depth"
+    point = metric.gauge.data_points.add()
+    point.as_int, point.time_unix_nano = 7, time.time_ns()
+    assert post(agent.otlp_http + "/v1/metrics", request.SerializeToString())[0] == 200
+
+    def series() -> str:  # read from /debug/status: a scrape of /metrics would expire on its own
+        return json.loads(http_get(agent.url + "/debug/status")[1])["components"]["app_metrics"]["detail"]
+
+    assert series() == "1 series from apps"
+    wait_until(lambda: series() == "0 series from apps", 5, "the stale series to expire")
