@@ -26,13 +26,15 @@ run: $(VENV)/.agent
 	$(BIN)/sidetrace run $(if $(CONFIG),--config $(CONFIG))
 
 ## servers: install what the tests use from Debian: prometheus, tcpdump (and libpcap, for capture
-## filters), iproute2 (network namespaces for the packet tests), openssl (test certificates)
+## filters), iproute2 (network namespaces for the packet tests), openssl (test certificates), dnsmasq
+## (a DNS server for the load-balancing exporter's discovery test)
 servers:
 	@missing=""; \
 	command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	command -v tcpdump >/dev/null 2>&1 || missing="$$missing tcpdump"; \
 	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
 	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	command -v dnsmasq >/dev/null 2>&1 || missing="$$missing dnsmasq-base"; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(APT_INSTALL) $$missing; fi
 
 lint: $(VENV)/.test

@@ -269,9 +269,62 @@ class OtlpExporterSection:
     tls: ClientTlsSection = field(default_factory=ClientTlsSection)
 
 
+def _check_host_ports(values: tuple[str, ...]) -> tuple[str, ...]:
+    for value in values:
+        try:
+            parse_host_port(value)
+        except ValueError:
+            raise ValueError(f'expected HOST:PORT entries, "{value}" is not one') from None
+    return values
+
+
+def _check_optional_host_port(value: str) -> str:
+    if value:
+        parse_host_port(value)
+    return value
+
+
+@dataclass(frozen=True)
+class BackendTlsSection(ClientTlsSection):
+    """TLS for the connections to a load-balancing exporter's backends."""
+
+    enabled: bool = _key("Connect to the backends with TLS.", default=False)
+
+
+@dataclass(frozen=True)
+class LoadBalancingExporterSection:
+    """One [[exporters.loadbalancing]] table: spans routed by trace id (or service) over a set of OTLP
+    backends, such as a tier of collectors with tail sampling, so that each trace reaches one of them whole."""
+
+    name: str = _key("Unique name; used in metrics and spool cursors (each backend's share is `NAME/HOST:PORT`).",
+                     _check_name, default="loadbalancing")
+    routing_key: str = _key("`traceID`: every span of a trace goes to the same backend; `service`: every span of "
+                            "a service does.", _check_choice("traceID", "service"), default="traceID")
+    backends: tuple[str, ...] = _key("HOST:PORT of each backend (a static list); set this or `dns`.",
+                                     _check_host_ports, default=())
+    dns: str = _key("HOST:PORT: every address HOST resolves to (A and AAAA) is a backend on PORT, re-resolved "
+                    "every dns_interval_seconds (a headless Service's name, say); set this or `backends`.",
+                    _check_optional_host_port, default="")
+    dns_interval_seconds: float = _key("How often `dns` is resolved again.", _check_positive, default=5.0)
+    dns_server: str = _key("HOST:PORT of the DNS server to ask for `dns`; empty: the system's resolver.",
+                           _check_optional_host_port, default="")
+    protocol: str = _key("`grpc` or `http` (protobuf, to /v1/traces).", _check_choice("grpc", "http"), default="grpc")
+    headers: dict[str, str] = _key("Extra request headers; `${VAR}` in a value is read from the environment.",
+                                   default_factory=dict)
+    compression: str = _key("`gzip` or `none`.", _check_choice("gzip", "none"), default="gzip")
+    timeout_seconds: float = _key("Deadline of one export request.", _check_positive, default=10.0)
+    max_batch_spans: int = _key("Most spans sent to a backend in one request.", _check_positive, default=8192)
+    max_request_bytes: int = _key("Largest request sent to a backend.", _check_positive, default=4 * 1024 * 1024)
+    batch_timeout_seconds: float = _key("How long a request short of max_batch_spans waits for more spans.",
+                                        _check_non_negative, default=0.2)
+    tls: BackendTlsSection = field(default_factory=BackendTlsSection)
+
+
 @dataclass(frozen=True)
 class ExportersSection:
     otlp: tuple[OtlpExporterSection, ...] = _key("OTLP exporters; none by default.", default=())
+    loadbalancing: tuple[LoadBalancingExporterSection, ...] = _key(
+        "Load-balancing exporters over a tier of OTLP backends; none by default.", default=())
 
 
 @dataclass(frozen=True)
@@ -576,6 +629,10 @@ def _cross_checks(config: Config, origin: str) -> list[str]:
                 problems.append(f'{origin}: exporters.{kind}[{index}].name: expected a name unique among all '
                                 f'exporters, got "{exporter.name}" again')
             seen.add(exporter.name)
+    for index, balancer in enumerate(config.exporters.loadbalancing):
+        if bool(balancer.backends) == bool(balancer.dns):
+            problems.append(f"{origin}: exporters.loadbalancing[{index}]: expected either backends or dns, "
+                            f"got {'both' if balancer.backends else 'neither'}")
     if config.receivers.otlp.max_request_bytes > config.spool.max_bytes:
         problems.append(f"{origin}: receivers.otlp.max_request_bytes: expected at most spool.max_bytes "
                         f"({config.spool.max_bytes}), got {config.receivers.otlp.max_request_bytes}")

@@ -100,7 +100,8 @@ class TracePipeline:
             await self._open(spool, built)
             await self._start_exporters(built, wanted)
             log.info("spool %s holds %d bytes; exporting to %s", self.spool.path, self.spool.size_bytes,
-                     ", ".join(f"{name} ({section.endpoint})" for name, (_, section) in self._sections.items()))
+                     ", ".join(f"{name} ({exporter.status()['endpoint']})"
+                               for name, exporter in self.exporters.items()))
         else:
             log.info("no exporter configured: traces are kept in memory only (/debug/traces, `sidetrace traces`), "
                      "nothing is sent to Jaeger")

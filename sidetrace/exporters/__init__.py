@@ -13,6 +13,7 @@ from typing import Any
 # [exporters] key -> "module:Class"; the class takes (section, spool, stats_for) and its modules load lazily.
 KINDS: dict[str, str] = {
     "otlp": "sidetrace.exporters.otlp:OtlpExporter",
+    "loadbalancing": "sidetrace.exporters.loadbalancing:LoadBalancingExporter",
 }
 
 

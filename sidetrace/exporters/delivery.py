@@ -327,7 +327,36 @@ class Delivery:
 
 
 def delivery_families(deliveries: list[tuple[str, DeliveryStats]]) -> Iterator[Metric]:
-    """The per-exporter counters of trace exporters, one family each with an ``exporter`` label."""
+    """The per-exporter counters of trace exporters, one family each with an ``exporter`` label.
+
+    A reader named ``exporter/backend`` (a load-balancing exporter's share for one backend) adds to its
+    exporter's series, and has its own in the ``sidetrace_exporter_backend_*`` families.
+    """
+    per_exporter: dict[str, DeliveryStats] = {}
+    backends = CounterMetricFamily("sidetrace_exporter_backend_sent_spans_total",
+                                   "Spans a load-balancing exporter's backend accepted.",
+                                   labels=["exporter", "backend"])
+    backend_failed = CounterMetricFamily("sidetrace_exporter_backend_send_failed_spans_total",
+                                         "Spans in send attempts to a load-balancing exporter's backend that failed.",
+                                         labels=["exporter", "backend"])
+    backend_failing = GaugeMetricFamily("sidetrace_exporter_backend_failing",
+                                        "1 while the last send attempt to a load-balancing exporter's backend failed.",
+                                        labels=["exporter", "backend"])
+    for name, stats in deliveries:
+        exporter, _, backend = name.partition("/")
+        total = per_exporter.setdefault(exporter, DeliveryStats())
+        total.sent += stats.sent
+        total.failed += stats.failed
+        total.rejected += stats.rejected
+        total.retries += stats.retries
+        total.resent += stats.resent
+        total.failing = total.failing or stats.failing
+        for reason, count in stats.failures.items():
+            total.failures[reason] = total.failures.get(reason, 0) + count
+        if backend:
+            backends.add_metric([exporter, backend], stats.sent)
+            backend_failed.add_metric([exporter, backend], stats.failed)
+            backend_failing.add_metric([exporter, backend], 1 if stats.failing else 0)
     sent = CounterMetricFamily("sidetrace_exporter_sent_spans_total", "Spans the backend accepted.",
                                labels=["exporter"])
     failed = CounterMetricFamily("sidetrace_exporter_send_failed_spans_total",
@@ -345,7 +374,7 @@ def delivery_families(deliveries: list[tuple[str, DeliveryStats]]) -> Iterator[M
                                    labels=["exporter", "reason"])
     failing = GaugeMetricFamily("sidetrace_exporter_failing", "1 while the exporter's last send attempt failed.",
                                 labels=["exporter"])
-    for name, stats in deliveries:
+    for name, stats in per_exporter.items():
         sent.add_metric([name], stats.sent)
         failed.add_metric([name], stats.failed)
         rejected.add_metric([name], stats.rejected)
@@ -354,4 +383,4 @@ def delivery_families(deliveries: list[tuple[str, DeliveryStats]]) -> Iterator[M
         failing.add_metric([name], 1 if stats.failing else 0)
         for reason, count in sorted(stats.failures.items()):
             failures.add_metric([name, reason], count)
-    yield from (sent, failed, rejected, retries, resent, failures, failing)
+    yield from (sent, failed, rejected, retries, resent, failures, failing, backends, backend_failed, backend_failing)

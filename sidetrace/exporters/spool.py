@@ -6,10 +6,12 @@ acknowledged batch survives power loss). Appends arriving while a commit runs ar
 in the next transaction (group commit), so one fsync serves many requests.
 
 Each reader (an exporter, or one backend's share of a load-balancing exporter) reads one queue at
-its own cursor, so a slow backend never holds up another. Cursors live in a small preallocated file
-beside the database (``spool.db-cursors``) that is overwritten in place: acknowledging a delivered
-batch never needs new disk space, so a spool that filled its disk still drains. A batch is deleted
-once every reader of its queue has passed it.
+its own cursor, so a slow backend never holds up another. A reader named ``owner/part`` is a
+sub-reader of ``owner`` (exporter names hold no "/"): registering ``owner`` at open restores its
+sub-readers' cursors too, and removing ``owner`` removes them and discards their queues. Cursors
+live in a small preallocated file beside the database (``spool.db-cursors``) that is overwritten in
+place: acknowledging a delivered batch never needs new disk space, so a spool that filled its disk
+still drains. A batch is deleted once every reader of its queue has passed it.
 
 The spool is bounded by ``max_bytes`` (queued batches plus set-aside ones): past it the oldest are
 dropped, and counted once the transaction that drops them has committed. Every row carries a CRC32;
@@ -389,6 +391,15 @@ class Spool:
                 self._acked[reader] = min(known, default=0)
             self._queue_of[reader] = queue
             self._new[reader] = asyncio.Event()
+        owners = {reader for reader, _ in self._open_readers}
+        for reader, acked in saved.items():  # sub-readers come back with their owner
+            if reader.split("/", 1)[0] in owners and "/" in reader and reader not in self._queue_of:
+                queue = saved_queues.get(reader, reader)
+                self._acked[reader] = acked
+                if reader in running:
+                    self._unsure[reader] = newest.get(queue, 0)
+                self._queue_of[reader] = queue
+                self._new[reader] = asyncio.Event()
         gone = sorted(set(saved) - set(self._queue_of))
         if gone:
             log.info("spool %s: readers no longer configured, cursors removed: %s", self.path, ", ".join(gone))
@@ -446,6 +457,9 @@ class Spool:
         await self._run(self._remove_reader, reader)
 
     def _remove_reader(self, reader: str) -> None:
+        for sub_reader, sub_queue in [(r, q) for r, q in self._queue_of.items() if r.startswith(f"{reader}/")]:
+            self._remove_reader(sub_reader)
+            self._discard_queue(sub_queue)
         queue = self._queue_of.pop(reader, None)
         if queue is None:
             return
@@ -455,6 +469,20 @@ class Spool:
         self._store_cursors(running=self._queue_of)
         if queue in self._queue_of.values():
             self._free(queue, min(before, self._passed(queue)))
+
+    def _discard_queue(self, queue: str) -> None:
+        """Delete what a queue no reader will read again still holds (a removed exporter's own queue)."""
+        if queue == TRACES or queue in self._queue_of.values():
+            return
+        db = self._db
+        assert db is not None
+        items = db.execute("SELECT COALESCE(SUM(items), 0) FROM batches WHERE queue = ?", (queue,)).fetchone()[0]
+        db.execute("DELETE FROM batches WHERE queue = ?", (queue,))
+        self._queue_bytes.pop(queue, None)
+        self._prune.pop(queue, None)
+        if items:
+            log.warning("spool %s: discarded %d items of queue %s, whose exporter was removed", self.path, items,
+                        queue)
 
     def _passed(self, queue: str) -> int:
         """The highest id every reader of ``queue`` is done with (0 when it has no reader: it keeps everything)."""

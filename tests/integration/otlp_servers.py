@@ -87,8 +87,9 @@ class Sink:
 class Rotel:
     """A rotel-agent receiving OTLP on loopback and exporting over OTLP/gRPC to ``sink_port``."""
 
-    def __init__(self, tmp: Path, sink_port: int, grpc_port: int | None = None) -> None:
+    def __init__(self, tmp: Path, sink_port: int, grpc_port: int | None = None, host: str = "127.0.0.1") -> None:
         self.tmp = tmp
+        self.host = host
         self.sink_port = sink_port
         self.grpc_port = grpc_port or free_port()
         self.http_port = free_port()
@@ -96,20 +97,21 @@ class Rotel:
 
     def start(self) -> Rotel:
         assert ROTEL_AGENT.exists(), f"{ROTEL_AGENT} is missing: `make test` installs PyPI rotel"
-        with open(self.tmp / f"rotel-{self.grpc_port}.out", "ab") as log:
+        name = f"rotel-{self.host}-{self.grpc_port}"
+        with open(self.tmp / f"{name}.out", "ab") as log:
             self.proc = subprocess.Popen(
                 [str(ROTEL_AGENT), "start",
-                 "--otlp-grpc-endpoint", f"127.0.0.1:{self.grpc_port}",
-                 "--otlp-http-endpoint", f"127.0.0.1:{self.http_port}",
+                 "--otlp-grpc-endpoint", f"{self.host}:{self.grpc_port}",
+                 "--otlp-http-endpoint", f"{self.host}:{self.http_port}",
                  "--otlp-grpc-max-recv-msg-size-mib", "64",
                  "--exporter", "otlp", "--otlp-exporter-protocol", "grpc",
                  "--otlp-exporter-endpoint", f"http://127.0.0.1:{self.sink_port}",
                  "--batch-timeout", "20ms",
-                 "--pid-file", str(self.tmp / f"rotel-{self.grpc_port}.pid"),
-                 "--log-file", str(self.tmp / f"rotel-{self.grpc_port}.log")],
+                 "--pid-file", str(self.tmp / f"{name}.pid"),
+                 "--log-file", str(self.tmp / f"{name}.log")],
                 stdout=log, stderr=subprocess.STDOUT,
             )
-        wait_until(lambda: self.proc.poll() is None and port_open(self.grpc_port), 20, "rotel listening")
+        wait_until(lambda: self.proc.poll() is None and port_open(self.grpc_port, self.host), 20, "rotel listening")
         return self
 
     def stop(self) -> None:

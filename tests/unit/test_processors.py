@@ -8,11 +8,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 from prometheus_client import CollectorRegistry, generate_latest
 
+from sidetrace._protowire import varint
 from sidetrace.agent.app_metrics import AppMetrics, metric_name
 from sidetrace.agent.pipeline import span_count
 from sidetrace.agent.processors import redaction
 from sidetrace.agent.processors.redaction import BytePrefilter, HyperscanPrefilter, RedactionProcessor, _needles
-from sidetrace.agent.processors.resource import ResourceProcessor, _varint, container_id
+from sidetrace.agent.processors.resource import ResourceProcessor, container_id
 from sidetrace.agent.processors.span_metrics import SpanMetricsProcessor
 from sidetrace.agent.recent import RecentTraces
 from sidetrace.config import (
@@ -150,8 +151,8 @@ def test_enriching_the_encoded_request_equals_enriching_the_decoded_one(resource
         encoded = resource_spans.SerializeToString()
         if split:  # the resource once more, as a second resource field: protobuf merges the two
             resource = resource_spans.resource.SerializeToString()
-            encoded += b"\x0a" + _varint(len(resource)) + resource
-        parts.append(b"\x0a" + _varint(len(encoded)) + encoded)
+            encoded += b"\x0a" + varint(len(resource)) + resource
+        parts.append(b"\x0a" + varint(len(encoded)) + encoded)
     raw = b"".join(parts)
     decoded = ExportTraceServiceRequest.FromString(raw)
     processor.apply(decoded)

@@ -16,6 +16,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from sidetrace import __version__
+from sidetrace._protowire import fields, varint
 from sidetrace.config import ResourceProcessorSection
 
 _CONTAINER_ID = re.compile(r"([0-9a-f]{64})")
@@ -53,60 +54,13 @@ def host_attributes(extra: dict[str, str]) -> dict[str, str]:
     return {key: value for key, value in {**found, **extra}.items() if value}
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def _fields(data: memoryview) -> list[tuple[int, int, int, int]]:
-    """The top-level fields of an encoded message: (field number, start, value start, end). ValueError on
-    what this reader does not handle (groups), so the caller falls back to decoding."""
-    fields = []
-    pos = 0
-    while pos < len(data):
-        start = pos
-        tag, pos = _read_varint(data, pos)
-        wire = tag & 7
-        if wire == 0:
-            _, pos = _read_varint(data, pos)
-            value = start
-        elif wire == 2:
-            length, value = _read_varint(data, pos)
-            pos = value + length
-        elif wire in (1, 5):
-            value, pos = pos, pos + (8 if wire == 1 else 4)
-        else:
-            raise ValueError(f"wire type {wire}")
-        if pos > len(data):
-            raise ValueError("truncated")
-        fields.append((tag >> 3, start, value, pos))
-    return fields
-
-
 class ResourceProcessor:
     """Adds the host's attributes to each resource that lacks them."""
 
     def __init__(self, section: ResourceProcessorSection) -> None:
         self.attributes = host_attributes(section.attributes)
         # Each attribute as an encoded Resource.attributes field (field 1, a KeyValue), to append as it is.
-        self._encoded = {key: b"\x0a" + _varint(len(kv)) + kv for key, kv in (
+        self._encoded = {key: b"\x0a" + varint(len(kv)) + kv for key, kv in (
             (key, Resource(attributes=[{"key": key, "value": {"string_value": value}}]).attributes[0]
              .SerializeToString()) for key, value in self.attributes.items())}
 
@@ -116,19 +70,18 @@ class ResourceProcessor:
         data = memoryview(raw)
         try:
             parts: list[bytes | memoryview] = []
-            for number, start, value, end in _fields(data):
+            for number, start, value, end in fields(data):
                 if number != 1:  # not resource_spans: kept as it is
                     parts.append(data[start:end])
                     continue
                 enriched = self._resource_spans(data[value:end])
-                parts += [b"\x0a", _varint(len(enriched)), enriched]
+                parts += [b"\x0a", varint(len(enriched)), enriched]
         except ValueError:
             return None
         return b"".join(parts)
 
     def _resource_spans(self, data: memoryview) -> bytes:
-        fields = _fields(data)
-        resources = [(start, value, end) for number, start, value, end in fields if number == 1]
+        resources = [(start, value, end) for number, start, value, end in fields(data) if number == 1]
         present: set[str] = set()
         for _, value, end in resources:
             present.update(kv.key for kv in Resource.FromString(data[value:end]).attributes)
@@ -136,10 +89,10 @@ class ResourceProcessor:
         if not missing:
             return bytes(data)
         if not resources:  # no resource at all: one holding only the host's attributes, in front
-            return b"\x0a" + _varint(len(missing)) + missing + bytes(data)
+            return b"\x0a" + varint(len(missing)) + missing + bytes(data)
         start, value, end = resources[-1]  # a resource sent in parts is merged: appending to the last is enough
         resource = bytes(data[value:end]) + missing
-        return b"".join((data[:start], b"\x0a", _varint(len(resource)), resource, data[end:]))
+        return b"".join((data[:start], b"\x0a", varint(len(resource)), resource, data[end:]))
 
     def apply(self, request: ExportTraceServiceRequest) -> None:
         for resource_spans in request.resource_spans:

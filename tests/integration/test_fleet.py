@@ -1,0 +1,205 @@
+"""Beyond one host: the load-balancing exporter over real rotel collectors (each forwarding to its own
+sink), with backends from a static list and from a real DNS server (dnsmasq)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import dns.exception
+import dns.resolver
+import pytest
+
+from tests.conftest import Agent, free_port, http_get, stop_process, wait_until
+from tests.integration.otlp_servers import Rotel, Sink
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SPANS_PER_TRACE = 10
+
+
+class Collector:
+    """A rotel collector and the sink it forwards to."""
+
+    def __init__(self, tmp: Path, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.sink = Sink()
+        self.rotel = Rotel(tmp, self.sink.port, grpc_port=port, host=host).start()
+        self.endpoint = f"{host}:{self.rotel.grpc_port}"
+
+    def traces(self) -> Counter[int]:
+        """Spans received per trace number."""
+        with self.sink.collected.lock:
+            copies = list(self.sink.collected.spans.values())
+        return Counter(next(kv.value.int_value for kv in span.attributes if kv.key == "trace.number")
+                       for (_, span, _), *_ in copies)
+
+    def stop(self) -> None:
+        self.rotel.stop()
+        self.sink.stop()
+
+
+@pytest.fixture
+def collectors(tmp_path: Path) -> Iterator[Callable[..., Collector]]:
+    started: list[Collector] = []
+
+    def make(**kwargs: object) -> Collector:
+        collector = Collector(tmp_path, **kwargs)
+        started.append(collector)
+        return collector
+
+    yield make
+    for collector in started:
+        collector.stop()
+
+
+def send_traces(agent: Agent, first: int, count: int, processes: int) -> None:
+    """``count`` traces numbered from ``first``, sent by ``processes`` app processes at once."""
+    per_process = count // processes
+    apps = [subprocess.Popen([sys.executable, "-m", "tests.integration.apps.trace_sender",
+                              f"127.0.0.1:{agent.grpc_port}", f"app-{n}", str(first + n * per_process),
+                              str(per_process)], cwd=ROOT) for n in range(processes)]
+    for app in apps:
+        assert app.wait(120) == 0
+
+
+def whole_traces(collectors: list[Collector], numbers: range) -> list[int]:
+    """Each trace's one collector (asserting it is found whole there and nowhere else)."""
+    at: dict[int, list[tuple[int, int]]] = {}
+    for index, collector in enumerate(collectors):
+        for number, spans in collector.traces().items():
+            at.setdefault(number, []).append((index, spans))
+        assert collector.sink.collected.duplicates() == 0
+    assert sorted(at) == list(numbers)
+    split = {number: places for number, places in at.items() if len(places) != 1}
+    assert split == {}
+    assert {spans for places in at.values() for _, spans in places} == {SPANS_PER_TRACE}
+    return [at[number][0][0] for number in numbers]
+
+
+def lb_config(endpoints: list[str], extra: str = "") -> str:
+    return (f'[[exporters.loadbalancing]]\nname = "tier"\nbatch_timeout_seconds = 0.05\n'
+            f'backends = [{", ".join(json.dumps(e) for e in endpoints)}]\n{extra}')
+
+
+def delivered(collectors: list[Collector]) -> int:
+    return sum(c.sink.collected.unique() for c in collectors)
+
+
+def test_traces_stay_whole_across_a_collector_outage_and_a_fourth_collector(
+        agent_factory: Callable[..., Agent], collectors: Callable[..., Collector]) -> None:
+    tier = [collectors() for _ in range(3)]
+    agent = agent_factory(lb_config([c.endpoint for c in tier])).start()
+    send_traces(agent, 0, 1000, processes=4)
+    wait_until(lambda: delivered(tier) == 1000 * SPANS_PER_TRACE, 60, "the first 1,000 traces")
+    shares = Counter(whole_traces(tier, range(1000)))
+    assert max(shares.values()) / min(shares.values()) < 1.2, shares
+
+    # One collector away for 20 s while apps keep sending: the others never stall, its share waits on disk.
+    down, live = tier[0], tier[1:]
+    down.rotel.stop()
+    stopped = time.monotonic()
+    before = down.sink.collected.unique()
+    send_traces(agent, 1000, 400, processes=2)
+
+    def new_on_live() -> Counter[int]:
+        return Counter({n: spans for c in live for n, spans in c.traces().items() if n >= 1000})
+
+    wait_until(lambda: len(new_on_live()) >= 200 and set(new_on_live().values()) == {SPANS_PER_TRACE}, 30,
+               "the live collectors' share of the new traces, whole, during the outage")
+    wait_until(lambda: time.monotonic() - stopped >= 20, 25, "20 s of outage")
+    assert down.sink.collected.unique() == before
+    down.rotel = Rotel(down.rotel.tmp, down.sink.port, grpc_port=down.rotel.grpc_port).start()
+    wait_until(lambda: delivered(tier) == 1400 * SPANS_PER_TRACE, 90, "every trace after the outage")
+    whole_traces(tier, range(1400))
+
+    # A fourth collector by SIGHUP: about a quarter of new traces move to it, none is split.
+    tier.append(collectors())
+    agent.write_config(lb_config([c.endpoint for c in tier]))
+    agent.signal(signal.SIGHUP)
+    wait_until(lambda: len(status_backends(agent)) == 4, 10, "the reload")
+    send_traces(agent, 1400, 1000, processes=4)
+    wait_until(lambda: delivered(tier) == 2400 * SPANS_PER_TRACE, 60, "the traces after the change")
+    owners = whole_traces(tier, range(2400))
+    moved = sum(owner == 3 for owner in owners[1400:]) / 1000
+    assert 0.15 <= moved <= 0.35, moved
+    assert metric_lines(agent, "sidetrace_exporter_backend_sent_spans_total") == {
+        f'backend="{c.endpoint}",exporter="tier"': float(sum(c.traces().values())) for c in tier}
+
+
+def status_backends(agent: Agent) -> dict:
+    status = json.loads(http_get(agent.url + "/debug/status")[1])
+    return status["components"]["pipeline"]["exporters"]["tier"]["backends"]
+
+
+def metric_lines(agent: Agent, name: str) -> dict[str, float]:
+    _, text = http_get(agent.url + "/metrics")
+    found = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) + 1:].rsplit("} ", 1)
+            found[labels] = float(value)
+    return found
+
+
+@pytest.fixture
+def dnsmasq(tmp_path: Path) -> Iterator[Callable[[list[str]], None]]:
+    """A real DNS server on a loopback port answering ``collectors.test`` with the addresses given."""
+    binary = shutil.which("dnsmasq")
+    assert binary, "dnsmasq comes from Debian's dnsmasq-base, which `make test` installs"
+    hosts = tmp_path / "collectors.hosts"
+    hosts.write_text("")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--user=root",
+                             "--local=/test/", f"--port={port}", "--listen-address=127.0.0.1", "--bind-interfaces",
+                             f"--addn-hosts={hosts}", "--log-facility=-"], stderr=subprocess.DEVNULL)
+
+    def answering() -> bool:
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers, resolver.port = ["127.0.0.1"], port
+        try:
+            resolver.resolve("collectors.test", "A", lifetime=0.5)
+        except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
+            return True  # an answer: up, with its handlers in place (a SIGHUP before that would end it)
+        except dns.exception.DNSException:
+            return False
+        return True
+
+    wait_until(answering, 10, "dnsmasq answering")
+
+    def serve(addresses: list[str]) -> None:
+        hosts.write_text("".join(f"{address} collectors.test\n" for address in addresses))
+        proc.send_signal(signal.SIGHUP)  # dnsmasq reads its hosts files again
+
+    serve.port = port  # type: ignore[attr-defined]
+    yield serve
+    stop_process(proc)
+
+
+def test_backends_from_dns_follow_a_record_added_and_one_removed(
+        agent_factory: Callable[..., Agent], collectors: Callable[..., Collector],
+        dnsmasq: Callable[[list[str]], None]) -> None:
+    port = free_port()
+    tier = {host: collectors(host=host, port=port) for host in ("127.0.0.1", "127.0.0.2", "127.0.0.3")}
+    dnsmasq(["127.0.0.1", "127.0.0.2"])
+    agent = agent_factory(f'[[exporters.loadbalancing]]\nname = "tier"\nbatch_timeout_seconds = 0.05\n'
+                          f'dns = "collectors.test:{port}"\ndns_server = "127.0.0.1:{dnsmasq.port}"\n'
+                          f"dns_interval_seconds = 0.5\n").start()
+    wait_until(lambda: sorted(status_backends(agent)) == [f"127.0.0.1:{port}", f"127.0.0.2:{port}"], 10,
+               "the two first addresses")
+    dnsmasq(["127.0.0.2", "127.0.0.3"])  # .3 added, .1 removed
+    wait_until(lambda: sorted(status_backends(agent)) == [f"127.0.0.2:{port}", f"127.0.0.3:{port}"], 5,
+               "the new set within a few intervals")
+    send_traces(agent, 0, 200, processes=2)
+    every = [tier["127.0.0.1"], tier["127.0.0.2"], tier["127.0.0.3"]]
+    wait_until(lambda: delivered(every) == 200 * SPANS_PER_TRACE, 60, "every trace")
+    owners = Counter(whole_traces(every, range(200)))
+    assert owners[0] == 0 and owners[1] > 0 and owners[2] > 0
