@@ -320,11 +320,48 @@ class LoadBalancingExporterSection:
     tls: BackendTlsSection = field(default_factory=BackendTlsSection)
 
 
+def _check_write_url(value: str) -> str:
+    match = re.fullmatch(r"(https?)://([^/\s]+)(/\S*)?", value)
+    if match is None:
+        raise ValueError("expected an http:// or https:// URL such as http://prometheus:9090/api/v1/write")
+    return value
+
+
+@dataclass(frozen=True)
+class RemoteWriteExporterSection:
+    """One [[exporters.remote_write]] table: the agent's metrics pushed with Prometheus remote-write 1.0 to a
+    store such as Prometheus, Mimir, Thanos, Cortex or VictoriaMetrics."""
+
+    name: str = _key("Unique name; used in metrics and as the spool queue's name.", _check_name,
+                     default="remote_write")
+    url: str = _key("The store's remote-write endpoint (Prometheus: `/api/v1/write`, with "
+                    "`--web.enable-remote-write-receiver`; Mimir: `/api/v1/push`).", _check_write_url,
+                    default="http://127.0.0.1:9090/api/v1/write")
+    interval_seconds: float = _key("How often the agent's metrics are collected and queued.", _check_positive,
+                                   default=15.0)
+    external_labels: dict[str, str] = _key("Labels added to every series (a series' own label wins); `job` "
+                                           "(`sidetrace`) and `instance` (the host name) are added unless set here "
+                                           "or on the series.", default_factory=dict)
+    headers: dict[str, str] = _key("Extra request headers; `${VAR}` in a value is read from the environment.",
+                                   default_factory=dict)
+    basic_auth_username: str = _key("HTTP basic auth user (with basic_auth_password); empty for none.", default="")
+    basic_auth_password: str = _key("HTTP basic auth password; `${VAR}` is read from the environment.", default="")
+    bearer_token: str = _key("Sent as `Authorization: Bearer ...`; `${VAR}` is read from the environment.",
+                             default="")
+    timeout_seconds: float = _key("Deadline of one request.", _check_positive, default=10.0)
+    max_samples_per_request: int = _key("Most samples in one request (queued collections are joined up to it).",
+                                        _check_positive, default=5000)
+    max_request_bytes: int = _key("Largest request, before compression.", _check_positive, default=4 * 1024 * 1024)
+    tls: ClientTlsSection = field(default_factory=ClientTlsSection)
+
+
 @dataclass(frozen=True)
 class ExportersSection:
     otlp: tuple[OtlpExporterSection, ...] = _key("OTLP exporters; none by default.", default=())
     loadbalancing: tuple[LoadBalancingExporterSection, ...] = _key(
         "Load-balancing exporters over a tier of OTLP backends; none by default.", default=())
+    remote_write: tuple[RemoteWriteExporterSection, ...] = _key(
+        "Prometheus remote-write exporters of the agent's metrics; none by default.", default=())
 
 
 @dataclass(frozen=True)
@@ -629,6 +666,13 @@ def _cross_checks(config: Config, origin: str) -> list[str]:
                 problems.append(f'{origin}: exporters.{kind}[{index}].name: expected a name unique among all '
                                 f'exporters, got "{exporter.name}" again')
             seen.add(exporter.name)
+    for index, writer in enumerate(config.exporters.remote_write):
+        if bool(writer.basic_auth_username) != bool(writer.basic_auth_password):
+            problems.append(f"{origin}: exporters.remote_write[{index}]: expected both basic_auth_username and "
+                            "basic_auth_password, or neither")
+        if writer.bearer_token and writer.basic_auth_username:
+            problems.append(f"{origin}: exporters.remote_write[{index}]: expected bearer_token or basic auth, "
+                            "not both")
     for index, balancer in enumerate(config.exporters.loadbalancing):
         if bool(balancer.backends) == bool(balancer.dns):
             problems.append(f"{origin}: exporters.loadbalancing[{index}]: expected either backends or dns, "

@@ -78,6 +78,7 @@ class TracePipeline:
     def __init__(self, section: Any, context: Context) -> None:
         config = context.config
         self._links = context.links
+        self._registry = context.registry
         self._config = config
         self._processors = _Processors(config, 0)
         self.span_metrics = SpanMetricsProcessor(config.processors.span_metrics) \
@@ -135,8 +136,14 @@ class TracePipeline:
 
     def _build(self, wanted: list[tuple[str, Any]], spool: Spool) -> dict[str, Any]:
         """The exporters of ``wanted`` that are new or changed, built (not started)."""
-        return {section.name: exporter_class(kind)(section, spool, self._stats_for) for kind, section in wanted
-                if (kind, section) != self._sections.get(section.name)}
+        built = {}
+        for kind, section in wanted:
+            if (kind, section) == self._sections.get(section.name):
+                continue
+            cls = exporter_class(kind)
+            extra = {"metrics": self._registry.collect} if getattr(cls, "NEEDS_METRICS", False) else {}
+            built[section.name] = cls(section, spool, self._stats_for, **extra)
+        return built
 
     async def _start_exporters(self, built: dict[str, Any], wanted: list[tuple[str, Any]]) -> None:
         sections = {section.name: (kind, section) for kind, section in wanted}

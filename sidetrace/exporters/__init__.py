@@ -10,10 +10,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# [exporters] key -> "module:Class"; the class takes (section, spool, stats_for) and its modules load lazily.
+# [exporters] key -> "module:Class"; the class takes (section, spool, stats_for), and also metrics= (the agent's
+# metric families) when it sets NEEDS_METRICS; modules load lazily.
 KINDS: dict[str, str] = {
     "otlp": "sidetrace.exporters.otlp:OtlpExporter",
     "loadbalancing": "sidetrace.exporters.loadbalancing:LoadBalancingExporter",
+    "remote_write": "sidetrace.exporters.remote_write:RemoteWriteExporter",
 }
 
 

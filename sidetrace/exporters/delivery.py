@@ -101,6 +101,7 @@ class Policy:
 class DeliveryStats:
     """One exporter's counters; kept across a restart of the exporter (a reload that changes it)."""
 
+    unit: str = "spans"  # what an item is: spans (trace exporters) or samples (remote_write)
     sent: int = 0
     failed: int = 0
     rejected: int = 0
@@ -342,6 +343,8 @@ def delivery_families(deliveries: list[tuple[str, DeliveryStats]]) -> Iterator[M
     backend_failing = GaugeMetricFamily("sidetrace_exporter_backend_failing",
                                         "1 while the last send attempt to a load-balancing exporter's backend failed.",
                                         labels=["exporter", "backend"])
+    samples = [(name, stats) for name, stats in deliveries if stats.unit == "samples"]
+    deliveries = [(name, stats) for name, stats in deliveries if stats.unit != "samples"]
     for name, stats in deliveries:
         exporter, _, backend = name.partition("/")
         total = per_exporter.setdefault(exporter, DeliveryStats())
@@ -383,4 +386,27 @@ def delivery_families(deliveries: list[tuple[str, DeliveryStats]]) -> Iterator[M
         failing.add_metric([name], 1 if stats.failing else 0)
         for reason, count in sorted(stats.failures.items()):
             failures.add_metric([name, reason], count)
+    for name, stats in samples:
+        retries.add_metric([name], stats.retries)
+        failing.add_metric([name], 1 if stats.failing else 0)
+        for reason, count in sorted(stats.failures.items()):
+            failures.add_metric([name, reason], count)
     yield from (sent, failed, rejected, retries, resent, failures, failing, backends, backend_failed, backend_failing)
+    yield from _sample_families(samples)
+
+
+def _sample_families(deliveries: list[tuple[str, DeliveryStats]]) -> Iterator[Metric]:
+    """The item counters of remote-write exporters, whose items are samples."""
+    sent = CounterMetricFamily("sidetrace_exporter_sent_samples_total", "Samples the store accepted.",
+                               labels=["exporter"])
+    failed = CounterMetricFamily("sidetrace_exporter_send_failed_samples_total",
+                                 "Samples in send attempts that failed (retried, split or set aside).",
+                                 labels=["exporter"])
+    resent = CounterMetricFamily("sidetrace_exporter_resent_samples_total",
+                                 "Samples sent again after a restart because their delivery was not confirmed.",
+                                 labels=["exporter"])
+    for name, stats in deliveries:
+        sent.add_metric([name], stats.sent)
+        failed.add_metric([name], stats.failed)
+        resent.add_metric([name], stats.resent)
+    yield from (sent, failed, resent)

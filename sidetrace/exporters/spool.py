@@ -457,9 +457,8 @@ class Spool:
         await self._run(self._remove_reader, reader)
 
     def _remove_reader(self, reader: str) -> None:
-        for sub_reader, sub_queue in [(r, q) for r, q in self._queue_of.items() if r.startswith(f"{reader}/")]:
+        for sub_reader in [r for r in self._queue_of if r.startswith(f"{reader}/")]:
             self._remove_reader(sub_reader)
-            self._discard_queue(sub_queue)
         queue = self._queue_of.pop(reader, None)
         if queue is None:
             return
@@ -469,9 +468,12 @@ class Spool:
         self._store_cursors(running=self._queue_of)
         if queue in self._queue_of.values():
             self._free(queue, min(before, self._passed(queue)))
+        else:
+            self._discard_queue(queue)
 
     def _discard_queue(self, queue: str) -> None:
-        """Delete what a queue no reader will read again still holds (a removed exporter's own queue)."""
+        """Delete what a queue no reader will read again still holds (a removed exporter's own queue; the
+        trace queue waits for the next trace exporter instead)."""
         if queue == TRACES or queue in self._queue_of.values():
             return
         db = self._db

@@ -19,20 +19,26 @@ pytestmark = pytest.mark.slow
 
 
 class Prometheus:
-    def __init__(self, tmp: Path, target: str) -> None:
-        binary = shutil.which("prometheus")
-        assert binary, "prometheus is not installed: `make test` installs the Debian package"
+    """A real Prometheus scraping ``target``, or (``target`` None) only taking remote writes."""
+
+    def __init__(self, tmp: Path, target: str | None) -> None:
+        self.binary = shutil.which("prometheus")
+        assert self.binary, "prometheus is not installed: `make test` installs the Debian package"
+        self.tmp = tmp
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = tmp / "prometheus.yml"
-        config.write_text(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n"
-            f"scrape_configs:\n  - job_name: sidetrace\n    static_configs:\n      - targets: ['{target}']\n"
-        )
-        with open(tmp / "prometheus.log", "wb") as log:
+        self.config = tmp / "prometheus.yml"
+        scrape = (f"scrape_configs:\n  - job_name: sidetrace\n    static_configs:\n      - targets: ['{target}']\n"
+                  if target else "")
+        self.config.write_text("global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n" + scrape)
+        self.start()
+
+    def start(self) -> None:
+        """Start (again, on the same port and storage)."""
+        with open(self.tmp / "prometheus.log", "ab") as log:
             self.proc = subprocess.Popen(
-                [binary, f"--config.file={config}", f"--web.listen-address=127.0.0.1:{self.port}",
-                 f"--storage.tsdb.path={tmp / 'tsdb'}", "--log.level=warn"],
+                [self.binary, f"--config.file={self.config}", f"--web.listen-address=127.0.0.1:{self.port}",
+                 f"--storage.tsdb.path={self.tmp / 'tsdb'}", "--log.level=warn", "--web.enable-remote-write-receiver"],
                 stdout=log, stderr=subprocess.STDOUT,
             )
         wait_until(lambda: self.proc.poll() is None and http_get(self.url + "/-/ready", 1)[0] == 200, 30,

@@ -1,0 +1,76 @@
+"""Remote-write to a real Prometheus (Debian package) started with its remote-write receiver."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Agent, http_get, wait_until
+from tests.integration.test_otlp_input import post
+from tests.integration.test_prometheus import Prometheus
+
+pytestmark = pytest.mark.slow
+
+STABLE = ("sidetrace_build_info", "sidetrace_spool_capacity_bytes", "sidetrace_config_reloads_total",
+          "system_memory_limit_bytes")
+
+
+def series_in(prometheus: Prometheus) -> set[tuple[str, frozenset]]:
+    query = urllib.parse.quote('{__name__=~".+"}')
+    status, body = http_get(f"{prometheus.url}/api/v1/series?match[]={query}&start={time.time() - 60}")
+    assert status == 200, body
+    return {(labels.pop("__name__"), frozenset(labels.items())) for labels in json.loads(body)["data"]}
+
+
+def test_every_series_arrives_with_its_value_and_an_outage_loses_no_sample(
+        agent_factory: Callable[..., Agent], tmp_path: Path) -> None:
+    prometheus = Prometheus(tmp_path, None)
+    try:
+        agent = agent_factory(f'[[exporters.remote_write]]\nname = "prom"\nurl = "{prometheus.url}/api/v1/write"\n'
+                              f'interval_seconds = 1\nexternal_labels = {{ instance = "host-a" }}\n'
+                              f'[app_metrics]\nstale_seconds = 2\n').start()
+        request = ExportMetricsServiceRequest()
+        metric = request.resource_metrics.add().scope_metrics.add().metrics.add()
+        metric.name = "queue.depth"
+        point = metric.gauge.data_points.add()
+        point.as_int, point.time_unix_nano = 7, time.time_ns()
+        assert post(agent.otlp_http + "/v1/metrics", request.SerializeToString())[0] == 200
+        _, text = http_get(agent.url + "/metrics")
+        defaults = {"instance": "host-a", "job": "sidetrace"}  # an empty label is none: the default fills it
+        exposed = {(sample.name, frozenset({**defaults, **{k: v for k, v in sample.labels.items() if v}}.items())):
+                   sample.value for family in text_string_to_metric_families(text) for sample in family.samples}
+        try:
+            wait_until(lambda: set(exposed) <= series_in(prometheus), 15, "every series of /metrics in Prometheus")
+        except AssertionError:
+            raise AssertionError(f"missing: {sorted(set(exposed) - series_in(prometheus))[:5]}") from None
+        for name in STABLE:
+            ((key, value),) = [(key, value) for key, value in exposed.items() if key[0] == name]
+            (result,) = prometheus.query(name)
+            assert float(result["value"][1]) == value, name
+        # The app's series went stale: a staleness marker ends it now, not five minutes later.
+        wait_until(lambda: prometheus.query("queue_depth") == [], 15, "queue_depth to end in Prometheus")
+
+        prometheus.stop()
+        stopped = time.time()
+        wait_until(lambda: time.time() - stopped >= 30, 35, "30 s of outage")
+        prometheus.start()
+        restarted = time.time()
+
+        def stamps() -> list[float]:
+            window = prometheus.query(f"sidetrace_build_info[45s] @ {restarted + 3:.3f}")
+            return [float(at) for at, _ in window[0]["values"]] if window else []
+
+        wait_until(lambda: stamps() and stamps()[-1] > restarted + 1, 30, "samples from after the restart")
+        times = stamps()
+        assert times[0] < stopped - 1 and times[-1] > restarted
+        gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+        assert max(gaps) < 1.5, f"a gap of {max(gaps):.1f} s in the samples across the outage"
+    finally:
+        prometheus.stop()
