@@ -79,6 +79,33 @@ def one(spans: list[dict], name: str) -> dict:
     return found[0]
 
 
+def assert_every_parent_exported(spans: list[dict]) -> None:
+    ids = {s["id"] for s in spans}
+    assert [(s["name"], s["parent"]) for s in spans if s["parent"] is not None and s["parent"] not in ids] == []
+
+
+def test_runs_started_without_trace_context_get_one_root_workflow_span() -> None:
+    """A client made before instrument() and the temporal CLI start Flow with no _tracer-data header."""
+    spans = run_app("no-context")
+    assert not [s for s in spans if s["name"].startswith("StartWorkflow")]
+    assert_every_parent_exported(spans)
+    for workflow_id in ("wf-bare", "wf-cli"):
+        (run,) = [s for s in spans if s["name"] == "RunWorkflow:Flow"
+                  and s["attributes"]["temporal.workflow.id"] == workflow_id]
+        assert run["parent"] is None and run["status"] == "UNSET"
+        (child_call,) = [s for s in spans if s["name"] == "StartChildWorkflow:Child"
+                         and s["attributes"]["temporal.workflow.id"] == f"{workflow_id}-child"]
+        (child_run,) = [s for s in spans if s["name"] == "RunWorkflow:Child"
+                        and s["attributes"]["temporal.workflow.id"] == f"{workflow_id}-child"]
+        assert (child_call["parent"], child_run["parent"]) == (run["id"], child_call["id"])
+        in_run = [s for s in spans if s["attributes"].get("temporal.workflow.run_id") == run["attributes"][
+            "temporal.workflow.run_id"] and s["name"].startswith("RunActivity")]
+        schedules = [s for s in spans if s["name"].startswith("StartActivity") and s["parent"] == run["id"]]
+        assert sorted(s["name"] for s in schedules) == ["StartActivity:flaky", "StartActivity:ok"]
+        assert {a["parent"] for a in in_run} == {s["id"] for s in schedules}
+        assert {s["trace"] for s in [*in_run, *schedules, child_call, child_run]} == {run["trace"]}
+
+
 @pytest.mark.parametrize("mode", ["no-cache", "restart"])
 def test_workflow_span_is_made_once_with_its_real_duration_across_replays(mode: str) -> None:
     spans = run_app(mode)

@@ -104,6 +104,14 @@ class _PresetIds:
         preset = _PRESET.get()
         return preset[0] if preset else self.fallback.generate_trace_id()
 
+    def is_trace_id_random(self) -> bool:
+        """Asked by the SDK for root spans only. A preset trace id is derived from a run id, not drawn at
+        random, so it never claims W3C's random-trace-id flag (the calls' contexts, built from the same
+        ids, do not claim it either)."""
+        if _PRESET.get():
+            return False
+        return bool(getattr(self.fallback, "is_trace_id_random", lambda: False)())
+
 
 def _digest(text: str, size: int) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:size], "big") or 1
@@ -424,7 +432,10 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
             return
         token = _PRESET.set((context.trace_id, context.span_id))
         try:
-            span = tracer.start_span(name, context=parent, kind=kind, attributes=attributes, start_time=started)
+            # An empty context, not the current one, when the run has no parent: a run started without
+            # trace context (CLI, schedule, an uninstrumented client) is the root of its own trace.
+            span = tracer.start_span(name, context=parent or otel_context.Context(), kind=kind,
+                                     attributes=attributes, start_time=started)
         finally:
             _PRESET.reset(token)
         if error is not None and not isinstance(error, temporalio.workflow.ContinueAsNewError):

@@ -2,7 +2,8 @@
 
 Usage: python -m tests.integration.apps.temporal_app MODE
 MODE: ours, official-client (a retried activity); no-cache (max_cached_workflows=0, signal, query);
-restart (the worker is replaced while the workflow waits for a signal).
+restart (the worker is replaced while the workflow waits for a signal); no-context (runs started by an
+uninstrumented client and by the temporal CLI).
 Prints the finished spans as one JSON line, then leaves with os._exit(0).
 """
 
@@ -116,6 +117,21 @@ async def gated(target: str, namespace: str, mode: str) -> None:
         else:
             await handle.signal(Gated.go)
             assert await handle.result() == "HIHI!"
+
+
+async def started_without_context(target: str, namespace: str) -> None:
+    """Flow started by a client made before instrument() and by the ``temporal`` CLI: no trace context."""
+    bare = await Client.connect(target, namespace=namespace)  # before instrument(): no interceptor
+    TemporalInstrumentor().instrument(core_metrics=False)
+    client = await Client.connect(target, namespace=namespace)
+    async with Worker(client, task_queue="q", workflows=[Flow, Child], activities=[ok, flaky]):
+        assert await bare.execute_workflow(Flow.run, "hi", id="wf-bare", task_queue="q") == "HIhiih"
+        cli = await asyncio.create_subprocess_exec(
+            os.path.join(os.path.dirname(sys.executable), "temporal"), "workflow", "start", "--address", target,
+            "--namespace", namespace, "--task-queue", "q", "--type", "Flow", "--workflow-id", "wf-cli",
+            "--input", '"hi"', stdout=asyncio.subprocess.DEVNULL)
+        assert await asyncio.wait_for(cli.wait(), 60) == 0
+        assert await bare.get_workflow_handle("wf-cli").result() == "HIhiih"
 
 
 async def worker_only() -> None:
@@ -235,6 +251,8 @@ async def main(mode: str):
     try:
         if mode in ("no-cache", "restart"):
             await gated(target, namespace, mode)
+        elif mode == "no-context":
+            await started_without_context(target, namespace)
         elif mode == "official-worker":  # the reverse: our client, a worker still on the official interceptor
             from temporalio.contrib.opentelemetry import TracingInterceptor as Official
             worker_client = await Client.connect(target, namespace=namespace, interceptors=[Official()])
