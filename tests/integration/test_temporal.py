@@ -106,6 +106,32 @@ def test_runs_started_without_trace_context_get_one_root_workflow_span() -> None
         assert {s["trace"] for s in [*in_run, *schedules, child_call, child_run]} == {run["trace"]}
 
 
+def test_every_run_of_a_continue_as_new_chain_cancelled_or_failed_run_has_one_workflow_span() -> None:
+    spans, metrics = run_app_with_metrics("outcomes")
+    assert_every_parent_exported(spans)
+    start = one(spans, "StartWorkflow:Looping")
+    runs = sorted((s for s in spans if s["name"] == "RunWorkflow:Looping"), key=lambda s: s["start"])
+    assert [(r["status"], r["attributes"]["temporal.outcome"]) for r in runs] == \
+        [("UNSET", "continued_as_new"), ("UNSET", "continued_as_new"), ("UNSET", "completed")]
+    assert {r["trace"] for r in runs} == {start["trace"]}
+    assert [r["parent"] for r in runs] == [start["id"]] * 3  # siblings under the call that started the chain
+    assert [r["links"] for r in runs] == [[], [runs[0]["id"]], [runs[1]["id"]]]
+    assert len({r["attributes"]["temporal.workflow.run_id"] for r in runs}) == 3
+    activities = [s for s in spans if s["name"] == "RunActivity:ok"]
+    schedules = [s for s in spans if s["name"] == "StartActivity:ok"]
+    assert sorted(s["parent"] for s in schedules) == sorted(r["id"] for r in runs)
+    assert sorted(a["parent"] for a in activities) == sorted(s["id"] for s in schedules)
+    cancelled = one(spans, "RunWorkflow:Waiting")
+    assert (cancelled["status"], cancelled["attributes"]["temporal.outcome"]) == ("UNSET", "cancelled")
+    failed = one(spans, "RunWorkflow:Failing")
+    assert (failed["status"], failed["attributes"]["temporal.outcome"]) == ("ERROR", "failed")
+    assert failed["attributes"]["error.type"] == "OrderMissing"
+    outcomes = {(p[0]["temporal.workflow.type"], p[0]["temporal.outcome"]): p[1]
+                for p in metrics["temporal.workflow.outcomes"]}
+    assert outcomes == {("Looping", "continued_as_new"): 2, ("Looping", "completed"): 1,
+                        ("Waiting", "cancelled"): 1, ("Failing", "failed"): 1}
+
+
 @pytest.mark.parametrize("mode", ["no-cache", "restart"])
 def test_workflow_span_is_made_once_with_its_real_duration_across_replays(mode: str) -> None:
     spans = run_app(mode)

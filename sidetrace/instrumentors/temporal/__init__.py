@@ -417,16 +417,18 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
         return header, done
 
     def _make_span(self, name: str, kind: SpanKind, context: SpanContext, parent: otel_context.Context | None,
-                   attributes: dict[str, Any], started: int, error: BaseException | None) -> None:
+                   attributes: dict[str, Any], started: int, error: BaseException | None,
+                   links: list[Link] | None = None) -> None:
         """End, now, a span that began at ``started`` and has the ids of ``context``."""
         with temporalio.workflow.unsafe.sandbox_unrestricted():
             try:
-                self._end_span(name, kind, context, parent, attributes, started, error)
+                self._end_span(name, kind, context, parent, attributes, started, error, links)
             except Exception as exc:  # never fail the workflow task for a span
                 GUARD.failed("workflow span", exc)
 
     def _end_span(self, name: str, kind: SpanKind, context: SpanContext, parent: otel_context.Context | None,
-                  attributes: dict[str, Any], started: int, error: BaseException | None) -> None:
+                  attributes: dict[str, Any], started: int, error: BaseException | None,
+                  links: list[Link] | None) -> None:
         tracer = self.interceptor.workflow_tracer()
         if tracer is None or not self.interceptor.first_emission(context.span_id):
             return
@@ -435,10 +437,10 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
             # An empty context, not the current one, when the run has no parent: a run started without
             # trace context (CLI, schedule, an uninstrumented client) is the root of its own trace.
             span = tracer.start_span(name, context=parent or otel_context.Context(), kind=kind,
-                                     attributes=attributes, start_time=started)
+                                     attributes=attributes, links=links, start_time=started)
         finally:
             _PRESET.reset(token)
-        if error is not None and not isinstance(error, temporalio.workflow.ContinueAsNewError):
+        if error is not None:
             span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, str(error) or type(error).__name__))
             span.set_attribute("error.type", error_type(error))
@@ -448,33 +450,51 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
         info = temporalio.workflow.info()
         parent = context_from_headers(input.headers)
         self._workflow_context = workflow_span_context(info.run_id, parent)
-        self._outbound.header = context_to_headers(
-            {}, trace.set_span_in_context(NonRecordingSpan(self._workflow_context)))[HEADER]
+        workflow_parent = trace.set_span_in_context(NonRecordingSpan(self._workflow_context))
+        self._outbound.header = context_to_headers({}, workflow_parent)[HEADER]
+        # What the next run of a continue-as-new chain is given as its parent: the span that started the
+        # chain (its client's call), or this run when nothing did, so the runs stay siblings in one trace
+        # (a chain that continues thousands of times must not nest thousands deep).
+        has_parent = parent is not None and trace.get_current_span(parent).get_span_context().is_valid
+        self._outbound.chain_parent = parent if has_parent else workflow_parent
         try:
             result = await super().execute_workflow(input)
-        except Exception as exc:  # a workflow failure (eviction and cancellation are BaseExceptions)
-            self._emit(info, parent, exc)
+        except temporalio.workflow.ContinueAsNewError:
+            self._emit(info, parent, "continued_as_new", None)
             raise
-        self._emit(info, parent, None)
+        except BaseException as exc:
+            outcome = _run_outcome(exc)
+            if outcome is not None:
+                self._emit(info, parent, outcome, exc if outcome == "failed" else None)
+            raise
+        self._emit(info, parent, "completed", None)
         return result
 
-    def _emit(self, info: temporalio.workflow.Info, parent: otel_context.Context | None,
+    def _emit(self, info: temporalio.workflow.Info, parent: otel_context.Context | None, outcome: str,
               error: BaseException | None) -> None:
+        """The run's RunWorkflow span and outcome, for a run this worker saw end (never in replay or eviction)."""
         if temporalio.workflow.unsafe.is_replaying() or self._workflow_context is None:
             return
         attributes = {
             "temporal.namespace": info.namespace, "temporal.task_queue": info.task_queue,
             "temporal.workflow.id": info.workflow_id, "temporal.workflow.run_id": info.run_id,
             "temporal.workflow.type": info.workflow_type, "temporal.workflow.attempt": info.attempt,
+            "temporal.outcome": outcome,
         }
+        links = []
+        if info.continued_run_id:  # the previous run of the chain: its span id derives from its run id
+            links.append(Link(SpanContext(self._workflow_context.trace_id, _digest(info.continued_run_id, 8),
+                                          is_remote=True, trace_flags=self._workflow_context.trace_flags),
+                              {"temporal.link": "continued_from"}))
         self._make_span(f"RunWorkflow:{info.workflow_type}", SpanKind.SERVER, self._workflow_context, parent,
-                        attributes, int(info.start_time.timestamp() * 1e9), error)
-        outcome = "completed" if error is None else \
-            "continued_as_new" if isinstance(error, temporalio.workflow.ContinueAsNewError) else "failed"
+                        attributes, int(info.start_time.timestamp() * 1e9), error, links)
         with temporalio.workflow.unsafe.sandbox_unrestricted():
-            self.interceptor.workflow_outcomes.add(1, {"temporal.namespace": info.namespace,
-                                                       "temporal.workflow.type": info.workflow_type,
-                                                       "temporal.outcome": outcome})
+            try:
+                self.interceptor.workflow_outcomes.add(1, {"temporal.namespace": info.namespace,
+                                                           "temporal.workflow.type": info.workflow_type,
+                                                           "temporal.outcome": outcome})
+            except Exception as exc:
+                GUARD.failed("workflow metrics", exc)
 
     @contextlib.contextmanager
     def _handler_span(self, kind: str, name: str, headers: Mapping[str, Payload], live: bool) -> Iterator[None]:
@@ -517,6 +537,18 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
             return await super().handle_update_handler(input)
 
 
+def _run_outcome(exc: BaseException) -> str | None:
+    """How a run that raised ``exc`` ends, as the SDK decides it: ``cancelled`` (a cancellation error
+    after a cancel request), ``failed``, or None when the run does not end here (eviction)."""
+    reason = getattr(temporalio.workflow, "cancellation_reason", None)  # temporalio >= 1.19
+    requested = reason() is not None if reason is not None else isinstance(exc, asyncio.CancelledError)
+    if requested and temporalio.exceptions.is_cancelled_exception(exc):
+        return "cancelled"
+    if isinstance(exc, Exception):
+        return "failed"
+    return None
+
+
 def _when_done(handle: Any, done: Any) -> Any:
     """``handle`` (an activity or child workflow task), with ``done`` called when it finishes."""
     if done is not None:
@@ -526,6 +558,7 @@ def _when_done(handle: Any, done: Any) -> Any:
 
 class _WorkflowOutbound(temporalio.worker.WorkflowOutboundInterceptor):
     header: Payload | None = None
+    chain_parent: otel_context.Context | None = None
 
     def __init__(self, next: temporalio.worker.WorkflowOutboundInterceptor, inbound: _WorkflowInbound) -> None:
         super().__init__(next)
@@ -553,6 +586,11 @@ class _WorkflowOutbound(temporalio.worker.WorkflowOutboundInterceptor):
     def start_local_activity(self, input: temporalio.worker.StartLocalActivityInput) -> Any:
         done = self._activity(input, True)
         return _when_done(super().start_local_activity(input), done)
+
+    def continue_as_new(self, input: temporalio.worker.ContinueAsNewInput) -> Any:
+        if self.chain_parent is not None:
+            input.headers = context_to_headers(input.headers, self.chain_parent)
+        return super().continue_as_new(input)
 
     async def start_child_workflow(self, input: temporalio.worker.StartChildWorkflowInput) -> Any:
         input.headers, done = self._traced(f"StartChildWorkflow:{input.workflow}", input.headers,

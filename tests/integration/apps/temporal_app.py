@@ -3,7 +3,7 @@
 Usage: python -m tests.integration.apps.temporal_app MODE
 MODE: ours, official-client (a retried activity); no-cache (max_cached_workflows=0, signal, query);
 restart (the worker is replaced while the workflow waits for a signal); no-context (runs started by an
-uninstrumented client and by the temporal CLI).
+uninstrumented client and by the temporal CLI); outcomes (continue-as-new, cancelled, failed).
 Prints the finished spans as one JSON line, then leaves with os._exit(0).
 """
 
@@ -20,8 +20,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from temporalio import activity, workflow
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowFailureError
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -91,6 +92,52 @@ class Gated:
         if self.released:
             return "released"
         return "waiting" if self.first_done else "first activity running"
+
+
+@workflow.defn
+class Looping:
+    """Three runs: the first two run an activity and continue as new, the third returns."""
+
+    @workflow.run
+    async def run(self, runs_left: int) -> str:
+        await workflow.execute_activity(ok, str(runs_left), start_to_close_timeout=timedelta(seconds=10))
+        if runs_left > 1:
+            workflow.continue_as_new(runs_left - 1)
+        return "done"
+
+
+@workflow.defn
+class Waiting:
+    """Waits for a signal that never comes: it ends only when cancelled."""
+
+    @workflow.run
+    async def run(self) -> None:
+        await workflow.wait_condition(lambda: False)
+
+
+@workflow.defn
+class Failing:
+    @workflow.run
+    async def run(self) -> None:
+        raise ApplicationError("no such order", type="OrderMissing", non_retryable=True)
+
+
+async def outcomes(client: Client) -> None:
+    """One run that completes after two continue-as-new, one cancelled, one failed."""
+    async with Worker(client, task_queue="o", workflows=[Looping, Waiting, Failing], activities=[ok]):
+        assert await client.execute_workflow(Looping.run, 3, id="wf-loop", task_queue="o") == "done"
+        waiting = await client.start_workflow(Waiting.run, id="wf-cancel", task_queue="o")
+        await waiting.cancel()
+        try:
+            await waiting.result()
+            raise AssertionError("the cancelled run returned")
+        except WorkflowFailureError as err:
+            assert isinstance(err.cause, CancelledError), err.cause
+        try:
+            await client.execute_workflow(Failing.run, id="wf-fail", task_queue="o")
+            raise AssertionError("the failing run returned")
+        except WorkflowFailureError as err:
+            assert isinstance(err.cause, ApplicationError), err.cause
 
 
 async def gated(target: str, namespace: str, mode: str) -> None:
@@ -251,6 +298,9 @@ async def main(mode: str):
     try:
         if mode in ("no-cache", "restart"):
             await gated(target, namespace, mode)
+        elif mode == "outcomes":
+            TemporalInstrumentor().instrument(core_metrics=False)
+            await outcomes(await Client.connect(target, namespace=namespace))
         elif mode == "no-context":
             await started_without_context(target, namespace)
         elif mode == "official-worker":  # the reverse: our client, a worker still on the official interceptor
