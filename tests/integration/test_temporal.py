@@ -117,9 +117,10 @@ def test_every_run_of_a_continue_as_new_chain_cancelled_or_failed_run_has_one_wo
     assert [r["parent"] for r in runs] == [start["id"]] * 3  # siblings under the call that started the chain
     assert [r["links"] for r in runs] == [[], [runs[0]["id"]], [runs[1]["id"]]]
     assert len({r["attributes"]["temporal.workflow.run_id"] for r in runs}) == 3
-    activities = [s for s in spans if s["name"] == "RunActivity:ok"]
-    schedules = [s for s in spans if s["name"] == "StartActivity:ok"]
-    assert sorted(s["parent"] for s in schedules) == sorted(r["id"] for r in runs)
+    activities = [s for s in spans if s["name"] == "RunActivity:ok" and s["attributes"]["temporal.workflow.id"]
+                  == "wf-loop"]
+    schedules = [s for s in spans if s["name"] == "StartActivity:ok" and s["trace"] == start["trace"]]
+    assert sorted(s["parent"] for s in schedules) == sorted(r["id"] for r in runs)  # one per run
     assert sorted(a["parent"] for a in activities) == sorted(s["id"] for s in schedules)
     cancelled = one(spans, "RunWorkflow:Waiting")
     assert (cancelled["status"], cancelled["attributes"]["temporal.outcome"]) == ("UNSET", "cancelled")
@@ -129,7 +130,25 @@ def test_every_run_of_a_continue_as_new_chain_cancelled_or_failed_run_has_one_wo
     outcomes = {(p[0]["temporal.workflow.type"], p[0]["temporal.outcome"]): p[1]
                 for p in metrics["temporal.workflow.outcomes"]}
     assert outcomes == {("Looping", "continued_as_new"): 2, ("Looping", "completed"): 1,
-                        ("Waiting", "cancelled"): 1, ("Failing", "failed"): 1}
+                        ("Waiting", "cancelled"): 1, ("Failing", "failed"): 1, ("Brittle", "completed"): 1}
+
+
+def test_workflow_task_failures_are_events_on_the_runs_span_not_failures() -> None:
+    """Brittle raises TypeError in its workflow task twice (Temporal retries the task), then completes."""
+    spans, metrics = run_app_with_metrics("outcomes")
+    run = one(spans, "RunWorkflow:Brittle")
+    assert (run["status"], run["attributes"]["temporal.outcome"]) == ("UNSET", "completed")
+    assert [(e["name"], e["attributes"]) for e in run["event_details"]] == [
+        ("workflow_task.failed", {"exception.type": "TypeError", "exception.message": f"task failure {n}",
+                                  "temporal.workflow_task.attempt": n}) for n in (1, 2)]
+    assert run["start"] < run["event_details"][0]["time"] < run["event_details"][1]["time"] < run["end"]
+    (schedule,) = [s for s in spans if s["parent"] == run["id"]]  # one StartActivity, not one per task attempt
+    (attempt,) = [s for s in spans if s["name"] == "RunActivity:ok"
+                  and s["attributes"]["temporal.workflow.id"] == "wf-brittle"]
+    assert (schedule["name"], attempt["parent"]) == ("StartActivity:ok", schedule["id"])
+    outcomes = {p[0]["temporal.outcome"]: p[1] for p in metrics["temporal.workflow.outcomes"]
+                if p[0]["temporal.workflow.type"] == "Brittle"}
+    assert outcomes == {"completed": 1}
 
 
 @pytest.mark.parametrize("mode", ["no-cache", "restart"])

@@ -79,6 +79,8 @@ from sidetrace.instrumentors._messaging import Guard
 log = logging.getLogger("sidetrace.instrumentors.temporal")
 GUARD = Guard("temporal")
 EMITTED_REMEMBERED = 10_000  # workflow-side span ids remembered per worker (about 1 MB)
+TASK_FAILURES_REMEMBERED = 1_000  # runs whose workflow task failures a worker keeps for their span
+TASK_FAILURES_PER_RUN = 10  # the first ones: a task failing forever must not grow the memory
 HEADER = "_tracer-data"  # the official interceptor's header: both can read each other's context
 _INSTRUMENTS = ("temporalio >= 1.5",)
 # (trace id, span id) the next span of our workflow tracer must have: a workflow's span is made only
@@ -203,6 +205,7 @@ class TracingInterceptor(temporalio.client.Interceptor, temporalio.worker.Interc
         self._workflow_tracers: dict[int, Tracer | None] = {}
         self._emitted: OrderedDict[int, None] = OrderedDict()
         self._emitted_lock = threading.Lock()  # workflow activations run on several threads
+        self._task_failures: OrderedDict[str, list] = OrderedDict()  # run id -> [count, first events]
         meter = meter or metrics.get_meter(__name__, __version__)
         self.activity_duration = meter.create_histogram(
             "temporal.activity.execution.duration", unit="s", description="Duration of each activity attempt.")
@@ -229,6 +232,22 @@ class TracingInterceptor(temporalio.client.Interceptor, temporalio.worker.Interc
             if len(self._emitted) > EMITTED_REMEMBERED:
                 self._emitted.popitem(last=False)
             return True
+
+    def task_failed(self, run_id: str, exc: BaseException) -> None:
+        """Remember a workflow task failure of ``run_id`` until its RunWorkflow span is made here."""
+        with self._emitted_lock:
+            failures = self._task_failures.setdefault(run_id, [0, []])
+            failures[0] += 1
+            if len(failures[1]) < TASK_FAILURES_PER_RUN:
+                failures[1].append({"exception.type": type(exc).__qualname__, "exception.message": str(exc),
+                                    "temporal.workflow_task.attempt": failures[0], "time": time.time_ns()})
+            if len(self._task_failures) > TASK_FAILURES_REMEMBERED:
+                self._task_failures.popitem(last=False)
+
+    def task_failures(self, run_id: str) -> list[dict[str, Any]]:
+        """The task failures of ``run_id`` this worker saw (and forgets them)."""
+        with self._emitted_lock:
+            return self._task_failures.pop(run_id, [0, []])[1]
 
     def workflow_tracer(self) -> Tracer | None:
         """A tracer of the SDK's whose ids can be preset, or None when no SDK tracer is configured."""
@@ -418,17 +437,17 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
 
     def _make_span(self, name: str, kind: SpanKind, context: SpanContext, parent: otel_context.Context | None,
                    attributes: dict[str, Any], started: int, error: BaseException | None,
-                   links: list[Link] | None = None) -> None:
+                   links: list[Link] | None = None, events: list[dict[str, Any]] | None = None) -> None:
         """End, now, a span that began at ``started`` and has the ids of ``context``."""
         with temporalio.workflow.unsafe.sandbox_unrestricted():
             try:
-                self._end_span(name, kind, context, parent, attributes, started, error, links)
+                self._end_span(name, kind, context, parent, attributes, started, error, links, events or [])
             except Exception as exc:  # never fail the workflow task for a span
                 GUARD.failed("workflow span", exc)
 
     def _end_span(self, name: str, kind: SpanKind, context: SpanContext, parent: otel_context.Context | None,
                   attributes: dict[str, Any], started: int, error: BaseException | None,
-                  links: list[Link] | None) -> None:
+                  links: list[Link] | None, events: list[dict[str, Any]]) -> None:
         tracer = self.interceptor.workflow_tracer()
         if tracer is None or not self.interceptor.first_emission(context.span_id):
             return
@@ -440,6 +459,9 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
                                      attributes=attributes, links=links, start_time=started)
         finally:
             _PRESET.reset(token)
+        for event in events:
+            event = dict(event)
+            span.add_event("workflow_task.failed", event, timestamp=event.pop("time"))
         if error is not None:
             span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, str(error) or type(error).__name__))
@@ -466,6 +488,9 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
             outcome = _run_outcome(exc)
             if outcome is not None:
                 self._emit(info, parent, outcome, exc if outcome == "failed" else None)
+            elif isinstance(exc, Exception):  # the task fails and is retried: the run goes on
+                with temporalio.workflow.unsafe.sandbox_unrestricted():
+                    self.interceptor.task_failed(info.run_id, exc)
             raise
         self._emit(info, parent, "completed", None)
         return result
@@ -486,8 +511,10 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
             links.append(Link(SpanContext(self._workflow_context.trace_id, _digest(info.continued_run_id, 8),
                                           is_remote=True, trace_flags=self._workflow_context.trace_flags),
                               {"temporal.link": "continued_from"}))
+        with temporalio.workflow.unsafe.sandbox_unrestricted():
+            events = self.interceptor.task_failures(info.run_id)
         self._make_span(f"RunWorkflow:{info.workflow_type}", SpanKind.SERVER, self._workflow_context, parent,
-                        attributes, int(info.start_time.timestamp() * 1e9), error, links)
+                        attributes, int(info.start_time.timestamp() * 1e9), error, links, events)
         with temporalio.workflow.unsafe.sandbox_unrestricted():
             try:
                 self.interceptor.workflow_outcomes.add(1, {"temporal.namespace": info.namespace,
@@ -539,14 +566,25 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
 
 def _run_outcome(exc: BaseException) -> str | None:
     """How a run that raised ``exc`` ends, as the SDK decides it: ``cancelled`` (a cancellation error
-    after a cancel request), ``failed``, or None when the run does not end here (eviction)."""
+    after a cancel request), ``failed`` (a workflow failure), or None when the run does not end here
+    (eviction, or a workflow task failure that Temporal retries)."""
     reason = getattr(temporalio.workflow, "cancellation_reason", None)  # temporalio >= 1.19
     requested = reason() is not None if reason is not None else isinstance(exc, asyncio.CancelledError)
     if requested and temporalio.exceptions.is_cancelled_exception(exc):
         return "cancelled"
-    if isinstance(exc, Exception):
-        return "failed"
-    return None
+    return "failed" if _is_workflow_failure(exc) else None
+
+
+def _is_workflow_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` fails the workflow rather than its task: a FailureError, an asyncio timeout, or a
+    type listed in the worker's or workflow's ``failure_exception_types``. The SDK answers through
+    its workflow runtime, which is not public API; without it, the SDK's default rule applies."""
+    if not isinstance(exc, Exception):
+        return False
+    try:
+        return bool(temporalio.workflow._Runtime.current().workflow_is_failure_exception(exc))
+    except Exception:
+        return isinstance(exc, (temporalio.exceptions.FailureError, asyncio.TimeoutError))
 
 
 def _when_done(handle: Any, done: Any) -> Any:

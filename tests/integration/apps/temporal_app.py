@@ -3,7 +3,7 @@
 Usage: python -m tests.integration.apps.temporal_app MODE
 MODE: ours, official-client (a retried activity); no-cache (max_cached_workflows=0, signal, query);
 restart (the worker is replaced while the workflow waits for a signal); no-context (runs started by an
-uninstrumented client and by the temporal CLI); outcomes (continue-as-new, cancelled, failed).
+uninstrumented client and by the temporal CLI); outcomes (continue-as-new, cancelled, failed, workflow task failures).
 Prints the finished spans as one JSON line, then leaves with os._exit(0).
 """
 
@@ -122,9 +122,29 @@ class Failing:
         raise ApplicationError("no such order", type="OrderMissing", non_retryable=True)
 
 
+task_failures = {"n": 0}
+
+
+@workflow.defn(sandboxed=False)  # unsandboxed: its task-failure count must outlive the evictions
+class Brittle:
+    """Fails its workflow task twice with a TypeError once the activity's result is in, then completes."""
+
+    @workflow.run
+    async def run(self, x: str) -> str:
+        result = await workflow.execute_activity(ok, x, start_to_close_timeout=timedelta(seconds=10))
+        if task_failures["n"] < 2:
+            task_failures["n"] += 1
+            raise TypeError(f"task failure {task_failures['n']}")
+        return result
+
+
 async def outcomes(client: Client) -> None:
     """One run that completes after two continue-as-new, one cancelled, one failed."""
-    async with Worker(client, task_queue="o", workflows=[Looping, Waiting, Failing], activities=[ok]):
+    async with Worker(client, task_queue="o", workflows=[Looping, Waiting, Failing, Brittle], activities=[ok]):
+        assert await client.execute_workflow(Brittle.run, "hi", id="wf-brittle", task_queue="o") == "HI"
+        history = await client.get_workflow_handle("wf-brittle").fetch_history()
+        failed_tasks = [e for e in history.events if e.HasField("workflow_task_failed_event_attributes")]
+        assert len(failed_tasks) == 2, failed_tasks  # Temporal retried the task, not the workflow
         assert await client.execute_workflow(Looping.run, 3, id="wf-loop", task_queue="o") == "done"
         waiting = await client.start_workflow(Waiting.run, id="wf-cancel", task_queue="o")
         await waiting.cancel()
@@ -345,6 +365,8 @@ def print_spans() -> None:
               "parent": s.parent.span_id if s.parent else None, "status": s.status.status_code.name,
               "start": s.start_time, "end": s.end_time, "links": [link.context.span_id for link in s.links],
               "events": [event.name for event in s.events],
+              "event_details": [{"name": event.name, "attributes": dict(event.attributes), "time": event.timestamp}
+                                for event in s.events],
               "attributes": dict(s.attributes)} for s in exporter.get_finished_spans()]
     print(json.dumps(spans), flush=True)
 
