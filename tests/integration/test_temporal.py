@@ -22,11 +22,15 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def run_app_with_metrics(mode: str) -> tuple[list[dict], dict]:
+def run_app_lines(mode: str) -> list[str]:
     done = subprocess.run([sys.executable, "-m", "tests.integration.apps.temporal_app", mode], cwd=ROOT,
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.strip().splitlines()
+    return done.stdout.strip().splitlines()
+
+
+def run_app_with_metrics(mode: str) -> tuple[list[dict], dict]:
+    lines = run_app_lines(mode)
     metric_lines = [line for line in lines if line.startswith("METRICS ")]
     return json.loads(lines[-1]), json.loads(metric_lines[-1][8:]) if metric_lines else {}
 
@@ -149,6 +153,28 @@ def test_workflow_task_failures_are_events_on_the_runs_span_not_failures() -> No
     outcomes = {p[0]["temporal.outcome"]: p[1] for p in metrics["temporal.workflow.outcomes"]
                 if p[0]["temporal.workflow.type"] == "Brittle"}
     assert outcomes == {"completed": 1}
+
+
+def test_instrument_sends_to_the_given_providers_and_suppression_is_respected() -> None:
+    lines = run_app_lines("providers")
+    metric_lines = [json.loads(line[8:]) for line in lines if line.startswith("METRICS ")]
+    global_metrics, own_metrics = metric_lines
+    assert [line for line in lines if line.startswith("GLOBAL-SPANS")] == ["GLOBAL-SPANS 0"]
+    assert [name for name in global_metrics if name.startswith("temporal.")] == []
+    spans = json.loads(lines[-1])
+    by_workflow = {}
+    for span in spans:
+        by_workflow.setdefault(span["attributes"].get("temporal.workflow.id"), []).append(span["name"])
+    assert sorted(by_workflow["wf-own"]) == ["RunActivity:flaky"] * 3 + ["RunActivity:ok", "RunWorkflow:Flow",
+                                                                      "StartWorkflow:Flow"]
+    assert sorted(by_workflow["wf-suppressed"]) == ["RunActivity:flaky", "RunActivity:ok", "RunWorkflow:Flow"]
+    (suppressed_run,) = [s for s in spans if s["name"] == "RunWorkflow:Flow"
+                         and s["attributes"]["temporal.workflow.id"] == "wf-suppressed"]
+    assert suppressed_run["parent"] is None  # no client span, no context sent
+    outcomes = {p[0]["temporal.outcome"]: p[1] for p in own_metrics["temporal.workflow.outcomes"]
+                if p[0]["temporal.workflow.type"] == "Flow"}
+    assert outcomes == {"completed": 2}
+    assert sum(p[1] for p in own_metrics["temporal.activity.execution.duration"]) == 6  # ok 2, flaky 3 then 1
 
 
 @pytest.mark.parametrize("mode", ["no-cache", "restart"])

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import copy
 import hashlib
 import logging
 import threading
@@ -59,6 +60,7 @@ import temporalio.workflow
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import (
     Link,
     NonRecordingSpan,
@@ -69,6 +71,7 @@ from opentelemetry.trace import (
     StatusCode,
     TraceFlags,
     Tracer,
+    TracerProvider,
 )
 from temporalio.api.common.v1 import Payload
 from wrapt import wrap_function_wrapper
@@ -129,8 +132,8 @@ def workflow_span_context(run_id: str, parent: otel_context.Context | None) -> S
                        trace_flags=TraceFlags(TraceFlags.SAMPLED))
 
 
-def context_to_headers(headers: Mapping[str, Payload], ctx: otel_context.Context | None = None
-                       ) -> Mapping[str, Payload]:
+def context_to_headers(headers: Mapping[str, Payload], ctx: otel_context.Context | None = None,
+                       guard: Guard = GUARD) -> Mapping[str, Payload]:
     """A copy of ``headers`` carrying ``ctx`` (default: the current context); ``headers`` if that fails."""
     try:
         carrier: dict[str, str] = {}
@@ -140,11 +143,11 @@ def context_to_headers(headers: Mapping[str, Payload], ctx: otel_context.Context
         (payload,) = temporalio.converter.PayloadConverter.default.to_payloads([carrier])
         return {**headers, HEADER: payload}
     except Exception as exc:
-        GUARD.failed("inject", exc)
+        guard.failed("inject", exc)
         return headers
 
 
-def context_from_headers(headers: Mapping[str, Payload]) -> otel_context.Context | None:
+def context_from_headers(headers: Mapping[str, Payload], guard: Guard = GUARD) -> otel_context.Context | None:
     """The context in ``headers``, or None when absent or unreadable (a foreign or broken header)."""
     payload = headers.get(HEADER)
     if payload is None:
@@ -153,7 +156,7 @@ def context_from_headers(headers: Mapping[str, Payload]) -> otel_context.Context
         (carrier,) = temporalio.converter.PayloadConverter.default.from_payloads([payload])
         return propagate.extract(carrier) if isinstance(carrier, dict) else None
     except Exception as exc:
-        GUARD.failed("extract", exc)
+        guard.failed("extract", exc)
         return None
 
 
@@ -168,14 +171,14 @@ def error_type(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _span(tracer: Tracer, name: str, kind: SpanKind, attributes: dict[str, Any],
+def _span(tracer: Tracer, guard: Guard, name: str, kind: SpanKind, attributes: dict[str, Any],
           parent: otel_context.Context | None = None) -> Iterator[Span]:
     """A current span around the caller's work; if making it fails, the work runs without one."""
     try:
         span = tracer.start_span(name, context=parent, kind=kind, attributes=attributes)
         token = otel_context.attach(trace.set_span_in_context(span))
     except Exception as exc:
-        GUARD.failed("span", exc)
+        guard.failed("span", exc)
         yield trace.INVALID_SPAN
         return
     try:
@@ -191,7 +194,7 @@ def _span(tracer: Tracer, name: str, kind: SpanKind, attributes: dict[str, Any],
             otel_context.detach(token)
             span.end()
         except Exception as exc:
-            GUARD.failed("span end", exc)
+            guard.failed("span end", exc)
 
 
 class TracingInterceptor(temporalio.client.Interceptor, temporalio.worker.Interceptor):
@@ -199,14 +202,21 @@ class TracingInterceptor(temporalio.client.Interceptor, temporalio.worker.Interc
     it by hand instead of using :class:`TemporalInstrumentor`."""
 
     def __init__(self, tracer: Tracer | None = None, namespace: str | None = None,
-                 meter: metrics.Meter | None = None) -> None:
-        self.tracer = tracer or trace.get_tracer(__name__, __version__)
+                 meter: metrics.Meter | None = None, *, tracer_provider: TracerProvider | None = None,
+                 meter_provider: metrics.MeterProvider | None = None) -> None:
+        """``tracer`` (else one of ``tracer_provider``, else of the global provider) makes every span,
+        workflow spans included; ``meter`` (else one of ``meter_provider``, else of the global provider)
+        every metric and the count of our own failures (``sidetrace.instrumentation.errors``)."""
+        self._given_tracer = tracer
+        self._tracer_provider = tracer_provider
+        self.tracer = tracer or trace.get_tracer(__name__, __version__, tracer_provider=tracer_provider)
         self.namespace = namespace
         self._workflow_tracers: dict[int, Tracer | None] = {}
         self._emitted: OrderedDict[int, None] = OrderedDict()
         self._emitted_lock = threading.Lock()  # workflow activations run on several threads
         self._task_failures: OrderedDict[str, list] = OrderedDict()  # run id -> [count, first events]
-        meter = meter or metrics.get_meter(__name__, __version__)
+        meter = meter or metrics.get_meter(__name__, __version__, meter_provider=meter_provider)
+        self.guard = Guard("temporal", meter)
         self.activity_duration = meter.create_histogram(
             "temporal.activity.execution.duration", unit="s", description="Duration of each activity attempt.")
         self.activity_queue_time = meter.create_histogram(
@@ -250,13 +260,15 @@ class TracingInterceptor(temporalio.client.Interceptor, temporalio.worker.Interc
             return self._task_failures.pop(run_id, [0, []])[1]
 
     def workflow_tracer(self) -> Tracer | None:
-        """A tracer of the SDK's whose ids can be preset, or None when no SDK tracer is configured."""
-        provider = trace.get_tracer_provider()
-        key = id(provider)
+        """A copy of our SDK tracer whose ids can be preset, or None when the tracer is not the SDK's."""
+        source: Any = self._given_tracer or self._tracer_provider or trace.get_tracer_provider()
+        key = id(source)  # the global provider is looked up each time: it may be set after instrument()
         if key not in self._workflow_tracers:
-            tracer = provider.get_tracer(__name__ + ".workflow", __version__)
-            generator = getattr(tracer, "id_generator", None)
+            base = source if source is self._given_tracer else source.get_tracer(__name__ + ".workflow",
+                                                                                 __version__)
+            generator = getattr(base, "id_generator", None)
             if generator is not None:
+                tracer = copy.copy(base)  # shares the SDK tracer's processors, sampler and resource
                 tracer.id_generator = _PresetIds(generator)
                 self._workflow_tracers[key] = tracer
             else:
@@ -293,28 +305,30 @@ class _ClientOutbound(temporalio.client.OutboundInterceptor):
             attributes["temporal.namespace"] = self.root.namespace
         return attributes
 
+    async def _call(self, name: str, attributes: dict[str, Any], input: Any, call: Any) -> Any:
+        """``call(input)`` inside a CLIENT span whose context ``input.headers`` carries."""
+        if not is_instrumentation_enabled():
+            return await call(input)
+        with _span(self.root.tracer, self.root.guard, name, SpanKind.CLIENT, attributes):
+            input.headers = context_to_headers(input.headers, guard=self.root.guard)
+            return await call(input)
+
     async def start_workflow(self, input: temporalio.client.StartWorkflowInput) -> Any:
         attributes = self._attributes(input.id, **{"temporal.workflow.type": input.workflow,
                                                    "temporal.task_queue": input.task_queue})
-        with _span(self.root.tracer, f"StartWorkflow:{input.workflow}", SpanKind.CLIENT, attributes):
-            input.headers = context_to_headers(input.headers)
-            return await super().start_workflow(input)
+        return await self._call(f"StartWorkflow:{input.workflow}", attributes, input, super().start_workflow)
 
     async def signal_workflow(self, input: temporalio.client.SignalWorkflowInput) -> None:
-        with _span(self.root.tracer, f"SignalWorkflow:{input.signal}", SpanKind.CLIENT, self._attributes(input.id)):
-            input.headers = context_to_headers(input.headers)
-            return await super().signal_workflow(input)
+        return await self._call(f"SignalWorkflow:{input.signal}", self._attributes(input.id), input,
+                                super().signal_workflow)
 
     async def query_workflow(self, input: temporalio.client.QueryWorkflowInput) -> Any:
-        with _span(self.root.tracer, f"QueryWorkflow:{input.query}", SpanKind.CLIENT, self._attributes(input.id)):
-            input.headers = context_to_headers(input.headers)
-            return await super().query_workflow(input)
+        return await self._call(f"QueryWorkflow:{input.query}", self._attributes(input.id), input,
+                                super().query_workflow)
 
     async def start_workflow_update(self, input: temporalio.client.StartWorkflowUpdateInput) -> Any:
-        with _span(self.root.tracer, f"StartWorkflowUpdate:{input.update}", SpanKind.CLIENT,
-                   self._attributes(input.id)):
-            input.headers = context_to_headers(input.headers)
-            return await super().start_workflow_update(input)
+        return await self._call(f"StartWorkflowUpdate:{input.update}", self._attributes(input.id), input,
+                                super().start_workflow_update)
 
 
 # The running attempt's span and when it last got a heartbeat event: [span, monotonic seconds].
@@ -342,6 +356,8 @@ class _ActivityInbound(temporalio.worker.ActivityInboundInterceptor):
         super().init(_ActivityOutbound(outbound))
 
     async def execute_activity(self, input: temporalio.worker.ExecuteActivityInput) -> Any:
+        if not is_instrumentation_enabled():
+            return await super().execute_activity(input)
         info = temporalio.activity.info()
         attributes: dict[str, Any] = {
             "temporal.namespace": info.workflow_namespace,
@@ -358,17 +374,17 @@ class _ActivityInbound(temporalio.worker.ActivityInboundInterceptor):
         scheduled = getattr(info, "current_attempt_scheduled_time", None)
         if scheduled is not None and info.started_time is not None:
             attributes["temporal.activity.queue_time"] = max(0.0, (info.started_time - scheduled).total_seconds())
-        parent = context_from_headers(input.headers)
+        parent = context_from_headers(input.headers, self.root.guard)
         metric_attributes = {"temporal.namespace": info.workflow_namespace, "temporal.task_queue": info.task_queue,
                              "temporal.activity.type": info.activity_type}
         if "temporal.activity.queue_time" in attributes:
             try:
                 self.root.activity_queue_time.record(attributes["temporal.activity.queue_time"], metric_attributes)
             except Exception as exc:
-                GUARD.failed("activity metrics", exc)
+                self.root.guard.failed("activity metrics", exc)
         started = time.perf_counter()
         outcome = "completed"
-        with _span(self.root.tracer, f"RunActivity:{info.activity_type}", SpanKind.SERVER, attributes,
+        with _span(self.root.tracer, self.root.guard, f"RunActivity:{info.activity_type}", SpanKind.SERVER, attributes,
                    parent) as span:
             token = _ATTEMPT.set([span, -HEARTBEAT_EVENT_SECONDS])
             try:
@@ -383,7 +399,7 @@ class _ActivityInbound(temporalio.worker.ActivityInboundInterceptor):
                     self.root.activity_duration.record(time.perf_counter() - started, outcome_attributes)
                     self.root.activity_attempts.add(1, outcome_attributes)
                 except Exception as exc:
-                    GUARD.failed("activity metrics", exc)
+                    self.root.guard.failed("activity metrics", exc)
 
 
 class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
@@ -415,7 +431,7 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
             return self._client_call(name, attributes, workflow_context)
         except Exception as exc:  # never break the workflow: the call goes on untraced
             with temporalio.workflow.unsafe.sandbox_unrestricted():
-                GUARD.failed("workflow call", exc)
+                self.interceptor.guard.failed("workflow call", exc)
             return None, None
 
     def _client_call(self, name: str, attributes: dict[str, Any], workflow_context: SpanContext
@@ -423,7 +439,8 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
         info = temporalio.workflow.info()
         context = SpanContext(workflow_context.trace_id, _digest(f"{info.run_id}:{self._calls}", 8), is_remote=True,
                               trace_flags=workflow_context.trace_flags)
-        header = context_to_headers({}, trace.set_span_in_context(NonRecordingSpan(context)))[HEADER]
+        header = context_to_headers({}, trace.set_span_in_context(NonRecordingSpan(context)),
+                                    self.interceptor.guard).get(HEADER)
         started = int(temporalio.workflow.now().timestamp() * 1e9)
 
         def done(task: Any) -> None:
@@ -443,7 +460,7 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
             try:
                 self._end_span(name, kind, context, parent, attributes, started, error, links, events or [])
             except Exception as exc:  # never fail the workflow task for a span
-                GUARD.failed("workflow span", exc)
+                self.interceptor.guard.failed("workflow span", exc)
 
     def _end_span(self, name: str, kind: SpanKind, context: SpanContext, parent: otel_context.Context | None,
                   attributes: dict[str, Any], started: int, error: BaseException | None,
@@ -470,10 +487,10 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
 
     async def execute_workflow(self, input: temporalio.worker.ExecuteWorkflowInput) -> Any:
         info = temporalio.workflow.info()
-        parent = context_from_headers(input.headers)
+        parent = context_from_headers(input.headers, self.interceptor.guard)
         self._workflow_context = workflow_span_context(info.run_id, parent)
         workflow_parent = trace.set_span_in_context(NonRecordingSpan(self._workflow_context))
-        self._outbound.header = context_to_headers({}, workflow_parent)[HEADER]
+        self._outbound.header = context_to_headers({}, workflow_parent, self.interceptor.guard).get(HEADER)
         # What the next run of a continue-as-new chain is given as its parent: the span that started the
         # chain (its client's call), or this run when nothing did, so the runs stay siblings in one trace
         # (a chain that continues thousands of times must not nest thousands deep).
@@ -521,7 +538,7 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
                                                            "temporal.workflow.type": info.workflow_type,
                                                            "temporal.outcome": outcome})
             except Exception as exc:
-                GUARD.failed("workflow metrics", exc)
+                self.interceptor.guard.failed("workflow metrics", exc)
 
     @contextlib.contextmanager
     def _handler_span(self, kind: str, name: str, headers: Mapping[str, Payload], live: bool) -> Iterator[None]:
@@ -529,7 +546,7 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
             yield
             return
         with temporalio.workflow.unsafe.sandbox_unrestricted():
-            parent = context_from_headers(headers)
+            parent = context_from_headers(headers, self.interceptor.guard)
             links = [Link(self._workflow_context)] if self._workflow_context is not None else []
             info = temporalio.workflow.info()
             span = self.interceptor.tracer.start_span(
@@ -627,7 +644,7 @@ class _WorkflowOutbound(temporalio.worker.WorkflowOutboundInterceptor):
 
     def continue_as_new(self, input: temporalio.worker.ContinueAsNewInput) -> Any:
         if self.chain_parent is not None:
-            input.headers = context_to_headers(input.headers, self.chain_parent)
+            input.headers = context_to_headers(input.headers, self.chain_parent, self.inbound.interceptor.guard)
         return super().continue_as_new(input)
 
     async def start_child_workflow(self, input: temporalio.worker.StartChildWorkflowInput) -> Any:
@@ -637,6 +654,8 @@ class _WorkflowOutbound(temporalio.worker.WorkflowOutboundInterceptor):
 
 
 _ORIGINALS: dict[str, Any] = {}
+# instrument()'s tracer_provider and meter_provider, given to every interceptor the wrappers add
+_PROVIDERS: dict[str, Any] = {}
 
 
 class CoreMetricsBridge:
@@ -652,7 +671,7 @@ class CoreMetricsBridge:
         self.exporter: Any = None
         self.task: Any = None
 
-    def install(self) -> bool:
+    def install(self, meter_provider: metrics.MeterProvider | None = None) -> bool:
         try:
             from temporalio.contrib.opentelemetry import MetricsExporter
             from temporalio.runtime import MetricBuffer, Runtime, TelemetryConfig
@@ -667,7 +686,7 @@ class CoreMetricsBridge:
             log.warning("sidetrace: a Temporal runtime already exists; its core metrics are not bridged "
                         "(instrument before the first client connects)")
             return False
-        self.exporter = MetricsExporter(buffer)
+        self.exporter = MetricsExporter(buffer, meter_provider)
         return True
 
     def start(self) -> None:
@@ -688,7 +707,7 @@ def _traced_already(interceptors: Any) -> bool:
 def _connect_wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     interceptors = list(kwargs.get("interceptors") or [])
     if not _traced_already(interceptors):
-        interceptors.append(TracingInterceptor(namespace=kwargs.get("namespace", "default")))
+        interceptors.append(TracingInterceptor(namespace=kwargs.get("namespace", "default"), **_PROVIDERS))
         kwargs = {**kwargs, "interceptors": interceptors}
     _BRIDGE.start()
     return wrapped(*args, **kwargs)
@@ -701,7 +720,7 @@ def _worker_wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> A
         client_interceptors = client.config().get("interceptors") if client is not None else ()
         if not _traced_already(client_interceptors) and not _traced_already(kwargs.get("interceptors")):
             kwargs = {**kwargs, "interceptors": [*kwargs.get("interceptors", ()),
-                                                 TracingInterceptor(namespace=client.namespace)]}
+                                                 TracingInterceptor(namespace=client.namespace, **_PROVIDERS)]}
     except Exception as exc:  # never keep a worker from being built
         log.warning("sidetrace: could not add tracing to a Temporal worker: %s", exc)
     return wrapped(*args, **kwargs)
@@ -710,16 +729,19 @@ def _worker_wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> A
 class TemporalInstrumentor(BaseInstrumentor):
     """Adds :class:`TracingInterceptor` to every ``Client.connect`` (and so to its workers).
 
-    ``instrument(core_metrics=False)`` leaves the SDK core's metrics alone; by default they are
-    bridged into the OpenTelemetry MeterProvider (:class:`CoreMetricsBridge`).
+    ``instrument(tracer_provider=..., meter_provider=...)`` sends every span and metric there
+    instead of to the global providers. ``instrument(core_metrics=False)`` leaves the SDK core's
+    metrics alone; by default they are bridged into the MeterProvider (:class:`CoreMetricsBridge`).
+    Client calls and activity attempts made under ``suppress_instrumentation()`` are not traced.
     """
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _INSTRUMENTS
 
     def _instrument(self, **kwargs: Any) -> None:
+        _PROVIDERS.update(tracer_provider=kwargs.get("tracer_provider"), meter_provider=kwargs.get("meter_provider"))
         if kwargs.get("core_metrics", True):
-            _BRIDGE.install()
+            _BRIDGE.install(kwargs.get("meter_provider"))
         # Kept as found in the class (a classmethod object, in a dict so no descriptor binds it):
         # unwrapping through getattr would put back a method bound to Client, shared by subclasses.
         _ORIGINALS["connect"] = temporalio.client.Client.__dict__["connect"]
@@ -728,6 +750,7 @@ class TemporalInstrumentor(BaseInstrumentor):
         wrap_function_wrapper("temporalio.worker", "Worker.__init__", _worker_wrapper)
 
     def _uninstrument(self, **kwargs: Any) -> None:
+        _PROVIDERS.clear()
         original = _ORIGINALS.pop("connect", None)
         if original is not None:
             temporalio.client.Client.connect = original

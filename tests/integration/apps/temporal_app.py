@@ -3,7 +3,9 @@
 Usage: python -m tests.integration.apps.temporal_app MODE
 MODE: ours, official-client (a retried activity); no-cache (max_cached_workflows=0, signal, query);
 restart (the worker is replaced while the workflow waits for a signal); no-context (runs started by an
-uninstrumented client and by the temporal CLI); outcomes (continue-as-new, cancelled, failed, workflow task failures).
+uninstrumented client and by the temporal CLI); outcomes (continue-as-new, cancelled, failed,
+workflow task failures); providers (instrument's tracer_provider and meter_provider, and
+suppress_instrumentation()).
 Prints the finished spans as one JSON line, then leaves with os._exit(0).
 """
 
@@ -201,6 +203,29 @@ async def started_without_context(target: str, namespace: str) -> None:
         assert await bare.get_workflow_handle("wf-cli").result() == "HIhiih"
 
 
+async def own_providers(target: str, namespace: str) -> None:
+    """instrument(tracer_provider=, meter_provider=): Flow traced there, not globally; then Flow started
+    under suppress_instrumentation(). Prints the global provider's span and metric counts first."""
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    reader = InMemoryMetricReader()
+    TemporalInstrumentor().instrument(tracer_provider=tracer_provider, core_metrics=False,
+                                      meter_provider=MeterProvider(metric_readers=[reader]))
+    client = await Client.connect(target, namespace=namespace)
+    async with Worker(client, task_queue="q", workflows=[Flow, Child], activities=[ok, flaky]):
+        assert await client.execute_workflow(Flow.run, "hi", id="wf-own", task_queue="q") == "HIhiih"
+        with suppress_instrumentation():
+            handle = await client.start_workflow(Flow.run, "hi", id="wf-suppressed", task_queue="q")
+        assert await handle.result() == "HIhiih"
+    print_metrics()
+    print("GLOBAL-SPANS", len(exporter.get_finished_spans()), flush=True)
+    print_metrics(reader)
+    print_spans(spans)
+
+
 async def worker_only() -> None:
     """Serve task queue q from this process until standard input closes (the client is elsewhere)."""
     path = os.path.join(os.path.dirname(sys.executable), "temporal")
@@ -321,6 +346,9 @@ async def main(mode: str):
         elif mode == "outcomes":
             TemporalInstrumentor().instrument(core_metrics=False)
             await outcomes(await Client.connect(target, namespace=namespace))
+        elif mode == "providers":
+            await own_providers(target, namespace)
+            return
         elif mode == "no-context":
             await started_without_context(target, namespace)
         elif mode == "official-worker":  # the reverse: our client, a worker still on the official interceptor
@@ -346,10 +374,10 @@ async def main(mode: str):
     print_spans()
 
 
-def print_metrics() -> None:
+def print_metrics(reader: InMemoryMetricReader = metric_reader) -> None:
     """One line: metric name -> [(attributes, count or value)] for sums and histograms."""
     found: dict = {}
-    data = metric_reader.get_metrics_data()
+    data = reader.get_metrics_data()
     for resource_metrics in (data.resource_metrics if data else []):
         for scope_metrics in resource_metrics.scope_metrics:
             for metric in scope_metrics.metrics:
@@ -360,14 +388,14 @@ def print_metrics() -> None:
     print("METRICS " + json.dumps(found), flush=True)
 
 
-def print_spans() -> None:
+def print_spans(finished: InMemorySpanExporter = exporter) -> None:
     spans = [{"name": s.name, "trace": s.context.trace_id, "id": s.context.span_id,
               "parent": s.parent.span_id if s.parent else None, "status": s.status.status_code.name,
               "start": s.start_time, "end": s.end_time, "links": [link.context.span_id for link in s.links],
               "events": [event.name for event in s.events],
               "event_details": [{"name": event.name, "attributes": dict(event.attributes), "time": event.timestamp}
                                 for event in s.events],
-              "attributes": dict(s.attributes)} for s in exporter.get_finished_spans()]
+              "attributes": dict(s.attributes)} for s in finished.get_finished_spans()]
     print(json.dumps(spans), flush=True)
 
 if __name__ == "__main__":
