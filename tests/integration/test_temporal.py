@@ -177,6 +177,13 @@ def test_instrument_sends_to_the_given_providers_and_suppression_is_respected() 
     assert sum(p[1] for p in own_metrics["temporal.activity.execution.duration"]) == 6  # ok 2, flaky 3 then 1
 
 
+@pytest.mark.parametrize("mode", ["plugin-before", "plugin-after", "interceptor-before", "interceptor-after"])
+def test_beside_temporalios_own_plugin_or_interceptor_no_span_is_doubled(mode: str) -> None:
+    names = sorted(s["name"] for s in run_app(mode))
+    assert "StartWorkflow:Signalled" in names and "HandleSignal:go" in names
+    assert [n for n in set(names) if names.count(n) > 1] == []
+
+
 @pytest.mark.parametrize("mode", ["no-cache", "restart"])
 def test_workflow_span_is_made_once_with_its_real_duration_across_replays(mode: str) -> None:
     spans = run_app(mode)

@@ -698,15 +698,21 @@ class CoreMetricsBridge:
 _BRIDGE = CoreMetricsBridge()
 
 
-def _traced_already(interceptors: Any) -> bool:
-    """Whether ours, or temporalio's own OpenTelemetry interceptor, is among ``interceptors``."""
-    return any(isinstance(i, TracingInterceptor) or type(i).__module__.startswith("temporalio.contrib.opentelemetry")
-               for i in interceptors or ())
+def _official(thing: Any) -> bool:
+    """Whether ``thing`` is temporalio's own OpenTelemetry interceptor or plugin (OpenTelemetryPlugin)."""
+    return type(thing).__module__.startswith("temporalio.contrib.opentelemetry")
+
+
+def _traced_already(interceptors: Any, plugins: Any = ()) -> bool:
+    """Whether ours or temporalio's own OpenTelemetry interceptor is among ``interceptors``, or its
+    ``OpenTelemetryPlugin`` among ``plugins`` (which adds its interceptor only inside connect)."""
+    return any(isinstance(i, TracingInterceptor) or _official(i) for i in interceptors or ()) or \
+        any(_official(p) for p in plugins or ())
 
 
 def _connect_wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     interceptors = list(kwargs.get("interceptors") or [])
-    if not _traced_already(interceptors):
+    if not _traced_already(interceptors, kwargs.get("plugins")):
         interceptors.append(TracingInterceptor(namespace=kwargs.get("namespace", "default"), **_PROVIDERS))
         kwargs = {**kwargs, "interceptors": interceptors}
     _BRIDGE.start()
@@ -717,8 +723,9 @@ def _worker_wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> A
     """Worker(...): trace it too when its client was not made by an instrumented Client.connect."""
     try:
         client = args[0] if args else kwargs.get("client")
-        client_interceptors = client.config().get("interceptors") if client is not None else ()
-        if not _traced_already(client_interceptors) and not _traced_already(kwargs.get("interceptors")):
+        config = client.config() if client is not None else {}
+        if not _traced_already(config.get("interceptors"), config.get("plugins")) and \
+                not _traced_already(kwargs.get("interceptors"), kwargs.get("plugins")):
             kwargs = {**kwargs, "interceptors": [*kwargs.get("interceptors", ()),
                                                  TracingInterceptor(namespace=client.namespace, **_PROVIDERS)]}
     except Exception as exc:  # never keep a worker from being built

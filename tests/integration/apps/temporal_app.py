@@ -5,7 +5,8 @@ MODE: ours, official-client (a retried activity); no-cache (max_cached_workflows
 restart (the worker is replaced while the workflow waits for a signal); no-context (runs started by an
 uninstrumented client and by the temporal CLI); outcomes (continue-as-new, cancelled, failed,
 workflow task failures); providers (instrument's tracer_provider and meter_provider, and
-suppress_instrumentation()).
+suppress_instrumentation()); plugin-before, plugin-after, interceptor-before, interceptor-after
+(temporalio's own OpenTelemetry plugin or interceptor given before or after instrument()).
 Prints the finished spans as one JSON line, then leaves with os._exit(0).
 """
 
@@ -34,6 +35,10 @@ exporter = InMemorySpanExporter()
 metric_reader = InMemoryMetricReader()
 if __name__ == "__main__":
     provider = TracerProvider()
+    if sys.argv[1].startswith("plugin-"):  # OpenTelemetryPlugin insists on its replay-safe provider
+        from temporalio.contrib.opentelemetry import create_tracer_provider
+
+        provider = create_tracer_provider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     metrics.set_meter_provider(MeterProvider(metric_readers=[metric_reader]))
@@ -226,6 +231,41 @@ async def own_providers(target: str, namespace: str) -> None:
     print_spans(spans)
 
 
+@workflow.defn
+class Signalled:
+    def __init__(self) -> None:
+        self.released = False
+
+    @workflow.run
+    async def run(self) -> str:
+        await workflow.wait_condition(lambda: self.released)
+        return "released"
+
+    @workflow.signal
+    def go(self) -> None:
+        self.released = True
+
+
+async def beside_official(target: str, namespace: str, mode: str) -> None:
+    """temporalio's OpenTelemetryPlugin (plugins=) or TracingInterceptor (interceptors=) on the client,
+    given before or after instrument(): start, signal, handler and result are each traced once."""
+    from temporalio.contrib.opentelemetry import OpenTelemetryPlugin
+    from temporalio.contrib.opentelemetry import TracingInterceptor as Official
+
+    kind, order = mode.split("-")
+    official = {"plugins": [OpenTelemetryPlugin(add_temporal_spans=True)]} if kind == "plugin" else \
+        {"interceptors": [Official()]}
+    if order == "after":
+        TemporalInstrumentor().instrument(core_metrics=False)
+    client = await Client.connect(target, namespace=namespace, **official)
+    if order == "before":
+        TemporalInstrumentor().instrument(core_metrics=False)
+    async with Worker(client, task_queue="s", workflows=[Signalled]):
+        handle = await client.start_workflow(Signalled.run, id="wf-beside", task_queue="s")
+        await handle.signal(Signalled.go)
+        assert await handle.result() == "released"
+
+
 async def worker_only() -> None:
     """Serve task queue q from this process until standard input closes (the client is elsewhere)."""
     path = os.path.join(os.path.dirname(sys.executable), "temporal")
@@ -349,6 +389,8 @@ async def main(mode: str):
         elif mode == "providers":
             await own_providers(target, namespace)
             return
+        elif mode.startswith(("plugin-", "interceptor-")):
+            await beside_official(target, namespace, mode)
         elif mode == "no-context":
             await started_without_context(target, namespace)
         elif mode == "official-worker":  # the reverse: our client, a worker still on the official interceptor
