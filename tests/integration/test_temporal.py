@@ -184,6 +184,22 @@ def test_beside_temporalios_own_plugin_or_interceptor_no_span_is_doubled(mode: s
     assert [n for n in set(names) if names.count(n) > 1] == []
 
 
+@pytest.mark.parametrize("hooks", ["on_start+on_end", "on_end"])
+def test_a_failing_tracer_never_reaches_the_app_nor_fails_a_workflow_task(hooks: str) -> None:
+    """start, query, update, signal, activity, child and the three handlers, with a SpanProcessor whose
+    hooks raise and an exporter that raises: every call answers, the history has no failed workflow
+    task (the app asserts both), and each span we tried is one counted failure where it failed."""
+    lines = run_app_lines(f"failing={hooks}")
+    errors = json.loads(next(line for line in lines if line.startswith("ERRORS "))[7:])
+    exported = next(line for line in lines if line.startswith("EXPORTED "))
+    # 5 client and activity spans (start, query, update, signal, RunActivity), 3 handler spans, and 4
+    # workflow-side spans (RunWorkflow of the parent and child, StartActivity, StartChildWorkflow)
+    if hooks == "on_start+on_end":  # no span starts: nothing reaches the exporter
+        assert (errors, exported) == ({"span": 5, "handler span": 3, "workflow span": 4}, "EXPORTED 0")
+    else:  # every span starts, and its end fails after the exporter was handed it
+        assert (errors, exported) == ({"span end": 5, "handler span end": 3, "workflow span": 4}, "EXPORTED 12")
+
+
 @pytest.mark.parametrize("mode", ["no-cache", "restart"])
 def test_workflow_span_is_made_once_with_its_real_duration_across_replays(mode: str) -> None:
     spans = run_app(mode)

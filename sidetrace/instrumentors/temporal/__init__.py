@@ -542,28 +542,40 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
 
     @contextlib.contextmanager
     def _handler_span(self, kind: str, name: str, headers: Mapping[str, Payload], live: bool) -> Iterator[None]:
+        """The handler runs inside its span; a span that cannot start or end never fails the task."""
         if not live:
             yield
             return
+        guard = self.interceptor.guard
         with temporalio.workflow.unsafe.sandbox_unrestricted():
-            parent = context_from_headers(headers, self.interceptor.guard)
-            links = [Link(self._workflow_context)] if self._workflow_context is not None else []
-            info = temporalio.workflow.info()
-            span = self.interceptor.tracer.start_span(
-                f"{kind}:{name}", context=parent, kind=SpanKind.SERVER, links=links,
-                attributes={"temporal.workflow.id": info.workflow_id, "temporal.workflow.run_id": info.run_id,
-                            "temporal.workflow.type": info.workflow_type, "temporal.namespace": info.namespace})
+            try:
+                parent = context_from_headers(headers, guard)
+                links = [Link(self._workflow_context)] if self._workflow_context is not None else []
+                info = temporalio.workflow.info()
+                span = self.interceptor.tracer.start_span(
+                    f"{kind}:{name}", context=parent, kind=SpanKind.SERVER, links=links,
+                    attributes={"temporal.workflow.id": info.workflow_id, "temporal.workflow.run_id": info.run_id,
+                                "temporal.workflow.type": info.workflow_type, "temporal.namespace": info.namespace})
+            except Exception as exc:
+                guard.failed("handler span", exc)
+                span = None
+        if span is None:
+            yield
+            return
         try:
             yield
         except Exception as exc:
-            with temporalio.workflow.unsafe.sandbox_unrestricted():
+            with temporalio.workflow.unsafe.sandbox_unrestricted(), contextlib.suppress(Exception):
                 span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, str(exc) or type(exc).__name__))
                 span.set_attribute("error.type", error_type(exc))
             raise
         finally:
             with temporalio.workflow.unsafe.sandbox_unrestricted():
-                span.end()
+                try:
+                    span.end()
+                except Exception as exc:
+                    guard.failed("handler span end", exc)
 
     async def handle_signal(self, input: temporalio.worker.HandleSignalInput) -> None:
         with self._handler_span("HandleSignal", input.signal, input.headers,

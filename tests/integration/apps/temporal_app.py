@@ -266,6 +266,55 @@ async def beside_official(target: str, namespace: str, mode: str) -> None:
         assert await handle.result() == "released"
 
 
+@workflow.defn
+class Everything:
+    """An activity, a child, and a signal, a query and an update handler."""
+
+    def __init__(self) -> None:
+        self.released = False
+
+    @workflow.run
+    async def run(self, x: str) -> str:
+        a = await workflow.execute_activity(ok, x, start_to_close_timeout=timedelta(seconds=10))
+        c = await workflow.execute_child_workflow(Child.run, x, id=f"{workflow.info().workflow_id}-child")
+        await workflow.wait_condition(lambda: self.released)
+        return a + c
+
+    @workflow.signal
+    def go(self) -> None:
+        self.released = True
+
+    @workflow.query
+    def state(self) -> str:
+        return "released" if self.released else "waiting"
+
+    @workflow.update
+    def bump(self, n: int) -> int:
+        return n + 1
+
+
+async def failing_tracer(target: str, namespace: str, hooks: str) -> None:
+    """Everything under a SpanProcessor raising from ``hooks`` and an exporter that raises: the app's calls
+    all answer and the history has no failed workflow task. Prints the errors we counted, by place."""
+    from tests.telemetry import FailingTelemetry
+
+    failing = FailingTelemetry(hooks.split("+"))
+    TemporalInstrumentor().instrument(tracer_provider=failing.tracer_provider, core_metrics=False,
+                                      meter_provider=failing.meter_provider)
+    client = await Client.connect(target, namespace=namespace)
+    async with Worker(client, task_queue="f", workflows=[Everything, Child], activities=[ok]):
+        handle = await client.start_workflow(Everything.run, "hi", id="wf-failing", task_queue="f")
+        assert await handle.query(Everything.state) == "waiting"
+        assert await handle.execute_update(Everything.bump, 41) == 42
+        await handle.signal(Everything.go)
+        assert await handle.result() == "HIih"
+        history = await handle.fetch_history()
+    failed_tasks = [e for e in history.events if e.HasField("workflow_task_failed_event_attributes")]
+    assert failed_tasks == [], failed_tasks
+    print("ERRORS " + json.dumps(failing.errors()), flush=True)
+    print("EXPORTED", failing.exporter.spans, flush=True)
+
+
 async def worker_only() -> None:
     """Serve task queue q from this process until standard input closes (the client is elsewhere)."""
     path = os.path.join(os.path.dirname(sys.executable), "temporal")
@@ -391,6 +440,8 @@ async def main(mode: str):
             return
         elif mode.startswith(("plugin-", "interceptor-")):
             await beside_official(target, namespace, mode)
+        elif mode.startswith("failing="):
+            await failing_tracer(target, namespace, mode.split("=", 1)[1])
         elif mode == "no-context":
             await started_without_context(target, namespace)
         elif mode == "official-worker":  # the reverse: our client, a worker still on the official interceptor
