@@ -19,7 +19,10 @@ What it traces:
   its completion. What you can trust: the span appears once, when the run completes (not when it
   starts), whatever workers it moved across and however often it was replayed; its ids are derived
   from the run id, so the activities it started, possibly on other workers, are its children from the
-  start. A run that is cancelled, or still running, has no span yet. Nothing is created during replay.
+  start. ``temporal.outcome`` says how it ended: completed, failed (a workflow failure: ERROR),
+  cancelled or continued_as_new (the next run is a sibling in the same trace, linked to this one).
+  A workflow task failure is a ``workflow_task.failed`` event, never a failure. A run still running,
+  timed out or terminated has no span (no worker sees it end). Nothing is created during replay.
 - calls from workflows: ``StartActivity:{type}`` and ``StartChildWorkflow:{type}`` (CLIENT), from
   scheduling to the result, made the same way (once, at the result, outside replay); the activity's
   attempts and the child's run are their children.
