@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from pathlib import Path
+
+import yaml
 
 from sidetrace.agent.systemd import Notifier
 from sidetrace.config import load
@@ -31,3 +34,22 @@ def test_notifier_without_socket_or_for_another_pid_does_nothing() -> None:
     assert Notifier({}).notify("READY=1") is False
     assert Notifier({"WATCHDOG_USEC": "30000000"}).watchdog_interval == 15.0
     assert Notifier({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}).watchdog_interval is None
+
+
+def test_the_kubernetes_daemonset_carries_a_valid_config_and_the_documented_privileges() -> None:
+    manifest = (ROOT / "deploy/kubernetes/sidetrace.yaml").read_text()
+    documents = {doc["kind"]: doc for doc in yaml.safe_load_all(manifest)}
+    config_file = Path(tempfile.mkdtemp()) / "sidetrace.toml"
+    config_file.write_text(documents["ConfigMap"]["data"]["sidetrace.toml"])
+    config = load(config_file, env={})
+    (balancer,) = config.exporters.loadbalancing
+    service = documents["Service"]
+    assert service["spec"]["clusterIP"] == "None"  # headless: DNS answers every collector's address
+    assert balancer.dns == f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local:4317"
+    pod = documents["DaemonSet"]["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    (agent,) = pod["containers"]
+    assert agent["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_RAW"]}
+    state = {v["name"]: v for v in pod["volumes"]}["state"]
+    assert state["hostPath"]["path"] == config.agent.data_dir
+    assert {m["mountPath"] for m in agent["volumeMounts"]} >= {"/etc/sidetrace", config.agent.data_dir}
