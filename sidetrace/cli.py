@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import urllib.error
@@ -264,6 +265,8 @@ BOOTSTRAP_DIR = Path(__file__).resolve().parent / "instrumentors" / "bootstrap"
 
 
 def cmd_instrument(args: argparse.Namespace) -> int:
+    if args.list:
+        return _list_instrumentations()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         print("sidetrace instrument: give the command to run, e.g. sidetrace instrument -- python app.py",
@@ -281,6 +284,31 @@ def cmd_instrument(args: argparse.Namespace) -> int:
         print(f"sidetrace instrument: cannot run {command[0]}: {exc.strerror}", file=sys.stderr)
         return 127
     return 0  # not reached: exec replaced this process
+
+
+def _list_instrumentations() -> int:
+    from sidetrace.instrumentors.bootstrap import survey
+
+    found = sorted(survey(), key=lambda i: (not i.enabled, i.name))
+    width = max((len(i.name) for i in found), default=0)
+    for item in found:
+        print(f"{'on' if item.enabled else 'skipped':8} {item.name:{width}}  {item.distribution}: {item.reason}")
+    return 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    # Imported here: the table of contrib instrumentations is large and only this command needs it.
+    from opentelemetry.instrumentation import bootstrap
+    from opentelemetry.instrumentation.bootstrap_gen import default_instrumentations, libraries
+
+    wanted = list(bootstrap._find_installed_libraries(default_instrumentations, libraries))
+    if not args.install:
+        print("\n".join(wanted))
+        return 0
+    if not wanted:
+        return 0
+    done = subprocess.run([sys.executable, "-m", "pip", "install", *wanted], check=False)
+    return done.returncode
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -345,13 +373,24 @@ def build_parser() -> argparse.ArgumentParser:
     instrument = commands.add_parser(
         "instrument", help="run a Python app with tracing, no code changes",
         description="Run COMMAND (a Python app) with the OpenTelemetry SDK sending to this host's agent and "
-        "every sidetrace instrumentor whose library is installed (NATS) switched on. Needs "
-        "'sidetrace[sdk]' in the app's environment.")
+        "every instrumentation whose library is installed switched on (sidetrace's and the "
+        "OpenTelemetry contrib ones, found through the opentelemetry_instrumentor entry points). Standard "
+        "OTEL_* variables apply; OTEL_PYTHON_DISABLED_INSTRUMENTATIONS switches some off. Needs "
+        "'sidetrace[sdk]' (or 'sidetrace[contrib]') in the app's environment.")
+    instrument.add_argument("--list", action="store_true", help="print which instrumentations would be switched "
+                            "on for this Python, which are skipped and why, and exit")
     instrument.add_argument("--service", help="service.name of the app (sets OTEL_SERVICE_NAME)")
     instrument.add_argument("--endpoint", help="the agent's OTLP/gRPC endpoint (default http://127.0.0.1:4317, "
                             "or $OTEL_EXPORTER_OTLP_ENDPOINT)")
     instrument.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command, e.g. -- python app.py")
     instrument.set_defaults(func=cmd_instrument)
+
+    bootstrap = commands.add_parser(
+        "bootstrap", help="list or install the contrib instrumentations for the installed libraries",
+        description="Print the OpenTelemetry contrib instrumentation packages that match the libraries installed "
+        "in this Python (as opentelemetry-bootstrap does), or install them with --install.")
+    bootstrap.add_argument("--install", action="store_true", help="pip install them into this Python")
+    bootstrap.set_defaults(func=cmd_bootstrap)
 
     version = commands.add_parser("version", help="print the version", description="Print the version.")
     version.set_defaults(func=cmd_version)

@@ -1,9 +1,18 @@
 """Zero-code start-up for apps: `sidetrace instrument -- python app.py` puts this package's directory
 on PYTHONPATH, so Python imports its ``sitecustomize`` before the app, which calls :func:`start`.
 
-``start`` sets up the OpenTelemetry SDK (unless the app or another tool already did) to send traces
-and metrics over OTLP to the sidetrace agent on this host, then runs every sidetrace instrumentor
-whose library is installed. It never raises: a failure is logged once and the app starts as usual.
+``start`` does what ``opentelemetry-instrument`` does, with the agent on this host as the default
+destination: the SDK is configured by OpenTelemetry's own configurator, so every standard ``OTEL_*``
+variable applies (service name, resource attributes, exporters, protocol, endpoint, sampler, batch
+settings), and every installed instrumentation registered under the ``opentelemetry_instrumentor``
+entry points is switched on after the same dependency check, minus
+``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS``. On top of that:
+
+- an agent that is down costs the app at most :data:`SHUTDOWN_BUDGET_SECONDS` at exit (the stock
+  exporters keep retrying for their whole timeout, 10 s by default) and one printed warning;
+- one instrumentation failing keeps neither the others nor the app from starting.
+
+It never raises: a failure is logged once and the app starts as usual.
 """
 
 from __future__ import annotations
@@ -11,64 +20,247 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-from importlib.metadata import entry_points
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
 
-from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
+from opentelemetry.instrumentation.auto_instrumentation._load import (
+    _EntryPointDistFinder,
+    _load_configurators,
+    _load_distro,
+    _load_instrumentors,
+)
+from opentelemetry.instrumentation.dependencies import (
+    DependencyConflictError,
+    get_dependency_conflicts,
+    get_dist_dependency_conflicts,
+)
+from opentelemetry.instrumentation.distro import BaseDistro
+from opentelemetry.instrumentation.environment_variables import (
+    OTEL_PYTHON_CONFIGURATOR,
+    OTEL_PYTHON_DISABLED_INSTRUMENTATIONS,
+    OTEL_PYTHON_DISTRO,
+)
 
 log = logging.getLogger("sidetrace.bootstrap")
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:4317"
+DEFAULT_HTTP_ENDPOINT = "http://127.0.0.1:4318"
 ENDPOINT_VARIABLE = "SIDETRACE_AGENT_ENDPOINT"
+# What the exporters get at exit to deliver what is left before they stop retrying: the agent is on this
+# host, so a live one takes milliseconds, and a dead one must not hold the app's exit for the exporter's
+# full timeout.
+SHUTDOWN_BUDGET_SECONDS = 0.3
+# The loggers through which the stock exporters and batch processors report failed exports.
+EXPORT_LOGGERS = (
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+    "opentelemetry.exporter.otlp.proto.http._common",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+    "opentelemetry.sdk._shared_internal",
+    "opentelemetry.sdk.metrics._internal.export",
+)
 
 
-def _configure_sdk(endpoint: str) -> None:
-    from opentelemetry import metrics, trace
-    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
+class OneWarning(logging.Filter):
+    """Lets the first export problem through and drops (and counts) the rest: an agent that is down makes
+    the stock exporters log on every retry of every batch, which would flood the app's stderr."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+        self.shown = False
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        with self.lock:
+            if not self.shown:
+                self.shown = True
+                record.msg = f"sidetrace: {record.msg} (further export problems are not printed)"
+                return True
+            self.suppressed += 1
+            return False
+
+
+EXPORT_PROBLEMS = OneWarning()
+
+
+class ExitBudget:
+    """Shuts every exporter down :data:`SHUTDOWN_BUDGET_SECONDS` after the app's exit began, which stops their
+    retries: the SDK's own exit handlers then return at once instead of waiting out the export timeout."""
+
+    def __init__(self) -> None:
+        self.exporters: list[Any] = []
+
+    def track(self, exporter: Any) -> Any:
+        self.exporters.append(exporter)
+        return exporter
+
+    def arm(self) -> None:
+        # atexit runs handlers last-registered first: registered after the SDK's, this one starts the clock
+        # before the SDK's providers begin their final flush.
+        atexit.register(self._start_clock)
+
+    def _start_clock(self) -> None:
+        timer = threading.Timer(SHUTDOWN_BUDGET_SECONDS, self._stop_exporters)
+        timer.daemon = True
+        try:
+            timer.start()
+        except RuntimeError:  # an interpreter that refuses new threads at exit: the stock timeouts apply
+            return
+
+    def _stop_exporters(self) -> None:
+        for exporter in self.exporters:
+            try:
+                exporter.shutdown()
+            except Exception as exc:  # an exporter that cannot stop early keeps its own timeout
+                log.debug("sidetrace: could not stop %r early: %s", exporter, exc)
+
+
+EXIT_BUDGET = ExitBudget()
+
+
+def _export_span_processor(exporter: Any) -> Any:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    resource = Resource.create()  # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES apply
-    insecure = endpoint.startswith("http://")
-    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
-        tracer_provider = TracerProvider(resource=resource)
-        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=insecure)))
-        trace.set_tracer_provider(tracer_provider)
-        atexit.register(tracer_provider.shutdown)
-    if type(metrics.get_meter_provider()).__name__ == "_ProxyMeterProvider":
-        reader = PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=endpoint, insecure=insecure))
-        meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
-        metrics.set_meter_provider(meter_provider)
-        atexit.register(meter_provider.shutdown)
+    return BatchSpanProcessor(EXIT_BUDGET.track(exporter))
 
 
-def _instrument_installed() -> list[str]:
-    instrumented = []
-    for entry_point in entry_points(group="opentelemetry_instrumentor"):
-        if not entry_point.value.startswith("sidetrace."):
-            continue
+def _track_metric_exporters() -> None:
+    from opentelemetry import metrics
+
+    # The SDK's configurator builds the periodic readers itself and offers no hook for them: their exporters
+    # are reached through the reader, and a provider of another shape is left to its own timeouts.
+    provider = metrics.get_meter_provider()
+    for reader in getattr(getattr(provider, "_sdk_config", None), "metric_readers", ()):
+        exporter = getattr(reader, "_exporter", None)
+        if exporter is not None:
+            EXIT_BUDGET.track(exporter)
+
+
+def _default_environment() -> None:
+    """Point the standard OTEL_* settings the user left unset at the agent on this host."""
+    os.environ.setdefault("OTEL_TRACES_EXPORTER", "otlp")
+    os.environ.setdefault("OTEL_METRICS_EXPORTER", "otlp")
+    os.environ.setdefault("OTEL_LOGS_EXPORTER", "none")  # the agent takes traces and metrics, not logs
+    if os.environ["OTEL_LOGS_EXPORTER"].strip().lower() == "none":
+        # The logging instrumentation would otherwise put a handler on the root logger that feeds a logs
+        # pipeline exporting nowhere, and an app that never configured logging would lose its warnings on
+        # stderr (Python prints them only while the root logger has no handler). Trace ids on log records stay.
+        os.environ.setdefault("OTEL_PYTHON_LOG_AUTO_INSTRUMENTATION", "false")
+    endpoint = os.environ.get(ENDPOINT_VARIABLE)
+    if endpoint:  # `sidetrace instrument --endpoint` names the agent: it wins over the environment
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
+    else:
+        protocol = os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc").strip()
+        os.environ.setdefault("OTEL_EXPORTER_OTLP_ENDPOINT",
+                              DEFAULT_HTTP_ENDPOINT if protocol.startswith("http") else DEFAULT_ENDPOINT)
+
+
+class SidetraceDistro(BaseDistro):
+    """The distro `sidetrace instrument` uses unless OTEL_PYTHON_DISTRO names another: the agent as default
+    destination, and each instrumentation's own dependency check run even when its distribution declares
+    none (sidetrace's do not: one distribution carries all three)."""
+
+    def _configure(self, **kwargs: Any) -> None:
+        _default_environment()
+
+    def load_instrumentor(self, entry_point: EntryPoint, **kwargs: Any) -> None:
+        kwargs.pop("skip_dep_check", None)
+        instrumentor = entry_point.load()()
         try:
-            instrumentor = entry_point.load()()
-            if get_dependency_conflicts(instrumentor.instrumentation_dependencies()) is not None:
-                continue  # the library is not installed (or not a supported version): nothing to trace
-            instrumentor.instrument()
-            instrumented.append(entry_point.name)
-        except Exception as exc:  # one instrumentor failing must not keep the others or the app from starting
+            instrumentor.instrument(raise_exception_on_conflict=True, **kwargs)
+        except (DependencyConflictError, ImportError):
+            raise  # the loader's own handling: skipped quietly when the library is absent
+        except Exception as exc:  # one instrumentation failing must not keep the others or the app from starting
             log.warning("sidetrace: could not instrument %s: %s", entry_point.name, exc)
-    return instrumented
 
 
-def start() -> list[str]:
-    """Configure the SDK toward the agent and instrument what is installed; return what was instrumented."""
+def _configure_sdk() -> None:
+    if os.environ.get(OTEL_PYTHON_CONFIGURATOR):
+        _load_configurators()
+        return
+    from opentelemetry.instrumentation.version import __version__ as auto_version
+    from opentelemetry.sdk._configuration import _OTelSDKConfigurator
+
+    kwargs: dict[str, Any] = {"auto_instrumentation_version": auto_version}
+    if not os.environ.get("OTEL_CONFIG_FILE"):  # a declarative config file builds its own processors
+        kwargs["export_span_processor"] = _export_span_processor
+    _OTelSDKConfigurator().configure(**kwargs)
+    _track_metric_exporters()
+    EXIT_BUDGET.arm()
+
+
+def start() -> None:
+    """Configure the SDK toward the agent and switch on every installed instrumentation."""
+    for name in EXPORT_LOGGERS:
+        logging.getLogger(name).addFilter(EXPORT_PROBLEMS)
+    distro: BaseDistro = _load_distro() if os.environ.get(OTEL_PYTHON_DISTRO) else SidetraceDistro()
+    distro.configure()
     try:
-        _configure_sdk(os.environ.get(ENDPOINT_VARIABLE) or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-                       or DEFAULT_ENDPOINT)
+        _configure_sdk()
     except ImportError as exc:
-        log.warning("sidetrace: the OpenTelemetry SDK is not installed (pip install 'sidetrace[sdk]'); "
-                    "spans are not exported: %s", exc)
+        log.warning("sidetrace: the OpenTelemetry SDK or its OTLP exporter is not installed (pip install "
+                    "'sidetrace[sdk]'); spans are not exported: %s", exc)
     except Exception as exc:
         log.warning("sidetrace: could not configure the OpenTelemetry SDK: %s", exc)
-    return _instrument_installed()
+    _load_instrumentors(distro)
+
+
+@dataclass(frozen=True)
+class Instrumentation:
+    """One ``opentelemetry_instrumentor`` entry point and what `sidetrace instrument` would do with it."""
+
+    name: str
+    distribution: str
+    enabled: bool
+    reason: str
+
+
+def _disabled() -> set[str]:
+    return {name.strip() for name in os.environ.get(OTEL_PYTHON_DISABLED_INSTRUMENTATIONS, "").split(",")
+            if name.strip()}
+
+
+def _assess(entry_point: EntryPoint, dist: Any, disabled: set[str]) -> tuple[bool, str]:
+    if "*" in disabled or entry_point.name in disabled:
+        return False, f"disabled by {OTEL_PYTHON_DISABLED_INSTRUMENTATIONS}"
+    libraries = _instrumented_libraries(dist)
+    conflict = get_dist_dependency_conflicts(dist) if dist is not None else None
+    if conflict is None:
+        try:
+            instrumentor_class: Callable[[], Any] = entry_point.load()
+        except ImportError as exc:
+            return False, f"cannot be imported: {exc}"
+        dependencies = list(instrumentor_class().instrumentation_dependencies())
+        libraries = libraries or dependencies
+        conflict = get_dependency_conflicts(dependencies)
+    if conflict is not None:
+        if conflict.found or conflict.found_any:
+            return False, f"version conflict: needs {conflict.required or ', '.join(conflict.required_any)}, " \
+                          f"found {conflict.found or ', '.join(conflict.found_any)}"
+        return False, f"{conflict.required or ', '.join(conflict.required_any)} is not installed"
+    return True, "instruments " + (", ".join(libraries) or "no particular library")
+
+
+def _instrumented_libraries(dist: Any) -> list[str]:
+    if dist is None:
+        return []
+    return [requirement.split(";")[0].strip() for requirement in dist.requires or ()
+            if ";" in requirement and "instruments" in requirement.split(";", 1)[1]]
+
+
+def survey() -> Iterator[Instrumentation]:
+    """Every installed instrumentation, in entry point order, with whether `sidetrace instrument` switches it on
+    in this interpreter and why (without switching anything on)."""
+    finder = _EntryPointDistFinder()
+    disabled = _disabled()
+    for entry_point in entry_points(group="opentelemetry_instrumentor"):
+        dist = finder.dist_for(entry_point)
+        enabled, reason = _assess(entry_point, dist, disabled)
+        label = f"{dist.metadata['Name']} {dist.version}" if dist is not None else "?"
+        yield Instrumentation(entry_point.name, label, enabled, reason)

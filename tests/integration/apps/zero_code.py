@@ -1,0 +1,112 @@
+"""Apps written the way people write them, with no tracing code: `sidetrace instrument` must trace them.
+
+Run as ``python zero_code.py KIND``; each serves itself on a free loopback port from a thread, calls itself
+once with an ordinary HTTP or gRPC client, and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import sys
+import threading
+import time
+
+
+def flask_app() -> None:
+    import requests
+    from flask import Flask
+    from werkzeug.serving import make_server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # its access log would muddle the app's stderr
+    app = Flask(__name__)
+
+    @app.route("/hello/<name>")
+    def hello(name: str) -> str:
+        return f"hello {name}"
+
+    server = make_server("127.0.0.1", 0, app)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    assert requests.get(f"http://127.0.0.1:{server.server_port}/hello/ada", timeout=5).text == "hello ada"
+    server.shutdown()
+
+
+def fastapi_app() -> None:
+    import httpx
+    import uvicorn
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int]:
+        return {"item_id": item_id}
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not (server.started and server.servers) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    assert httpx.get(f"http://127.0.0.1:{port}/items/7", timeout=5).json() == {"item_id": 7}
+    server.should_exit = True
+    thread.join(10)
+
+
+def grpc_app() -> None:
+    import grpc
+
+    def say_hello(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return b"hello " + request
+
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "demo.Greeter", {"SayHello": grpc.unary_unary_rpc_method_handler(say_hello)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        assert channel.unary_unary("/demo.Greeter/SayHello")(b"ada", timeout=5) == b"hello ada"
+    server.stop(grace=5).wait(10)
+
+
+def threads_app() -> None:
+    from opentelemetry import trace
+
+    # The app's own spans stand for work done in each thread; nothing here carries the context by hand.
+    tracer = trace.get_tracer("zero_code")
+
+    def work(where: str) -> None:
+        with tracer.start_as_current_span(f"work in {where}"):
+            pass
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, work, "run_in_executor")
+        await asyncio.to_thread(work, "to_thread")
+
+    with tracer.start_as_current_span("caller"):
+        thread = threading.Thread(target=work, args=("Thread",))
+        thread.start()
+        thread.join()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            pool.submit(work, "ThreadPoolExecutor").result()
+        asyncio.run(main())
+
+
+def timed_app() -> None:
+    """Forty requests' worth of waiting, each in a span; prints how long they took and when its last line ran."""
+    from opentelemetry import trace
+
+    tracer = trace.get_tracer("zero_code")
+    start = time.perf_counter()
+    for _ in range(40):
+        with tracer.start_as_current_span("request"):
+            time.sleep(0.025)
+    print(time.perf_counter() - start, time.time(), flush=True)
+
+
+if __name__ == "__main__":
+    {"flask": flask_app, "fastapi": fastapi_app, "grpc": grpc_app, "threads": threads_app,
+     "timed": timed_app}[sys.argv[1]]()

@@ -1,0 +1,176 @@
+"""`sidetrace instrument` on apps with no tracing code: contrib instrumentations found through their entry
+points, context carried into threads, OTEL_* settings honoured, exported through a real collector (rotel), and
+nothing printed on the app's stderr."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import wait_until
+from tests.integration.otlp_servers import Rotel, Sink
+
+APPS = Path(__file__).with_name("apps") / "zero_code.py"
+
+
+class Collector:
+    """rotel receiving OTLP from the apps and forwarding to a sink the tests read."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.sink = Sink()
+        self.rotel = Rotel(tmp, self.sink.port).start()
+        self.endpoint = f"http://127.0.0.1:{self.rotel.grpc_port}"
+
+    def spans(self, service: str) -> list:
+        with self.sink.collected.lock:
+            return [span for copies in self.sink.collected.spans.values() for (svc, span, _) in copies
+                    if svc == service]
+
+    def stop(self) -> None:
+        self.rotel.stop()
+        self.sink.stop()
+
+
+@pytest.fixture(scope="module")
+def collector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Collector]:
+    c = Collector(tmp_path_factory.mktemp("collector"))
+    yield c
+    c.stop()
+
+
+def launch(kind: str, service: str, endpoint: str, env: dict[str, str] | None = None) -> None:
+    """Run one of the apps under `sidetrace instrument`; it must succeed and print nothing on stderr."""
+    done = subprocess.run(
+        [sys.executable, "-m", "sidetrace", "instrument", "--service", service, "--endpoint", endpoint, "--",
+         sys.executable, str(APPS), kind],
+        capture_output=True, text=True, timeout=60, env=env)
+    assert (done.returncode, done.stderr) == (0, "")
+
+
+def by_name(spans: list) -> dict[str, object]:
+    named = {span.name: span for span in spans}
+    assert len(named) == len(spans), sorted(span.name for span in spans)
+    return named
+
+
+def test_flask_route_and_requests_call_are_traced_with_no_tracing_code(collector: Collector) -> None:
+    launch("flask", "zc-flask", collector.endpoint)
+    spans = by_name(wait_until(lambda: len(collector.spans("zc-flask")) == 2 and collector.spans("zc-flask"), 20,
+                               "the client and server spans"))
+    assert sorted(spans) == ["GET", "GET /hello/<name>"]
+    client, server = spans["GET"], spans["GET /hello/<name>"]
+    assert (client.kind, server.kind) == (3, 2)  # CLIENT, SERVER
+    assert server.trace_id == client.trace_id and server.parent_span_id == client.span_id
+
+
+def test_fastapi_route_and_httpx_call_are_traced_with_no_tracing_code(collector: Collector) -> None:
+    launch("fastapi", "zc-fastapi", collector.endpoint)
+    spans = wait_until(lambda: len(collector.spans("zc-fastapi")) == 4 and collector.spans("zc-fastapi"), 20,
+                       "the client and server spans, and the server's two sends")
+    assert sorted((span.name, span.kind) for span in spans) == [
+        ("GET", 3), ("GET /items/{item_id}", 2), ("GET /items/{item_id} http send", 1),
+        ("GET /items/{item_id} http send", 1)]
+    (client,) = [span for span in spans if span.kind == 3]
+    (server,) = [span for span in spans if span.kind == 2]
+    assert server.trace_id == client.trace_id and server.parent_span_id == client.span_id
+
+
+def test_grpc_call_is_traced_on_both_sides_with_no_tracing_code(collector: Collector) -> None:
+    launch("grpc", "zc-grpc", collector.endpoint)
+    spans = wait_until(lambda: len(collector.spans("zc-grpc")) == 2 and collector.spans("zc-grpc"), 20,
+                       "the client and server spans")
+    client, server = sorted(spans, key=lambda span: span.kind, reverse=True)
+    assert [(s.name, s.kind) for s in (client, server)] == [("/demo.Greeter/SayHello", 3),
+                                                              ("/demo.Greeter/SayHello", 2)]
+    assert server.trace_id == client.trace_id and server.parent_span_id == client.span_id
+
+
+def test_disabled_instrumentation_is_left_off(collector: Collector) -> None:
+    launch("flask", "zc-noflask", collector.endpoint,
+           env={**os.environ, "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "flask"})
+    spans = wait_until(lambda: collector.spans("zc-noflask"), 20, "the client span")
+    assert [span.name for span in spans] == ["GET"]
+
+
+def test_trace_continues_into_threads_executors_and_to_thread(collector: Collector) -> None:
+    launch("threads", "zc-threads", collector.endpoint)
+    spans = by_name(wait_until(lambda: len(collector.spans("zc-threads")) == 5 and collector.spans("zc-threads"),
+                               20, "the caller's span and four spans made in threads"))
+    caller = spans.pop("caller")
+    assert sorted(spans) == ["work in Thread", "work in ThreadPoolExecutor", "work in run_in_executor",
+                             "work in to_thread"]
+    assert {(span.trace_id, span.parent_span_id) for span in spans.values()} == {(caller.trace_id, caller.span_id)}
+
+
+def test_agent_down_slows_the_app_by_under_5_percent_and_exit_by_under_a_second(tmp_path: Path) -> None:
+    # Exports every 100 ms, so the exporter meets the dead agent while the app runs, not only at exit.
+    env = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    plain = subprocess.run([sys.executable, str(APPS), "timed"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidetrace", "instrument", "--endpoint", "http://127.0.0.1:9", "--",
+         sys.executable, str(APPS), "timed"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    stdout, stderr = proc.communicate(timeout=60)
+    exited = time.time()
+    plain_seconds = float(plain.stdout.split()[0])
+    seconds, last_line = (float(field) for field in stdout.split())
+    assert proc.returncode == 0
+    assert seconds < plain_seconds * 1.05
+    assert exited - last_line < 1.0
+    (warning,) = stderr.splitlines()
+    assert warning.startswith("sidetrace: Transient error StatusCode.UNAVAILABLE encountered while exporting")
+    assert warning.endswith("(further export problems are not printed)")
+
+
+def test_an_existing_sitecustomize_still_runs(collector: Collector, tmp_path: Path) -> None:
+    (tmp_path / "sitecustomize.py").write_text("print('the user sitecustomize ran')\n")
+    done = subprocess.run(  # -I: the launcher's own Python ignores PYTHONPATH, so only the app's runs it
+        [sys.executable, "-I", "-m", "sidetrace", "instrument", "--endpoint", collector.endpoint, "--",
+         sys.executable, "-c", "print('app ran')"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert (done.returncode, done.stdout, done.stderr) == (0, "the user sitecustomize ran\napp ran\n", "")
+
+
+def test_a_python_without_sidetrace_gets_one_line_naming_the_fix(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True, timeout=60)
+    bare = tmp_path / "bare" / "bin" / "python"
+    done = subprocess.run(
+        [sys.executable, "-m", "sidetrace", "instrument", "--", str(bare), "-c", "print('app ran')"],
+        capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "app ran\n")
+    assert done.stderr == (f"sidetrace: not instrumenting: this Python ({bare}) cannot import sidetrace; install it "
+                           f"there ({bare} -m pip install 'sidetrace[sdk]') or run the app with the Python sidetrace "
+                           "is installed in\n")
+
+
+def test_list_says_what_is_switched_on_and_why_the_rest_is_skipped() -> None:
+    done = subprocess.run([sys.executable, "-m", "sidetrace", "instrument", "--list"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "flask"})
+    assert (done.returncode, done.stderr) == (0, "")
+    lines = {line.split()[1]: " ".join(line.split()) for line in done.stdout.splitlines()}
+    version = metadata.version("opentelemetry-instrumentation-flask")
+    assert lines["flask"] == (f"skipped flask opentelemetry-instrumentation-flask {version}: disabled by "
+                              "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS")
+    assert lines["threading"] == (f"on threading opentelemetry-instrumentation-threading {version}: instruments "
+                                  "no particular library")
+    assert lines["nats"] == f"on nats sidetrace {metadata.version('sidetrace')}: instruments nats-py >= 2.2"
+    assert lines["httpx2"] == (f"skipped httpx2 opentelemetry-instrumentation-httpx {version}: httpx2 >= 2.0.0 is "
+                               "not installed")
+
+
+def test_bootstrap_prints_the_contrib_packages_for_the_installed_libraries() -> None:
+    done = subprocess.run([sys.executable, "-m", "sidetrace", "bootstrap"], capture_output=True, text=True,
+                          timeout=60)
+    assert (done.returncode, done.stderr) == (0, "")
+    version = metadata.version("opentelemetry-instrumentation")
+    wanted = done.stdout.splitlines()
+    for package in ("flask", "fastapi", "grpc", "requests", "httpx", "threading"):
+        assert f"opentelemetry-instrumentation-{package}=={version}" in wanted
+    assert "opentelemetry-instrumentation-django" not in " ".join(wanted)  # django is not installed
