@@ -278,6 +278,10 @@ def cmd_instrument(args: argparse.Namespace) -> int:
         env["OTEL_SERVICE_NAME"] = args.service
     if args.endpoint:
         env["SIDETRACE_AGENT_ENDPOINT"] = args.endpoint
+    # uWSGI forks its workers from C: without this (an option uWSGI also reads from the environment) Python's
+    # at-fork hooks never run in them, so the SDK's export threads are not restarted and exit waits on threads
+    # that only existed in the master.
+    env.setdefault("UWSGI_PY_CALL_OSAFTERFORK", "true")
     try:
         os.execvpe(command[0], command, env)
     except OSError as exc:

@@ -1,0 +1,95 @@
+"""Pre-fork servers under `sidetrace instrument`: every worker exports after the fork, a worker recycled by
+max_requests flushes before it exits, and nothing is exported twice."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port, port_open, stop_process, wait_until
+from tests.integration.test_zero_code import Collector
+
+pytestmark = pytest.mark.slow
+
+APPS = Path(__file__).with_name("apps")
+BIN = Path(sys.executable).parent
+MAX_REQUESTS = 3  # each worker is recycled after 3 requests
+WORKERS_SEEN = 3  # requests go on until this many workers have answered: at least one was recycled
+SEND_SECONDS = 30.0  # uWSGI's master checks max_requests about once a second, so recycling may take a while
+
+
+@pytest.fixture(scope="module")
+def collector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Collector]:
+    c = Collector(tmp_path_factory.mktemp("collector"))
+    yield c
+    c.stop()
+
+
+def serve(server: list[str], service: str, collector: Collector, port: int, tmp: Path) -> dict[str, int]:
+    """Run ``server`` under the launcher, send it requests, each starting its own trace, until
+    :data:`WORKERS_SEEN` workers have answered, and return each trace id with the pid of the worker that
+    answered it."""
+    log = tmp / f"{service}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sidetrace", "instrument", "--service", service, "--endpoint", collector.endpoint,
+             "--", *server], cwd=APPS, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: proc.poll() is None and port_open(port), 30, f"{server[0]} listening")
+        answered: dict[str, int] = {}
+        deadline = time.monotonic() + SEND_SECONDS
+        while len(set(answered.values())) < WORKERS_SEEN and time.monotonic() < deadline:
+            trace_id = os.urandom(16).hex()
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/pid", headers={
+                "traceparent": f"00-{trace_id}-{os.urandom(8).hex()}-01", "connection": "close"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                answered[trace_id] = int(response.read().decode().strip('"'))
+        wait_until(lambda: {span.trace_id.hex() for span in server_spans(collector, service)} >= set(answered), 30,
+                   "a server span for every request")
+    finally:
+        stop_process(proc)
+    return answered
+
+
+def server_spans(collector: Collector, service: str) -> list:
+    return [span for span in collector.spans(service) if span.kind == 2]
+
+
+def assert_every_worker_exported_each_span_once(collector: Collector, service: str, answered: dict[str, int]) -> None:
+    spans = server_spans(collector, service)
+    assert sorted(span.trace_id.hex() for span in spans) == sorted(answered)  # one each: none lost, none twice
+    assert collector.sink.collected.duplicates() == 0
+    assert len(set(answered.values())) == WORKERS_SEEN  # workers were recycled, and each one's spans arrived
+
+
+def test_gunicorn_sync_workers_each_export_and_recycled_ones_flush(collector: Collector, tmp_path: Path) -> None:
+    port = free_port()
+    answered = serve([str(BIN / "gunicorn"), "--workers", "2", "--max-requests", str(MAX_REQUESTS),
+                      "--bind", f"127.0.0.1:{port}", "prefork_app:app"], "pf-gunicorn", collector, port, tmp_path)
+    assert_every_worker_exported_each_span_once(collector, "pf-gunicorn", answered)
+
+
+def test_gunicorn_uvicorn_workers_each_export_and_recycled_ones_flush(collector: Collector, tmp_path: Path) -> None:
+    port = free_port()
+    answered = serve([str(BIN / "gunicorn"), "--workers", "2", "--worker-class", "uvicorn.workers.UvicornWorker",
+                      "--max-requests", str(MAX_REQUESTS), "--bind", f"127.0.0.1:{port}", "prefork_app:asgi_app"],
+                     "pf-uvicorn", collector, port, tmp_path)
+    assert_every_worker_exported_each_span_once(collector, "pf-uvicorn", answered)
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["preloaded", "lazy-apps"])
+def test_uwsgi_workers_each_export_and_recycled_ones_flush(collector: Collector, tmp_path: Path, lazy: bool) -> None:
+    port = free_port()
+    service = f"pf-uwsgi-{'lazy' if lazy else 'preloaded'}"
+    answered = serve([str(BIN / "uwsgi"), "--master", "--processes", "2", "--http-socket", f"127.0.0.1:{port}",
+                      "--module", "prefork_app:app", "--max-requests", str(MAX_REQUESTS), "--die-on-term",
+                      "--virtualenv", sys.prefix, *(["--lazy-apps"] if lazy else [])],
+                     service, collector, port, tmp_path)
+    assert_every_worker_exported_each_span_once(collector, service, answered)
