@@ -1,8 +1,9 @@
 """Spans per second relayed end to end, CPU per 100k spans and RSS at 10k spans/s: sidetrace vs rotel.
 
-Two chains run one after the other in the same invocation, with the same load:
-  sidetrace:   load -> sidetrace agent (gRPC) -> rotel -> sink
-  rotel alone: load -> rotel -> sink
+Three chains alternate round by round in the same invocation, with the same load:
+  sidetrace:    load -> sidetrace agent (gRPC) -> rotel -> sink
+  sidetrace-lb: load -> sidetrace agent, loadbalancing exporter by trace id -> 3 rotels -> sink
+  rotel alone:  load -> rotel -> sink
 The load is pre-encoded OTLP requests (512 spans in traces of 8, 100 distinct bodies so trace ids
 vary) replayed over concurrent gRPC calls from a separate process: one Python process running the
 stock SDK cannot offer more than about 8k spans/s. The sink is an in-process OTLP/gRPC server that
@@ -31,13 +32,14 @@ from tests.integration.otlp_servers import Rotel, Sink  # noqa: E402
 LOAD = str(Path(__file__).with_name("otlp_load.py"))
 
 
-def start_agent(tmp: Path, rotel_port: int) -> tuple[subprocess.Popen, int, int]:
+def start_agent(tmp: Path, rotel_port: int, exporter: str | None = None) -> tuple[subprocess.Popen, int, int]:
     grpc_port, http_port, port = free_port(), free_port(), free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / "agent.toml"
     config.write_text(
         f'[agent]\ndata_dir = "{tmp / "data"}"\n[server]\nlisten = "127.0.0.1:{port}"\n'
         f'[receivers.otlp]\ngrpc_listen = "127.0.0.1:{grpc_port}"\nhttp_listen = "127.0.0.1:{http_port}"\n'
-        f'[[exporters.otlp]]\nname = "rotel"\nendpoint = "http://127.0.0.1:{rotel_port}"\n'
+        + (exporter or f'[[exporters.otlp]]\nname = "rotel"\nendpoint = "http://127.0.0.1:{rotel_port}"\n')
     )
     with open(tmp / "agent.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "sidetrace", "run", "--config", str(config)], stderr=log)
@@ -104,20 +106,26 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="sidetrace-relay-"))
     sink = CountingSink()
     rotel = Rotel(tmp, sink.port).start()
-    agent, agent_grpc, _ = start_agent(tmp, rotel.grpc_port)
-    results: dict[str, list[dict]] = {"sidetrace": [], "rotel alone": []}
+    tier = [Rotel(tmp, sink.port).start() for _ in range(3)]
+    agent, agent_grpc, _ = start_agent(tmp / "plain", rotel.grpc_port)
+    backends = ", ".join(f'"127.0.0.1:{r.grpc_port}"' for r in tier)
+    balancer, balancer_grpc, _ = start_agent(tmp / "lb", 0, f'[[exporters.loadbalancing]]\nname = "tier"\n'
+                                                           f'backends = [{backends}]\n')
+    chains = {"sidetrace": (agent.pid, agent_grpc), "sidetrace-lb": (balancer.pid, balancer_grpc),
+              "rotel alone": (rotel.proc.pid, rotel.grpc_port)}
+    results: dict[str, list[dict]] = {name: [] for name in chains}
     try:
-        for _ in range(args.rounds):  # alternate the chains so drift hits both alike
-            results["sidetrace"].append(relay("sidetrace", agent.pid, f"127.0.0.1:{agent_grpc}", sink, args.spans,
-                                              args.concurrency))
-            results["rotel alone"].append(relay("rotel", rotel.proc.pid, f"127.0.0.1:{rotel.grpc_port}", sink,
-                                                args.spans, args.concurrency))
+        for _ in range(args.rounds):  # alternate the chains so drift hits them alike
+            for name, (pid, port) in chains.items():
+                results[name].append(relay(name, pid, f"127.0.0.1:{port}", sink, args.spans, args.concurrency))
         steady_agent = steady(agent.pid, f"127.0.0.1:{agent_grpc}", args.steady_seconds)
         steady_rotel = steady(rotel.proc.pid, f"127.0.0.1:{rotel.grpc_port}", args.steady_seconds)
     finally:
-        agent.terminate()
-        agent.wait(15)
-        rotel.stop()
+        for process in (agent, balancer):
+            process.terminate()
+            process.wait(15)
+        for collector in (rotel, *tier):
+            collector.stop()
         sink.stop()
 
     def med(name: str, key: str) -> float:
@@ -125,12 +133,19 @@ def main() -> None:
 
     print(f"{args.rounds} rounds of {args.spans} spans, {args.concurrency} concurrent gRPC calls; "
           f"{os.cpu_count()} cores; Python {sys.version.split()[0]}")
-    print(f"{'chain':12} {'spans/s median':>15} {'relay CPU s per 100k spans':>27} {'refused calls':>14}")
+    def spread(name: str, key: str) -> str:
+        values = [r[key] for r in results[name]]
+        return f"{min(values):.3f}-{max(values):.3f}"
+
+    print(f"{'chain':12} {'spans/s median':>15} {'relay CPU s per 100k spans':>27} {'(min-max)':>13} {'refused':>8}")
     for name in results:
         print(f"{name:12} {med(name, 'spans_per_s'):15.0f} {med(name, 'cpu_per_100k'):27.3f} "
-              f"{sum(r['refused'] for r in results[name]):14d}")
+              f"{spread(name, 'cpu_per_100k'):>13} {sum(r['refused'] for r in results[name]):8d}")
     print(f"ratio sidetrace/rotel: throughput {med('sidetrace', 'spans_per_s') / med('rotel alone', 'spans_per_s'):.2f}"
           f", CPU per span {med('sidetrace', 'cpu_per_100k') / med('rotel alone', 'cpu_per_100k'):.2f}")
+    print(f"ratio sidetrace-lb/sidetrace: throughput "
+          f"{med('sidetrace-lb', 'spans_per_s') / med('sidetrace', 'spans_per_s'):.2f}, CPU per span "
+          f"{med('sidetrace-lb', 'cpu_per_100k') / med('sidetrace', 'cpu_per_100k'):.2f}")
     print(f"steady 10k spans/s for {args.steady_seconds:.0f} s: sidetrace {steady_agent['cpu_percent']:.1f} % of a "
           f"core, RSS median {steady_agent['rss_median']:.1f} MiB (max {steady_agent['rss_max']:.1f}); rotel "
           f"{steady_rotel['cpu_percent']:.1f} %, RSS median {steady_rotel['rss_median']:.1f} MiB")
