@@ -4,6 +4,7 @@ real HTTP server that decodes what it receives as a store would (snappy, then pr
 from __future__ import annotations
 
 import asyncio
+import base64
 import math
 import struct
 import time
@@ -17,7 +18,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from sidetrace.config import RemoteWriteExporterSection
 from sidetrace.exporters.delivery import DeliveryStats, Verdict, delivery_families
-from sidetrace.exporters.remote_write import RemoteWriteExporter, Samples, WriteRequest, classify
+from sidetrace.exporters.remote_write import (
+    RemoteWriteExporter,
+    RemoteWriteSender,
+    Samples,
+    WriteRequest,
+    classify,
+)
 from sidetrace.exporters.spool import Spool
 from tests.conftest import free_port
 
@@ -174,3 +181,17 @@ async def test_a_refused_batch_is_set_aside_and_the_next_ones_flow(tmp_path: Pat
     families = {f.name: f for f in delivery_families(list(stats.items()))}
     assert families["sidetrace_exporter_sent_samples"].samples[0].value == stats["rw"].sent > 0
     assert all(s.labels["exporter"] != "rw" for s in families["sidetrace_exporter_sent_spans"].samples)
+
+
+def test_credentials_come_from_the_environment_and_go_in_the_authorization_header(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MIMIR_PASSWORD", "pa:ss")
+    monkeypatch.setenv("TENANT", "team-a")
+    basic = RemoteWriteSender(RemoteWriteExporterSection(basic_auth_username="agent",
+                                                         basic_auth_password="${MIMIR_PASSWORD}",
+                                                         headers={"X-Scope-OrgID": "${TENANT}"}))
+    assert basic.headers["Authorization"] == "Basic " + base64.b64encode(b"agent:pa:ss").decode()
+    assert basic.headers["X-Scope-OrgID"] == "team-a"
+    bearer = RemoteWriteSender(RemoteWriteExporterSection(bearer_token="${TENANT}"))
+    assert bearer.headers["Authorization"] == "Bearer team-a"
+    assert "Authorization" not in RemoteWriteSender(RemoteWriteExporterSection()).headers
