@@ -138,12 +138,17 @@ class TracePipeline:
         """The exporters of ``wanted`` that are new or changed, built (not started)."""
         built = {}
         for kind, section in wanted:
-            if (kind, section) == self._sections.get(section.name):
+            if (kind, section) == self._sections.get(section.name) or self._in_place(kind, section):
                 continue
             cls = exporter_class(kind)
             extra = {"metrics": self._registry.collect} if getattr(cls, "NEEDS_METRICS", False) else {}
             built[section.name] = cls(section, spool, self._stats_for, **extra)
         return built
+
+    def _in_place(self, kind: str, section: Any) -> bool:
+        """Whether the running exporter of ``section``'s name takes this change without a restart."""
+        current, exporter = self._sections.get(section.name), self.exporters.get(section.name)
+        return current is not None and current[0] == kind and hasattr(exporter, "accepts") and exporter.accepts(section)
 
     async def _start_exporters(self, built: dict[str, Any], wanted: list[tuple[str, Any]]) -> None:
         sections = {section.name: (kind, section) for kind, section in wanted}
@@ -175,6 +180,11 @@ class TracePipeline:
             if new.spool.sync != old.spool.sync:
                 self.spool.set_sync(new.spool.sync)
         names = {s.name for _, s in wanted}
+        changed_in_place = [(kind, s) for kind, s in wanted if (kind, s) != self._sections.get(s.name)
+                            and s.name not in built and s.name in self.exporters]
+        for kind, section in changed_in_place:
+            await self.exporters[section.name].reconfigure(section)
+            self._sections[section.name] = (kind, section)
         leaving = [n for n in self.exporters if n not in names or n in built]
         for name in leaving:
             exporter = self.exporters.pop(name)
@@ -195,6 +205,8 @@ class TracePipeline:
         if built or leaving:
             log.info("exporters restarted: %s; exporting to %s", ", ".join(sorted({*built, *leaving})),
                      ", ".join(self.exporters) or "nothing")
+        if changed_in_place:
+            log.info("exporters reconfigured in place: %s", ", ".join(s.name for _, s in changed_in_place))
 
     # the trace sink ----------------------------------------------------------------------------
 
@@ -242,4 +254,7 @@ class TracePipeline:
         if self.spool is not None:
             yield from self.spool.families()
             yield from delivery_families(list(self._stats.items()))
+            for exporter in list(self.exporters.values()):
+                if hasattr(exporter, "families"):
+                    yield from exporter.families()
 

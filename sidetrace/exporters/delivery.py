@@ -107,6 +107,7 @@ class DeliveryStats:
     rejected: int = 0
     retries: int = 0
     resent: int = 0
+    moved: int = 0  # a load-balancing router's: traces whose owner a membership change moved
     failures: dict[str, int] = field(default_factory=dict)
     failing: bool = False
     last_error: str | None = None

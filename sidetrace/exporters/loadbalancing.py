@@ -28,11 +28,13 @@ import logging
 import os
 import socket
 from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from sidetrace._aio import finish
 from sidetrace._protowire import fields, varint
@@ -46,6 +48,7 @@ log = logging.getLogger("sidetrace.exporter")
 VIRTUAL_NODES = 4096  # ring positions per backend: shares within a few percent of 1/N (measured)
 ROUTE_MAX_ITEMS = 16_384
 ROUTE_MAX_BYTES = 16 * 1024 * 1024
+RECENT_KEYS = 8192  # trace ids (or services) last routed, to count those a membership change moves
 
 
 def _position(text: str) -> int:
@@ -98,12 +101,14 @@ def _trace_id(span: memoryview) -> bytes:
     return b""
 
 
-def route(body: bytes, ring: HashRing, by_service: bool) -> dict[str, tuple[bytes, int]]:
+def route(body: bytes, ring: HashRing, by_service: bool,
+          seen: Callable[[bytes], None] | None = None) -> dict[str, tuple[bytes, int]]:
     """``body`` (an encoded ExportTraceServiceRequest) split by owner: backend -> (body, spans).
 
     Works on the wire format, without decoding a span (a protobuf decode and re-encode cost four times
     as much): each ResourceSpans keeps its resource, each ScopeSpans its scope, and the spans of one
-    trace (or of one service) go to one backend. Raises ValueError when ``body`` cannot be read.
+    trace (or of one service) go to one backend. ``seen`` is given each routing key looked up. Raises
+    ValueError when ``body`` cannot be read.
     """
     data = memoryview(body)
     requests: dict[str, list[bytes]] = {}
@@ -115,7 +120,12 @@ def route(body: bytes, ring: HashRing, by_service: bool) -> dict[str, tuple[byte
         parts = fields(resource_spans)
         head = [resource_spans[start:stop] for field, start, _, stop in parts if field != 2]
         resource = next((resource_spans[v:e] for field, _, v, e in parts if field == 1), memoryview(b""))
-        service_owner = ring.owner(_service(resource)) if by_service else None
+        service_owner = None
+        if by_service:
+            service = _service(resource)
+            service_owner = ring.owner(service)
+            if seen is not None:
+                seen(service)
         scopes: dict[str, list[bytes]] = {}
         for field, _, scope_value, scope_end in parts:
             if field != 2:  # not scope_spans
@@ -132,6 +142,8 @@ def route(body: bytes, ring: HashRing, by_service: bool) -> dict[str, tuple[byte
                     trace_id = _trace_id(scope_spans[span_value:stop])
                     if trace_id != last_trace:  # an SDK sends a trace's spans together: one lookup for them
                         owner, last_trace = ring.owner(trace_id), trace_id
+                        if seen is not None:
+                            seen(trace_id)
                 groups.setdefault(owner, []).append(scope_spans[start:stop])
             for owner, spans in groups.items():
                 encoded = b"".join([*scope_head, *spans])
@@ -194,6 +206,7 @@ class LoadBalancingExporter:
         self.stats = stats_for(self.name)  # the router's: batches it could not decode, spans it may resend
         self.membership_changes = 0
         self.last_resolve_error: str | None = None
+        self._recent: deque[bytes] = deque(maxlen=RECENT_KEYS)
 
     def readers(self) -> list[tuple[str, str]]:
         """The router's reader of the trace queue, and each current backend's sub-reader of its own queue."""
@@ -248,6 +261,10 @@ class LoadBalancingExporter:
             if tuple(sorted(set(backends))) == self.ring.backends:
                 return
             wanted = HashRing(backends)
+            if len(self.ring) and len(wanted):
+                # Traces routed just before the change whose owner changes: their later spans go to the new
+                # owner, so each may arrive split across two backends.
+                self.stats.moved += sum(self.ring.owner(key) != wanted.owner(key) for key in set(self._recent))
             leaving = [b for b in self.ring.backends if b not in wanted.backends]
             joining = [b for b in wanted.backends if b not in self.ring.backends]
             self.ring = wanted
@@ -350,7 +367,7 @@ class LoadBalancingExporter:
                 counts[only] = counts.get(only, 0) + batch.items
                 continue
             try:
-                parts = route(batch.body, self.ring, self._by_service)
+                parts = route(batch.body, self.ring, self._by_service, self._recent.append)
             except ValueError as exc:
                 await self.spool.set_aside(reader, batch.id, batch.body, batch.items, "undecodable", str(exc))
                 continue
@@ -361,7 +378,33 @@ class LoadBalancingExporter:
                                for owner, bodies in shares.items()))
         return sum(counts.values())
 
+    # reload ---------------------------------------------------------------------------------------
+
+    def accepts(self, section: LoadBalancingExporterSection) -> bool:
+        """Whether ``section`` differs from this exporter's only in its backends (list or DNS), which
+        ``reconfigure`` applies in place: the other backends' deliveries go on uncut."""
+        membership = {"backends": (), "dns": "", "dns_interval_seconds": 0.0, "dns_server": ""}
+        return dataclasses.replace(section, **membership) == dataclasses.replace(self.section, **membership)
+
+    async def reconfigure(self, section: LoadBalancingExporterSection) -> None:
+        if self._resolver is not None:
+            self._resolver.cancel()
+            await asyncio.gather(self._resolver, return_exceptions=True)
+            self._resolver = None
+        self.section = section
+        await self.set_backends(await self._resolve_or_keep() if section.dns else section.backends)
+        if section.dns:
+            self._resolver = asyncio.create_task(self._resolve_forever(), name=f"exporter-{self.name}-dns")
+
     # observability -------------------------------------------------------------------------------
+
+    def families(self) -> Iterator[Metric]:
+        moved = CounterMetricFamily("sidetrace_exporter_moved_traces_total",
+                                    "Traces routed just before a change of the backend set whose owner changed: "
+                                    "their later spans go to the new owner, so each may arrive split.",
+                                    labels=["exporter"])
+        moved.add_metric([self.name], self.stats.moved)
+        yield moved
 
     def status(self) -> dict[str, Any]:
         backends = {backend: delivery.status() for backend, delivery in self.deliveries.items()}

@@ -249,3 +249,34 @@ async def test_a_restart_resumes_each_backends_share_where_it_was(tmp_path: Path
     await lb.stop()
     assert_whole_traces_on_one_backend_each(backends, TRACES_SENT)  # and nothing delivered before is sent again
     await spool.close()
+
+
+async def test_a_membership_change_counts_the_traces_it_may_split(tmp_path: Path, backends: list[GrpcBackend]) -> None:
+    fourth = await GrpcBackend().start()
+    try:
+        spool = await opened(tmp_path / "spool.db")
+        stats: dict[str, DeliveryStats] = {}
+        three = [f"127.0.0.1:{b.port}" for b in backends]
+        lb = exporter(spool, three, stats)
+        await lb.start()
+        await queue_traces(spool)
+        await until(lambda: sum(b.unique() for b in backends) == TRACES_SENT * SPANS_PER_TRACE, 20, "every span")
+        old, new = HashRing(three), HashRing([*three, f"127.0.0.1:{fourth.port}"])
+        moving = {n for n in range(TRACES_SENT) if old.owner(n.to_bytes(16, "big")) != new.owner(n.to_bytes(16, "big"))}
+        await lb.set_backends(new.backends)
+        assert stats["lb"].moved == len(moving) > 0
+        # Later spans of the same traces (a long trace still running at the change) follow the new ring.
+        late = ExportTraceServiceRequest.FromString(trace_request(0, TRACES_SENT))
+        for span in late.resource_spans[0].scope_spans[0].spans:
+            span.span_id = (int.from_bytes(span.span_id, "big") + 50).to_bytes(8, "big")
+        await spool.append(late.SerializeToString(), TRACES_SENT * SPANS_PER_TRACE, TRACES)
+        everyone = [*backends, fourth]
+        await until(lambda: sum(b.unique() for b in everyone) == 2 * TRACES_SENT * SPANS_PER_TRACE, 20, "late spans")
+        await lb.stop()
+        split = {n for n in range(TRACES_SENT) if sum(n in traces_at(b) for b in everyone) > 1}
+        assert split == moving  # exactly the traces counted, and no other
+        families = {f.name: f for f in lb.families()}
+        assert families["sidetrace_exporter_moved_traces"].samples[0].value == len(moving)
+        await spool.close()
+    finally:
+        await fourth.stop()
