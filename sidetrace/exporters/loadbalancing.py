@@ -231,9 +231,16 @@ class LoadBalancingExporter:
 
     async def stop(self) -> None:
         self._stopping = True
-        for task in (self._resolver, self._router):
-            if task is not None and not await finish(task, 5.0):
-                log.error("exporter %s: a task did not stop within 5 s", self.name)
+        if self._resolver is not None:
+            await finish(self._resolver, 5.0)
+        if self._router is not None:
+            # Let it finish the batches it is routing (appended and acknowledged, or neither), so a clean
+            # stop never routes a batch twice; cut short, the next start counts them as possibly resent.
+            done, _ = await asyncio.wait({self._router}, timeout=5.0)
+            if not done:
+                self.spool.interrupted.add(self.name)
+                if not await finish(self._router, 5.0):
+                    log.error("exporter %s: the router did not stop within 10 s", self.name)
         for delivery in self.deliveries.values():
             await delivery.stop()
 
