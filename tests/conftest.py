@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -40,6 +41,15 @@ def wait_until(probe: Callable[[], T], timeout: float, what: str, interval: floa
             last = result
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+async def until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """The asyncio twin of ``wait_until``: poll ``condition`` until it is truthy, or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

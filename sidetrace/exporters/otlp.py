@@ -19,13 +19,11 @@ import email.utils
 import gzip
 import logging
 import os
-import ssl
 import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import grpc
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -36,6 +34,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from sidetrace._grpc_status import status_details
 from sidetrace.config import OtlpExporterSection
 from sidetrace.exporters.delivery import MAX_RETRY_AFTER, Answer, Delivery, DeliveryStats, Policy, Verdict
+from sidetrace.exporters.http import HttpPoster
 from sidetrace.exporters.spool import TRACES, Spool
 
 log = logging.getLogger("sidetrace.exporter")
@@ -160,51 +159,31 @@ class HttpSender:
     def __init__(self, section: OtlpExporterSection, headers: dict[str, str]) -> None:
         parts = urlsplit(section.endpoint if "://" in section.endpoint else f"http://{section.endpoint}")
         path = parts.path if parts.path not in ("", "/") else "/v1/traces"
-        self._url = f"{parts.scheme}://{parts.netloc}{path}"
-        self._headers = {"Content-Type": "application/x-protobuf", **headers}
         self._gzip = section.compression == "gzip"
+        request_headers = {"Content-Type": "application/x-protobuf", **headers}
         if self._gzip:
-            self._headers["Content-Encoding"] = "gzip"
-        self._ssl: ssl.SSLContext | bool = True
-        if parts.scheme == "https":
-            context = ssl.create_default_context(cafile=section.tls.ca_file or None)
-            if section.tls.cert_file:
-                context.load_cert_chain(section.tls.cert_file, section.tls.key_file or None)
-            if section.tls.insecure_skip_verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            self._ssl = context
-        self._timeout = aiohttp.ClientTimeout(total=section.timeout_seconds)
-        self._session: aiohttp.ClientSession | None = None
+            request_headers["Content-Encoding"] = "gzip"
+        self._poster = HttpPoster(f"{parts.scheme}://{parts.netloc}{path}", request_headers, section.tls,
+                                  section.timeout_seconds)
 
     async def send(self, body: bytes) -> Answer:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
         if self._gzip:
             body = await asyncio.to_thread(gzip.compress, body, 1)  # level 1: a tenth larger, half the CPU
-        try:
-            async with self._session.post(self._url, data=body, headers=self._headers, ssl=self._ssl) as response:
-                payload = await response.read()
-                if 200 <= response.status < 300:
-                    if payload and response.content_type == "application/x-protobuf":
-                        try:
-                            return _delivered(ExportTraceServiceResponse.FromString(payload))
-                        except DecodeError:
-                            pass  # a 2xx is a success whatever its body says
-                    return Answer(Verdict.DELIVERED)
-                return classify_http(response.status, payload, response.headers.get("Retry-After"))
-        except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
-            return Answer(Verdict.FAULT, "tls", f"TLS: {exc}")
-        except aiohttp.ClientConnectorError as exc:
-            return Answer(Verdict.FAULT, "connection_refused", f"{type(exc).__name__}: {exc}")
-        except asyncio.TimeoutError:
-            return Answer(Verdict.RETRY, "timeout", f"no answer within {self._timeout.total:g} s")
-        except (aiohttp.ClientError, OSError) as exc:
-            return Answer(Verdict.RETRY, "connection_lost", f"{type(exc).__name__}: {exc}")
+        return await self._poster.post(body, _read_http_answer)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._poster.close()
+
+
+def _read_http_answer(status: int, payload: bytes, content_type: str, retry_after: str | None) -> Answer:
+    if 200 <= status < 300:
+        if payload and content_type == "application/x-protobuf":
+            try:
+                return _delivered(ExportTraceServiceResponse.FromString(payload))
+            except DecodeError:
+                pass  # a 2xx is a success whatever its body says
+        return Answer(Verdict.DELIVERED)
+    return classify_http(status, payload, retry_after)
 
 
 class TracesPayload:

@@ -24,13 +24,11 @@ import base64
 import logging
 import os
 import socket
-import ssl
 import struct
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import aiohttp
 import cramjam
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from prometheus_client.core import Metric
@@ -38,6 +36,7 @@ from prometheus_client.core import Metric
 from sidetrace import __version__
 from sidetrace.config import RemoteWriteExporterSection
 from sidetrace.exporters.delivery import Answer, Delivery, DeliveryStats, Policy, Verdict
+from sidetrace.exporters.http import HttpPoster
 from sidetrace.exporters.otlp import retry_after_seconds
 from sidetrace.exporters.spool import Spool
 
@@ -110,7 +109,6 @@ class RemoteWriteSender:
     """POSTs snappy-compressed WriteRequests to the store."""
 
     def __init__(self, section: RemoteWriteExporterSection) -> None:
-        self.url = section.url
         self.headers = {"Content-Type": "application/x-protobuf", "Content-Encoding": "snappy",
                         "X-Prometheus-Remote-Write-Version": "0.1.0", "User-Agent": f"sidetrace/{__version__}",
                         **{key: os.path.expandvars(value) for key, value in section.headers.items()}}
@@ -119,40 +117,17 @@ class RemoteWriteSender:
         elif section.basic_auth_username:
             pair = f"{section.basic_auth_username}:{os.path.expandvars(section.basic_auth_password)}"
             self.headers["Authorization"] = f"Basic {base64.b64encode(pair.encode()).decode()}"
-        self._ssl: ssl.SSLContext | bool = True
-        if self.url.startswith("https://"):
-            context = ssl.create_default_context(cafile=section.tls.ca_file or None)
-            if section.tls.cert_file:
-                context.load_cert_chain(section.tls.cert_file, section.tls.key_file or None)
-            if section.tls.insecure_skip_verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            self._ssl = context
-        self._timeout = aiohttp.ClientTimeout(total=section.timeout_seconds)
-        self._session: aiohttp.ClientSession | None = None
+        self._poster = HttpPoster(section.url, self.headers, section.tls, section.timeout_seconds)
 
     async def send(self, body: bytes) -> Answer:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
-        compressed = bytes(cramjam.snappy.compress_raw(body))
-        try:
-            async with self._session.post(self.url, data=compressed, headers=self.headers, ssl=self._ssl) as response:
-                payload = await response.read()
-                if 200 <= response.status < 300:
-                    return Answer(Verdict.DELIVERED)
-                return classify(response.status, payload, response.headers.get("Retry-After"))
-        except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
-            return Answer(Verdict.FAULT, "tls", f"TLS: {exc}")
-        except aiohttp.ClientConnectorError as exc:
-            return Answer(Verdict.FAULT, "connection_refused", f"{type(exc).__name__}: {exc}")
-        except asyncio.TimeoutError:
-            return Answer(Verdict.RETRY, "timeout", f"no answer within {self._timeout.total:g} s")
-        except (aiohttp.ClientError, OSError) as exc:
-            return Answer(Verdict.RETRY, "connection_lost", f"{type(exc).__name__}: {exc}")
+        return await self._poster.post(bytes(cramjam.snappy.compress_raw(body)), _read_answer)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._poster.close()
+
+
+def _read_answer(status: int, payload: bytes, content_type: str, retry_after: str | None) -> Answer:
+    return Answer(Verdict.DELIVERED) if 200 <= status < 300 else classify(status, payload, retry_after)
 
 
 LabelSet = tuple[tuple[str, str], ...]

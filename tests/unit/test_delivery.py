@@ -20,7 +20,7 @@ from sidetrace.exporters.delivery import Delivery, DeliveryStats, Policy
 from sidetrace.exporters.otlp import GrpcSender, HttpSender, OtlpExporter, TracesPayload, retry_after_seconds
 from sidetrace.exporters.spool import TRACES, Spool
 from tests.backends import Backend, GrpcBackend, HttpBackend
-from tests.conftest import free_port
+from tests.conftest import free_port, until
 
 BATCHES = 300
 SPANS = 10
@@ -59,14 +59,6 @@ def delivery(backend: Backend, spool: Spool, protocol: str, policy: Policy = FAS
                                    compression="none", batch_timeout_seconds=0, **section)
     sender = (GrpcSender if protocol == "grpc" else HttpSender)(exporter, {})
     return Delivery("b", spool, TRACES, sender, TracesPayload(), policy, DeliveryStats())
-
-
-async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def drained(spool: Spool, timeout: float = 20.0) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -21,6 +21,7 @@ from sidetrace.exporters.delivery import DeliveryStats, delivery_families
 from sidetrace.exporters.loadbalancing import HashRing, LoadBalancingExporter, route
 from sidetrace.exporters.spool import TRACES, Spool
 from tests.backends import Backend, GrpcBackend
+from tests.conftest import until
 
 TRACES_SENT = 600
 SPANS_PER_TRACE = 5
@@ -116,14 +117,6 @@ def trace_request(first_trace: int, traces: int) -> bytes:
 
 def traces_at(backend: Backend) -> set[int]:
     return {int.from_bytes(span_id, "big") // 100 for span_id in backend.received}
-
-
-async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

@@ -3,11 +3,9 @@ real HTTP server that decodes what it receives as a store would (snappy, then pr
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import math
 import struct
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from sidetrace.exporters.remote_write import (
     classify,
 )
 from sidetrace.exporters.spool import Spool
-from tests.conftest import free_port
+from tests.conftest import free_port, until
 
 
 class Store:
@@ -143,14 +141,6 @@ def test_samples_split_in_halves_of_their_series() -> None:
     assert [len(WriteRequest.FromString(body).timeseries) for body, _ in halves] == [2, 3]
     with pytest.raises(ValueError):
         Samples().split(b"\xff\xff")
-
-
-async def until(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def test_a_refused_batch_is_set_aside_and_the_next_ones_flow(tmp_path: Path, store: Store) -> None:
