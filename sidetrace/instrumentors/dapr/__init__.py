@@ -66,8 +66,8 @@ _PATCHES: tuple[tuple[str, str, str, str], ...] = (
      "_server:on_bulk_topic_event_wrapper"),
     ("dapr.ext.grpc", "dapr.ext.grpc._servicer", "_CallbackServicer.OnBulkTopicEventAlpha1",
      "_server:on_bulk_topic_event_wrapper"),
-    ("aiohttp", "aiohttp.web_app", "Application._handle", "_server:aiohttp_server_wrapper"),
-    ("starlette", "starlette.applications", "Starlette.__call__", "_server:asgi_wrapper"),
+    ("aiohttp", "aiohttp.web_app", "Application.pre_freeze", "_server:aiohttp_pre_freeze_wrapper"),
+    ("starlette", "starlette.routing", "Router.__call__", "_server:asgi_wrapper"),
     ("flask", "flask.app", "Flask.wsgi_app", "_server:wsgi_wrapper"),
     ("flask", "flask.app", "Flask.dispatch_request", "_server:flask_dispatch_wrapper"),
 )

@@ -41,6 +41,7 @@ from sidetrace.instrumentors.dapr._telemetry import (
 CALLBACK_SERVICE = "dapr.proto.runtime.v1.AppCallback"
 _DAPR_HEADER_NAMES = (b"dapr-callee-app-id", b"dapr-caller-app-id")
 _CE_PREFIX = b"application/cloudevents"  # 23 bytes
+_AIOHTTP_SEEN = "sidetrace.dapr"
 # name, kind, parent, attributes, links
 Spec = tuple[str, SpanKind, otel_context.Context | None, dict[str, Any], list[trace.Link] | None]
 
@@ -78,7 +79,8 @@ def serve(telemetry: Telemetry, make: Any, *args: Any) -> Iterator[Span | None]:
     try:
         yield span
     except BaseException as exc:
-        status = getattr(exc, "status", None)  # aiohttp's HTTPException: _answered judged its status
+        # aiohttp's and Starlette's HTTPException: _answered judged their status
+        status = getattr(exc, "status", getattr(exc, "status_code", None))
         if not isinstance(status, int):
             guarded(telemetry, "dapr server error", mark_error, span, type(exc).__qualname__, str(exc), exc)
         raise
@@ -270,7 +272,9 @@ def _maybe_dapr(get: Any) -> bool:
 
 
 def asgi_wrapper(telemetry: Telemetry):  # noqa: ANN201
-    """Wraps ``Starlette.__call__`` (FastAPI, dapr-ext-fastapi's DaprApp)."""
+    """Wraps ``starlette.routing.Router.__call__`` (FastAPI, dapr-ext-fastapi's DaprApp): inside the app's
+    middleware, so that a web framework instrumentation's SERVER span (contrib's FastAPI and Starlette ones are
+    ASGI middleware) is current when ours looks."""
 
     async def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         scope, receive, send = args[:3] if len(args) >= 3 else (None, None, None)
@@ -311,7 +315,12 @@ def asgi_wrapper(telemetry: Telemetry):  # noqa: ANN201
             await send(message)
 
         with serve(telemetry, _http_spec, headers, scope.get("method", "GET"), scope.get("path", "/"), body) as span:
-            result = await wrapped(scope, replay, send_status)
+            try:
+                result = await wrapped(scope, replay, send_status)
+            except Exception as exc:
+                # Starlette's HTTPException, answered by the app's exception middleware outside the router
+                guarded(telemetry, "dapr server answer", _answered, span, getattr(exc, "status_code", None))
+                raise
             guarded(telemetry, "dapr server answer", _answered, span, status[0] if status else None)
             # Starlette keeps the matched route in the scope
             guarded(telemetry, "dapr server route", _routed, span, getattr(scope.get("route"), "path", None))
@@ -374,13 +383,17 @@ def flask_dispatch_wrapper(telemetry: Telemetry):  # noqa: ANN201
     return wrapper
 
 
-def aiohttp_server_wrapper(telemetry: Telemetry):  # noqa: ANN201
-    """Wraps ``aiohttp.web.Application._handle``."""
+def aiohttp_pre_freeze_wrapper(telemetry: Telemetry):  # noqa: ANN201
+    """Wraps ``aiohttp.web.Application.pre_freeze`` (run once, as the app starts) to add a middleware of ours
+    last, so innermost: inside a web framework instrumentation's middleware (contrib's aiohttp-server), so that
+    its SERVER span is current when ours looks, whichever was instrumented first."""
+    from aiohttp import web
 
-    async def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-        request = args[0]
-        if not _maybe_dapr(request.headers.get):
-            return await wrapped(*args, **kwargs)
+    @web.middleware
+    async def dapr_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        if _AIOHTTP_SEEN in request or not _maybe_dapr(request.headers.get):
+            return await handler(request)
+        request[_AIOHTTP_SEEN] = True  # a sub-app's middleware passes it through
         headers = headers_dict(request.headers.items())
         body = None
         length = request.content_length
@@ -388,7 +401,7 @@ def aiohttp_server_wrapper(telemetry: Telemetry):  # noqa: ANN201
             body = await request.read()  # aiohttp keeps it: the handler reads the same bytes
         with serve(telemetry, _http_spec, headers, request.method, request.path, body) as span:
             try:
-                response = await wrapped(*args, **kwargs)
+                response = await handler(request)
             except Exception as exc:
                 # web.HTTPException subclasses carry the status they answer with
                 guarded(telemetry, "dapr server answer", _answered, span, getattr(exc, "status", None))
@@ -397,5 +410,13 @@ def aiohttp_server_wrapper(telemetry: Telemetry):  # noqa: ANN201
             resource = getattr(getattr(request.match_info, "route", None), "resource", None)
             guarded(telemetry, "dapr server route", _routed, span, getattr(resource, "canonical", None))
             return response
+
+    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        try:
+            if not instance.pre_frozen and dapr_middleware not in instance.middlewares:
+                instance.middlewares.append(dapr_middleware)
+        except Exception as exc:  # noqa: BLE001 - the app starts untraced rather than not at all
+            telemetry.guard.failed("dapr aiohttp middleware", exc)
+        return wrapped(*args, **kwargs)
 
     return wrapper
