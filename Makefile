@@ -6,7 +6,7 @@ CONFIG ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
-.PHONY: run test lint servers bench clean
+.PHONY: run test lint servers demo bench clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit("sidetrace needs Python >= 3.10" if sys.version_info < (3, 10) else 0)'
@@ -38,11 +38,16 @@ servers:
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(APT_INSTALL) $$missing; fi
 
 lint: $(VENV)/.test
-	$(BIN)/ruff check sidetrace tests bench
+	$(BIN)/ruff check sidetrace tests bench examples
 
 ## test: install everything the tests need and run the whole suite
 test: $(VENV)/.test servers lint
 	$(BIN)/python -m pytest -q
+
+## demo: start the example system in examples/ (real nats-server, Temporal dev server and agent; stand-in daprd),
+## place one order and print its trace; exits non-zero if the trace is not whole
+demo: $(VENV)/.test
+	$(BIN)/python examples/run_demo.py
 
 ## bench: run the benchmarks in bench/ against their peers; results go to bench/RESULTS.md by hand
 PYTHON313 ?= $(shell command -v python3.13 || echo $(HOME)/.pyenv/versions/3.13.0/bin/python)
