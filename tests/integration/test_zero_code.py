@@ -4,6 +4,7 @@ nothing printed on the app's stderr."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -127,6 +128,25 @@ def test_agent_down_slows_the_app_by_under_5_percent_and_exit_by_under_a_second(
     (warning,) = stderr.splitlines()
     assert warning.startswith("sidetrace: Transient error StatusCode.UNAVAILABLE encountered while exporting")
     assert warning.endswith("(further export problems are not printed)")
+
+
+def test_spans_dropped_with_the_agent_down_are_counted_where_the_app_sees_them() -> None:
+    # A 1 s export timeout: the exporter gives up on the dead agent within the app's run.
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "1", "OTEL_METRICS_EXPORTER": "console"}
+    done = subprocess.run(
+        [sys.executable, "-m", "sidetrace", "instrument", "--endpoint", "http://127.0.0.1:9", "--",
+         sys.executable, str(APPS), "dropping"], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0
+    first_line, metrics_json = done.stdout.split("\n", 1)
+    assert first_line == "5"  # dropped_spans(), in the app
+    points, rest = [], metrics_json.strip()
+    while rest:  # the console exporter prints one JSON document per export
+        document, end = json.JSONDecoder().raw_decode(rest)
+        rest = rest[end:].strip()
+        points += [point["value"] for resource in document["resource_metrics"] for scope in resource["scope_metrics"]
+                   for metric in scope["metrics"] if metric["name"] == "sidetrace.exporter.dropped_spans"
+                   for point in metric["data"]["data_points"]]
+    assert points[-1] == 5  # and on the app's own MeterProvider
 
 
 def test_an_existing_sitecustomize_still_runs(collector: Collector, tmp_path: Path) -> None:

@@ -10,7 +10,9 @@ entry points is switched on after the same dependency check, minus
 
 - an agent that is down costs the app at most :data:`SHUTDOWN_BUDGET_SECONDS` at exit (the stock
   exporters keep retrying for their whole timeout, 10 s by default) and one printed warning;
-- one instrumentation failing keeps neither the others nor the app from starting.
+- one instrumentation failing keeps neither the others nor the app from starting;
+- spans the exporter could not deliver are counted where the app can see them: :func:`dropped_spans`, and
+  the ``sidetrace.exporter.dropped_spans`` counter on the app's own MeterProvider.
 
 It never raises: a failure is logged once and the app starts as usual.
 """
@@ -124,10 +126,64 @@ class ExitBudget:
 EXIT_BUDGET = ExitBudget()
 
 
+class DropCountingExporter:
+    """Passes spans to the exporter it wraps and counts those of every export that failed: the batch
+    processor lets them go, and with the warnings held back to one line, this count is what tells the app
+    how much an agent that was away cost it."""
+
+    def __init__(self, exporter: Any) -> None:
+        from opentelemetry import metrics
+
+        self.exporter = exporter
+        self.lock = threading.Lock()
+        self.dropped = 0
+        # Made now, from the global provider's proxy, which hands it to the app's MeterProvider once the
+        # configurator sets that: a meter asked for at a drop during exit would meet a provider already shut down.
+        self.counter = metrics.get_meter("sidetrace.bootstrap").create_counter(
+            "sidetrace.exporter.dropped_spans", unit="{span}",
+            description="Spans the app's exporter failed to deliver (the agent away or refusing).")
+
+    def export(self, spans: Any) -> Any:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        try:
+            result = self.exporter.export(spans)
+        except Exception:
+            self._count(len(spans))
+            raise
+        if result is not SpanExportResult.SUCCESS:
+            self._count(len(spans))
+        return result
+
+    def _count(self, spans: int) -> None:
+        with self.lock:
+            self.dropped += spans
+        try:
+            self.counter.add(spans)
+        except Exception as exc:  # noqa: BLE001 - the count above stands; a metrics fault must not reach the app
+            log.debug("sidetrace: could not count dropped spans as a metric: %s", exc)
+
+    def shutdown(self) -> None:
+        self.exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.exporter.force_flush(timeout_millis)
+
+
+_EXPORTERS: list[DropCountingExporter] = []
+
+
+def dropped_spans() -> int:
+    """How many spans this process's exporters failed to deliver since `sidetrace instrument` started it."""
+    return sum(exporter.dropped for exporter in _EXPORTERS)
+
+
 def _export_span_processor(exporter: Any) -> Any:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    return BatchSpanProcessor(EXIT_BUDGET.track(exporter))
+    counting = DropCountingExporter(exporter)
+    _EXPORTERS.append(counting)
+    return BatchSpanProcessor(EXIT_BUDGET.track(counting))
 
 
 def _track_metric_exporters() -> None:

@@ -107,6 +107,20 @@ def timed_app() -> None:
     print(time.perf_counter() - start, time.time(), flush=True)
 
 
+def dropping_app() -> None:
+    """Five spans toward an agent that is down; prints what the launcher says it dropped."""
+    from opentelemetry import trace
+
+    from sidetrace.instrumentors.bootstrap import dropped_spans
+
+    tracer = trace.get_tracer("zero_code")
+    for _ in range(5):
+        with tracer.start_as_current_span("request"):
+            pass
+    trace.get_tracer_provider().force_flush()
+    print(dropped_spans(), flush=True)
+
+
 if __name__ == "__main__":
     {"flask": flask_app, "fastapi": fastapi_app, "grpc": grpc_app, "threads": threads_app,
-     "timed": timed_app}[sys.argv[1]]()
+     "timed": timed_app, "dropping": dropping_app}[sys.argv[1]]()
