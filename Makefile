@@ -70,7 +70,17 @@ $(BENCHDAPR)/bin/python:
 		opentelemetry-instrumentation-grpc==$(OTEL_PEER_CONTRIB) \
 		opentelemetry-instrumentation-aiohttp-client==$(OTEL_PEER_CONTRIB) dapr -e .
 
-bench: $(VENV)/.test servers $(BENCH313)/bin/python $(BENCHDAPR)/bin/python
+# The peer of `sidetrace instrument`: opentelemetry-instrument with opentelemetry-distro, which registers
+# a configurator of its own, so it gets a venv apart from the test venv (same OpenTelemetry versions).
+BENCHLAUNCHER := .benchlauncher
+
+$(BENCHLAUNCHER)/bin/python:
+	$(PYTHON) -m venv $(BENCHLAUNCHER)
+	$(BENCHLAUNCHER)/bin/python -m pip install -q opentelemetry-sdk==$(OTEL_PEER_API) \
+		opentelemetry-distro==$(OTEL_PEER_CONTRIB) opentelemetry-exporter-otlp-proto-grpc==$(OTEL_PEER_API) \
+		opentelemetry-instrumentation-flask==$(OTEL_PEER_CONTRIB) flask
+
+bench: $(VENV)/.test servers $(BENCH313)/bin/python $(BENCHDAPR)/bin/python $(BENCHLAUNCHER)/bin/python
 	@command -v prometheus-node-exporter >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(APT_INSTALL) prometheus-node-exporter; }
 	$(BIN)/python bench/agent_idle.py
 	$(BIN)/python bench/trace_relay.py
@@ -79,6 +89,8 @@ bench: $(VENV)/.test servers $(BENCH313)/bin/python $(BENCHDAPR)/bin/python
 	$(BIN)/python bench/dapr_overhead.py
 	$(BIN)/python bench/dapr_call_path.py
 	$(SUDO) $(BIN)/python bench/netsample_rate.py
+	$(BIN)/python bench/launcher_overhead.py
+	$(BIN)/python bench/remote_write_cost.py
 
 clean:
-	rm -rf $(VENV) $(BENCH313) $(BENCHDAPR) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH313) $(BENCHDAPR) $(BENCHLAUNCHER) .pytest_cache .ruff_cache
