@@ -50,19 +50,23 @@ def test_retried_activity_attempts_are_spans_in_the_clients_trace(mode: str) -> 
     assert [s["attributes"].get("error.type") for s in runs] == ["RuntimeError", "RuntimeError", None]
     (ok,) = [s for s in spans if s["name"] == "RunActivity:ok"]
     assert ok["events"] == ["heartbeat"]
+    started = one(spans, "WorkflowStarted:Flow")
     (run,) = [s for s in spans if s["name"] == "RunWorkflow:Flow"]
-    assert run["parent"] == start["id"] and run["trace"] == start["trace"]
+    assert (started["parent"], run["parent"]) == (start["id"], started["id"]) and run["trace"] == start["trace"]
     assert run["start"] <= ok["start"] and runs[-1]["end"] <= run["end"]  # its real duration
+    assert started["start"] == run["start"] <= started["end"] <= ok["start"]  # from the run's start to its first task
     assert run["attributes"]["temporal.workflow.run_id"] == runs[0]["attributes"]["temporal.workflow.run_id"]
     (schedule_ok,) = [s for s in spans if s["name"] == "StartActivity:ok"]
     (schedule_flaky,) = [s for s in spans if s["name"] == "StartActivity:flaky"]  # one for all three attempts
-    assert schedule_ok["parent"] == run["id"] == schedule_flaky["parent"]
-    assert schedule_flaky["start"] <= runs[0]["start"] and runs[-1]["end"] <= schedule_flaky["end"]
+    assert schedule_ok["parent"] == started["id"] == schedule_flaky["parent"]
+    assert schedule_flaky["start"] == schedule_flaky["end"] <= runs[0]["start"]  # made at scheduling
     assert ok["parent"] == schedule_ok["id"] and all(r["parent"] == schedule_flaky["id"] for r in runs)
     (child_call,) = [s for s in spans if s["name"] == "StartChildWorkflow:Child"]
+    child_started = one(spans, "WorkflowStarted:Child")
     (child_run,) = [s for s in spans if s["name"] == "RunWorkflow:Child"]
-    assert child_call["parent"] == run["id"] and child_run["parent"] == child_call["id"]
-    assert child_run["trace"] == start["trace"]
+    assert child_call["parent"] == started["id"] and child_started["parent"] == child_call["id"]
+    assert child_run["parent"] == child_started["id"] and child_run["trace"] == start["trace"]
+    assert_every_parent_exported(spans)
     for span in [*runs, ok]:
         assert span["trace"] == start["trace"]
         assert span["attributes"]["temporal.workflow.id"] == "wf-1"
@@ -94,37 +98,47 @@ def test_runs_started_without_trace_context_get_one_root_workflow_span() -> None
     assert not [s for s in spans if s["name"].startswith("StartWorkflow")]
     assert_every_parent_exported(spans)
     for workflow_id in ("wf-bare", "wf-cli"):
+        (started,) = [s for s in spans if s["name"] == "WorkflowStarted:Flow"
+                      and s["attributes"]["temporal.workflow.id"] == workflow_id]
         (run,) = [s for s in spans if s["name"] == "RunWorkflow:Flow"
                   and s["attributes"]["temporal.workflow.id"] == workflow_id]
-        assert run["parent"] is None and run["status"] == "UNSET"
+        assert (started["parent"], run["parent"], run["status"]) == (None, started["id"], "UNSET")
         (child_call,) = [s for s in spans if s["name"] == "StartChildWorkflow:Child"
                          and s["attributes"]["temporal.workflow.id"] == f"{workflow_id}-child"]
-        (child_run,) = [s for s in spans if s["name"] == "RunWorkflow:Child"
-                        and s["attributes"]["temporal.workflow.id"] == f"{workflow_id}-child"]
-        assert (child_call["parent"], child_run["parent"]) == (run["id"], child_call["id"])
+        (child_started,) = [s for s in spans if s["name"] == "WorkflowStarted:Child"
+                            and s["attributes"]["temporal.workflow.id"] == f"{workflow_id}-child"]
+        assert (child_call["parent"], child_started["parent"]) == (started["id"], child_call["id"])
         in_run = [s for s in spans if s["attributes"].get("temporal.workflow.run_id") == run["attributes"][
             "temporal.workflow.run_id"] and s["name"].startswith("RunActivity")]
-        schedules = [s for s in spans if s["name"].startswith("StartActivity") and s["parent"] == run["id"]]
+        schedules = [s for s in spans if s["name"].startswith("StartActivity") and s["parent"] == started["id"]]
         assert sorted(s["name"] for s in schedules) == ["StartActivity:flaky", "StartActivity:ok"]
         assert {a["parent"] for a in in_run} == {s["id"] for s in schedules}
-        assert {s["trace"] for s in [*in_run, *schedules, child_call, child_run]} == {run["trace"]}
+        assert {s["trace"] for s in [*in_run, *schedules, child_call, child_started]} == {run["trace"]}
 
 
-def test_every_run_of_a_continue_as_new_chain_cancelled_or_failed_run_has_one_workflow_span() -> None:
-    spans, metrics = run_app_with_metrics("outcomes")
+@pytest.fixture(scope="module")
+def outcomes() -> tuple[list[dict], dict]:
+    """One app run (one dev server) for every test of how runs end."""
+    return run_app_with_metrics("outcomes")
+
+
+def test_every_run_of_a_continue_as_new_chain_cancelled_or_failed_run_has_one_workflow_span(outcomes: tuple) -> None:
+    spans, metrics = outcomes
     assert_every_parent_exported(spans)
     start = one(spans, "StartWorkflow:Looping")
     runs = sorted((s for s in spans if s["name"] == "RunWorkflow:Looping"), key=lambda s: s["start"])
     assert [(r["status"], r["attributes"]["temporal.outcome"]) for r in runs] == \
         [("UNSET", "continued_as_new"), ("UNSET", "continued_as_new"), ("UNSET", "completed")]
     assert {r["trace"] for r in runs} == {start["trace"]}
-    assert [r["parent"] for r in runs] == [start["id"]] * 3  # siblings under the call that started the chain
+    starts = sorted((s for s in spans if s["name"] == "WorkflowStarted:Looping"), key=lambda s: s["start"])
+    assert [s["parent"] for s in starts] == [start["id"]] * 3  # siblings under the call that started the chain
+    assert [r["parent"] for r in runs] == [s["id"] for s in starts]
     assert [r["links"] for r in runs] == [[], [runs[0]["id"]], [runs[1]["id"]]]
     assert len({r["attributes"]["temporal.workflow.run_id"] for r in runs}) == 3
     activities = [s for s in spans if s["name"] == "RunActivity:ok" and s["attributes"]["temporal.workflow.id"]
                   == "wf-loop"]
     schedules = [s for s in spans if s["name"] == "StartActivity:ok" and s["trace"] == start["trace"]]
-    assert sorted(s["parent"] for s in schedules) == sorted(r["id"] for r in runs)  # one per run
+    assert sorted(s["parent"] for s in schedules) == sorted(s["id"] for s in starts)  # one per run
     assert sorted(a["parent"] for a in activities) == sorted(s["id"] for s in schedules)
     cancelled = one(spans, "RunWorkflow:Waiting")
     assert (cancelled["status"], cancelled["attributes"]["temporal.outcome"]) == ("UNSET", "cancelled")
@@ -137,16 +151,38 @@ def test_every_run_of_a_continue_as_new_chain_cancelled_or_failed_run_has_one_wo
                         ("Waiting", "cancelled"): 1, ("Failing", "failed"): 1, ("Brittle", "completed"): 1}
 
 
-def test_workflow_task_failures_are_events_on_the_runs_span_not_failures() -> None:
+def test_timed_out_and_terminated_runs_leave_no_span_pointing_at_a_parent_never_exported(outcomes: tuple) -> None:
+    """Stuck runs an activity, then one that is still running when its run times out or is terminated:
+    no worker sees those runs end, so they have no RunWorkflow span; everything they made is exported
+    under their WorkflowStarted span, the stuck attempts included (they end after their run did)."""
+    spans, metrics = outcomes
+    assert_every_parent_exported(spans)
+    for workflow_id in ("wf-timeout", "wf-terminated"):
+        mine = [s for s in spans if s["attributes"].get("temporal.workflow.id") == workflow_id]
+        start = one(mine, "StartWorkflow:Stuck")
+        started = one(mine, "WorkflowStarted:Stuck")
+        schedules = {s["name"]: s for s in spans if s["parent"] == started["id"]}
+        assert sorted(schedules) == ["StartActivity:ok", "StartActivity:stuck"]
+        assert started["parent"] == start["id"]
+        assert [(s["name"], s["parent"]) for s in mine if s["name"].startswith("RunActivity")] == [
+            ("RunActivity:ok", schedules["StartActivity:ok"]["id"]),
+            ("RunActivity:stuck", schedules["StartActivity:stuck"]["id"])]
+        assert sorted(s["name"] for s in mine) == ["RunActivity:ok", "RunActivity:stuck", "StartWorkflow:Stuck",
+                                                   "WorkflowStarted:Stuck"]
+    assert [p for p in metrics["temporal.workflow.outcomes"] if p[0]["temporal.workflow.type"] == "Stuck"] == []
+
+
+def test_workflow_task_failures_are_events_on_the_runs_span_not_failures(outcomes: tuple) -> None:
     """Brittle raises TypeError in its workflow task twice (Temporal retries the task), then completes."""
-    spans, metrics = run_app_with_metrics("outcomes")
+    spans, metrics = outcomes
     run = one(spans, "RunWorkflow:Brittle")
     assert (run["status"], run["attributes"]["temporal.outcome"]) == ("UNSET", "completed")
     assert [(e["name"], e["attributes"]) for e in run["event_details"]] == [
         ("workflow_task.failed", {"exception.type": "TypeError", "exception.message": f"task failure {n}",
                                   "temporal.workflow_task.attempt": n}) for n in (1, 2)]
     assert run["start"] < run["event_details"][0]["time"] < run["event_details"][1]["time"] < run["end"]
-    (schedule,) = [s for s in spans if s["parent"] == run["id"]]  # one StartActivity, not one per task attempt
+    assert run["parent"] == one(spans, "WorkflowStarted:Brittle")["id"]
+    (schedule,) = [s for s in spans if s["parent"] == run["parent"] and s is not run]  # not one per task attempt
     (attempt,) = [s for s in spans if s["name"] == "RunActivity:ok"
                   and s["attributes"]["temporal.workflow.id"] == "wf-brittle"]
     assert (schedule["name"], attempt["parent"]) == ("StartActivity:ok", schedule["id"])
@@ -166,9 +202,10 @@ def test_instrument_sends_to_the_given_providers_and_suppression_is_respected() 
     for span in spans:
         by_workflow.setdefault(span["attributes"].get("temporal.workflow.id"), []).append(span["name"])
     assert sorted(by_workflow["wf-own"]) == ["RunActivity:flaky"] * 3 + ["RunActivity:ok", "RunWorkflow:Flow",
-                                                                      "StartWorkflow:Flow"]
-    assert sorted(by_workflow["wf-suppressed"]) == ["RunActivity:flaky", "RunActivity:ok", "RunWorkflow:Flow"]
-    (suppressed_run,) = [s for s in spans if s["name"] == "RunWorkflow:Flow"
+                                                                      "StartWorkflow:Flow", "WorkflowStarted:Flow"]
+    assert sorted(by_workflow["wf-suppressed"]) == ["RunActivity:flaky", "RunActivity:ok", "RunWorkflow:Flow",
+                                                    "WorkflowStarted:Flow"]
+    (suppressed_run,) = [s for s in spans if s["name"] == "WorkflowStarted:Flow"
                          and s["attributes"]["temporal.workflow.id"] == "wf-suppressed"]
     assert suppressed_run["parent"] is None  # no client span, no context sent
     outcomes = {p[0]["temporal.outcome"]: p[1] for p in own_metrics["temporal.workflow.outcomes"]
@@ -192,31 +229,33 @@ def test_a_failing_tracer_never_reaches_the_app_nor_fails_a_workflow_task(hooks:
     lines = run_app_lines(f"failing={hooks}")
     errors = json.loads(next(line for line in lines if line.startswith("ERRORS "))[7:])
     exported = next(line for line in lines if line.startswith("EXPORTED "))
-    # 5 client and activity spans (start, query, update, signal, RunActivity), 3 handler spans, and 4
-    # workflow-side spans (RunWorkflow of the parent and child, StartActivity, StartChildWorkflow)
+    # 5 client and activity spans (start, query, update, signal, RunActivity), 3 handler spans, and 6
+    # workflow-side spans (WorkflowStarted and RunWorkflow of the parent and child, StartActivity,
+    # StartChildWorkflow)
     if hooks == "on_start+on_end":  # no span starts: nothing reaches the exporter
-        assert (errors, exported) == ({"span": 5, "handler span": 3, "workflow span": 4}, "EXPORTED 0")
+        assert (errors, exported) == ({"span": 5, "handler span": 3, "workflow span": 6}, "EXPORTED 0")
     else:  # every span starts, and its end fails after the exporter was handed it
-        assert (errors, exported) == ({"span end": 5, "handler span end": 3, "workflow span": 4}, "EXPORTED 12")
+        assert (errors, exported) == ({"span end": 5, "handler span end": 3, "workflow span": 6}, "EXPORTED 14")
 
 
 @pytest.mark.parametrize("mode", ["no-cache", "restart"])
 def test_workflow_span_is_made_once_with_its_real_duration_across_replays(mode: str) -> None:
     spans = run_app(mode)
     start = one(spans, "StartWorkflow:Gated")
+    started = one(spans, "WorkflowStarted:Gated")
     run = one(spans, "RunWorkflow:Gated")
-    assert run["parent"] == start["id"]
+    assert (started["parent"], run["parent"]) == (start["id"], started["id"])
     activities = sorted((s for s in spans if s["name"] == "RunActivity:ok"), key=lambda s: s["start"])
     assert len(activities) == 2  # one per scheduled activity: nothing duplicated by replays
     schedules = sorted((s for s in spans if s["name"] == "StartActivity:ok"), key=lambda s: s["start"])
-    assert len(schedules) == 2 and all(s["parent"] == run["id"] for s in schedules)
+    assert len(schedules) == 2 and all(s["parent"] == started["id"] for s in schedules)
     assert [a["parent"] for a in activities] == [s["id"] for s in schedules]
     assert all(a["trace"] == start["trace"] for a in activities)
     assert run["start"] <= activities[0]["start"] and activities[1]["end"] <= run["end"]
     signal = one(spans, "HandleSignal:go")
-    assert signal["parent"] == one(spans, "SignalWorkflow:go")["id"] and signal["links"] == [run["id"]]
+    assert signal["parent"] == one(spans, "SignalWorkflow:go")["id"] and signal["links"] == [started["id"]]
     queries = [s for s in spans if s["name"] == "HandleQuery:state"]
-    assert queries and all(q["links"] == [run["id"]] for q in queries)
+    assert queries and all(q["links"] == [started["id"]] for q in queries)
 
 
 def test_client_and_worker_in_separate_processes_join_one_trace() -> None:
@@ -236,8 +275,9 @@ def test_client_and_worker_in_separate_processes_join_one_trace() -> None:
         if worker.poll() is None:
             worker.kill()
     start = one(client_spans, "StartWorkflow:Flow")
-    run = one(worker_spans, "RunWorkflow:Flow")
-    assert (run["trace"], run["parent"]) == (start["trace"], start["id"])
+    started = one(worker_spans, "WorkflowStarted:Flow")
+    assert (started["trace"], started["parent"]) == (start["trace"], start["id"])
+    assert one(worker_spans, "RunWorkflow:Flow")["parent"] == started["id"]
     assert {s["trace"] for s in worker_spans} == {start["trace"]}
 
 
@@ -304,12 +344,14 @@ def test_worker_killed_mid_workflow_then_replaced_makes_no_duplicates(tmp_path: 
         stop_process(server)
     spans = [json.loads(line) for line in span_file.read_text().splitlines()]
     run = one(spans, "RunWorkflow:Gated")
-    assert run["pid"] == second.pid  # made by the worker that completed the run, once
+    started = one(spans, "WorkflowStarted:Gated")
+    assert (started["pid"], run["pid"]) == (first.pid, second.pid)  # each made once, where it happened
+    assert run["parent"] == started["id"]
     activities = sorted((s for s in spans if s["name"] == "RunActivity:ok"), key=lambda s: s["start"])
     schedules = sorted((s for s in spans if s["name"] == "StartActivity:ok"), key=lambda s: s["start"])
     assert [s["pid"] for s in activities] == [first.pid, second.pid]
-    assert len(schedules) == 2 and all(s["parent"] == run["id"] for s in schedules)
+    assert len(schedules) == 2 and all(s["parent"] == started["id"] for s in schedules)
     assert [a["parent"] for a in activities] == [s["id"] for s in schedules]
     assert run["start"] <= activities[0]["start"] and activities[1]["end"] <= run["end"]
-    workflow_side = [run, *activities, *schedules]
+    workflow_side = [started, run, *activities, *schedules]
     assert {s["trace"] for s in workflow_side} == {one(spans, "StartWorkflow:Gated")["trace"]}

@@ -15,19 +15,24 @@ What it traces:
   status ERROR, record the exception and set ``error.type`` (the application error's type, the
   timeout type, or ``cancelled``); heartbeats are ``heartbeat`` events, at most one a second.
 
-- workflows: ``RunWorkflow:{type}`` (SERVER) with its real duration, from the run's start time to
-  its completion. What you can trust: the span appears once, when the run completes (not when it
-  starts), whatever workers it moved across and however often it was replayed; its ids are derived
-  from the run id, so the activities it started, possibly on other workers, are its children from the
-  start. ``temporal.outcome`` says how it ended: completed, failed (a workflow failure: ERROR),
-  cancelled or continued_as_new (the next run is a sibling in the same trace, linked to this one).
-  A workflow task failure is a ``workflow_task.failed`` event, never a failure. A run still running,
-  timed out or terminated has no span (no worker sees it end). Nothing is created during replay.
-- calls from workflows: ``StartActivity:{type}`` and ``StartChildWorkflow:{type}`` (CLIENT), from
-  scheduling to the result, made the same way (once, at the result, outside replay); the activity's
-  attempts and the child's run are their children.
+- workflows: two spans per run. ``WorkflowStarted:{type}`` (INTERNAL), from the run's start to its
+  first workflow task on a worker, is made at that task: it is the parent of everything the run does
+  (its activities, children, ``RunWorkflow``) and is exported whether or not any worker ever sees the
+  run end. ``RunWorkflow:{type}`` (SERVER), its child, has the run's real duration, from its start to
+  its completion, and is made once, when the run completes (not when it starts), whatever workers it
+  moved across and however often it was replayed. Both have ids derived from the run id, so they are
+  the same on every worker and replay. ``temporal.outcome`` on ``RunWorkflow`` says how the run
+  ended: completed, failed (a workflow failure: ERROR), cancelled or continued_as_new (the next run
+  is a sibling in the same trace, linked to this one). A workflow task failure is a
+  ``workflow_task.failed`` event, never a failure. A run still running, timed out or terminated has
+  no ``RunWorkflow`` span (no worker sees it end); what it made hangs under its ``WorkflowStarted``
+  span, so no exported span points at a parent that is never exported. Nothing is created during
+  replay.
+- calls from workflows: ``StartActivity:{type}`` and ``StartChildWorkflow:{type}`` (CLIENT), made
+  when the workflow schedules the call (outside replay) and ended at once, so they are exported
+  before the activity's attempts and the child's run, their children, can point at them.
 - handlers: ``HandleSignal:{name}``, ``HandleUpdate:{name}`` (outside replay) and
-  ``HandleQuery:{name}`` (SERVER), children of the client call, linked to the workflow span.
+  ``HandleQuery:{name}`` (SERVER), children of the client call, linked to the WorkflowStarted span.
 
 Metrics through the OpenTelemetry meter: ``temporal.activity.execution.duration``,
 ``temporal.activity.queue_time`` (the saturation signal of a task queue),
@@ -126,13 +131,19 @@ def _digest(text: str, size: int) -> int:
 
 
 def workflow_span_context(run_id: str, parent: otel_context.Context | None) -> SpanContext:
-    """The span context of a workflow run's RunWorkflow span, the same on every worker and replay."""
+    """The span context of a workflow run's WorkflowStarted span, the parent of everything the run does,
+    the same on every worker and replay."""
     parent_context = trace.get_current_span(parent).get_span_context() if parent is not None else None
     if parent_context is not None and parent_context.is_valid:
         return SpanContext(parent_context.trace_id, _digest(run_id, 8), is_remote=True,
                            trace_flags=parent_context.trace_flags, trace_state=parent_context.trace_state)
     return SpanContext(_digest("trace:" + run_id, 16), _digest(run_id, 8), is_remote=True,
                        trace_flags=TraceFlags(TraceFlags.SAMPLED))
+
+
+def run_span_id(run_id: str) -> int:
+    """The span id of a workflow run's RunWorkflow span, the same on every worker and replay."""
+    return _digest("end:" + run_id, 8)
 
 
 def context_to_headers(headers: Mapping[str, Payload], ctx: otel_context.Context | None = None,
@@ -406,10 +417,11 @@ class _ActivityInbound(temporalio.worker.ActivityInboundInterceptor):
 
 
 class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
-    """Runs in the workflow sandbox. Outbound calls carry the RunWorkflow span's context, whose ids
-    are derived from the run id; the span itself is made once, when the workflow completes outside
-    replay, with the run's start time, so it has its real duration however many workers and replays
-    the run went through. Handler spans are made only outside replay."""
+    """Runs in the workflow sandbox. Outbound calls carry the WorkflowStarted span's context, whose ids
+    are derived from the run id, and that span is made at the run's first workflow task, so whatever
+    points at it is never orphaned; the RunWorkflow span is made once, when the workflow completes
+    outside replay, with the run's start time, so it has its real duration however many workers and
+    replays the run went through. Handler spans are made only outside replay."""
 
     interceptor: TracingInterceptor
 
@@ -419,55 +431,52 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
         self._calls = 0  # activities and child workflows started so far: the same count on every replay
         super().init(self._outbound)
 
-    def client_call(self, name: str, attributes: dict[str, Any]) -> tuple[Payload | None, Any]:
-        """Context header and done-callback for a `StartActivity`/`StartChildWorkflow` span.
+    def client_call(self, name: str, attributes: dict[str, Any]) -> Payload | None:
+        """The context header for a `StartActivity`/`StartChildWorkflow` call, whose span is made now.
 
-        The span's ids derive from the run id and the call's position in the run, and its start is
-        the workflow's deterministic clock, so a replay reproduces both; it is made when the call's
-        result arrives outside replay, with its real duration.
+        The span's ids derive from the run id and the call's position in the run, so a replay
+        reproduces them; it is made at scheduling, outside replay, and ended at once, so it is exported
+        before any attempt or child run that points at it, whether or not the run ever ends here.
         """
         workflow_context = self._workflow_context
         if workflow_context is None:
-            return None, None
+            return None
         self._calls += 1  # counted before anything can fail, so replays number calls alike
         try:
             return self._client_call(name, attributes, workflow_context)
         except Exception as exc:  # never break the workflow: the call goes on untraced
             with temporalio.workflow.unsafe.sandbox_unrestricted():
                 self.interceptor.guard.failed("workflow call", exc)
-            return None, None
+            return None
 
-    def _client_call(self, name: str, attributes: dict[str, Any], workflow_context: SpanContext
-                     ) -> tuple[Payload | None, Any]:
+    def _client_call(self, name: str, attributes: dict[str, Any], workflow_context: SpanContext) -> Payload | None:
         info = temporalio.workflow.info()
         context = SpanContext(workflow_context.trace_id, _digest(f"{info.run_id}:{self._calls}", 8), is_remote=True,
                               trace_flags=workflow_context.trace_flags)
         header = context_to_headers({}, trace.set_span_in_context(NonRecordingSpan(context)),
                                     self.interceptor.guard).get(HEADER)
-        started = int(temporalio.workflow.now().timestamp() * 1e9)
-
-        def done(task: Any) -> None:
-            if temporalio.workflow.unsafe.is_replaying():
-                return
-            error = None if task.cancelled() else task.exception()
+        if not temporalio.workflow.unsafe.is_replaying():
             self._make_span(name, SpanKind.CLIENT, context, trace.set_span_in_context(NonRecordingSpan(
-                workflow_context)), attributes, started, error)
-
-        return header, done
+                workflow_context)), attributes, None, None, instant=True)
+        return header
 
     def _make_span(self, name: str, kind: SpanKind, context: SpanContext, parent: otel_context.Context | None,
-                   attributes: dict[str, Any], started: int, error: BaseException | None,
-                   links: list[Link] | None = None, events: list[dict[str, Any]] | None = None) -> None:
-        """End, now, a span that began at ``started`` and has the ids of ``context``."""
+                   attributes: dict[str, Any], started: int | None, error: BaseException | None,
+                   links: list[Link] | None = None, events: list[dict[str, Any]] | None = None,
+                   instant: bool = False) -> None:
+        """End, now, a span that began at ``started`` (or now) and has the ids of ``context``; an
+        ``instant`` one ends when it starts."""
         with temporalio.workflow.unsafe.sandbox_unrestricted():
             try:
-                self._end_span(name, kind, context, parent, attributes, started, error, links, events or [])
+                started = time.time_ns() if started is None else started
+                self._end_span(name, kind, context, parent, attributes, started, error, links, events or [],
+                               started if instant else None)
             except Exception as exc:  # never fail the workflow task for a span
                 self.interceptor.guard.failed("workflow span", exc)
 
     def _end_span(self, name: str, kind: SpanKind, context: SpanContext, parent: otel_context.Context | None,
                   attributes: dict[str, Any], started: int, error: BaseException | None,
-                  links: list[Link] | None, events: list[dict[str, Any]]) -> None:
+                  links: list[Link] | None, events: list[dict[str, Any]], ended: int | None) -> None:
         tracer = self.interceptor.workflow_tracer()
         if tracer is None or not self.interceptor.first_emission(context.span_id):
             return
@@ -486,7 +495,7 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
             span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, str(error) or type(error).__name__))
             span.set_attribute("error.type", error_type(error))
-        span.end()
+        span.end(end_time=ended)
 
     async def execute_workflow(self, input: temporalio.worker.ExecuteWorkflowInput) -> Any:
         info = temporalio.workflow.info()
@@ -495,46 +504,46 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
         workflow_parent = trace.set_span_in_context(NonRecordingSpan(self._workflow_context))
         self._outbound.header = context_to_headers({}, workflow_parent, self.interceptor.guard).get(HEADER)
         # What the next run of a continue-as-new chain is given as its parent: the span that started the
-        # chain (its client's call), or this run when nothing did, so the runs stay siblings in one trace
-        # (a chain that continues thousands of times must not nest thousands deep).
+        # chain (its client's call), or this run's WorkflowStarted span when nothing did, so the runs stay
+        # siblings in one trace (a chain that continues thousands of times must not nest thousands deep).
         has_parent = parent is not None and trace.get_current_span(parent).get_span_context().is_valid
         self._outbound.chain_parent = parent if has_parent else workflow_parent
+        if not temporalio.workflow.unsafe.is_replaying():  # the run's first workflow task, on its first worker
+            self._make_span(f"WorkflowStarted:{info.workflow_type}", SpanKind.INTERNAL, self._workflow_context,
+                            parent, _run_attributes(info), int(info.start_time.timestamp() * 1e9), None)
         try:
             result = await super().execute_workflow(input)
         except temporalio.workflow.ContinueAsNewError:
-            self._emit(info, parent, "continued_as_new", None)
+            self._emit(info, "continued_as_new", None)
             raise
         except BaseException as exc:
             outcome = _run_outcome(exc)
             if outcome is not None:
-                self._emit(info, parent, outcome, exc if outcome == "failed" else None)
+                self._emit(info, outcome, exc if outcome == "failed" else None)
             elif isinstance(exc, Exception):  # the task fails and is retried: the run goes on
                 with temporalio.workflow.unsafe.sandbox_unrestricted():
                     self.interceptor.task_failed(info.run_id, exc)
             raise
-        self._emit(info, parent, "completed", None)
+        self._emit(info, "completed", None)
         return result
 
-    def _emit(self, info: temporalio.workflow.Info, parent: otel_context.Context | None, outcome: str,
-              error: BaseException | None) -> None:
+    def _emit(self, info: temporalio.workflow.Info, outcome: str, error: BaseException | None) -> None:
         """The run's RunWorkflow span and outcome, for a run this worker saw end (never in replay or eviction)."""
-        if temporalio.workflow.unsafe.is_replaying() or self._workflow_context is None:
+        started = self._workflow_context
+        if temporalio.workflow.unsafe.is_replaying() or started is None:
             return
-        attributes = {
-            "temporal.namespace": info.namespace, "temporal.task_queue": info.task_queue,
-            "temporal.workflow.id": info.workflow_id, "temporal.workflow.run_id": info.run_id,
-            "temporal.workflow.type": info.workflow_type, "temporal.workflow.attempt": info.attempt,
-            "temporal.outcome": outcome,
-        }
+        attributes = {**_run_attributes(info), "temporal.outcome": outcome}
         links = []
-        if info.continued_run_id:  # the previous run of the chain: its span id derives from its run id
-            links.append(Link(SpanContext(self._workflow_context.trace_id, _digest(info.continued_run_id, 8),
-                                          is_remote=True, trace_flags=self._workflow_context.trace_flags),
-                              {"temporal.link": "continued_from"}))
+        if info.continued_run_id:  # the previous run's RunWorkflow span: its span id derives from its run id
+            links.append(Link(SpanContext(started.trace_id, run_span_id(info.continued_run_id), is_remote=True,
+                                          trace_flags=started.trace_flags), {"temporal.link": "continued_from"}))
         with temporalio.workflow.unsafe.sandbox_unrestricted():
             events = self.interceptor.task_failures(info.run_id)
-        self._make_span(f"RunWorkflow:{info.workflow_type}", SpanKind.SERVER, self._workflow_context, parent,
-                        attributes, int(info.start_time.timestamp() * 1e9), error, links, events)
+        context = SpanContext(started.trace_id, run_span_id(info.run_id), is_remote=True,
+                              trace_flags=started.trace_flags, trace_state=started.trace_state)
+        self._make_span(f"RunWorkflow:{info.workflow_type}", SpanKind.SERVER, context,
+                        trace.set_span_in_context(NonRecordingSpan(started)), attributes,
+                        int(info.start_time.timestamp() * 1e9), error, links, events)
         with temporalio.workflow.unsafe.sandbox_unrestricted():
             try:
                 self.interceptor.workflow_outcomes.add(1, {"temporal.namespace": info.namespace,
@@ -596,6 +605,12 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
             return await super().handle_update_handler(input)
 
 
+def _run_attributes(info: temporalio.workflow.Info) -> dict[str, Any]:
+    return {"temporal.namespace": info.namespace, "temporal.task_queue": info.task_queue,
+            "temporal.workflow.id": info.workflow_id, "temporal.workflow.run_id": info.run_id,
+            "temporal.workflow.type": info.workflow_type, "temporal.workflow.attempt": info.attempt}
+
+
 def _run_outcome(exc: BaseException) -> str | None:
     """How a run that raised ``exc`` ends, as the SDK decides it: ``cancelled`` (a cancellation error
     after a cancel request), ``failed`` (a workflow failure), or None when the run does not end here
@@ -619,13 +634,6 @@ def _is_workflow_failure(exc: BaseException) -> bool:
         return isinstance(exc, (temporalio.exceptions.FailureError, asyncio.TimeoutError))
 
 
-def _when_done(handle: Any, done: Any) -> Any:
-    """``handle`` (an activity or child workflow task), with ``done`` called when it finishes."""
-    if done is not None:
-        handle.add_done_callback(done)
-    return handle
-
-
 class _WorkflowOutbound(temporalio.worker.WorkflowOutboundInterceptor):
     header: Payload | None = None
     chain_parent: otel_context.Context | None = None
@@ -634,28 +642,25 @@ class _WorkflowOutbound(temporalio.worker.WorkflowOutboundInterceptor):
         super().__init__(next)
         self.inbound = inbound
 
-    def _traced(self, name: str, headers: Mapping[str, Payload], attributes: dict[str, Any]
-                ) -> tuple[Mapping[str, Payload], Any]:
-        header, done = self.inbound.client_call(name, attributes)
-        header = header or self.header
+    def _traced(self, name: str, headers: Mapping[str, Payload], attributes: dict[str, Any]) -> Mapping[str, Payload]:
+        header = self.inbound.client_call(name, attributes) or self.header
         if header is None or HEADER in headers:
-            return headers, done
-        return {**headers, HEADER: header}, done
+            return headers
+        return {**headers, HEADER: header}
 
-    def _activity(self, input: Any, local: bool) -> Any:
+    def _activity(self, input: Any, local: bool) -> None:
         attributes = {"temporal.activity.type": input.activity, "temporal.activity.local": local}
         if input.activity_id:
             attributes["temporal.activity.id"] = input.activity_id
-        input.headers, done = self._traced(f"StartActivity:{input.activity}", input.headers, attributes)
-        return done
+        input.headers = self._traced(f"StartActivity:{input.activity}", input.headers, attributes)
 
     def start_activity(self, input: temporalio.worker.StartActivityInput) -> Any:
-        done = self._activity(input, False)
-        return _when_done(super().start_activity(input), done)
+        self._activity(input, False)
+        return super().start_activity(input)
 
     def start_local_activity(self, input: temporalio.worker.StartLocalActivityInput) -> Any:
-        done = self._activity(input, True)
-        return _when_done(super().start_local_activity(input), done)
+        self._activity(input, True)
+        return super().start_local_activity(input)
 
     def continue_as_new(self, input: temporalio.worker.ContinueAsNewInput) -> Any:
         if self.chain_parent is not None:
@@ -663,9 +668,9 @@ class _WorkflowOutbound(temporalio.worker.WorkflowOutboundInterceptor):
         return super().continue_as_new(input)
 
     async def start_child_workflow(self, input: temporalio.worker.StartChildWorkflowInput) -> Any:
-        input.headers, done = self._traced(f"StartChildWorkflow:{input.workflow}", input.headers,
-                                           {"temporal.workflow.type": input.workflow, "temporal.workflow.id": input.id})
-        return _when_done(await super().start_child_workflow(input), done)
+        input.headers = self._traced(f"StartChildWorkflow:{input.workflow}", input.headers,
+                                     {"temporal.workflow.type": input.workflow, "temporal.workflow.id": input.id})
+        return await super().start_child_workflow(input)
 
 
 _ORIGINALS: dict[str, Any] = {}

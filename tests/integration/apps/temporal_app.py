@@ -4,7 +4,7 @@ Usage: python -m tests.integration.apps.temporal_app MODE
 MODE: ours, official-client (a retried activity); no-cache (max_cached_workflows=0, signal, query);
 restart (the worker is replaced while the workflow waits for a signal); no-context (runs started by an
 uninstrumented client and by the temporal CLI); outcomes (continue-as-new, cancelled, failed,
-workflow task failures); providers (instrument's tracer_provider and meter_provider, and
+workflow task failures, timed out, terminated); providers (instrument's tracer_provider and meter_provider, and
 suppress_instrumentation()); plugin-before, plugin-after, interceptor-before, interceptor-after
 (temporalio's own OpenTelemetry plugin or interceptor given before or after instrument()).
 Prints the finished spans as one JSON line, then leaves with os._exit(0).
@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from temporalio import activity, workflow
-from temporalio.client import Client, WorkflowFailureError
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.testing import WorkflowEnvironment
@@ -145,9 +145,57 @@ class Brittle:
         return result
 
 
+stuck_started: dict[str, asyncio.Event] = {"wf-timeout": asyncio.Event(), "wf-terminated": asyncio.Event()}
+stuck_release = asyncio.Event()
+
+
+@activity.defn
+async def stuck() -> str:
+    """Runs until released, long after its workflow has timed out or been terminated."""
+    stuck_started[activity.info().workflow_id].set()
+    await stuck_release.wait()
+    return "released"
+
+
+@workflow.defn
+class Stuck:
+    """Runs one activity, then waits on one that outlives the run."""
+
+    @workflow.run
+    async def run(self) -> str:
+        await workflow.execute_activity(ok, "x", start_to_close_timeout=timedelta(seconds=10))
+        return await workflow.execute_activity(stuck, start_to_close_timeout=timedelta(seconds=60))
+
+
+async def ended_unseen(client: Client) -> None:
+    """Stuck runs that end on the server while their second activity runs: one by its execution timeout,
+    one terminated by the client. Returns once both activities have ended and their spans with them."""
+    timing_out = await client.start_workflow(Stuck.run, id="wf-timeout", task_queue="o",
+                                             execution_timeout=timedelta(seconds=2))
+    terminated = await client.start_workflow(Stuck.run, id="wf-terminated", task_queue="o")
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in stuck_started.values())), 30)
+    await terminated.terminate("by the test")
+    try:
+        await asyncio.wait_for(timing_out.result(), 30)
+        raise AssertionError("the timed-out run returned")
+    except WorkflowFailureError:
+        pass
+    statuses = [(await h.describe()).status for h in (timing_out, terminated)]
+    assert statuses == [WorkflowExecutionStatus.TIMED_OUT, WorkflowExecutionStatus.TERMINATED], statuses
+    stuck_release.set()
+
+    async def both_attempts_ended() -> None:
+        while sum(s.name == "RunActivity:stuck" for s in exporter.get_finished_spans()) < 2:
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(both_attempts_ended(), 30)
+
+
 async def outcomes(client: Client) -> None:
-    """One run that completes after two continue-as-new, one cancelled, one failed."""
-    async with Worker(client, task_queue="o", workflows=[Looping, Waiting, Failing, Brittle], activities=[ok]):
+    """One run that completes after two continue-as-new, one cancelled, one failed, one with task failures,
+    one timed out and one terminated."""
+    async with Worker(client, task_queue="o", workflows=[Looping, Waiting, Failing, Brittle, Stuck],
+                      activities=[ok, stuck]):
         assert await client.execute_workflow(Brittle.run, "hi", id="wf-brittle", task_queue="o") == "HI"
         history = await client.get_workflow_handle("wf-brittle").fetch_history()
         failed_tasks = [e for e in history.events if e.HasField("workflow_task_failed_event_attributes")]
@@ -165,6 +213,7 @@ async def outcomes(client: Client) -> None:
             raise AssertionError("the failing run returned")
         except WorkflowFailureError as err:
             assert isinstance(err.cause, ApplicationError), err.cause
+        await ended_unseen(client)
 
 
 async def gated(target: str, namespace: str, mode: str) -> None:
