@@ -229,13 +229,36 @@ def test_a_failing_tracer_never_reaches_the_app_nor_fails_a_workflow_task(hooks:
     lines = run_app_lines(f"failing={hooks}")
     errors = json.loads(next(line for line in lines if line.startswith("ERRORS "))[7:])
     exported = next(line for line in lines if line.startswith("EXPORTED "))
-    # 5 client and activity spans (start, query, update, signal, RunActivity), 3 handler spans, and 6
-    # workflow-side spans (WorkflowStarted and RunWorkflow of the parent and child, StartActivity,
-    # StartChildWorkflow)
+    # 5 client and activity spans (start, query, update, signal, RunActivity), 4 handler spans (signal,
+    # query, update validator and handler), and 6 workflow-side spans (WorkflowStarted and RunWorkflow
+    # of the parent and child, StartActivity, StartChildWorkflow)
     if hooks == "on_start+on_end":  # no span starts: nothing reaches the exporter
-        assert (errors, exported) == ({"span": 5, "handler span": 3, "workflow span": 6}, "EXPORTED 0")
+        assert (errors, exported) == ({"span": 5, "handler span": 4, "workflow span": 6}, "EXPORTED 0")
     else:  # every span starts, and its end fails after the exporter was handed it
-        assert (errors, exported) == ({"span end": 5, "handler span end": 3, "workflow span": 6}, "EXPORTED 14")
+        assert (errors, exported) == ({"span end": 5, "handler span end": 4, "workflow span": 6}, "EXPORTED 15")
+
+
+def test_signal_with_start_update_with_start_and_workflow_to_workflow_signals_continue_the_senders_trace() -> None:
+    spans = run_app("messages")
+    assert_every_parent_exported(spans)
+    names = [s["name"] for s in spans]
+    assert "StartWorkflow:Receiver" not in names
+    signal_start = one(spans, "SignalWithStartWorkflow:Receiver")
+    update_start = one(spans, "StartUpdateWithStartWorkflow:Receiver")
+    assert (signal_start["attributes"]["temporal.workflow.id"], update_start["attributes"]["temporal.workflow.id"]) \
+        == ("wf-receiver", "wf-uws")
+    started = {s["attributes"]["temporal.workflow.id"]: s for s in spans if s["name"] == "WorkflowStarted:Receiver"}
+    assert (started["wf-receiver"]["parent"], started["wf-uws"]["parent"]) == (signal_start["id"], update_start["id"])
+    assert [(s["name"], s["parent"]) for s in spans if s["name"] in ("ValidateUpdate:add", "HandleUpdate:add")] == \
+        [("ValidateUpdate:add", update_start["id"]), ("HandleUpdate:add", update_start["id"])]
+    sender = one(spans, "WorkflowStarted:Sender")
+    to_child, to_external = one(spans, "SignalChildWorkflow:note"), one(spans, "SignalExternalWorkflow:note")
+    assert (to_child["parent"], to_external["parent"]) == (sender["id"], sender["id"])
+    assert (to_child["attributes"]["temporal.workflow.id"], to_external["attributes"]["temporal.workflow.id"]) == \
+        ("wf-sender-child", "wf-receiver")
+    handled = sorted((s["parent"], s["trace"]) for s in spans if s["name"] == "HandleSignal:note")
+    assert handled == sorted([(signal_start["id"], signal_start["trace"]), (to_child["id"], sender["trace"]),
+                              (to_external["id"], sender["trace"])])
 
 
 @pytest.mark.parametrize("mode", ["no-cache", "restart"])

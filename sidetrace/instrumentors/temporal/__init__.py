@@ -6,9 +6,11 @@
 worker that already has temporalio's own OpenTelemetry interceptor is left to it (no double spans).
 What it traces:
 
-- client calls: ``StartWorkflow:{type}``, ``SignalWorkflow:{name}``, ``QueryWorkflow:{name}``,
-  ``StartWorkflowUpdate:{name}`` (CLIENT), with ``temporal.namespace``, ``temporal.workflow.id``,
-  ``temporal.workflow.type`` and ``temporal.task_queue``;
+- client calls: ``StartWorkflow:{type}``, ``SignalWithStartWorkflow:{type}``,
+  ``StartUpdateWithStartWorkflow:{type}`` (the started run and the update are both its children),
+  ``SignalWorkflow:{name}``, ``QueryWorkflow:{name}``, ``StartWorkflowUpdate:{name}`` (CLIENT), with
+  ``temporal.namespace``, ``temporal.workflow.id``, ``temporal.workflow.type`` and
+  ``temporal.task_queue``;
 - activities: ``RunActivity:{type}`` (SERVER), one span per attempt, with the namespace, task queue,
   workflow id, run id and type, activity id and type, ``temporal.activity.attempt`` and
   ``temporal.activity.queue_time`` (seconds from the attempt's scheduling to its start); failures set
@@ -28,11 +30,14 @@ What it traces:
   no ``RunWorkflow`` span (no worker sees it end); what it made hangs under its ``WorkflowStarted``
   span, so no exported span points at a parent that is never exported. Nothing is created during
   replay.
-- calls from workflows: ``StartActivity:{type}`` and ``StartChildWorkflow:{type}`` (CLIENT), made
-  when the workflow schedules the call (outside replay) and ended at once, so they are exported
-  before the activity's attempts and the child's run, their children, can point at them.
-- handlers: ``HandleSignal:{name}``, ``HandleUpdate:{name}`` (outside replay) and
-  ``HandleQuery:{name}`` (SERVER), children of the client call, linked to the WorkflowStarted span.
+- calls from workflows: ``StartActivity:{type}``, ``StartChildWorkflow:{type}``,
+  ``SignalChildWorkflow:{name}`` and ``SignalExternalWorkflow:{name}`` (CLIENT), made when the
+  workflow makes the call (outside replay) and ended at once, so they are exported before the
+  activity's attempts, the child's run or the receiving handler, their children, can point at them:
+  a signal from one workflow to another continues the sender's trace.
+- handlers: ``HandleSignal:{name}``, ``ValidateUpdate:{name}``, ``HandleUpdate:{name}`` (outside
+  replay) and ``HandleQuery:{name}`` (SERVER), children of the call that sent them, linked to the
+  receiving run's WorkflowStarted span.
 
 Metrics through the OpenTelemetry meter: ``temporal.activity.execution.duration``,
 ``temporal.activity.queue_time`` (the saturation signal of a task queue),
@@ -319,18 +324,30 @@ class _ClientOutbound(temporalio.client.OutboundInterceptor):
             attributes["temporal.namespace"] = self.root.namespace
         return attributes
 
-    async def _call(self, name: str, attributes: dict[str, Any], input: Any, call: Any) -> Any:
-        """``call(input)`` inside a CLIENT span whose context ``input.headers`` carries."""
+    async def _call(self, name: str, attributes: dict[str, Any], input: Any, call: Any,
+                    carriers: tuple[Any, ...] = ()) -> Any:
+        """``call(input)`` inside a CLIENT span whose context ``input.headers`` (or each of ``carriers``'
+        headers) carries."""
         if not is_instrumentation_enabled():
             return await call(input)
         with _span(self.root.tracer, self.root.guard, name, SpanKind.CLIENT, attributes):
-            input.headers = context_to_headers(input.headers, guard=self.root.guard)
+            for carrier in carriers or (input,):
+                carrier.headers = context_to_headers(carrier.headers, guard=self.root.guard)
             return await call(input)
 
     async def start_workflow(self, input: temporalio.client.StartWorkflowInput) -> Any:
         attributes = self._attributes(input.id, **{"temporal.workflow.type": input.workflow,
                                                    "temporal.task_queue": input.task_queue})
-        return await self._call(f"StartWorkflow:{input.workflow}", attributes, input, super().start_workflow)
+        kind = "SignalWithStartWorkflow" if input.start_signal else "StartWorkflow"
+        return await self._call(f"{kind}:{input.workflow}", attributes, input, super().start_workflow)
+
+    async def start_update_with_start_workflow(self, input: Any) -> Any:
+        """Update-with-start (temporalio >= 1.9): the start and the update both carry the span's context."""
+        start = input.start_workflow_input
+        attributes = self._attributes(start.id, **{"temporal.workflow.type": start.workflow,
+                                                   "temporal.task_queue": start.task_queue})
+        return await self._call(f"StartUpdateWithStartWorkflow:{start.workflow}", attributes, input,
+                                super().start_update_with_start_workflow, (start, input.update_workflow_input))
 
     async def signal_workflow(self, input: temporalio.client.SignalWorkflowInput) -> None:
         return await self._call(f"SignalWorkflow:{input.signal}", self._attributes(input.id), input,
@@ -432,7 +449,7 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
         super().init(self._outbound)
 
     def client_call(self, name: str, attributes: dict[str, Any]) -> Payload | None:
-        """The context header for a `StartActivity`/`StartChildWorkflow` call, whose span is made now.
+        """The context header for a call from the workflow (an activity, a child, a signal), whose span is made now.
 
         The span's ids derive from the run id and the call's position in the run, so a replay
         reproduces them; it is made at scheduling, outside replay, and ended at once, so it is exported
@@ -599,6 +616,11 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
         with self._handler_span("HandleQuery", input.query, input.headers, True):
             return await super().handle_query(input)
 
+    def handle_update_validator(self, input: temporalio.worker.HandleUpdateInput) -> None:
+        with self._handler_span("ValidateUpdate", input.update, input.headers,
+                                not temporalio.workflow.unsafe.is_replaying()):
+            return super().handle_update_validator(input)
+
     async def handle_update_handler(self, input: temporalio.worker.HandleUpdateInput) -> Any:
         with self._handler_span("HandleUpdate", input.update, input.headers,
                                 not temporalio.workflow.unsafe.is_replaying()):
@@ -666,6 +688,16 @@ class _WorkflowOutbound(temporalio.worker.WorkflowOutboundInterceptor):
         if self.chain_parent is not None:
             input.headers = context_to_headers(input.headers, self.chain_parent, self.inbound.interceptor.guard)
         return super().continue_as_new(input)
+
+    async def signal_child_workflow(self, input: temporalio.worker.SignalChildWorkflowInput) -> None:
+        input.headers = self._traced(f"SignalChildWorkflow:{input.signal}", input.headers,
+                                     {"temporal.workflow.id": input.child_workflow_id})
+        return await super().signal_child_workflow(input)
+
+    async def signal_external_workflow(self, input: temporalio.worker.SignalExternalWorkflowInput) -> None:
+        input.headers = self._traced(f"SignalExternalWorkflow:{input.signal}", input.headers,
+                                     {"temporal.workflow.id": input.workflow_id, "temporal.namespace": input.namespace})
+        return await super().signal_external_workflow(input)
 
     async def start_child_workflow(self, input: temporalio.worker.StartChildWorkflowInput) -> Any:
         input.headers = self._traced(f"StartChildWorkflow:{input.workflow}", input.headers,

@@ -6,7 +6,8 @@ restart (the worker is replaced while the workflow waits for a signal); no-conte
 uninstrumented client and by the temporal CLI); outcomes (continue-as-new, cancelled, failed,
 workflow task failures, timed out, terminated); providers (instrument's tracer_provider and meter_provider, and
 suppress_instrumentation()); plugin-before, plugin-after, interceptor-before, interceptor-after
-(temporalio's own OpenTelemetry plugin or interceptor given before or after instrument()).
+(temporalio's own OpenTelemetry plugin or interceptor given before or after instrument()); messages
+(signal-with-start, update-with-start, signals from workflows to workflows).
 Prints the finished spans as one JSON line, then leaves with os._exit(0).
 """
 
@@ -341,6 +342,70 @@ class Everything:
     def bump(self, n: int) -> int:
         return n + 1
 
+    @bump.validator
+    def bump_positive(self, n: int) -> None:
+        if n < 0:
+            raise ValueError("n must not be negative")
+
+
+@workflow.defn
+class Receiver:
+    """Returns the signals and updates it got once it has ``expected`` of them."""
+
+    def __init__(self) -> None:
+        self.got: list[str] = []
+
+    @workflow.run
+    async def run(self, expected: int) -> list[str]:
+        await workflow.wait_condition(lambda: len(self.got) >= expected)
+        return self.got
+
+    @workflow.signal
+    def note(self, text: str) -> None:
+        self.got.append(text)
+
+    @workflow.update
+    def add(self, n: int) -> int:
+        self.got.append(str(n))
+        return n + 1
+
+    @add.validator
+    def add_positive(self, n: int) -> None:
+        if n < 0:
+            raise ValueError("n must not be negative")
+
+
+@workflow.defn
+class Sender:
+    """Signals its child and, as an external workflow, wf-receiver."""
+
+    @workflow.run
+    async def run(self) -> list[str]:
+        child = await workflow.start_child_workflow(Receiver.run, 1, id="wf-sender-child")
+        await child.signal(Receiver.note, "from parent")
+        await workflow.get_external_workflow_handle("wf-receiver").signal(Receiver.note, "from sender")
+        return await child
+
+
+async def messages(target: str, namespace: str) -> None:
+    """Signal-with-start, update-with-start (with a validator), and workflow-to-workflow signals."""
+    from temporalio.client import WithStartWorkflowOperation, WorkflowUpdateStage
+    from temporalio.common import WorkflowIDConflictPolicy
+
+    TemporalInstrumentor().instrument(core_metrics=False)
+    client = await Client.connect(target, namespace=namespace)
+    async with Worker(client, task_queue="m", workflows=[Receiver, Sender]):
+        receiver = await client.start_workflow(Receiver.run, 2, id="wf-receiver", task_queue="m",
+                                               start_signal="note", start_signal_args=["from client"])
+        operation = WithStartWorkflowOperation(Receiver.run, 1, id="wf-uws", task_queue="m",
+                                               id_conflict_policy=WorkflowIDConflictPolicy.FAIL)
+        update = await client.start_update_with_start_workflow(Receiver.add, 41, start_workflow_operation=operation,
+                                                               wait_for_stage=WorkflowUpdateStage.COMPLETED)
+        assert await update.result() == 42
+        assert await (await operation.workflow_handle()).result() == ["41"]
+        assert await client.execute_workflow(Sender.run, id="wf-sender", task_queue="m") == ["from parent"]
+        assert await receiver.result() == ["from client", "from sender"]
+
 
 async def failing_tracer(target: str, namespace: str, hooks: str) -> None:
     """Everything under a SpanProcessor raising from ``hooks`` and an exporter that raises: the app's calls
@@ -491,6 +556,8 @@ async def main(mode: str):
             await beside_official(target, namespace, mode)
         elif mode.startswith("failing="):
             await failing_tracer(target, namespace, mode.split("=", 1)[1])
+        elif mode == "messages":
+            await messages(target, namespace)
         elif mode == "no-context":
             await started_without_context(target, namespace)
         elif mode == "official-worker":  # the reverse: our client, a worker still on the official interceptor
