@@ -71,14 +71,15 @@ $(BENCHDAPR)/bin/python:
 		opentelemetry-instrumentation-aiohttp-client==$(OTEL_PEER_CONTRIB) dapr -e .
 
 # The peer of `sidetrace instrument`: opentelemetry-instrument with opentelemetry-distro, which registers
-# a configurator of its own, so it gets a venv apart from the test venv (same OpenTelemetry versions).
+# a configurator of its own, so both launchers get a venv apart from the test venv, with the same
+# OpenTelemetry versions and the same instrumentations installed (Flask's and threading's).
 BENCHLAUNCHER := .benchlauncher
 
 $(BENCHLAUNCHER)/bin/python:
 	$(PYTHON) -m venv $(BENCHLAUNCHER)
 	$(BENCHLAUNCHER)/bin/python -m pip install -q opentelemetry-sdk==$(OTEL_PEER_API) \
 		opentelemetry-distro==$(OTEL_PEER_CONTRIB) opentelemetry-exporter-otlp-proto-grpc==$(OTEL_PEER_API) \
-		opentelemetry-instrumentation-flask==$(OTEL_PEER_CONTRIB) flask
+		opentelemetry-instrumentation-flask==$(OTEL_PEER_CONTRIB) flask -e '.[sdk]'
 
 bench: $(VENV)/.test servers $(BENCH313)/bin/python $(BENCHDAPR)/bin/python $(BENCHLAUNCHER)/bin/python
 	@command -v prometheus-node-exporter >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(APT_INSTALL) prometheus-node-exporter; }

@@ -10,9 +10,11 @@ client), and `spans N` (makes N spans in a loop, then exits, flushing them). Fro
 wall time, CPU (user + system) and peak RSS. CPU per exported span is (CPU of `spans N` - CPU of
 `spans 0`) / N, each launcher against itself.
 
-The peer runs from its own venv (.benchlauncher, made by `make bench`), because opentelemetry-distro
-registers a configurator of its own; sidetrace's launcher runs from the project's .venv. Both have the
-same OpenTelemetry SDK.
+Both launchers run from one venv (.benchlauncher, made by `make bench`) holding opentelemetry-distro,
+sidetrace and the same instrumentations (Flask's and threading's), so each loads the same set: the
+test venv holds many more (Temporal, Dapr, gRPC, ...), which would measure the libraries, not the
+launchers. Peak RSS comes from /usr/bin/time (a child's rusage from this process would start at this
+process's own size, which it inherits at fork).
 
 Usage: python bench/launcher_overhead.py [--rounds 7] [--spans 20000]
 """
@@ -52,13 +54,13 @@ elif what == "spans":
 
 def run(command: list[str], env: dict[str, str]) -> dict[str, float]:
     started = time.perf_counter()
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    done = subprocess.run(["/usr/bin/time", "-f", "TIME %M %U %S", *command], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
     wall = time.perf_counter() - started
-    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{command} failed: {stderr[-2000:]}")
-    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss": usage.ru_maxrss / 1024}
+    if done.returncode != 0:
+        raise RuntimeError(f"{command} failed: {done.stderr[-2000:]}")
+    rss_kib, user, system = done.stderr.strip().splitlines()[-1].split()[1:]
+    return {"wall": wall, "cpu": float(user) + float(system), "rss": int(rss_kib) / 1024}
 
 
 def main() -> None:
@@ -78,10 +80,10 @@ def main() -> None:
                 "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
     ours_env = {**base, "OTEL_SERVICE_NAME": "bench"}
     contenders = {
-        "bare": ([sys.executable, str(script)], base),
+        "bare": ([str(PEER / "python"), str(script)], base),
         "otel": ([str(PEER / "opentelemetry-instrument"), str(PEER / "python"), str(script)], peer_env),
-        "sidetrace": ([str(ROOT / ".venv/bin/sidetrace"), "instrument", "--endpoint", endpoint, "--",
-                       sys.executable, str(script)], ours_env),
+        "sidetrace": ([str(PEER / "sidetrace"), "instrument", "--endpoint", endpoint, "--",
+                       str(PEER / "python"), str(script)], ours_env),
     }
     workloads = {"trivial": ["trivial"], "flask": ["flask"], "spans 0": ["spans", "0"],
                  f"spans {args.spans}": ["spans", str(args.spans)]}
