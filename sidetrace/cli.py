@@ -32,9 +32,10 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load_or_report(path: str | None) -> Config | None:
+def _load_or_report(path: str | None, warnings: list[str]) -> Config | None:
+    """The config ``run`` would use, verified against this host; None after printing why not."""
     try:
-        return load(path)
+        return load(path, verify=True, warnings=warnings)
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)
@@ -42,22 +43,29 @@ def _load_or_report(path: str | None) -> Config | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = _load_or_report(args.config)
+    warnings: list[str] = []
+    config = _load_or_report(args.config, warnings)
     if config is None:
         return EXIT_CONFIG
     # Imported here so that `version` and `check-config` stay fast and need no agent extras.
     import asyncio
+    import logging
 
     from sidetrace.agent.daemon import Daemon, configure_logging
 
     configure_logging(config.agent.log_level)
+    for line in warnings:
+        logging.getLogger("sidetrace.config").warning("%s", line)
     return asyncio.run(Daemon(config, args.config).run())
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load_or_report(args.config)
+    warnings: list[str] = []
+    config = _load_or_report(args.config, warnings)
     if config is None:
         return EXIT_CONFIG
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
     print(f"{args.config or 'built-in defaults'}: OK")
     return 0
 

@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import re
+import ssl
 import sys
 import types
 import typing
@@ -28,6 +29,8 @@ else:  # pragma: no cover - exercised only on Python 3.10
 ENV_PREFIX = "SIDETRACE_"
 ENV_SEPARATOR = "__"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Protobuf refuses to encode or decode a message of 2 GiB or more, so no OTLP or remote-write request can be larger.
+MAX_PROTOBUF_BYTES = 2**31 - 1
 
 
 class ConfigError(Exception):
@@ -73,7 +76,16 @@ def _check_optional_listen(value: str) -> str:
     return value
 
 
+def _refuse_other_scheme(value: str, allowed: tuple[str, ...]) -> None:
+    """Raise ValueError naming the scheme when ``value`` is a URL of a scheme not in ``allowed``."""
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", value)
+    if match is not None and match.group(1).lower() not in allowed:
+        raise ValueError(f"expected {' or '.join(f'{scheme}://' for scheme in allowed)}, "
+                         f"the {match.group(1)}:// scheme is not supported")
+
+
 def _check_endpoint(value: str) -> str:
+    _refuse_other_scheme(value, ("http", "https"))
     match = re.fullmatch(r"(?:(https?)://)?([^/\s]+?)(/.*)?", value)
     if not value or match is None:
         raise ValueError("expected an endpoint such as http://jaeger:4317 or https://jaeger:4318")
@@ -217,7 +229,8 @@ class OtlpReceiverSection:
     http_listen: str = _key("HOST:PORT for OTLP/HTTP (/v1/traces, /v1/metrics); empty turns HTTP off.",
                             _check_optional_listen, default="127.0.0.1:4318")
     max_request_bytes: int = _key("Largest request body accepted (after decompression); larger ones get 413 or "
-                                  "RESOURCE_EXHAUSTED.", _check_positive, default=4 * 1024 * 1024)
+                                  "RESOURCE_EXHAUSTED. At most 2 GiB - 1 (protobuf's limit).", _check_positive,
+                                  default=4 * 1024 * 1024)
     auth_token: str = _key("When set, requests must carry `Authorization: Bearer <token>`.", default="")
     read_timeout_seconds: float = _key("A request whose body (HTTP) or message (gRPC) has not arrived in full this "
                                        "long after it began is refused (408 / DEADLINE_EXCEEDED) and counted.",
@@ -242,7 +255,8 @@ class SpoolSection:
     sync: str = _key("`full`: fsync before acknowledging (survives power loss); `normal`: survives a crash of "
                      "the agent, not of the host.", _check_choice("full", "normal"), default="full")
     max_pending_bytes: int = _key("Bytes accepted but not yet written; past it receivers refuse with a "
-                                  "retryable error (HTTP 429 / gRPC UNAVAILABLE).", _check_positive,
+                                  "retryable error (HTTP 429 / gRPC UNAVAILABLE). At least "
+                                  "receivers.otlp.max_request_bytes.", _check_positive,
                                   default=64 * 1024 * 1024)
 
 
@@ -254,14 +268,15 @@ class OtlpExporterSection:
     endpoint: str = _key("`http://host:4317` (grpc) or `http://host:4318` (http, /v1/traces is added); "
                          "`https://` turns TLS on.", _check_endpoint, default="http://127.0.0.1:4317")
     protocol: str = _key("`grpc` or `http` (protobuf).", _check_choice("grpc", "http"), default="grpc")
-    headers: dict[str, str] = _key("Extra request headers; `${VAR}` in a value is read from the environment.",
-                                   default_factory=dict)
+    headers: dict[str, str] = _key("Extra request headers; `${VAR}` in a value is read from the environment "
+                                   "(unset: an error).", default_factory=dict)
     compression: str = _key("`gzip` or `none`.", _check_choice("gzip", "none"), default="gzip")
     timeout_seconds: float = _key("Deadline of one export request.", _check_positive, default=10.0)
     max_batch_spans: int = _key("Most spans sent in one request (spooled batches are joined up to it).",
                                 _check_positive, default=8192)
     max_request_bytes: int = _key("Largest request sent: batches are joined up to it, a larger batch is split by "
-                                  "spans (gRPC servers take 4 MiB by default).", _check_positive,
+                                  "spans (gRPC servers take 4 MiB by default). At most 2 GiB - 1 (protobuf's limit).",
+                                  _check_positive,
                                   default=4 * 1024 * 1024)
     batch_timeout_seconds: float = _key("How long a request short of max_batch_spans waits for more spans "
                                         "(the data waits on disk); 0 sends at once.", _check_non_negative,
@@ -309,18 +324,20 @@ class LoadBalancingExporterSection:
     dns_server: str = _key("HOST:PORT of the DNS server to ask for `dns`; empty: the system's resolver.",
                            _check_optional_host_port, default="")
     protocol: str = _key("`grpc` or `http` (protobuf, to /v1/traces).", _check_choice("grpc", "http"), default="grpc")
-    headers: dict[str, str] = _key("Extra request headers; `${VAR}` in a value is read from the environment.",
-                                   default_factory=dict)
+    headers: dict[str, str] = _key("Extra request headers; `${VAR}` in a value is read from the environment "
+                                   "(unset: an error).", default_factory=dict)
     compression: str = _key("`gzip` or `none`.", _check_choice("gzip", "none"), default="gzip")
     timeout_seconds: float = _key("Deadline of one export request.", _check_positive, default=10.0)
     max_batch_spans: int = _key("Most spans sent to a backend in one request.", _check_positive, default=8192)
-    max_request_bytes: int = _key("Largest request sent to a backend.", _check_positive, default=4 * 1024 * 1024)
+    max_request_bytes: int = _key("Largest request sent to a backend; at most 2 GiB - 1 (protobuf's limit).",
+                                  _check_positive, default=4 * 1024 * 1024)
     batch_timeout_seconds: float = _key("How long a request short of max_batch_spans waits for more spans.",
                                         _check_non_negative, default=0.2)
     tls: BackendTlsSection = field(default_factory=BackendTlsSection)
 
 
 def _check_write_url(value: str) -> str:
+    _refuse_other_scheme(value, ("http", "https"))
     match = re.fullmatch(r"(https?)://([^/\s]+)(/\S*)?", value)
     if match is None:
         raise ValueError("expected an http:// or https:// URL such as http://prometheus:9090/api/v1/write")
@@ -342,16 +359,19 @@ class RemoteWriteExporterSection:
     external_labels: dict[str, str] = _key("Labels added to every series (a series' own label wins); `job` "
                                            "(`sidetrace`) and `instance` (the host name) are added unless set here "
                                            "or on the series.", default_factory=dict)
-    headers: dict[str, str] = _key("Extra request headers; `${VAR}` in a value is read from the environment.",
-                                   default_factory=dict)
+    headers: dict[str, str] = _key("Extra request headers; `${VAR}` in a value is read from the environment "
+                                   "(unset: an error).", default_factory=dict)
     basic_auth_username: str = _key("HTTP basic auth user (with basic_auth_password); empty for none.", default="")
-    basic_auth_password: str = _key("HTTP basic auth password; `${VAR}` is read from the environment.", default="")
-    bearer_token: str = _key("Sent as `Authorization: Bearer ...`; `${VAR}` is read from the environment.",
+    basic_auth_password: str = _key("HTTP basic auth password; `${VAR}` is read from the environment (unset: an "
+                                    "error).", default="")
+    bearer_token: str = _key("Sent as `Authorization: Bearer ...`; `${VAR}` is read from the environment "
+                             "(unset: an error).",
                              default="")
     timeout_seconds: float = _key("Deadline of one request.", _check_positive, default=10.0)
     max_samples_per_request: int = _key("Most samples in one request (queued collections are joined up to it).",
                                         _check_positive, default=5000)
-    max_request_bytes: int = _key("Largest request, before compression.", _check_positive, default=4 * 1024 * 1024)
+    max_request_bytes: int = _key("Largest request, before compression; at most 2 GiB - 1 (protobuf's limit).",
+                                  _check_positive, default=4 * 1024 * 1024)
     tls: ClientTlsSection = field(default_factory=ClientTlsSection)
 
 
@@ -425,12 +445,21 @@ class AppMetricsSection:
                                 default=300.0)
 
 
+def _check_nats_urls(values: tuple[str, ...]) -> tuple[str, ...]:
+    for value in values:
+        try:
+            _refuse_other_scheme(value, ("nats", "tls", "ws", "wss"))
+        except ValueError as exc:
+            raise ValueError(f'{exc} (in "{value}")') from None
+    return values
+
+
 @dataclass(frozen=True)
 class NatsTraceSourceSection:
     """[sources.nats_trace]: NATS server message-trace events (ADR-41) turned into spans."""
 
     enabled: bool = _key("Subscribe to the servers' message-trace events.", default=False)
-    servers: tuple[str, ...] = _key("NATS URLs to connect to.", default=("nats://127.0.0.1:4222",))
+    servers: tuple[str, ...] = _key("NATS URLs to connect to.", _check_nats_urls, default=("nats://127.0.0.1:4222",))
     subject: str = _key("Subject the trace events are published to: an account's `msg_trace { dest: ... }` or "
                         "what publishers put in `Nats-Trace-Dest`.", default="sidetrace.msgtrace")
     credentials: str = _key("A NATS .creds file (JWT and NKey seed) to connect with; empty for none.", default="")
@@ -565,6 +594,7 @@ class _Builder:
         self.origins = origins
         self.default_origin = default_origin
         self.problems: list[str] = []
+        self.warnings: list[str] = []
 
     def _problem(self, path: tuple[str, ...], message: str) -> None:
         origin = self.origins.get(path, self.default_origin)
@@ -604,7 +634,15 @@ class _Builder:
                 kwargs[spec.name] = check(value) if check else value
             except ValueError as exc:
                 self._problem(here, f"{exc}, got {_describe(data[spec.name])}")
-        return cls(**kwargs)
+        built = cls(**kwargs)
+        ignored = [key for key in data if key != "enabled" and key in hints]
+        if "enabled" in hints and not getattr(built, "enabled", True) and ignored:
+            # The commonest silent mistake: [sources.netsample] filled in, enabled left at its default false.
+            origin = self.origins.get((*path, "enabled"), self.default_origin)
+            has, them = ("has", "it") if len(ignored) == 1 else ("have", "them")
+            self.warnings.append(f"{origin}: {'.'.join(path)}: enabled = false, so {', '.join(ignored)} {has} no "
+                                 f"effect; set enabled = true to use {them}, or remove {them}")
+        return built
 
 
 def _table_array_item(kind: typing.Any) -> type | None:
@@ -636,6 +674,27 @@ def env_name(path: tuple[str, ...]) -> str:
     return ENV_PREFIX + ENV_SEPARATOR.join(part.upper() for part in path)
 
 
+def _unknown_env_reason(name: str, leaves: Mapping[str, tuple[tuple[str, ...], typing.Any]]) -> str:
+    """Why ``name`` sets nothing, with a suggestion from its own section only (a close name from another section,
+    such as a receiver's key for an exporter's, would send the operator the wrong way)."""
+    parts = tuple(name[len(ENV_PREFIX):].lower().split(ENV_SEPARATOR))
+    arrays = {tuple(p.removesuffix("[]") for p in path[: i + 1])
+              for path, _, _ in _walk(Config) for i, p in enumerate(path) if p.endswith("[]")}
+    for array in arrays:
+        if parts[: len(array)] == array:
+            return (f"[[{'.'.join(array)}]] is an array of tables, whose keys have no environment variables; set "
+                    f"them in the config file (a header or credential value can read a variable with ${{VAR}})")
+    same_section = {ENV_SEPARATOR.join(path[1:]).upper(): leaf for leaf, (path, _) in leaves.items()
+                    if path[0] == parts[0]}
+    if not same_section:
+        return f"unknown setting{_suggest(name, list(leaves))}"
+    # Matched on the part after the section: the shared prefix would make any two names look alike.
+    close = difflib.get_close_matches(ENV_SEPARATOR.join(parts[1:]).upper(), list(same_section), n=1, cutoff=0.6)
+    if close:
+        return f'unknown setting, did you mean "{same_section[close[0]]}"?'
+    return f"unknown setting (known: {', '.join(sorted(same_section.values()))})"
+
+
 def _apply_env(
     data: dict[str, typing.Any], env: Mapping[str, str], origins: dict[tuple[str, ...], str], problems: list[str]
 ) -> None:
@@ -644,7 +703,7 @@ def _apply_env(
         if not name.startswith(ENV_PREFIX) or ENV_SEPARATOR not in name:
             continue
         if name not in leaves:
-            problems.append(f"environment {name}: unknown setting{_suggest(name, list(leaves))}")
+            problems.append(f"environment {name}: {_unknown_env_reason(name, leaves)}")
             continue
         path, kind = leaves[name]
         table = data
@@ -677,20 +736,161 @@ def _cross_checks(config: Config, origin: str) -> list[str]:
         if bool(balancer.backends) == bool(balancer.dns):
             problems.append(f"{origin}: exporters.loadbalancing[{index}]: expected either backends or dns, "
                             f"got {'both' if balancer.backends else 'neither'}")
-    if config.receivers.otlp.max_request_bytes > config.spool.max_bytes:
+    receiver = config.receivers.otlp
+    if receiver.max_request_bytes > config.spool.max_bytes:
         problems.append(f"{origin}: receivers.otlp.max_request_bytes: expected at most spool.max_bytes "
-                        f"({config.spool.max_bytes}), got {config.receivers.otlp.max_request_bytes}")
+                        f"({config.spool.max_bytes}), got {receiver.max_request_bytes}")
+    if receiver.enabled and receiver.max_request_bytes > config.spool.max_pending_bytes:
+        # A request larger than the pending bound could never be accepted: the app would retry it forever.
+        problems.append(f"{origin}: spool.max_pending_bytes: expected at least receivers.otlp.max_request_bytes "
+                        f"({receiver.max_request_bytes}), or every request that large is refused forever; got "
+                        f"{config.spool.max_pending_bytes}")
+    if receiver.max_request_bytes > MAX_PROTOBUF_BYTES:
+        problems.append(f"{origin}: receivers.otlp.max_request_bytes: expected at most {MAX_PROTOBUF_BYTES} (the "
+                        f"largest protobuf message, and so OTLP request), got {receiver.max_request_bytes}")
+    for kind in (spec.name for spec in dataclasses.fields(ExportersSection)):
+        for index, exporter in enumerate(getattr(config.exporters, kind)):
+            if exporter.max_request_bytes > MAX_PROTOBUF_BYTES:
+                problems.append(f"{origin}: exporters.{kind}[{index}].max_request_bytes: expected at most "
+                                f"{MAX_PROTOBUF_BYTES} (the largest protobuf message, and so "
+                                f"{'remote-write' if kind == 'remote_write' else 'OTLP'} request), "
+                                f"got {exporter.max_request_bytes}")
     for path, tls in (("server.tls", config.server.tls), ("receivers.otlp.tls", config.receivers.otlp.tls)):
         if bool(tls.cert_file) != bool(tls.key_file):
             problems.append(f"{origin}: {path}: expected both cert_file and key_file, or neither")
     return problems
 
 
-def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(value: str, env: Mapping[str, str] | None = None) -> str:
+    """``value`` with each ``${NAME}`` replaced by the environment variable NAME (other ``$`` stay as they are).
+
+    Raises ValueError naming a variable that is not set: sent literally, ``Bearer ${TOKEN}`` would only come back
+    as a 401 from the backend that names nothing on this host.
+    """
+    env = os.environ if env is None else env
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(1) not in env:
+            raise ValueError(f"${{{match.group(1)}}} is not set in the agent's environment; set it (systemd: "
+                             "Environment= or EnvironmentFile=) or take it out of the value")
+        return env[match.group(1)]
+
+    return _ENV_REFERENCE.sub(replace, value)
+
+
+def expanded_values(config: Config) -> Iterator[tuple[str, str]]:
+    """(key path, value) of every value the running agent reads ``${VAR}`` in (headers and credentials)."""
+    for kind in (spec.name for spec in dataclasses.fields(ExportersSection)):
+        for index, exporter in enumerate(getattr(config.exporters, kind)):
+            for header, value in exporter.headers.items():
+                yield f"exporters.{kind}[{index}].headers.{header}", value
+    for index, writer in enumerate(config.exporters.remote_write):
+        if writer.bearer_token:
+            yield f"exporters.remote_write[{index}].bearer_token", writer.bearer_token
+        elif writer.basic_auth_username:
+            yield f"exporters.remote_write[{index}].basic_auth_password", writer.basic_auth_password
+
+
+def _unreadable(path: str) -> str | None:
+    """Why the agent's user cannot read the file ``path``, or None when it can."""
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def _tls_problems(key: str, tls: ListenerTlsSection | ClientTlsSection, server: bool) -> list[str]:
+    """Each TLS file of ``tls`` that the agent could not use, loaded as the running agent loads it."""
+    problems = []
+    for name in ("ca_file", "cert_file", "key_file"):
+        path = getattr(tls, name, "")
+        why = _unreadable(path) if path else None
+        if why is not None:
+            problems.append(f'{key}.{name}: cannot read "{path}": {why}')
+    if problems:
+        return problems
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    if tls.cert_file:
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file or None)
+        except ssl.SSLError as exc:
+            problems.append(f'{key}.cert_file: "{tls.cert_file}" with key_file "{tls.key_file}" is not a PEM '
+                            f"certificate and its private key: {exc.reason or exc}")
+    ca_file = getattr(tls, "ca_file", "")
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except ssl.SSLError as exc:
+            problems.append(f'{key}.ca_file: "{ca_file}" holds no PEM CA certificate: {exc.reason or exc}')
+    return problems
+
+
+def _data_dir_problem(path: Path) -> str | None:
+    """Why ``path`` is not, and cannot become, a directory the agent can write in; None when it is or can."""
+    if path.exists() and not path.is_dir():
+        return f"{path} exists and is not a directory; point agent.data_dir at a directory"
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"cannot create {path}: {existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        verb = "write in" if existing == path else "create"
+        return (f"cannot {verb} {path}: {existing} is not writable by uid {os.geteuid()}; "
+                "give the agent's user that directory or choose another")
+    return None
+
+
+def _host_checks(config: Config, origins: Mapping[tuple[str, ...], str], origin: str,
+                 env: Mapping[str, str]) -> list[str]:
+    """What the running agent needs from this host besides a valid file: readable TLS and credential files, a
+    writable data_dir, every ``${VAR}`` set. Only what an enabled component uses is checked, as ``run`` does."""
+    problems = []
+    why = _data_dir_problem(Path(os.path.expandvars(config.agent.data_dir)).expanduser())
+    if why is not None:
+        problems.append(f"{origins.get(('agent', 'data_dir'), origin)}: agent.data_dir: {why}")
+    tls: list[tuple[str, ListenerTlsSection | ClientTlsSection, bool]] = []
+    if config.server.tls.cert_file:
+        tls.append(("server.tls", config.server.tls, True))
+    if config.receivers.otlp.enabled and config.receivers.otlp.tls.cert_file:
+        tls.append(("receivers.otlp.tls", config.receivers.otlp.tls, True))
+    for index, exporter in enumerate(config.exporters.otlp):
+        if exporter.endpoint.startswith("https://"):
+            tls.append((f"exporters.otlp[{index}].tls", exporter.tls, False))
+    for index, balancer in enumerate(config.exporters.loadbalancing):
+        if balancer.tls.enabled:
+            tls.append((f"exporters.loadbalancing[{index}].tls", balancer.tls, False))
+    for index, writer in enumerate(config.exporters.remote_write):
+        if writer.url.startswith("https://"):
+            tls.append((f"exporters.remote_write[{index}].tls", writer.tls, False))
+    for key, section, server in tls:
+        key_origin = origins.get(tuple(key.split(".")) + ("cert_file",), origin)
+        problems += [f"{key_origin}: {line}" for line in _tls_problems(key, section, server)]
+    nats = config.sources.nats_trace
+    if nats.enabled and nats.credentials:
+        why = _unreadable(nats.credentials)
+        if why is not None:
+            problems.append(f"{origins.get(('sources', 'nats_trace', 'credentials'), origin)}: "
+                            f'sources.nats_trace.credentials: cannot read "{nats.credentials}": {why}')
+    for key, value in expanded_values(config):
+        try:
+            expand_env(value, env)
+        except ValueError as exc:
+            problems.append(f"{origin}: {key}: {exc}")
+    return problems
+
+
+def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None, *,
+         verify: bool = False, warnings: list[str] | None = None) -> Config:
     """Read ``path`` (or only the built-in defaults when None) and apply environment overrides.
 
     Raises ConfigError with one line per problem, each naming the file or variable, the key
-    path and what was expected.
+    path and what was expected. ``verify`` also checks what the running agent needs from this host
+    (``run``, its reload and ``check-config`` all verify, so they judge alike). Lines about keys that
+    have no effect (a disabled section's) are appended to ``warnings`` when given.
     """
     env = os.environ if env is None else env
     origin = "defaults" if path is None else str(path)
@@ -713,8 +913,12 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
     builder = _Builder(origins, origin)
     config = builder.build(Config, data, ())
     problems = env_problems + builder.problems + _cross_checks(config, origin)
+    if verify and not problems:
+        problems = _host_checks(config, origins, origin, env)
     if problems:
         raise ConfigError(problems)
+    if warnings is not None:
+        warnings.extend(builder.warnings)
     return config
 
 

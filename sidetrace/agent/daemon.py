@@ -191,7 +191,11 @@ class Daemon:
             # MONOTONIC_USEC lets Type=notify-reload units match this reload to their request.
             self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
             try:
-                ok = await self._apply(load(self.config_path))
+                warnings: list[str] = []
+                new = load(self.config_path, verify=True, warnings=warnings)
+                for line in warnings:
+                    log.warning("%s", line)
+                ok = await self._apply(new)
             except ConfigError as exc:
                 ok = self._reload_failed("; ".join(exc.problems))
             except Exception as exc:  # a bug must not end the reload loop: later SIGHUPs still work

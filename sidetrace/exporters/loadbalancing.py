@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import ipaddress
 import logging
-import os
 import socket
 from bisect import bisect_left
 from collections import deque
@@ -38,7 +37,13 @@ from prometheus_client.core import CounterMetricFamily, Metric
 
 from sidetrace._aio import finish
 from sidetrace._protowire import fields, varint
-from sidetrace.config import ClientTlsSection, LoadBalancingExporterSection, OtlpExporterSection, parse_host_port
+from sidetrace.config import (
+    ClientTlsSection,
+    LoadBalancingExporterSection,
+    OtlpExporterSection,
+    expand_env,
+    parse_host_port,
+)
 from sidetrace.exporters.delivery import Delivery, DeliveryStats, Policy
 from sidetrace.exporters.otlp import GrpcSender, HttpSender, TracesPayload
 from sidetrace.exporters.spool import TRACES, Batch, Spool, SpoolError
@@ -195,7 +200,7 @@ class LoadBalancingExporter:
         self.name = section.name
         self.spool = spool
         self._stats_for = stats_for
-        self._headers = {key: os.path.expandvars(value) for key, value in section.headers.items()}
+        self._headers = {key: expand_env(value) for key, value in section.headers.items()}
         self._by_service = section.routing_key == "service"
         self.ring = HashRing(())
         self.deliveries: dict[str, Delivery] = {}

@@ -18,7 +18,6 @@ import asyncio
 import email.utils
 import gzip
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +31,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from sidetrace._grpc_status import status_details
-from sidetrace.config import OtlpExporterSection
+from sidetrace.config import OtlpExporterSection, expand_env
 from sidetrace.exporters.delivery import MAX_RETRY_AFTER, Answer, Delivery, DeliveryStats, Policy, Verdict
 from sidetrace.exporters.http import HttpPoster
 from sidetrace.exporters.spool import TRACES, Spool
@@ -231,7 +230,7 @@ class OtlpExporter:
     def __init__(self, section: OtlpExporterSection, spool: Spool, stats_for: Callable[[str], DeliveryStats]) -> None:
         self.section = section
         self.name = section.name
-        headers = {key: os.path.expandvars(value) for key, value in section.headers.items()}
+        headers = {key: expand_env(value) for key, value in section.headers.items()}
         sender = (GrpcSender if section.protocol == "grpc" else HttpSender)(section, headers)
         policy = Policy(max_items=section.max_batch_spans, max_request_bytes=section.max_request_bytes,
                         linger_seconds=section.batch_timeout_seconds)

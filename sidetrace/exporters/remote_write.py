@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import os
 import socket
 import struct
 import time
@@ -34,7 +33,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from prometheus_client.core import Metric
 
 from sidetrace import __version__
-from sidetrace.config import RemoteWriteExporterSection
+from sidetrace.config import RemoteWriteExporterSection, expand_env
 from sidetrace.exporters.delivery import Answer, Delivery, DeliveryStats, Policy, Verdict
 from sidetrace.exporters.http import HttpPoster
 from sidetrace.exporters.otlp import retry_after_seconds
@@ -111,11 +110,11 @@ class RemoteWriteSender:
     def __init__(self, section: RemoteWriteExporterSection) -> None:
         self.headers = {"Content-Type": "application/x-protobuf", "Content-Encoding": "snappy",
                         "X-Prometheus-Remote-Write-Version": "0.1.0", "User-Agent": f"sidetrace/{__version__}",
-                        **{key: os.path.expandvars(value) for key, value in section.headers.items()}}
+                        **{key: expand_env(value) for key, value in section.headers.items()}}
         if section.bearer_token:
-            self.headers["Authorization"] = f"Bearer {os.path.expandvars(section.bearer_token)}"
+            self.headers["Authorization"] = f"Bearer {expand_env(section.bearer_token)}"
         elif section.basic_auth_username:
-            pair = f"{section.basic_auth_username}:{os.path.expandvars(section.basic_auth_password)}"
+            pair = f"{section.basic_auth_username}:{expand_env(section.basic_auth_password)}"
             self.headers["Authorization"] = f"Basic {base64.b64encode(pair.encode()).decode()}"
         self._poster = HttpPoster(section.url, self.headers, section.tls, section.timeout_seconds)
 

@@ -148,13 +148,17 @@ def test_port_in_use_exits_1_and_says_which(agent_factory: Callable[..., Agent])
     assert f"server failed to start: server.listen: cannot listen on 127.0.0.1:{port}: " in agent.log()
 
 
-def test_component_that_cannot_be_built_exits_1_with_a_message(agent_factory: Callable[..., Agent]) -> None:
+def test_missing_ca_file_exits_2_with_the_check_config_line(agent_factory: Callable[..., Agent]) -> None:
     agent = agent_factory('[[exporters.otlp]]\nname = "j"\nendpoint = "https://127.0.0.1:4317"\n'
                           'tls = { ca_file = "/nonexistent/ca.pem" }\n')
     agent.start(wait_ready=False)
-    assert agent.proc.wait(10) == 1
-    assert "pipeline failed to start: [Errno 2] No such file or directory: '/nonexistent/ca.pem'" in agent.log()
-    assert "Traceback" not in agent.log()
+    assert agent.proc.wait(10) == 2
+    line = f'{agent.config_path}: exporters.otlp[0].tls.ca_file: cannot read "/nonexistent/ca.pem": ' \
+        "No such file or directory"
+    assert agent.log().strip() == line
+    checked = subprocess.run([sys.executable, "-m", "sidetrace", "check-config", "--config", str(agent.config_path)],
+                             capture_output=True, text=True, timeout=30, env=agent.env)
+    assert (checked.returncode, checked.stderr.strip()) == (2, line)
 
 
 def test_unwritable_data_dir_exits_2(agent_factory: Callable[..., Agent], tmp_path: Path) -> None:
@@ -163,7 +167,14 @@ def test_unwritable_data_dir_exits_2(agent_factory: Callable[..., Agent], tmp_pa
     agent = agent_factory(env={"SIDETRACE_AGENT__DATA_DIR": str(blocker / "sub")})
     agent.start(wait_ready=False)
     assert agent.proc.wait(10) == 2
-    assert f"agent.data_dir: cannot create {blocker / 'sub'}: Not a directory" in agent.log()
+    assert agent.log().strip() == (f"environment SIDETRACE_AGENT__DATA_DIR: agent.data_dir: cannot create "
+                                   f"{blocker / 'sub'}: {blocker} is not a directory")
+
+
+def test_a_disabled_section_with_keys_is_named_in_a_warning_at_start(agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory('[sources.netsample]\ninterfaces = ["eth0"]\n').start()
+    assert (f"{agent.config_path}: sources.netsample: enabled = false, so interfaces has no effect; set enabled = "
+            "true to use it, or remove it") in agent.log()
 
 
 def test_status_command_renders_components(agent_factory: Callable[..., Agent]) -> None:

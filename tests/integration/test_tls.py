@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import json
 import ssl
-import subprocess
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.certificates import make_certificate
 from tests.conftest import Agent, http_get, wait_until
 from tests.integration.test_traces import send_spans
-
-
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
-    return cert, key
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

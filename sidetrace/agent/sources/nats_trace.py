@@ -154,6 +154,14 @@ class NatsTraceSource:
         self.undelivered = 0
 
     async def start(self) -> None:
+        if self.section.credentials:
+            # Unreadable credentials would only show as a connection retried forever; refuse them at start.
+            try:
+                with open(self.section.credentials, "rb"):
+                    pass
+            except OSError as exc:
+                raise RuntimeError(f'sources.nats_trace.credentials: cannot read "{self.section.credentials}": '
+                                   f"{exc.strerror or exc}") from None
         self._task = asyncio.create_task(self._run(), name="nats-trace")
         self._state = "connecting"
 

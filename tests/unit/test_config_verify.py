@@ -1,0 +1,230 @@
+"""`check-config` judges as `run` does: host checks (files, data_dir, ${VAR}s), schemes, cross-key limits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sidetrace import cli
+from sidetrace.config import MAX_PROTOBUF_BYTES, ConfigError, expand_env, load
+from tests.certificates import make_certificate
+from tests.filesystems import needs_root, remount_read_only, tmpfs
+
+
+def write(tmp_path: Path, text: str, data_dir: Path | None = None) -> Path:
+    path = tmp_path / "sidetrace.toml"
+    path.write_text(f'[agent]\ndata_dir = "{data_dir or tmp_path / "data"}"\n{text}')
+    return path
+
+
+def problems(path: Path, env: dict[str, str] | None = None, verify: bool = True) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load(path, env or {}, verify=verify)
+    return info.value.problems
+
+
+# Every section that names TLS files, with the TOML that turns its TLS on and the key path of its table.
+TLS_SECTIONS = {
+    "server": ('[server.tls]\ncert_file = "{cert}"\nkey_file = "{key}"\n', "server.tls"),
+    "receiver": ('[receivers.otlp.tls]\ncert_file = "{cert}"\nkey_file = "{key}"\n', "receivers.otlp.tls"),
+    "otlp": ('[[exporters.otlp]]\nendpoint = "https://127.0.0.1:4317"\n'
+             'tls = {{ ca_file = "{ca}", cert_file = "{cert}", key_file = "{key}" }}\n', "exporters.otlp[0].tls"),
+    "loadbalancing": ('[[exporters.loadbalancing]]\nbackends = ["127.0.0.1:4317"]\n'
+                      'tls = {{ enabled = true, ca_file = "{ca}", cert_file = "{cert}", key_file = "{key}" }}\n',
+                      "exporters.loadbalancing[0].tls"),
+    "remote_write": ('[[exporters.remote_write]]\nurl = "https://127.0.0.1:9090/api/v1/write"\n'
+                     'tls = {{ ca_file = "{ca}", cert_file = "{cert}", key_file = "{key}" }}\n',
+                     "exporters.remote_write[0].tls"),
+}
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_certificate(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.mark.parametrize("section", TLS_SECTIONS)
+def test_valid_tls_files_of_every_section_pass(tmp_path: Path, certificate: tuple[Path, Path], section: str) -> None:
+    cert, key = certificate
+    text, _ = TLS_SECTIONS[section]
+    load(write(tmp_path, text.format(ca=cert, cert=cert, key=key)), {}, verify=True)
+
+
+@pytest.mark.parametrize("section, missing", [(section, missing) for section, (text, _) in TLS_SECTIONS.items()
+                                              for missing in ("ca", "cert", "key") if f"{{{missing}}}" in text])
+def test_a_missing_tls_file_of_any_section_is_refused_naming_its_key(
+    tmp_path: Path, certificate: tuple[Path, Path], section: str, missing: str
+) -> None:
+    cert, key = certificate
+    text, table = TLS_SECTIONS[section]
+    files = {"ca": cert, "cert": cert, "key": key, missing: tmp_path / "gone.pem"}
+    path = write(tmp_path, text.format(**files))
+    assert problems(path) == [f'{path}: {table}.{missing}_file: cannot read "{tmp_path / "gone.pem"}": '
+                              "No such file or directory"]
+
+
+def test_a_directory_as_a_certificate_is_refused(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
+    path = write(tmp_path, f'[server.tls]\ncert_file = "{tmp_path}"\nkey_file = "{certificate[1]}"\n')
+    assert problems(path) == [f'{path}: server.tls.cert_file: cannot read "{tmp_path}": Is a directory']
+
+
+def test_a_ca_file_without_a_certificate_is_refused(tmp_path: Path) -> None:
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("not a certificate\n")
+    path = write(tmp_path, '[[exporters.otlp]]\nendpoint = "https://127.0.0.1:4317"\n'
+                           f'tls = {{ ca_file = "{garbage}" }}\n')
+    (line,) = problems(path)
+    assert line.startswith(f'{path}: exporters.otlp[0].tls.ca_file: "{garbage}" holds no PEM CA certificate: ')
+
+
+def test_a_key_that_does_not_match_the_certificate_is_refused(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
+    _, other_key = make_certificate(tmp_path)
+    path = write(tmp_path, f'[receivers.otlp.tls]\ncert_file = "{certificate[0]}"\nkey_file = "{other_key}"\n')
+    (line,) = problems(path)
+    assert line.startswith(f'{path}: receivers.otlp.tls.cert_file: "{certificate[0]}" with key_file "{other_key}" '
+                           "is not a PEM certificate and its private key: ")
+
+
+def test_tls_files_of_a_plain_http_exporter_are_not_read(tmp_path: Path) -> None:
+    path = write(tmp_path, '[[exporters.otlp]]\nendpoint = "http://127.0.0.1:4317"\ntls = { ca_file = "/gone.pem" }\n')
+    load(path, {}, verify=True)
+
+
+def test_unreadable_nats_credentials_are_refused_when_the_source_is_enabled(tmp_path: Path) -> None:
+    text = f'[sources.nats_trace]\nenabled = {{}}\ncredentials = "{tmp_path / "user.creds"}"\n'
+    path = write(tmp_path, text.format("true"))
+    assert problems(path) == [f'{path}: sources.nats_trace.credentials: cannot read "{tmp_path / "user.creds"}": '
+                              "No such file or directory"]
+    load(write(tmp_path, text.format("false")), {}, verify=True)
+
+
+def test_data_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "state").write_text("")
+    path = write(tmp_path, "", data_dir=tmp_path / "state")
+    assert problems(path) == [f"{path}: agent.data_dir: {tmp_path / 'state'} exists and is not a directory; point "
+                              "agent.data_dir at a directory"]
+
+
+def test_data_dir_under_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "state").write_text("")
+    path = write(tmp_path, "", data_dir=tmp_path / "state" / "a" / "b")
+    assert problems(path) == [f"{path}: agent.data_dir: cannot create {tmp_path / 'state' / 'a' / 'b'}: "
+                              f"{tmp_path / 'state'} is not a directory"]
+
+
+def test_data_dir_that_can_be_created_passes_and_is_not_created(tmp_path: Path) -> None:
+    load(write(tmp_path, "", data_dir=tmp_path / "a" / "b"), {}, verify=True)
+    assert not (tmp_path / "a").exists()
+
+
+@needs_root
+def test_data_dir_on_a_read_only_filesystem_is_refused(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "ro", 64) as mount:
+        remount_read_only(mount)
+        path = write(tmp_path, "", data_dir=mount / "state")
+        assert problems(path) == [f"{path}: agent.data_dir: cannot create {mount / 'state'}: {mount} is not "
+                                  "writable by uid 0; give the agent's user that directory or choose another"]
+
+
+@pytest.mark.parametrize("table, key", [
+    ('[[exporters.otlp]]\nheaders = {{ authorization = "Bearer {value}" }}\n',
+     "exporters.otlp[0].headers.authorization"),
+    ('[[exporters.loadbalancing]]\nbackends = ["127.0.0.1:4317"]\nheaders = {{ x-token = "{value}" }}\n',
+     "exporters.loadbalancing[0].headers.x-token"),
+    ('[[exporters.remote_write]]\nbearer_token = "{value}"\n', "exporters.remote_write[0].bearer_token"),
+    ('[[exporters.remote_write]]\nbasic_auth_username = "u"\nbasic_auth_password = "{value}"\n',
+     "exporters.remote_write[0].basic_auth_password"),
+])
+def test_an_unset_variable_in_a_header_or_credential_is_refused_naming_it(tmp_path: Path, table: str, key: str) -> None:
+    path = write(tmp_path, table.format(value="${JAEGER_TOKEN}"))
+    assert problems(path, {}) == [f"{path}: {key}: ${{JAEGER_TOKEN}} is not set in the agent's environment; set it "
+                                  "(systemd: Environment= or EnvironmentFile=) or take it out of the value"]
+    load(path, {"JAEGER_TOKEN": "s3cret"}, verify=True)
+
+
+def test_expand_env_reads_only_braced_names() -> None:
+    env = {"TOKEN": "abc"}
+    assert expand_env("Bearer ${TOKEN}; pa$word $TOKEN", env) == "Bearer abc; pa$word $TOKEN"
+    with pytest.raises(ValueError, match=r"^\$\{MISSING\} is not set"):
+        expand_env("${TOKEN}${MISSING}", env)
+
+
+@pytest.mark.parametrize("table, key", [
+    ('[[exporters.otlp]]\nendpoint = "ftp://x"\n', "exporters.otlp[0].endpoint"),
+    ('[[exporters.remote_write]]\nurl = "ftp://x"\n', "exporters.remote_write[0].url"),
+])
+def test_an_endpoint_of_another_scheme_is_refused_as_such(tmp_path: Path, table: str, key: str) -> None:
+    path = write(tmp_path, table)
+    assert problems(path, verify=False) == [
+        f'{path}: {key}: expected http:// or https://, the ftp:// scheme is not supported, got "ftp://x"']
+
+
+def test_a_nats_url_of_another_scheme_is_refused_as_such(tmp_path: Path) -> None:
+    path = write(tmp_path, '[sources.nats_trace]\nservers = ["nats://a:4222", "http://b:4222"]\n')
+    assert problems(path, verify=False) == [
+        f"{path}: sources.nats_trace.servers: expected nats:// or tls:// or ws:// or wss://, the http:// scheme is "
+        'not supported (in "http://b:4222"), got ["nats://a:4222", "http://b:4222"]']
+
+
+def test_max_pending_bytes_below_the_largest_request_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "[spool]\nmax_pending_bytes = 1000\n[receivers.otlp]\nmax_request_bytes = 1001\n")
+    assert problems(path, verify=False) == [
+        f"{path}: spool.max_pending_bytes: expected at least receivers.otlp.max_request_bytes (1001), or every "
+        "request that large is refused forever; got 1000"]
+    load(write(tmp_path, "[spool]\nmax_pending_bytes = 1000\n[receivers.otlp]\nenabled = false\n"
+                         "max_request_bytes = 1001\n"), {})
+
+
+@pytest.mark.parametrize("kind, extra, protocol", [("otlp", "", "OTLP"),
+                                                   ("loadbalancing", 'backends = ["a:4317"]\n', "OTLP"),
+                                                   ("remote_write", "", "remote-write")])
+def test_an_exporter_request_larger_than_protobuf_allows_is_refused(
+    tmp_path: Path, kind: str, extra: str, protocol: str
+) -> None:
+    path = write(tmp_path, f"[[exporters.{kind}]]\n{extra}max_request_bytes = {MAX_PROTOBUF_BYTES + 1}\n")
+    assert problems(path, verify=False) == [
+        f"{path}: exporters.{kind}[0].max_request_bytes: expected at most {MAX_PROTOBUF_BYTES} (the largest protobuf "
+        f"message, and so {protocol} request), got {MAX_PROTOBUF_BYTES + 1}"]
+
+
+def test_an_unknown_exporter_variable_says_arrays_have_none() -> None:
+    with pytest.raises(ConfigError) as info:
+        load(None, {"SIDETRACE_EXPORTERS__OTLP__ENDPOINT": "http://x:4317"})
+    assert info.value.problems == [
+        "environment SIDETRACE_EXPORTERS__OTLP__ENDPOINT: [[exporters.otlp]] is an array of tables, whose keys have "
+        "no environment variables; set them in the config file (a header or credential value can read a variable "
+        "with ${VAR})"]
+
+
+def test_an_unknown_variable_is_matched_only_within_its_own_section() -> None:
+    with pytest.raises(ConfigError) as info:
+        load(None, {"SIDETRACE_SPOOL__ENABLED": "true"})
+    assert info.value.problems == [
+        "environment SIDETRACE_SPOOL__ENABLED: unknown setting (known: SIDETRACE_SPOOL__MAX_BYTES, "
+        "SIDETRACE_SPOOL__MAX_PENDING_BYTES, SIDETRACE_SPOOL__SYNC)"]
+
+
+def test_check_config_names_a_disabled_section_with_keys_in_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, '[sources.netsample]\ninterfaces = ["eth0"]\nmax_flows = 10\n'
+                           '[host]\nenabled = false\ninterval_seconds = 5\n')
+    assert cli.main(["check-config", "--config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{path}: OK\n"
+    assert captured.err == (
+        f"warning: {path}: host: enabled = false, so interval_seconds has no effect; set enabled = true to use it, "
+        "or remove it\n"
+        f"warning: {path}: sources.netsample: enabled = false, so interfaces, max_flows have no effect; set enabled "
+        "= true to use them, or remove them\n")
+
+
+def test_check_config_refuses_what_run_needs_from_the_host(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_SUCH_TOKEN", raising=False)
+    path = write(tmp_path, '[[exporters.otlp]]\nheaders = { authorization = "${NO_SUCH_TOKEN}" }\n')
+    assert cli.main(["check-config", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"{path}: exporters.otlp[0].headers.authorization: ${{NO_SUCH_TOKEN}} is not set in the agent's environment; "
+        "set it (systemd: Environment= or EnvironmentFile=) or take it out of the value\n")
