@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import ssl
 import subprocess
 import sys
 import time
@@ -13,13 +15,17 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sidetrace import __version__
 from sidetrace.config import Config, ConfigError, load
 
+EXIT_UNREACHABLE = 1
 EXIT_CONFIG = 2
+EXIT_NOT_READY = 3
+EXIT_UNAUTHORIZED = 4
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -51,9 +57,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from sidetrace.agent.daemon import Daemon, configure_logging
+    from sidetrace.agent.daemon import Daemon
+    from sidetrace.agent.logs import configure_logging
 
-    configure_logging(config.agent.log_level)
+    configure_logging(config.agent.log_level, config.agent.log_format)
     for line in warnings:
         logging.getLogger("sidetrace.config").warning("%s", line)
     return asyncio.run(Daemon(config, args.config).run())
@@ -70,12 +77,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_status_url(config_path: str | None) -> str:
-    config = load(config_path)
+def _url_from_config(config: Config) -> str:
     host, _, port = config.server.listen.rpartition(":")
     if host in ("0.0.0.0", "[::]"):
         host = "127.0.0.1"
-    return f"http://{host}:{port}"
+    return f"{'https' if config.server.tls.cert_file else 'http'}://{host}:{port}"
 
 
 def _age(seconds: float) -> str:
@@ -105,6 +111,8 @@ def render_status(status: dict[str, Any]) -> str:
         f"up {_age(status['uptime_seconds'])}, {'ready' if status['ready'] else 'NOT READY'}",
         f"config: {status['config_path'] or 'built-in defaults'}",
     ]
+    if status.get("not_ready") and status.get("ready") is False:
+        lines.append(f"not ready: {printable('; '.join(status['not_ready']))}")
     if status.get("last_reload_error"):
         lines.append(f"last reload FAILED: {status['last_reload_error']}")
     rows = [("COMPONENT", "STATE", "DETAIL", "LAST ERROR")]
@@ -126,52 +134,84 @@ class AgentUnreachable(Exception):
     """The running agent could not be asked; the message says where and why."""
 
 
-def _agent_base(args: argparse.Namespace) -> str:
-    """The agent's base URL: --url, else from the config's server.listen. Raises ConfigError."""
-    return (args.url or _default_status_url(args.config)).rstrip("/")
+class AgentRefused(Exception):
+    """The agent answered 401 or 403: the /debug token is missing or wrong."""
 
 
-def _ask(args: argparse.Namespace, base: str, path: str) -> Any:
-    """GET ``path`` from the agent as JSON, with the /debug bearer token when given."""
-    url = base + path
-    token = getattr(args, "token", None)
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+@dataclass(frozen=True)
+class AgentAddress:
+    """Where the running agent answers and how to ask it: from --url/--token, else from --config."""
+
+    base: str
+    token: str | None
+    ssl_context: ssl.SSLContext | None
+
+
+def _agent_address(args: argparse.Namespace) -> AgentAddress:
+    """The agent's base URL and /debug token: --url and --token win, the config file fills in the rest (its
+    server.listen and server.auth_token, with TLS when server.tls is set). Raises ConfigError."""
+    config = load(args.config) if args.config or not (args.url and args.token) else None
+    url = args.url or (_url_from_config(config) if config else "")
+    if "://" not in url:
+        url = f"http://{url}"  # `--url 127.0.0.1:9464`, as server.listen is written
+    token = args.token or (config.server.auth_token if config else None) or None
+    context = None
+    if url.startswith("https://"):
+        context = ssl.create_default_context()
+        if config is not None and config.server.tls.cert_file:
+            with contextlib.suppress(OSError, ssl.SSLError):  # a self-signed listener certificate is its own CA
+                context.load_verify_locations(cafile=config.server.tls.cert_file)
+    return AgentAddress(url.rstrip("/"), token, context)
+
+
+def _ask(args: argparse.Namespace, agent: AgentAddress, path: str) -> Any:
+    """GET ``path`` from the agent as JSON, with the /debug bearer token when there is one."""
+    url = agent.base + path
+    headers = {"Authorization": f"Bearer {agent.token}"} if agent.token else {}
     try:
-        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=args.timeout,
+                                    context=agent.ssl_context) as response:
             return json.load(response)
     except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            what = "refused the token" if agent.token else "wants a token"
+            raise AgentRefused(f"{url}: HTTP {exc.code}: the agent {what}; pass --token, or --config with the "
+                               "agent's config file (its [server] auth_token)") from None
         raise AgentUnreachable(f"{url}: HTTP {exc.code}: {exc.read().decode(errors='replace').strip()}") from None
     except (urllib.error.URLError, OSError) as exc:
         raise AgentUnreachable(f"cannot reach the agent at {url}: {getattr(exc, 'reason', exc)} "
-                               "(is it running? pass --url)") from None
+                               "(is it running? pass --url, or --config with its config file)") from None
     except json.JSONDecodeError as exc:
         raise AgentUnreachable(f"{url} did not answer with the agent's JSON: {exc}") from None
 
 
-def _with_agent(command: Callable[[argparse.Namespace, str], int]) -> Callable[[argparse.Namespace], int]:
-    """Run ``command`` with the agent's base URL; config and connection problems become exit codes."""
+def _with_agent(command: Callable[[argparse.Namespace, AgentAddress], int]) -> Callable[[argparse.Namespace], int]:
+    """Run ``command`` with the agent's address; config, connection and token problems become exit codes."""
 
     def run(args: argparse.Namespace) -> int:
         try:
-            return command(args, _agent_base(args))
+            return command(args, _agent_address(args))
         except ConfigError as exc:
             print("\n".join(exc.problems), file=sys.stderr)
             return EXIT_CONFIG
+        except AgentRefused as exc:
+            print(exc, file=sys.stderr)
+            return EXIT_UNAUTHORIZED
         except AgentUnreachable as exc:
             print(exc, file=sys.stderr)
-            return 1
+            return EXIT_UNREACHABLE
 
     return run
 
 
 @_with_agent
-def cmd_status(args: argparse.Namespace, base: str) -> int:
-    status = _ask(args, base, "/debug/status")
+def cmd_status(args: argparse.Namespace, agent: AgentAddress) -> int:
+    status = _ask(args, agent, "/debug/status")
     if args.json:
         print(json.dumps(status, indent=2))
     else:
         print(render_status(status))
-    return 0 if status.get("ready") else 3
+    return 0 if status.get("ready") else EXIT_NOT_READY
 
 
 def render_trace(trace: dict[str, Any], width: int = 30) -> str:
@@ -215,17 +255,18 @@ def render_trace(trace: dict[str, Any], width: int = 30) -> str:
 
 
 @_with_agent
-def cmd_traces(args: argparse.Namespace, base: str) -> int:
+def cmd_traces(args: argparse.Namespace, agent: AgentAddress) -> int:
     query = urllib.parse.urlencode({k: v for k, v in (("service", args.service),
                                                       ("min_duration_ms", args.min_duration_ms),
                                                       ("limit", args.limit)) if v is not None})
     if args.trace_id:
-        traces = [_ask(args, base, f"/debug/traces/{args.trace_id}")]
+        traces = [_ask(args, agent, f"/debug/traces/{args.trace_id}")]
     else:
-        summaries = _ask(args, base, f"/debug/traces?{query}")["traces"]
-        traces = [_ask(args, base, f"/debug/traces/{s['trace_id']}") for s in summaries]
+        summaries = _ask(args, agent, f"/debug/traces?{query}")["traces"]
+        traces = [_ask(args, agent, f"/debug/traces/{s['trace_id']}") for s in summaries]
     if not traces:
         print("no recent traces match")
+        return 0
     print("\n\n".join(render_trace(trace) for trace in traces))
     return 0
 
@@ -244,7 +285,7 @@ def render_flows(snapshot: dict[str, Any]) -> str:
                            for name, info in snapshot["interfaces"].items())
     rows = [("DEVICE", "DIR", "PROTO", "LOCAL", "REMOTE", "RATE", "PACKETS", "BYTES", "+-95%", "PROCESS")]
     for flow in snapshot["flows"]:
-        rows.append((flow["device"], flow["direction"][:2], flow["protocol"], f"{flow['local']}:{flow['local_port']}",
+        rows.append((flow["device"], flow["direction"], flow["protocol"], f"{flow['local']}:{flow['local_port']}",
                      f"{flow['remote']}:{flow['remote_port']}", _rate(flow["bytes_per_second"]),
                      str(flow["estimated_packets"]), str(flow["estimated_bytes"]), f"{flow['error_bound_percent']}%",
                      printable(flow["process"])))
@@ -256,9 +297,9 @@ def render_flows(snapshot: dict[str, Any]) -> str:
 
 
 @_with_agent
-def cmd_flows(args: argparse.Namespace, base: str) -> int:
+def cmd_flows(args: argparse.Namespace, agent: AgentAddress) -> int:
     while True:
-        table = render_flows(_ask(args, base, f"/debug/flows?top={args.top}"))
+        table = render_flows(_ask(args, agent, f"/debug/flows?top={args.top}"))
         if args.once:
             print(table)
             return 0
@@ -328,8 +369,25 @@ def cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
+_EXIT_CODES = "Exit {ok}1 when the agent is unreachable, 2 when the config is invalid, 3 when it is not ready, 4 " \
+    "when it refuses the token."
+
+
+def _add_agent_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the commands that ask a running agent: where it is and its /debug token."""
+    parser.add_argument("--url", help="the agent's base URL, or HOST:PORT (default: from --config's server.listen, "
+                        "else http://127.0.0.1:9464)")
+    parser.add_argument("--token", default=os.environ.get("SIDETRACE_SERVER__AUTH_TOKEN"),
+                        help="bearer token for /debug (default: $SIDETRACE_SERVER__AUTH_TOKEN, else --config's "
+                        "[server] auth_token)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the agent (default 5)")
+    _add_config(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidetrace", description="Observability and tracing sidecar agent.")
+    parser.add_argument("--version", action="version",
+                        version=f"sidetrace {__version__} (Python {platform.python_version()})")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = commands.add_parser("run", help="run the agent in the foreground", description="Run the agent in the "
@@ -345,41 +403,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="show a running agent's components",
                                  description="Show a running agent's version, readiness and components "
-                                 "(from its /debug/status). Exit 0 when ready, 3 when not ready, 1 when unreachable.")
-    status.add_argument("--url", help="the agent's base URL (default: from --config's server.listen, else "
-                        "http://127.0.0.1:9464)")
+                                 f"(from its /debug/status). {_EXIT_CODES.format(ok='0 when ready, ')}")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
-    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the agent (default 5)")
-    status.add_argument("--token", default=os.environ.get("SIDETRACE_SERVER__AUTH_TOKEN"),
-                        help="bearer token for /debug ([server] auth_token; default $SIDETRACE_SERVER__AUTH_TOKEN)")
-    _add_config(status)
+    _add_agent_options(status)
     status.set_defaults(func=cmd_status)
 
     traces = commands.add_parser("traces", help="print recent traces as trees",
                                  description="Print the agent's recent traces (newest first) as trees with "
-                                 "per-span durations and timeline bars; works without Jaeger.")
+                                 "per-span durations and timeline bars; works without Jaeger. "
+                                 f"{_EXIT_CODES.format(ok='0 when answered, ')}")
     traces.add_argument("trace_id", nargs="?", help="print only this trace (32 hex digits)")
-    traces.add_argument("--url", help="the agent's base URL (default: from --config's server.listen)")
     traces.add_argument("--service", help="only traces with a span of this service")
     traces.add_argument("--min-duration-ms", type=float, help="only traces at least this long")
     traces.add_argument("--limit", type=int, default=5, help="how many traces (default 5)")
-    traces.add_argument("--token", default=os.environ.get("SIDETRACE_SERVER__AUTH_TOKEN"),
-                        help="bearer token for /debug ([server] auth_token; default $SIDETRACE_SERVER__AUTH_TOKEN)")
-    traces.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the agent (default 5)")
-    _add_config(traces)
+    _add_agent_options(traces)
     traces.set_defaults(func=cmd_traces)
 
     flows = commands.add_parser("flows", help="live table of the top sampled flows",
                                 description="A live, refreshing table of the top flows the netsample source "
-                                "estimates: rates, packet and byte totals with their 95 %% error bounds, processes.")
+                                "estimates: rates, packet and byte totals with their 95 % error bounds, processes. "
+                                f"{_EXIT_CODES.format(ok='0 when answered, ')}")
     flows.add_argument("--top", type=int, default=20, help="how many flows (default 20)")
     flows.add_argument("--once", action="store_true", help="print once and exit (no screen refresh)")
     flows.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
-    flows.add_argument("--url", help="the agent's base URL (default: from --config's server.listen)")
-    flows.add_argument("--token", default=os.environ.get("SIDETRACE_SERVER__AUTH_TOKEN"),
-                       help="bearer token for /debug ([server] auth_token)")
-    flows.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the agent (default 5)")
-    _add_config(flows)
+    _add_agent_options(flows)
     flows.set_defaults(func=cmd_flows)
 
     instrument = commands.add_parser(

@@ -168,6 +168,12 @@ class AgentSection:
         _check_log_level,
         default="info",
     )
+    log_format: str = _key(
+        "`text` (one line per event, for people) or `json` (one JSON object per line with time, level, logger, "
+        "message and the event's structured fields, for journald readers and log shippers).",
+        _check_choice("text", "json"),
+        default="text",
+    )
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,11 @@ class Agent:
             wait_until(lambda: self.alive() and http_get(self.url + "/readyz", 1)[0] == 200, 20, "agent ready")
         return self
 
+    def wait_started(self, timeout: float = 20) -> None:
+        """Wait until every component has started, whether or not the agent is then ready."""
+        wait_until(lambda: self.alive() and http_get(self.url + "/readyz", 1)[1] != "not ready: starting\n",
+                   timeout, "the agent's components started")
+
     def alive(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
             raise AssertionError(f"agent exited with {self.proc and self.proc.returncode}:\n{self.log()}")

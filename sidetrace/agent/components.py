@@ -87,7 +87,7 @@ class Context:
     config: Config
     registry: CollectorRegistry
     daemon_status: Callable[[], dict[str, Any]]
-    ready: Callable[[], bool]
+    not_ready: Callable[[], list[str]]  # why the agent is not ready; empty when it is
     links: Links = field(default_factory=Links)
 
 

@@ -22,7 +22,6 @@ import logging
 import os
 import platform
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -34,6 +33,7 @@ from sidetrace import __version__
 from sidetrace._aio import within
 from sidetrace._files import DataDirInUse, DataDirLock, make_private_dirs
 from sidetrace.agent.components import REGISTRY, Component, Context, Links, Registration
+from sidetrace.agent.logs import configure_logging
 from sidetrace.agent.systemd import Notifier
 from sidetrace.config import Config, ConfigError, load
 
@@ -57,17 +57,6 @@ def return_freed_buffers() -> bool:
         return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
     except (OSError, AttributeError):
         return False
-
-
-def configure_logging(level: str) -> None:
-    """One line per event on stderr; journald adds its own timestamp under systemd."""
-    root = logging.getLogger()
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-    root.setLevel(logging.WARNING)
-    logging.getLogger("sidetrace").setLevel(level.upper())
 
 
 class Daemon:
@@ -124,7 +113,8 @@ class Daemon:
             return 1
         self._ready = True
         self.notifier.notify(f"READY=1\nSTATUS=serving on {self.config.server.listen}\nMAINPID={os.getpid()}")
-        log.info("sidetrace %s ready: %s", __version__, ", ".join(self._components))
+        log.info("sidetrace %s ready: %s", __version__, ", ".join(self._components),
+                 extra={"version": __version__, "components": list(self._components)})
         background = [asyncio.create_task(self._reload_loop(), name="reload")]
         if self.notifier.watchdog_interval:
             background.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_interval), name="watchdog"))
@@ -142,8 +132,16 @@ class Daemon:
         return 0
 
     def _context(self, config: Config) -> Context:
-        return Context(config=config, registry=self.registry, daemon_status=self.status, ready=lambda: self._ready,
+        return Context(config=config, registry=self.registry, daemon_status=self.status, not_ready=self.not_ready,
                        links=self.links)
+
+    def not_ready(self) -> list[str]:
+        """Why the agent is not ready: starting or stopping, or a component that is configured but not running
+        (netsample with no interface it can sample, nats_trace still connecting), each as "NAME STATE"."""
+        if not self._ready:
+            return ["stopping" if self._stop.is_set() else "starting"]
+        return [f"{name} {state}" for name, component in list(self._components.items())
+                if (state := component.status()["state"]) != "running"]
 
     async def _start(self, config: Config, registrations: tuple[Registration, ...]) -> dict[str, Component]:
         """Start the enabled components in order; on a failure stop those started and raise."""
@@ -255,7 +253,7 @@ class Daemon:
 
     def _reload_succeeded(self, new: Config) -> None:
         self.config = new
-        configure_logging(new.agent.log_level)
+        configure_logging(new.agent.log_level, new.agent.log_format)
         self._reloads += 1
         self._last_reload_ok = True
         self._last_reload_error = None
@@ -285,7 +283,8 @@ class Daemon:
             "pid": os.getpid(),
             "uptime_seconds": round(time.time() - self._started_at, 1),
             "config_path": self.config_path,
-            "ready": self._ready,
+            "ready": not (not_ready := self.not_ready()),
+            "not_ready": not_ready,
             "last_reload_error": self._last_reload_error,
             "components": components,
         }

@@ -81,9 +81,10 @@ class HttpServer:
         return web.Response(text="ok\n")
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        if self._context.ready():
+        reasons = self._context.not_ready()
+        if not reasons:
             return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready\n")
+        return web.Response(status=503, text=f"not ready: {'; '.join(reasons)}\n")
 
     def _authorize(self, request: web.Request) -> None:
         if self._expected_auth is None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -89,10 +91,18 @@ async def test_server_hops_join_the_publishers_trace(
     await nc.close()
 
 
-def test_source_keeps_trying_while_the_server_is_away(agent_factory: Callable[..., Agent], tmp_path: Path) -> None:
-    agent = agent_factory('[sources.nats_trace]\nenabled = true\nservers = ["nats://127.0.0.1:1"]\n').start()
+def test_source_keeps_trying_while_the_server_is_away_and_the_agent_is_not_ready(
+    agent_factory: Callable[..., Agent], tmp_path: Path
+) -> None:
+    agent = agent_factory('[sources.nats_trace]\nenabled = true\nservers = ["nats://127.0.0.1:1"]\n')
+    agent.start(wait_ready=False)
+    agent.wait_started()
     status = json.loads(http_get(agent.url + "/debug/status")[1])["components"]["nats_trace"]
     assert status["state"] == "connecting"
     wait_until(lambda: "cannot connect to nats://127.0.0.1:1" in (json.loads(http_get(
         agent.url + "/debug/status")[1])["components"]["nats_trace"]["last_error"] or ""), 10, "the reason shown")
-    assert http_get(agent.url + "/readyz")[0] == 200
+    assert http_get(agent.url + "/readyz") == (503, "not ready: nats_trace connecting\n")
+    done = subprocess.run([sys.executable, "-m", "sidetrace", "status", "--config", str(agent.config_path)],
+                          capture_output=True, text=True, timeout=20)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.splitlines()[2] == "not ready: nats_trace connecting"

@@ -220,8 +220,10 @@ def test_without_cap_net_raw_it_says_so_and_the_rest_works(
     netns: str, agent_factory: Callable[..., Agent]
 ) -> None:
     # setpriv drops CAP_NET_RAW from the agent's capability sets: root without it, as a misconfigured unit.
-    agent = agent_factory(config(rate=10)).start(prefix=("setpriv", "--bounding-set", "-net_raw",
-                                                         "--inh-caps", "-net_raw"))
+    agent = agent_factory(config(rate=10)).start(wait_ready=False, prefix=("setpriv", "--bounding-set", "-net_raw",
+                                                                           "--inh-caps", "-net_raw"))
+    agent.wait_started()
+    assert http_get(agent.url + "/readyz") == (503, "not ready: netsample no permission\n")
     status = json.loads(http_get(agent.url + "/debug/status")[1])["components"]["netsample"]
     assert status["state"] == "no permission"
     assert "needs CAP_NET_RAW" in status["last_error"]
@@ -249,7 +251,7 @@ def test_capture_filter_runs_before_sampling_and_flows_command_shows_it(
     assert lines[1].split() == ["DEVICE", "DIR", "PROTO", "LOCAL", "REMOTE", "RATE", "PACKETS", "BYTES", "+-95%",
                                 "PROCESS"]
     cells = lines[2].split()
-    assert cells[:4] == ["lo", "re", "udp", "127.0.0.1:41700"] and cells[7:9] == ["300", "42600"]
+    assert cells[:4] == ["lo", "receive", "udp", "127.0.0.1:41700"] and cells[7:9] == ["300", "42600"]
 
 
 def test_cap_net_raw_alone_is_enough(netns: str, agent_factory: Callable[..., Agent]) -> None:

@@ -51,7 +51,7 @@ def fake_proc(tmp_path: Path, ipv6: bool = True) -> Path:
 
 def make_source(proc: Path | str = "/proc", **host: object) -> tuple[HostSource, CollectorRegistry]:
     registry = CollectorRegistry(auto_describe=False)
-    context = Context(config=Config(), registry=registry, daemon_status=dict, ready=lambda: True)
+    context = Context(config=Config(), registry=registry, daemon_status=dict, not_ready=list)
     source = HostSource(HostSection(**host), context, proc=str(proc))
     registry.register(source)
     return source, registry

@@ -26,7 +26,7 @@ class Harness:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         context = Context(config=Config(), registry=self.registry, daemon_status=lambda: {"components": {}},
-                          ready=lambda: self.ready)
+                          not_ready=lambda: [] if self.ready else ["starting"])
         self.server = HttpServer(ServerSection(listen=f"127.0.0.1:{self.port}"), context)
         self.host = HostSource(HostSection(), context)
 
@@ -118,7 +118,7 @@ async def test_listen_conflict_names_the_address() -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        context = Context(config=Config(), registry=CollectorRegistry(), daemon_status=dict, ready=lambda: True)
+        context = Context(config=Config(), registry=CollectorRegistry(), daemon_status=dict, not_ready=list)
         server = HttpServer(ServerSection(listen=f"127.0.0.1:{port}"), context)
         with pytest.raises(RuntimeError, match=rf"server.listen: cannot listen on 127.0.0.1:{port}: "):
             await server.start()

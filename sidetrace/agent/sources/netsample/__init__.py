@@ -246,7 +246,10 @@ class NetsampleSource:
     def status(self) -> dict[str, Any]:
         detail = ", ".join(f"{s.device} 1:{s.rate} {s.state}" for s in self.samplers.values())
         errors = [f"{s.device}: {s.last_error}" for s in self.samplers.values() if s.last_error]
-        return {"state": self._state, "detail": detail or "no interface",
+        state = self._state
+        if state == "running" and self.samplers and all(s.state == "failed" for s in self.samplers.values()):
+            state = "failing"  # configured to sample, yet no interface is sampled: not ready
+        return {"state": state, "detail": detail or "no interface",
                 "last_error": self._last_error or ("; ".join(errors) or None)}
 
     # sampling --------------------------------------------------------------------------------

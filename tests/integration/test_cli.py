@@ -1,0 +1,108 @@
+"""The operator's commands against a real agent: where they find it, its token, and what their exit codes say."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+
+from tests.conftest import Agent, free_port, http_get
+
+EXIT_UNREACHABLE, EXIT_NOT_READY, EXIT_UNAUTHORIZED = 1, 3, 4
+
+
+def sidetrace(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SIDETRACE_")}
+    return subprocess.run([sys.executable, "-m", "sidetrace", *args], capture_output=True, text=True, timeout=30,
+                          env={**clean, **(env or {})})
+
+
+def with_server_token(agent: Agent, token: str) -> Agent:
+    """``agent`` with [server] auth_token set in its config file."""
+    agent.config_path.write_text(agent.config_path.read_text().replace("[server]\n",
+                                                                        f'[server]\nauth_token = "{token}"\n'))
+    return agent
+
+
+def test_status_and_traces_take_the_url_and_token_from_the_config(agent_factory: Callable[..., Agent]) -> None:
+    agent = with_server_token(agent_factory(), "s3cret").start()
+    done = sidetrace("status", "--config", str(agent.config_path), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["ready"] is True
+    done = sidetrace("traces", "--config", str(agent.config_path))
+    assert (done.returncode, done.stdout) == (0, "no recent traces match\n")
+
+
+def test_a_refused_token_exits_4_and_says_what_to_do(agent_factory: Callable[..., Agent]) -> None:
+    agent = with_server_token(agent_factory(), "t").start()
+    missing = sidetrace("status", "--url", agent.url)
+    assert (missing.returncode, missing.stderr) == (EXIT_UNAUTHORIZED, (
+        f"{agent.url}/debug/status: HTTP 401: the agent wants a token; pass --token, or --config with the agent's "
+        "config file (its [server] auth_token)\n"))
+    wrong = sidetrace("traces", "--url", agent.url, "--token", "nope")
+    assert wrong.returncode == EXIT_UNAUTHORIZED
+    assert wrong.stderr.startswith(f"{agent.url}/debug/traces?limit=5: HTTP 401: the agent refused the token; ")
+    assert sidetrace("status", "--url", agent.url, "--token", "t").returncode == 0
+
+
+def test_url_may_be_host_and_port(agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory().start()
+    done = sidetrace("status", "--url", f"127.0.0.1:{agent.port}")
+    assert done.returncode == 0, done.stderr
+
+
+def test_an_unreachable_agent_exits_1() -> None:
+    port = free_port()
+    done = sidetrace("flows", "--once", "--url", f"127.0.0.1:{port}")
+    assert done.returncode == EXIT_UNREACHABLE
+    assert done.stderr.startswith(f"cannot reach the agent at http://127.0.0.1:{port}/debug/flows?top=20: ")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="opening AF_PACKET sockets needs root (CI runs as root)")
+def test_netsample_with_its_only_interface_failing_makes_the_agent_not_ready(
+    agent_factory: Callable[..., Agent]
+) -> None:
+    agent = agent_factory('[sources.netsample]\nenabled = true\ninterfaces = ["stnoexist0"]\n')
+    agent.start(wait_ready=False)
+    agent.wait_started()
+    assert http_get(agent.url + "/readyz") == (503, "not ready: netsample failing\n")
+    done = sidetrace("status", "--url", agent.url)
+    assert done.returncode == EXIT_NOT_READY
+    assert "netsample" in done.stdout and "failing" in done.stdout
+
+
+def test_a_grpc_port_in_use_names_the_key_and_address_and_nothing_from_grpc(
+    agent_factory: Callable[..., Agent]
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        agent = agent_factory()
+        agent.grpc_port = port
+        agent.write_config()
+        agent.start(wait_ready=False)
+        assert agent.proc.wait(20) == 1
+    errors = [line for line in agent.log().splitlines() if " INFO " not in line and " DEBUG " not in line]
+    assert errors == [line for line in errors if "ERROR sidetrace.daemon: otlp failed to start: "
+                      f"receivers.otlp.grpc_listen: cannot listen on 127.0.0.1:{port}: Address already in use; "
+                      "stopping" in line]
+    assert len(errors) == 1
+
+
+def test_json_logs_are_one_object_per_line_with_structured_fields(agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory()
+    agent.config_path.write_text(agent.config_path.read_text().replace('log_level = "debug"\n',
+                                                                        'log_level = "debug"\nlog_format = "json"\n'))
+    agent.start()
+    agent.stop()
+    lines = [json.loads(line) for line in agent.log().splitlines()]
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    ready = next(line for line in lines if line["message"].startswith("sidetrace 0.1.0 ready: "))
+    assert (ready["level"], ready["logger"], ready["version"]) == ("info", "sidetrace.daemon", "0.1.0")
+    assert ready["components"] == ["server", "host", "app_metrics", "pipeline", "otlp"]

@@ -1,0 +1,70 @@
+"""The command line's own parts: flags, help text, tables and log lines."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import platform
+
+import pytest
+
+from sidetrace import __version__, cli
+from sidetrace.agent.logs import JsonFormatter
+
+
+def test_version_flag_prints_the_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"sidetrace {__version__} (Python {platform.python_version()})\n"
+
+
+@pytest.mark.parametrize("command", ["status", "traces", "flows"])
+def test_help_of_the_agent_commands_documents_every_exit_code(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "%%" not in text
+    assert ("1 when the agent is unreachable, 2 when the config is invalid, 3 when it is not ready, 4 when it "
+            "refuses the token.") in text
+
+
+def test_flows_help_shows_a_single_percent_sign(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["flows", "--help"])
+    assert "with their 95 % error bounds" in " ".join(capsys.readouterr().out.split())
+
+
+def test_flows_table_shows_the_whole_direction() -> None:
+    flow = {"device": "eth0", "direction": "transmit", "protocol": "tcp", "local": "10.0.0.1", "local_port": 5000,
+            "remote": "10.0.0.2", "remote_port": 443, "bytes_per_second": 1500.0, "estimated_packets": 10,
+            "estimated_bytes": 15000, "error_bound_percent": 62.0, "process": "curl"}
+    table = cli.render_flows({"interfaces": {"eth0": {"sampling_rate": 1, "kernel_drops": 0}}, "flow_count": 1,
+                              "evicted_flows": 0, "flows": [flow]})
+    assert table.splitlines()[2].split() == ["eth0", "transmit", "tcp", "10.0.0.1:5000", "10.0.0.2:443", "1.5",
+                                             "KB/s", "10", "15000", "62.0%", "curl"]
+
+
+def test_json_log_line_carries_level_logger_message_and_extra_fields() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("sidetrace.test_json")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("exporter %s failing", "jaeger", extra={"exporter": "jaeger", "attempt": 3})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("send failed")
+    finally:
+        logger.removeHandler(handler)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert set(first) == {"time", "level", "logger", "message", "exporter", "attempt"}
+    assert (first["level"], first["logger"], first["message"], first["exporter"], first["attempt"]) == (
+        "warning", "sidetrace.test_json", "exporter jaeger failing", "jaeger", 3)
+    assert second["level"] == "error" and second["exception"].endswith("ValueError: boom")
