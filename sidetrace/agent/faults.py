@@ -21,11 +21,12 @@ class FaultLog:
     ``sidetrace_source_errors_total{source,collector}`` shows the rate.
     """
 
-    def __init__(self, source: str, logger: logging.Logger) -> None:
+    def __init__(self, source: str, logger: logging.Logger, collectors: tuple[str, ...] = ()) -> None:
         self.source = source
         self.logger = logger
         self.last_error: str | None = None
-        self._counts: dict[str, int] = {}
+        # Known collectors are exported at 0 from the start, so `increase()` sees their first fault.
+        self._counts: dict[str, int] = dict.fromkeys(collectors, 0)
         self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         self._lock = threading.Lock()
 

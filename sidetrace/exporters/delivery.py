@@ -51,6 +51,11 @@ class Verdict(Enum):
     BAD_DATA = "bad_data"
 
 
+# The failure reasons every exporter can meet whatever its backend answers (the backend's own answers, http_503 or
+# grpc_unavailable, are open-ended and appear when first met); exported at 0 from the start.
+SEND_FAILURE_REASONS = ("connection_refused", "connection_lost", "timeout", "tls")
+
+
 @dataclass(frozen=True)
 class Answer:
     """A backend's answer to one request, as the exporter reads it."""
@@ -385,12 +390,12 @@ def delivery_families(deliveries: list[tuple[str, DeliveryStats]]) -> Iterator[M
         retries.add_metric([name], stats.retries)
         resent.add_metric([name], stats.resent)
         failing.add_metric([name], 1 if stats.failing else 0)
-        for reason, count in sorted(stats.failures.items()):
+        for reason, count in sorted({**dict.fromkeys(SEND_FAILURE_REASONS, 0), **stats.failures}.items()):
             failures.add_metric([name, reason], count)
     for name, stats in samples:
         retries.add_metric([name], stats.retries)
         failing.add_metric([name], 1 if stats.failing else 0)
-        for reason, count in sorted(stats.failures.items()):
+        for reason, count in sorted({**dict.fromkeys(SEND_FAILURE_REASONS, 0), **stats.failures}.items()):
             failures.add_metric([name, reason], count)
     yield from (sent, failed, rejected, retries, resent, failures, failing, backends, backend_failed, backend_failing)
     yield from _sample_families(samples)

@@ -88,6 +88,10 @@ class SpoolFull(SpoolError):
     """The filesystem holding the spool is full: refuse, the sender retries."""
 
 
+# What sqlite_cause can answer; each is exported at 0 from the start so that an alert sees the first failed write.
+WRITE_FAILURE_CAUSES = ("corrupt", "locked", "full", "readonly", "cantopen", "permission", "io", "other")
+
+
 def sqlite_cause(exc: BaseException) -> str:
     """What kind of SQLite failure ``exc`` is: corrupt, locked, full, readonly, cantopen, permission, io or other."""
     code = getattr(exc, "sqlite_errorcode", None)
@@ -909,7 +913,7 @@ class Spool:
         failed = CounterMetricFamily("sidetrace_spool_failed_writes_total", "Appends refused because the write failed, "
                                      "by cause (full, io, readonly, ...); the sender was told to retry.",
                                      labels=["cause"])
-        for cause in sorted({"full", *self.failed_writes}):
+        for cause in sorted({*WRITE_FAILURE_CAUSES, *self.failed_writes}):
             failed.add_metric([cause], self.failed_writes.get(cause, 0))
         yield failed
         yield CounterMetricFamily("sidetrace_spool_replaced_files_total",

@@ -12,8 +12,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
 
-from tests.conftest import Agent, free_port, http_get, stop_process, wait_until
+from sidetrace.agent.receivers.otlp import REFUSAL_REASONS
+from sidetrace.exporters.delivery import SEND_FAILURE_REASONS
+from sidetrace.exporters.spool import SET_ASIDE_REASONS, WRITE_FAILURE_CAUSES
+from tests.conftest import Agent, assert_promtool_clean, free_port, http_get, stop_process, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -21,15 +28,16 @@ pytestmark = pytest.mark.slow
 class Prometheus:
     """A real Prometheus scraping ``target``, or (``target`` None) only taking remote writes."""
 
-    def __init__(self, tmp: Path, target: str | None) -> None:
+    def __init__(self, tmp: Path, target: str | None, scrape: str | None = None) -> None:
         self.binary = shutil.which("prometheus")
         assert self.binary, "prometheus is not installed: `make test` installs the Debian package"
         self.tmp = tmp
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = tmp / "prometheus.yml"
-        scrape = (f"scrape_configs:\n  - job_name: sidetrace\n    static_configs:\n      - targets: ['{target}']\n"
-                  if target else "")
+        if scrape is None:
+            scrape = (f"scrape_configs:\n  - job_name: sidetrace\n    static_configs:\n      - targets: ['{target}']\n"
+                      if target else "")
         self.config.write_text("global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n" + scrape)
         self.start()
 
@@ -119,3 +127,53 @@ def test_every_dashboard_query_is_valid_promql(scraped_agent: tuple[Agent, Prome
     throughput = next(query for query in promql if query.startswith("rate(system_network_io_bytes_total"))
     series = wait_until(lambda: prometheus.query(throughput), 30, "the throughput panel to have data")
     assert {s["metric"]["device"] for s in series} >= {"lo"}
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_scrape_config_keeps_the_apps_job_and_instance(
+    agent_factory: Callable[..., Agent], tmp_path: Path
+) -> None:
+    agent = agent_factory().start()
+    shipped = (ROOT / "dashboards/prometheus/scrape.yml").read_text()
+    assert '"127.0.0.1:9464"' in shipped and "scrape_interval: 15s" in shipped
+    scrape = shipped.replace('"127.0.0.1:9464"', f'"127.0.0.1:{agent.port}"').replace("scrape_interval: 15s",
+                                                                                     "scrape_interval: 1s")
+    prometheus = Prometheus(tmp_path, None, scrape)
+    try:
+        provider = MeterProvider(
+            resource=Resource.create({"service.name": "cart", "service.instance.id": "cart-1"}),
+            metric_readers=[PeriodicExportingMetricReader(
+                OTLPMetricExporter(endpoint=f"127.0.0.1:{agent.grpc_port}", insecure=True),
+                export_interval_millis=60_000)])
+        provider.get_meter("shop").create_counter("orders").add(3)
+        assert provider.force_flush(10_000)
+        provider.shutdown()
+        (series,) = wait_until(lambda: prometheus.query("orders_total"), 30, "the app's counter in Prometheus")
+        assert (series["metric"]["job"], series["metric"]["instance"], series["value"][1]) == ("cart", "cart-1", "3")
+        assert "exported_job" not in series["metric"]
+        (own,) = prometheus.query("sidetrace_build_info")
+        assert (own["metric"]["job"], own["metric"]["instance"]) == ("sidetrace", f"127.0.0.1:{agent.port}")
+    finally:
+        prometheus.stop()
+
+
+def test_counters_with_known_labels_are_exported_at_zero_from_the_start(agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory('[[exporters.otlp]]\nname = "jaeger"\nendpoint = "http://127.0.0.1:1"\n').start()
+    _, text = http_get(agent.url + "/metrics")
+    lines = set(text.splitlines())
+    expected = {'sidetrace_spool_dropped_spans_total{exporter="jaeger",reason="spool_full"} 0.0'}
+    expected |= {f'sidetrace_spool_set_aside_spans_total{{exporter="jaeger",reason="{reason}"}} 0.0'
+                 for reason in SET_ASIDE_REASONS}
+    expected |= {f'sidetrace_spool_failed_writes_total{{cause="{cause}"}} 0.0' for cause in WRITE_FAILURE_CAUSES}
+    expected |= {f'sidetrace_source_errors_total{{collector="{collector}",source="host"}} 0.0'
+                 for collector in ("cpu", "load", "memory", "paging", "filesystem", "disk", "network", "connections",
+                                   "interfaces", "routes")}
+    expected |= {f'sidetrace_receiver_{family}_total{{reason="{reason}",transport="{transport}"}} 0.0'
+                 for family in ("refused_spans", "refused_requests")
+                 for transport, reasons in REFUSAL_REASONS.items() for reason in reasons}
+    expected |= {f'sidetrace_exporter_send_failures_total{{exporter="jaeger",reason="{reason}"}} 0.0'
+                 for reason in SEND_FAILURE_REASONS}
+    assert sorted(expected - lines) == []
+    assert_promtool_clean(text)

@@ -67,6 +67,17 @@ _HEX_ID_KEYS = frozenset(("traceId", "spanId", "parentSpanId", "trace_id", "span
 _CODES = {400: 3, 401: 16, 404: 5, 405: 12, 408: 4, 413: 8, 415: 3, 429: 8, 503: 14}  # google.rpc.Code
 
 
+# Every reason a request can be refused for, by transport: each is exported at 0 from the start, so that an alert
+# on `increase()` or `rate()` fires on the first refusal rather than on the second.
+REFUSAL_REASONS = {
+    "grpc": ("unauthenticated", "invalid", "too_large", "read_timeout", "too_many_requests", "busy", "disk_full",
+             "spool_error", "unavailable"),
+    "http": ("unauthenticated", "not_found", "method_not_allowed", "invalid", "json_too_deep", "bad_encoding",
+             "unsupported_encoding", "unsupported_media_type", "too_large", "read_timeout", "too_many_requests",
+             "busy", "disk_full", "spool_error", "unavailable"),
+}
+
+
 class Refusal(Exception):
     """A request turned away: its HTTP status, gRPC code, metric reason and the message the sender reads."""
 
@@ -445,7 +456,8 @@ class OtlpReceiver:
         spans = CounterMetricFamily("sidetrace_receiver_refused_spans_total",
                                     "Spans in refused requests, by reason, where they could be counted.",
                                     labels=["transport", "reason"])
-        for (transport, reason), count in sorted(self.refused_spans.items()):
+        known = {(transport, reason): 0 for transport, reasons in REFUSAL_REASONS.items() for reason in reasons}
+        for (transport, reason), count in sorted({**known, **self.refused_spans}.items()):
             spans.add_metric([transport, reason], count)
         yield spans
         requests = CounterMetricFamily("sidetrace_receiver_refused_requests_total",
@@ -454,6 +466,6 @@ class OtlpReceiver:
                                        "unsupported_encoding, unsupported_media_type, "
                                        "too_large, read_timeout, too_many_requests, busy, disk_full, spool_error, "
                                        "unavailable).", labels=["transport", "reason"])
-        for (transport, reason), count in sorted(self.refused_requests.items()):
+        for (transport, reason), count in sorted({**known, **self.refused_requests}.items()):
             requests.add_metric([transport, reason], count)
         yield requests

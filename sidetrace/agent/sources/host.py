@@ -134,7 +134,6 @@ class HostSource:
     def __init__(self, section: HostSection, context: Context, proc: str = "/proc") -> None:
         self.section = section
         self._proc = proc
-        self._faults = FaultLog("host", log)
         self._filters = {
             kind: DeviceFilter(section.include_devices, section.exclude_devices, section.max_devices)
             for kind in ("network", "disk", "filesystem")
@@ -158,6 +157,7 @@ class HostSource:
             ("interfaces", self._interfaces),
             ("routes", self._routes),
         )
+        self._faults = FaultLog("host", log, tuple(name for name, _ in self._collectors))
 
     # component -----------------------------------------------------------------------------
 
