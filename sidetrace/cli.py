@@ -364,6 +364,43 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     return done.returncode
 
 
+def _print_plan(plan: Any, intro: str) -> None:
+    for line in plan.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    print("\n".join(plan.actions))
+    print(intro)
+    print("\n".join(f"  {command}" for command in plan.commands))
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    from sidetrace.agent.service import ServiceError, install
+
+    try:
+        plan = install(Path(args.root), args.python, dry_run=args.dry_run)
+    except ServiceError as exc:
+        print(f"sidetrace install-service: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"sidetrace install-service: cannot write {exc.filename}: {exc.strerror} (run it as root, or pass "
+              "--root)", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    _print_plan(plan, "Then run:" if not args.dry_run else "Nothing written (--dry-run). It would then say to run:")
+    return 0
+
+
+def cmd_uninstall_service(args: argparse.Namespace) -> int:
+    from sidetrace.agent.service import uninstall
+
+    try:
+        plan = uninstall(Path(args.root), purge=args.purge, dry_run=args.dry_run)
+    except OSError as exc:
+        print(f"sidetrace uninstall-service: cannot remove {exc.filename}: {exc.strerror} (run it as root, or pass "
+              "--root)", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    _print_plan(plan, "Then run:" if not args.dry_run else "Nothing removed (--dry-run). It would then say to run:")
+    return 0
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"sidetrace {__version__} (Python {platform.python_version()})")
     return 0
@@ -450,6 +487,29 @@ def build_parser() -> argparse.ArgumentParser:
         "in this Python (as opentelemetry-bootstrap does), or install them with --install.")
     bootstrap.add_argument("--install", action="store_true", help="pip install them into this Python")
     bootstrap.set_defaults(func=cmd_bootstrap)
+
+    install = commands.add_parser(
+        "install-service", help="install the agent as a systemd service (unit and default config)",
+        description="Write /etc/systemd/system/sidetrace.service, running the agent with this Python (or --python), "
+        "and /etc/sidetrace/sidetrace.toml when absent; then print the systemctl lines to run. Safe to run again "
+        "(after an upgrade, too): the config is never overwritten. Refuses an interpreter the hardened unit cannot "
+        "reach (under /home, /root or /tmp). Exit 0 when done, 1 when a file cannot be written, 2 when refused.")
+    install.add_argument("--root", default="/", metavar="DIR", help="install under DIR instead of / (for images)")
+    install.add_argument("--python", default=sys.executable, metavar="PATH",
+                         help=f"the interpreter the service runs (default: this one, {sys.executable})")
+    install.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
+    install.set_defaults(func=cmd_install_service)
+
+    uninstall = commands.add_parser(
+        "uninstall-service", help="remove the systemd service; keeps the spool unless --purge",
+        description="Remove the unit and its enablement link, and /etc/sidetrace/sidetrace.toml when it is unedited; "
+        "keep the state directory (the spool) and an edited config unless --purge. Then print the systemctl lines "
+        "to run.")
+    uninstall.add_argument("--root", default="/", metavar="DIR", help="uninstall under DIR instead of /")
+    uninstall.add_argument("--purge", action="store_true",
+                           help="also remove the config and /var/lib/sidetrace (unsent spans are lost)")
+    uninstall.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
+    uninstall.set_defaults(func=cmd_uninstall_service)
 
     version = commands.add_parser("version", help="print the version", description="Print the version.")
     version.set_defaults(func=cmd_version)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from sidetrace.agent.service import hidden_reason, packaged
 from sidetrace.agent.systemd import Notifier
 from sidetrace.config import load
 
@@ -53,3 +54,20 @@ def test_the_kubernetes_daemonset_carries_a_valid_config_and_the_documented_priv
     state = {v["name"]: v for v in pod["volumes"]}["state"]
     assert state["hostPath"]["path"] == config.agent.data_dir
     assert {m["mountPath"] for m in agent["volumeMounts"]} >= {"/etc/sidetrace", config.agent.data_dir}
+
+
+def test_service_refuses_paths_the_hardened_unit_hides_and_accepts_system_ones() -> None:
+    protect_home = "ProtectHome=yes hides /home, /root and /run/user from the service"
+    assert hidden_reason("/root/.pyenv/versions/3.11.7/bin/python3.11") == protect_home
+    assert hidden_reason("/home/ops/venv/bin/python") == protect_home
+    private_tmp = "PrivateTmp=yes gives the service an empty /tmp and /var/tmp of its own"
+    assert hidden_reason("/tmp/venv/bin/python") == private_tmp
+    assert hidden_reason("/opt/sidetrace/bin/python") is None
+    assert hidden_reason("/usr/bin/python3") is None
+    assert hidden_reason("/homework/bin/python") is None  # a sibling of /home, not under it
+
+
+def test_packaged_files_are_the_shipped_ones() -> None:
+    assert packaged("sidetrace.service") == (ROOT / "systemd/sidetrace.service").read_bytes()
+    assert packaged("sidetrace.toml") == (ROOT / "systemd/sidetrace.toml").read_bytes()
+    assert packaged("dashboards/prometheus/rules.yml") == (ROOT / "dashboards/prometheus/rules.yml").read_bytes()

@@ -1,0 +1,127 @@
+"""`sidetrace install-service` and `uninstall-service` from the built wheel, installed into a fresh venv, into a
+temporary root: the files the wheel carries are the shipped ones, the unit runs the given interpreter, a re-run
+changes nothing, and uninstalling keeps the spool unless asked."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = {
+    "sidetrace.service": ROOT / "systemd/sidetrace.service",
+    "sidetrace.toml": ROOT / "systemd/sidetrace.toml",
+    **{f"dashboards/{p.relative_to(ROOT / 'dashboards')}": p for p in (ROOT / "dashboards").rglob("*") if p.is_file()},
+}
+
+
+def run(*command: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv with only the built wheel in it (no dependencies: the service commands need none)."""
+    work = tmp_path_factory.mktemp("wheel")
+    built = run(sys.executable, "-m", "pip", "wheel", ROOT, "--no-deps", "-q", "-w", work)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = work.glob("sidetrace-*.whl")
+    made = run(sys.executable, "-m", "venv", work / "venv")
+    assert made.returncode == 0, made.stderr
+    installed = run(work / "venv/bin/python", "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel)
+    assert installed.returncode == 0, installed.stderr
+    return work / "venv"
+
+
+@pytest.mark.slow
+def test_wheel_carries_the_shipped_unit_config_and_dashboards(venv: Path) -> None:
+    (package,) = venv.glob("lib/python*/site-packages/sidetrace")
+    carried = {str(p.relative_to(package / "_data")): p for p in (package / "_data").rglob("*") if p.is_file()}
+    assert sorted(carried) == sorted(SHIPPED)
+    for name, path in carried.items():
+        assert not path.is_symlink() and path.read_bytes() == SHIPPED[name].read_bytes(), name
+
+
+@pytest.mark.slow
+def test_install_service_refuses_an_interpreter_under_private_tmp(venv: Path, tmp_path: Path) -> None:
+    done = run(venv / "bin/sidetrace", "install-service", "--root", tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"sidetrace install-service: --python {venv}/bin/python")
+    assert "PrivateTmp=yes gives the service an empty /tmp and /var/tmp of its own" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_install_service_writes_unit_and_config_once_and_uninstall_keeps_the_spool(venv: Path, tmp_path: Path) -> None:
+    sidetrace = venv / "bin/sidetrace"
+    unit = tmp_path / "etc/systemd/system/sidetrace.service"
+    config = tmp_path / "etc/sidetrace/sidetrace.toml"
+
+    dry = run(sidetrace, "install-service", "--root", tmp_path, "--python", "/usr/bin/python3", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines()[:2] == [f"would write {unit}", f"would write {config}"]
+    assert list(tmp_path.iterdir()) == []
+
+    first = run(sidetrace, "install-service", "--root", tmp_path, "--python", "/usr/bin/python3")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines() == [
+        f"wrote {unit}", f"wrote {config}", "Then run:",
+        "  /usr/bin/python3 -m sidetrace check-config --config /etc/sidetrace/sidetrace.toml",
+        "  systemctl daemon-reload", "  systemctl enable --now sidetrace"]
+    shipped_unit = SHIPPED["sidetrace.service"].read_text()
+    assert unit.read_text() == (
+        "# Written by `sidetrace install-service --python /usr/bin/python3`; re-run it after moving the interpreter.\n"
+        + shipped_unit.replace("/opt/sidetrace/bin/sidetrace ", "/usr/bin/python3 -m sidetrace "))
+    assert "\nExecStart=/usr/bin/python3 -m sidetrace run --config /etc/sidetrace/sidetrace.toml\n" in unit.read_text()
+    assert config.read_bytes() == SHIPPED["sidetrace.toml"].read_bytes()
+    assert unit.stat().st_mode & 0o777 == 0o644 and config.stat().st_mode & 0o777 == 0o644
+    verified = run(shutil.which("systemd-analyze") or "systemd-analyze", "verify", unit, timeout=60)
+    assert (verified.stdout + verified.stderr).strip() == ""
+
+    stamps = (unit.stat().st_mtime_ns, config.stat().st_mtime_ns)
+    again = run(sidetrace, "install-service", "--root", tmp_path, "--python", "/usr/bin/python3")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[:2] == [
+        f"unchanged: {unit}", f"kept: {config} (already there; it is never overwritten)"]
+    assert (unit.stat().st_mtime_ns, config.stat().st_mtime_ns) == stamps
+
+    # What `systemctl enable` and a first start leave behind: the enablement link and the dynamic user's spool.
+    wants = tmp_path / "etc/systemd/system/multi-user.target.wants/sidetrace.service"
+    wants.parent.mkdir()
+    wants.symlink_to("/etc/systemd/system/sidetrace.service")
+    spool = tmp_path / "var/lib/private/sidetrace"
+    spool.mkdir(parents=True)
+    (spool / "spool.db").write_bytes(b"unsent spans")
+    (tmp_path / "var/lib/sidetrace").symlink_to("private/sidetrace")
+
+    removed = run(sidetrace, "uninstall-service", "--root", tmp_path)
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout.splitlines() == [
+        f"removed {wants}", f"removed {unit}", f"removed {config}",
+        f"kept: {tmp_path}/var/lib/sidetrace (the spool; --purge removes it)",
+        f"kept: {spool} (the spool; --purge removes it)",
+        "Then run:", "  systemctl stop sidetrace", "  systemctl daemon-reload"]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "etc", "etc/systemd", "etc/systemd/system", "etc/systemd/system/multi-user.target.wants",
+        "var", "var/lib", "var/lib/private", "var/lib/private/sidetrace", "var/lib/private/sidetrace/spool.db",
+        "var/lib/sidetrace"]
+
+    purged = run(sidetrace, "uninstall-service", "--root", tmp_path, "--purge")
+    assert purged.returncode == 0, purged.stderr
+    assert not spool.exists() and not (tmp_path / "var/lib/sidetrace").is_symlink()
+
+
+@pytest.mark.slow
+def test_uninstall_service_keeps_an_edited_config(venv: Path, tmp_path: Path) -> None:
+    sidetrace = venv / "bin/sidetrace"
+    assert run(sidetrace, "install-service", "--root", tmp_path, "--python", "/usr/bin/python3").returncode == 0
+    config = tmp_path / "etc/sidetrace/sidetrace.toml"
+    config.write_text(config.read_text().replace('log_level = "info"', 'log_level = "debug"'))
+    done = run(sidetrace, "uninstall-service", "--root", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"kept: {config} (edited; --purge removes it)" in done.stdout.splitlines()
+    assert 'log_level = "debug"' in config.read_text()
