@@ -1,8 +1,15 @@
 """OTLP metrics from apps, served on the agent's /metrics with the standard OTLP-to-Prometheus translation.
 
-- Names: invalid characters become ``_``; the unit becomes a suffix (``ms`` -> ``_milliseconds``,
-  ``By`` -> ``_bytes``, ``By/s`` -> ``_bytes_per_second``, ``{request}`` annotations are dropped,
-  unit ``1`` on a gauge -> ``_ratio``); monotonic sums get ``_total``.
+- Names: invalid characters become ``_``; the unit becomes a suffix unless the name already holds it
+  (``ms`` -> ``_milliseconds``, ``By`` -> ``_bytes``, so ``bytes.sent`` stays ``bytes_sent``;
+  ``By/s`` -> ``_bytes_per_second``, ``{request}`` annotations are dropped, unit ``1`` on a gauge ->
+  ``_ratio``); monotonic sums get ``_total`` once (``jobs.total`` -> ``jobs_total``).
+- A metric whose family would produce a sample name another family already produces (a counter
+  ``foo`` and a gauge ``foo_total``, a histogram ``lat`` and a gauge ``lat_count``) is dropped whole
+  and counted (``name_clash``): two TYPE lines for one name would fail the whole scrape.
+- Point attributes become labels; those named ``job``, ``instance``, ``le`` or ``quantile`` are left
+  out (the agent's own labels win), and keys that sanitise alike have their values joined with ``;``
+  in the order of the original keys.
 - ``service.namespace``/``service.name`` become ``job`` and ``service.instance.id`` ``instance``; the
   other resource attributes go to one ``target_info`` series per job and instance.
 - Delta sums and histograms are accumulated into cumulative series; cumulative ones are taken as
@@ -55,15 +62,43 @@ def unit_suffix(unit: str, gauge: bool) -> str:
     return "_".join(word for word in words if word)
 
 
-def metric_name(name: str, unit: str, gauge: bool) -> str:
+def metric_name(name: str, unit: str, gauge: bool, counter: bool = False) -> str:
     """The Prometheus family name (without ``_total``) for an OTLP metric name and unit."""
     base = re.sub(r"_+", "_", _INVALID.sub("_", name)).strip("_") or "unnamed"
+    if counter and base.endswith("_total"):  # the exposition adds it back, once
+        base = base[: -len("_total")]
     if base[0].isdigit():
         base = "_" + base
     suffix = unit_suffix(unit, gauge)
-    if suffix and not base.endswith("_" + suffix):
+    if suffix and f"_{suffix}_" not in f"_{base}_":
         base = f"{base}_{suffix}"
     return base
+
+
+def sample_names(base: str, prom_type: str) -> tuple[str, ...]:
+    """Every name a family's exposition uses: its TYPE line's and its samples'."""
+    return {
+        "counter": (base, base + "_total"),
+        "histogram": (base, base + "_bucket", base + "_sum", base + "_count"),
+        "summary": (base, base + "_sum", base + "_count"),
+    }.get(prom_type, (base,))
+
+
+# The agent sets these itself (job, instance) or the exposition does (le, quantile): a point attribute under the
+# same name would make a second label of that name.
+RESERVED_LABELS = frozenset({"job", "instance", "le", "quantile"})
+
+
+def point_labels(attributes: Any) -> tuple[tuple[str, str], ...]:
+    """A point's attributes as labels: reserved names left out, keys that sanitise alike joined with ``;``."""
+    labels: dict[str, str] = {}
+    for kv in sorted(attributes, key=lambda kv: kv.key):
+        label = label_name(kv.key)
+        if label in RESERVED_LABELS:
+            continue
+        value = any_value(kv.value)
+        labels[label] = f"{labels[label]};{value}" if label in labels else value
+    return tuple(sorted(labels.items()))
 
 
 def label_name(key: str) -> str:
@@ -114,6 +149,7 @@ class AppMetrics:
         self._families: dict[tuple[str, str], dict[tuple[tuple[str, str], ...], _Series]] = {}
         self._help: dict[str, str] = {}
         self._types: dict[str, str] = {}
+        self._claims: dict[str, str] = {}  # sample name -> the family name whose exposition uses it
         self._targets: dict[tuple[str, str], tuple[tuple[tuple[str, str], ...], float]] = {}
         self._count = 0
         self.dropped: dict[str, int] = {}
@@ -170,6 +206,7 @@ class AppMetrics:
                 by_labels = self._families[family] = {}
                 self._types[family[0]] = family[1]
                 self._help[family[0]] = help_text
+                self._claims.update(dict.fromkeys(sample_names(*family), family[0]))
             series = by_labels[labels] = _Series()
             self._count += 1
         series.updated = now
@@ -213,7 +250,7 @@ class AppMetrics:
             self._drop("exponential_histogram", len(data.data_points))
             return 0
         gauge = kind == "gauge" or (kind == "sum" and not data.is_monotonic)
-        base = metric_name(metric.name, metric.unit, gauge)
+        base = metric_name(metric.name, metric.unit, gauge, counter=kind == "sum" and not gauge)
         if base.startswith(RESERVED_PREFIXES):
             self._drop("reserved_name", len(data.data_points))
             return 0
@@ -222,12 +259,15 @@ class AppMetrics:
         if self._types.get(base, prom_type) != prom_type:
             self._drop("type_conflict", len(data.data_points))
             return 0
+        if any(self._claims.get(name, base) != base for name in sample_names(base, prom_type)):
+            self._drop("name_clash", len(data.data_points))
+            return 0
         family = (base, prom_type)
         help_text = metric.description or metric.name
         delta = getattr(data, "aggregation_temporality", 0) == DELTA
         taken = 0
         for point in data.data_points:
-            labels = target + tuple(sorted((label_name(kv.key), any_value(kv.value)) for kv in point.attributes))
+            labels = target + point_labels(point.attributes)
             series = self._series(family, labels, now, help_text)
             if series is None:
                 continue
@@ -260,6 +300,8 @@ class AppMetrics:
                         self._count -= 1
                 if not by_labels:
                     del self._families[family]
+                    for name in sample_names(*family):
+                        del self._claims[name]
                     del self._types[family[0]]
                     del self._help[family[0]]
             for key, (_, updated) in list(self._targets.items()):
@@ -304,7 +346,7 @@ class AppMetrics:
         yield info
         points = CounterMetricFamily("sidetrace_app_metrics_dropped_points_total",
                                      "OTLP metric points not served, by reason (max_series, reserved_name, "
-                                     "type_conflict, exponential_histogram; max_series_target_info counts "
+                                     "type_conflict, name_clash, exponential_histogram; max_series_target_info counts "
                                      "requests whose resource was refused a target_info series, also capped at "
                                      "max_series).", labels=["reason"])
         for reason, count in sorted(dropped.items()):

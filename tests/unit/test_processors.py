@@ -23,6 +23,7 @@ from sidetrace.config import (
     ResourceProcessorSection,
     SpanMetricsProcessorSection,
 )
+from tests.conftest import assert_promtool_clean
 
 
 def traces(*spans: tuple[str, str, bytes, int], attributes: dict[str, str] | None = None) -> ExportTraceServiceRequest:
@@ -276,6 +277,75 @@ def test_metric_names_follow_the_prometheus_translation() -> None:
     assert metric_name("cpu.utilization", "1", gauge=True) == "cpu_utilization_ratio"
     assert metric_name("size_bytes", "By", gauge=True) == "size_bytes"
     assert metric_name("2xx.count", "", gauge=False) == "_2xx_count"
+
+
+def test_suffixes_are_added_only_when_the_name_lacks_them() -> None:
+    assert metric_name("jobs.total", "", gauge=False, counter=True) == "jobs"  # exposed as jobs_total
+    assert metric_name("bytes.sent", "By", gauge=False, counter=True) == "bytes_sent"  # exposed as bytes_sent_total
+    assert metric_name("net.bytes_per_second.in", "By/s", gauge=True) == "net_bytes_per_second_in"
+    assert metric_name("jobs.total", "", gauge=True) == "jobs_total"  # a gauge has no _total to double
+
+
+def test_clashing_names_reserved_labels_and_colliding_keys_keep_the_exposition_valid() -> None:
+    store = AppMetrics(AppMetricsSection())
+    request = ExportMetricsServiceRequest()
+    resource_metrics = request.resource_metrics.add()
+    kv = resource_metrics.resource.attributes.add()
+    kv.key, kv.value.string_value = "service.name", "worker"
+    scope = resource_metrics.scope_metrics.add()
+
+    def add(name: str, kind: str, unit: str = "", **attributes: str):  # noqa: ANN202
+        metric = scope.metrics.add()
+        metric.name, metric.unit = name, unit
+        data = getattr(metric, kind)
+        if kind == "sum":
+            data.is_monotonic = True
+            data.aggregation_temporality = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
+        point = data.data_points.add()
+        if kind == "histogram":
+            point.explicit_bounds.append(1.0)
+            point.bucket_counts.extend([1, 0])
+            point.count, point.sum = 1, 0.5
+        else:
+            point.as_int = 6
+        for key, value in attributes.items():
+            attribute = point.attributes.add()
+            attribute.key, attribute.value.string_value = key.replace("__", "."), value
+        return metric
+
+    add("foo", "sum")
+    add("foo_total", "gauge")  # clashes with the counter's foo_total sample
+    add("lat", "histogram")
+    add("lat_count", "gauge")  # clashes with the histogram's lat_count sample
+    add("jobs.total", "sum")
+    add("bytes.sent", "sum", unit="By")
+    add("queue", "gauge", job="intruder", instance="x", le="0.5", a__b="dot")
+    scope.metrics[-1].gauge.data_points[0].attributes.add(key="a-b").value.string_value = "dash"
+    add("lat.attr", "histogram", le="7")
+    taken = store.apply(request)
+    assert (taken, store.dropped) == (6, {"name_clash": 2})
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Families(store))
+    text = generate_latest(registry).decode()
+    assert_promtool_clean(text)
+    lines = {line for line in text.splitlines() if not line.startswith("#")}
+    assert 'foo_total{instance="",job="worker"} 6.0' in lines
+    assert 'jobs_total{instance="",job="worker"} 6.0' in lines
+    assert 'bytes_sent_total{instance="",job="worker"} 6.0' in lines
+    assert 'queue{a_b="dash;dot",instance="",job="worker"} 6.0' in lines
+    assert 'lat_attr_bucket{instance="",job="worker",le="1.0"} 1.0' in lines
+    assert 'lat_count{instance="",job="worker"} 1.0' in lines
+    assert not any(line.startswith(("foo_total_total", "jobs_total_total", "bytes_sent_bytes")) for line in lines)
+    types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types)) and "# TYPE foo_total counter" in text.splitlines()
+    assert 'sidetrace_app_metrics_dropped_points_total{reason="name_clash"} 2.0' in lines
+
+    store.expire(now=10**12)  # the families expire, and with them their claim on the names
+    again = ExportMetricsServiceRequest()
+    again.CopyFrom(request)
+    del again.resource_metrics[0].scope_metrics[0].metrics[0]  # now foo_total the gauge comes first
+    assert store.apply(again) == 6 and store.dropped == {"name_clash": 3}
 
 
 def test_redaction_prefilter_skips_clean_requests_and_never_misses_a_sensitive_key() -> None:
