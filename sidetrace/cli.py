@@ -326,7 +326,9 @@ def cmd_instrument(args: argparse.Namespace) -> int:
     if args.service:
         env["OTEL_SERVICE_NAME"] = args.service
     if args.endpoint:
-        env["SIDETRACE_AGENT_ENDPOINT"] = args.endpoint
+        # HOST:PORT is what people type: the agent on its host speaks plain OTLP, where the stock gRPC
+        # exporter would take an endpoint without a scheme as one to reach over TLS.
+        env["SIDETRACE_AGENT_ENDPOINT"] = args.endpoint if "://" in args.endpoint else f"http://{args.endpoint}"
     # uWSGI forks its workers from C: without this (an option uWSGI also reads from the environment) Python's
     # at-fork hooks never run in them, so the SDK's export threads are not restarted and exit waits on threads
     # that only existed in the master.

@@ -39,13 +39,14 @@ def server(tmp_path: Path) -> Iterator[NatsServer]:
     s.stop()
 
 
+@pytest.mark.parametrize("scheme", ["http://", ""])  # HOST:PORT alone is the agent's plain OTLP too
 def test_unmodified_app_is_traced_into_the_agent(
-    agent_factory: Callable[..., Agent], server: NatsServer
+    agent_factory: Callable[..., Agent], server: NatsServer, scheme: str
 ) -> None:
     agent = agent_factory().start()
     done = subprocess.run(
         [sys.executable, "-m", "sidetrace", "instrument", "--service", "greeter", "--endpoint",
-         f"http://127.0.0.1:{agent.grpc_port}", "--", sys.executable, "-c", APP, server.url],
+         f"{scheme}127.0.0.1:{agent.grpc_port}", "--", sys.executable, "-c", APP, server.url],
         capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     summary = wait_until(lambda: json.loads(http_get(agent.url + "/debug/traces?service=greeter")[1])["traces"], 20,

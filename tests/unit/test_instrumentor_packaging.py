@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -48,3 +49,14 @@ def test_dapr_instrumentor_is_found_and_needs_no_library_of_its_own() -> None:
                                "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "requests"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "sidetrace.instrumentors.dapr._http_client"
+
+
+def test_the_launcher_points_each_signal_at_the_agents_port_for_its_protocol() -> None:
+    code = ("import json, os; from sidetrace.instrumentors.bootstrap import _default_environment; "
+            "_default_environment(); print(json.dumps({k: v for k, v in os.environ.items() if 'ENDPOINT' in k}))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SIDETRACE_"))}
+    env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                          check=True)
+    assert json.loads(done.stdout) == {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4318/v1/traces",
+                                       "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://127.0.0.1:4317"}

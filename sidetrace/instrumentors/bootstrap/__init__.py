@@ -211,10 +211,13 @@ def _default_environment() -> None:
     endpoint = os.environ.get(ENDPOINT_VARIABLE)
     if endpoint:  # `sidetrace instrument --endpoint` names the agent: it wins over the environment
         os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
-    else:
-        protocol = os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc").strip()
-        os.environ.setdefault("OTEL_EXPORTER_OTLP_ENDPOINT",
-                              DEFAULT_HTTP_ENDPOINT if protocol.startswith("http") else DEFAULT_ENDPOINT)
+    elif "OTEL_EXPORTER_OTLP_ENDPOINT" not in os.environ:
+        # Per signal, as each signal's exporter reads its own protocol: OTLP/HTTP goes to the agent's 4318.
+        generic = os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc").strip()
+        for signal, path in (("TRACES", "/v1/traces"), ("METRICS", "/v1/metrics")):
+            protocol = os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", generic).strip()
+            os.environ.setdefault(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT",
+                                  DEFAULT_HTTP_ENDPOINT + path if protocol.startswith("http") else DEFAULT_ENDPOINT)
 
 
 class SidetraceDistro(BaseDistro):
