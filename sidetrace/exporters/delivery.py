@@ -158,6 +158,7 @@ class Delivery:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._sending = False
+        self._unacknowledged = False  # a part was delivered and its batches are not yet acknowledged
         self.state = "created"
 
     async def start(self) -> None:
@@ -167,7 +168,7 @@ class Delivery:
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop sending; a request cut short is marked so that the next start counts it as possibly resent."""
         self._stopping = True
-        if self._sending:
+        if self._sending or self._unacknowledged:
             self.spool.interrupted.add(self.name)
         if self._task is not None and not await finish(self._task, timeout):
             log.error("exporter %s did not stop within %.0f s", self.name, timeout)
@@ -204,10 +205,9 @@ class Delivery:
             await asyncio.sleep(linger)
             batches = await self.spool.read(self.name, policy.max_items, policy.max_request_bytes)
         self.stats.resent += self.spool.possibly_resent(self.name, batches)
-        self._sending = True
         await self._deliver(batches)
         await self._ack(batches[-1].id)
-        self._sending = False
+        self._unacknowledged = False
 
     async def _ack(self, last_id: int) -> None:
         """Acknowledge until the spool takes it: reading on first would send the batches again."""
@@ -251,9 +251,15 @@ class Delivery:
                 if pieces:
                     work[0:1] = pieces
                     continue
-            answer = await self.sender.send(body)
+            # Only a request in flight may have reached the backend: a stop during a backoff wait sent nothing.
+            self._sending = True
+            try:
+                answer = await self.sender.send(body)
+            finally:
+                self._sending = False
             verdict = answer.verdict
             if verdict is Verdict.DELIVERED:
+                self._unacknowledged = True
                 self._delivered(part, answer, attempt)
                 work.pop(0)
                 attempt = 0

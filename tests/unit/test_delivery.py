@@ -367,6 +367,22 @@ async def test_a_partial_request_waits_batch_timeout_for_more(tmp_path: Path, ba
     await spool.close()
 
 
+async def test_a_stop_while_waiting_to_retry_counts_nothing_as_resent(tmp_path: Path, backends: Callable) -> None:
+    backend = await backends("grpc")
+    backend.script.status, backend.script.fail_until = grpc.StatusCode.UNAVAILABLE, time.monotonic() + 3600
+    spool = await queued(tmp_path, [(request(1, 9), 9)])
+    loop = delivery(backend, spool, "grpc", Policy(max_items=100, max_request_bytes=1 << 20, initial_backoff=30))
+    await loop.start()
+    await until(lambda: backend.requests >= 1, 10, "the first, refused, attempt")
+    await loop.stop()  # in its backoff wait: nothing is in flight, nothing can have reached the backend
+    await spool.close()
+    again = Spool(tmp_path / "spool.db", max_bytes=1 << 20)
+    again.add_reader_at_open("b")
+    await again.open()
+    assert again.possibly_resent("b", await again.read("b", 100, 1 << 20)) == 0
+    await again.close()
+
+
 async def test_stop_in_the_middle_of_a_send_counts_it_as_possibly_resent(tmp_path: Path) -> None:
     arrived, release = asyncio.Event(), asyncio.Event()
 
