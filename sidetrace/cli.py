@@ -104,6 +104,12 @@ def printable(text: str) -> str:
     return text.translate(_CONTROL)
 
 
+def _exporter_row(name: str, state: dict[str, Any]) -> tuple[str, str, str, str]:
+    detail = f"sent {state['sent']}, oldest unsent {_age(state['oldest_unsent_age_seconds'])}"
+    return (name, state["state"], detail,
+            printable(state.get("last_error") or "-") if state["state"] == "failing" else "-")
+
+
 def render_status(status: dict[str, Any]) -> str:
     """The /debug/status JSON as a table for a person."""
     lines = [
@@ -120,9 +126,9 @@ def render_status(status: dict[str, Any]) -> str:
         rows.append((name, component["state"], printable(component.get("detail") or ""),
                      printable(component.get("last_error") or "-")))
         for exporter, state in (component.get("exporters") or {}).items():
-            detail = f"sent {state['sent']}, oldest unsent {_age(state['oldest_unsent_age_seconds'])}"
-            rows.append((f"  exporter {printable(exporter)}", state["state"], detail,
-                         printable(state.get("last_error") or "-") if state["state"] == "failing" else "-"))
+            rows.append(_exporter_row(f"  exporter {printable(exporter)}", state))
+            for backend, backend_state in (state.get("backends") or {}).items():  # a load-balancing exporter's
+                rows.append(_exporter_row(f"    backend {printable(backend)}", backend_state))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines.append("")
     for row in rows:

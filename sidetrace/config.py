@@ -291,12 +291,32 @@ class OtlpExporterSection:
 
 
 def _check_host_ports(values: tuple[str, ...]) -> tuple[str, ...]:
+    bad = []
     for value in values:
         try:
             parse_host_port(value)
         except ValueError:
-            raise ValueError(f'expected HOST:PORT entries, "{value}" is not one') from None
+            bad.append(f'"{value}"')
+    if bad:
+        raise ValueError(f"expected HOST:PORT entries, {', '.join(bad)} {'is not one' if len(bad) == 1 else 'are not'}")
     return values
+
+
+def _check_interval(value: float) -> float:
+    if value < 0.1:
+        raise ValueError("expected at least 0.1 (seconds)")
+    return value
+
+
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+def _check_label_names(labels: dict[str, str]) -> dict[str, str]:
+    bad = [name for name in labels if not _LABEL_NAME.fullmatch(name) or name.startswith("__")]
+    if bad:
+        raise ValueError(f"expected Prometheus label names ([a-zA-Z_][a-zA-Z0-9_]*, not starting with __), "
+                         f"got {', '.join(map(repr, bad))}")
+    return labels
 
 
 def _check_optional_host_port(value: str) -> str:
@@ -326,7 +346,8 @@ class LoadBalancingExporterSection:
     dns: str = _key("HOST:PORT: every address HOST resolves to (A and AAAA) is a backend on PORT, re-resolved "
                     "every dns_interval_seconds (a headless Service's name, say); set this or `backends`.",
                     _check_optional_host_port, default="")
-    dns_interval_seconds: float = _key("How often `dns` is resolved again.", _check_positive, default=5.0)
+    dns_interval_seconds: float = _key("How often `dns` is resolved again (at least 0.1).", _check_interval,
+                                       default=5.0)
     dns_server: str = _key("HOST:PORT of the DNS server to ask for `dns`; empty: the system's resolver.",
                            _check_optional_host_port, default="")
     protocol: str = _key("`grpc` or `http` (protobuf, to /v1/traces).", _check_choice("grpc", "http"), default="grpc")
@@ -360,11 +381,12 @@ class RemoteWriteExporterSection:
     url: str = _key("The store's remote-write endpoint (Prometheus: `/api/v1/write`, with "
                     "`--web.enable-remote-write-receiver`; Mimir: `/api/v1/push`).", _check_write_url,
                     default="http://127.0.0.1:9090/api/v1/write")
-    interval_seconds: float = _key("How often the agent's metrics are collected and queued.", _check_positive,
+    interval_seconds: float = _key("How often the agent's metrics are collected and queued (at least 0.1).",
+                                   _check_interval,
                                    default=15.0)
     external_labels: dict[str, str] = _key("Labels added to every series (a series' own label wins); `job` "
                                            "(`sidetrace`) and `instance` (the host name) are added unless set here "
-                                           "or on the series.", default_factory=dict)
+                                           "or on the series.", _check_label_names, default_factory=dict)
     headers: dict[str, str] = _key("Extra request headers; `${VAR}` in a value is read from the environment "
                                    "(unset: an error).", default_factory=dict)
     basic_auth_username: str = _key("HTTP basic auth user (with basic_auth_password); empty for none.", default="")
@@ -722,7 +744,7 @@ def _apply_env(
             origins[path] = f"environment {name}"
 
 
-def _cross_checks(config: Config, origin: str) -> list[str]:
+def _cross_checks(config: Config, origin: str, reported: list[str]) -> list[str]:
     problems = []
     seen: set[str] = set()
     for kind in (spec.name for spec in dataclasses.fields(ExportersSection)):
@@ -732,6 +754,9 @@ def _cross_checks(config: Config, origin: str) -> list[str]:
                                 f'exporters, got "{exporter.name}" again')
             seen.add(exporter.name)
     for index, writer in enumerate(config.exporters.remote_write):
+        if writer.tls != ClientTlsSection() and not writer.url.startswith("https://"):
+            problems.append(f"{origin}: exporters.remote_write[{index}].tls: TLS files or options are set but the url "
+                            f"is not https://, so the store would be reached in plain text; use an https:// url")
         if bool(writer.basic_auth_username) != bool(writer.basic_auth_password):
             problems.append(f"{origin}: exporters.remote_write[{index}]: expected both basic_auth_username and "
                             "basic_auth_password, or neither")
@@ -739,7 +764,12 @@ def _cross_checks(config: Config, origin: str) -> list[str]:
             problems.append(f"{origin}: exporters.remote_write[{index}]: expected bearer_token or basic auth, "
                             "not both")
     for index, balancer in enumerate(config.exporters.loadbalancing):
-        if bool(balancer.backends) == bool(balancer.dns):
+        if balancer.tls != BackendTlsSection() and not balancer.tls.enabled:
+            problems.append(f"{origin}: exporters.loadbalancing[{index}].tls: files or options are set but "
+                            "tls.enabled is false, so the backends would be reached in plain text; set "
+                            "tls.enabled = true, or remove them")
+        if bool(balancer.backends) == bool(balancer.dns) and not any(
+                f"exporters.loadbalancing[{index}]." in problem for problem in reported):
             problems.append(f"{origin}: exporters.loadbalancing[{index}]: expected either backends or dns, "
                             f"got {'both' if balancer.backends else 'neither'}")
     receiver = config.receivers.otlp
@@ -918,7 +948,7 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
     _apply_env(data, env, origins, env_problems)
     builder = _Builder(origins, origin)
     config = builder.build(Config, data, ())
-    problems = env_problems + builder.problems + _cross_checks(config, origin)
+    problems = env_problems + builder.problems + _cross_checks(config, origin, builder.problems)
     if verify and not problems:
         problems = _host_checks(config, origins, origin, env)
     if problems:

@@ -113,6 +113,7 @@ class DeliveryStats:
     retries: int = 0
     resent: int = 0
     moved: int = 0  # a load-balancing router's: traces whose owner a membership change moved
+    retired: bool = False  # a load-balancing backend that left the set: its own series are no longer exported
     failures: dict[str, int] = field(default_factory=dict)
     failing: bool = False
     last_error: str | None = None
@@ -368,7 +369,7 @@ def delivery_families(deliveries: list[tuple[str, DeliveryStats]]) -> Iterator[M
         total.failing = total.failing or stats.failing
         for reason, count in stats.failures.items():
             total.failures[reason] = total.failures.get(reason, 0) + count
-        if backend:
+        if backend and not stats.retired:
             backends.add_metric([exporter, backend], stats.sent)
             backend_failed.add_metric([exporter, backend], stats.failed)
             backend_failing.add_metric([exporter, backend], 1 if stats.failing else 0)

@@ -211,7 +211,9 @@ class LoadBalancingExporter:
         self.stats = stats_for(self.name)  # the router's: batches it could not decode, spans it may resend
         self.membership_changes = 0
         self.last_resolve_error: str | None = None
+        self._resolve_problem: str | None = None
         self._recent: deque[bytes] = deque(maxlen=RECENT_KEYS)
+        self._used: set[str] = set()  # backend readers this exporter has delivered through
 
     def readers(self) -> list[tuple[str, str]]:
         """The router's reader of the trace queue, and each current backend's sub-reader of its own queue."""
@@ -224,14 +226,11 @@ class LoadBalancingExporter:
 
     async def start(self) -> None:
         section = self.section
-        if section.dns:
-            backends = await self._resolve_or_keep()
-        else:
-            backends = list(section.backends)
-        await self.set_backends(backends)
-        await self._hand_over_orphans()
+        if not section.dns:
+            await self.set_backends(section.backends)
+        self.stats.failing = not len(self.ring)
         self._router = asyncio.create_task(self._route_forever(), name=f"exporter-{self.name}-router")
-        if section.dns:
+        if section.dns:  # resolved in the background: a slow DNS server must not hold up the agent's start
             self._resolver = asyncio.create_task(self._resolve_forever(), name=f"exporter-{self.name}-dns")
 
     async def stop(self) -> None:
@@ -265,6 +264,7 @@ class LoadBalancingExporter:
         policy = Policy(max_items=section.max_batch_spans, max_request_bytes=section.max_request_bytes,
                         linger_seconds=section.batch_timeout_seconds)
         reader = self._reader(backend)
+        self._used.add(reader)
         return Delivery(reader, self.spool, reader, sender, TracesPayload(), policy, self._stats_for(reader))
 
     async def set_backends(self, backends: Iterable[str]) -> None:
@@ -287,19 +287,27 @@ class LoadBalancingExporter:
                 self.deliveries[backend] = delivery
             for backend in leaving:
                 await self.deliveries.pop(backend).stop()
+                retired = self._stats_for(self._reader(backend))
+                retired.retired, retired.failing = True, False
                 await self._hand_over(self._reader(backend))
-            if self.membership_changes or leaving:
+            for backend in joining:
+                self._stats_for(self._reader(backend)).retired = False
+            await self._hand_over_orphans()  # queues that waited for a backend to take them over
+            self.stats.failing = not len(wanted)
+            if self.membership_changes or leaving or not len(wanted):
                 log.info("exporter %s: backends now %s (joined: %s; left: %s)", self.name,
                          ", ".join(wanted.backends) or "none", ", ".join(joining) or "none",
                          ", ".join(leaving) or "none")
             self.membership_changes += 1
 
     async def _hand_over_orphans(self) -> None:
-        """Queues of backends from an earlier run or config that are no longer in the set: route them again."""
-        async with self._changing:
-            for reader in self.spool.readers():
-                if reader.startswith(f"{self.name}/") and reader.split("/", 1)[1] not in self.deliveries:
-                    await self._hand_over(reader)
+        """Queues of backends no longer in the set (from an earlier run or config, or left while no backend
+        could take them): route them again, once the ring has a backend."""
+        if not len(self.ring):
+            return
+        for reader in self.spool.readers():
+            if reader.startswith(f"{self.name}/") and reader.split("/", 1)[1] not in self.deliveries:
+                await self._hand_over(reader)
 
     async def _hand_over(self, reader: str) -> None:
         """Route what ``reader``'s queue still holds over the current ring, then forget the queue."""
@@ -323,23 +331,30 @@ class LoadBalancingExporter:
         try:
             addresses = await resolve(host, self.section.dns_server)
         except Exception as exc:  # a resolver failure keeps the backends we have
-            message = f"cannot resolve {host}: {type(exc).__name__}: {exc}"
-            if message != self.last_resolve_error:
-                log.warning("exporter %s: %s; keeping %d backend(s)", self.name, message, len(self.ring))
-            self.last_resolve_error = message
+            self._note_resolve_problem(f"cannot resolve {host}: {type(exc).__name__}: {exc}", type(exc).__name__)
             return list(self.ring.backends)
-        self.last_resolve_error = None
+        if addresses and self._resolve_problem is not None:
+            log.info("exporter %s: %s resolves again", self.name, host)
+        self.last_resolve_error = self._resolve_problem = None
         return [_endpoint(address, port) for address in addresses]
+
+    def _note_resolve_problem(self, message: str, kind: str) -> None:
+        """Log a DNS problem once per kind (a timeout's text changes with its duration), keep it for status."""
+        if kind != self._resolve_problem:
+            log.warning("exporter %s: %s; keeping %d backend(s)", self.name, message, len(self.ring))
+        self._resolve_problem = kind
+        self.last_resolve_error = message
 
     async def _resolve_forever(self) -> None:
         while not self._stopping:
-            await asyncio.sleep(self.section.dns_interval_seconds)
             backends = await self._resolve_or_keep()
             if backends or not self.ring.backends:
+                if not backends and self.last_resolve_error is None:
+                    self._note_resolve_problem(f"{self.section.dns} resolves to no address", "no address")
                 await self.set_backends(backends)
             else:  # a name that resolves to nothing for a moment must not strand every queue
-                log.warning("exporter %s: %s resolved to no address; keeping %d backend(s)", self.name,
-                            self.section.dns, len(self.ring))
+                self._note_resolve_problem(f"{self.section.dns} resolved to no address", "no address")
+            await asyncio.sleep(self.section.dns_interval_seconds)
 
     # routing -------------------------------------------------------------------------------------
 
@@ -410,6 +425,10 @@ class LoadBalancingExporter:
 
     # observability -------------------------------------------------------------------------------
 
+    def _known_stats(self) -> list[tuple[str, DeliveryStats]]:
+        """Every backend's counters this exporter has used, those that left included."""
+        return [(reader, self._stats_for(reader)) for reader in sorted(self._used)]
+
     def families(self) -> Iterator[Metric]:
         moved = CounterMetricFamily("sidetrace_exporter_moved_traces_total",
                                     "Traces routed just before a change of the backend set whose owner changed: "
@@ -424,8 +443,8 @@ class LoadBalancingExporter:
                    if state["state"] == "failing"]
         state = "failing" if failing or not backends else "running"
         error = "; ".join(failing) or self.last_resolve_error or (None if backends else "no backend")
-        return {"state": state if not self._stopping else "stopped",
-                "sent": sum(s["sent"] for s in backends.values()), "last_error": error,
+        sent = sum(stats.sent for reader, stats in self._known_stats())
+        return {"state": state if not self._stopping else "stopped", "sent": sent, "last_error": error,
                 "last_error_at": None, "backends": backends,
                 "oldest_unsent_age_seconds": round(max([self.spool.oldest_unsent_age(self.name),
                                                         *(s["oldest_unsent_age_seconds"] for s in backends.values())]),

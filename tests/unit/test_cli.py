@@ -68,3 +68,23 @@ def test_json_log_line_carries_level_logger_message_and_extra_fields() -> None:
     assert (first["level"], first["logger"], first["message"], first["exporter"], first["attempt"]) == (
         "warning", "sidetrace.test_json", "exporter jaeger failing", "jaeger", 3)
     assert second["level"] == "error" and second["exception"].endswith("ValueError: boom")
+
+
+def test_status_shows_each_backend_of_a_load_balancing_exporter_under_it() -> None:
+    from sidetrace.cli import render_status
+
+    backend = {"state": "failing", "sent": 5, "last_error": "connection_refused: no", "oldest_unsent_age_seconds": 61}
+    exporter = {"state": "failing", "sent": 12, "last_error": "10.0.0.2:4317: connection_refused: no",
+                "oldest_unsent_age_seconds": 61, "backends": {"10.0.0.1:4317": {**backend, "state": "running",
+                                                                                 "sent": 7},
+                                                              "10.0.0.2:4317": backend}}
+    status = {"version": "0.1.0", "python": "3.11.7", "pid": 1, "uptime_seconds": 5, "ready": True,
+              "config_path": None, "components": {"pipeline": {"state": "running", "detail": "1 exporter(s)",
+                                                               "exporters": {"tier": exporter}}}}
+    rows = [line.split() for line in render_status(status).splitlines()[3:]]
+    assert [row[:4] for row in rows[1:]] == [["pipeline", "running", "1", "exporter(s)"],
+                                             ["exporter", "tier", "failing", "sent"],
+                                             ["backend", "10.0.0.1:4317", "running", "sent"],
+                                             ["backend", "10.0.0.2:4317", "failing", "sent"]]
+    assert " ".join(rows[-1]).endswith("sent 5, oldest unsent 1m01s connection_refused: no")
+    assert rows[-2][-1] == "-"  # a running backend shows no error

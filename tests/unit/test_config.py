@@ -156,3 +156,27 @@ def test_readme_documents_every_key_with_its_default() -> None:
     assert config.reference_markdown() in README.read_text(), (
         "README's configuration table differs from config.py; paste config.reference_markdown() into README"
     )
+
+
+def test_exporter_mistakes_a_user_makes_are_refused_with_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "sidetrace.toml"
+    path.write_text('[[exporters.loadbalancing]]\nbackends = ["127.0.0.1", "b:2", "nohost"]\n'
+                    'dns_interval_seconds = 0.001\ntls.ca_file = "/etc/ssl/ca.pem"\n'
+                    '[[exporters.remote_write]]\nurl = "http://mimir:9009/api/v1/push"\ninterval_seconds = 0.01\n'
+                    'external_labels = { "bad-name" = "x", __meta = "y", cluster = "eu" }\ntls.ca_file = "/ca.pem"\n')
+    with pytest.raises(ConfigError) as error:
+        load(path, {})
+    problems = [problem.split(": ", 1)[1] for problem in error.value.problems]
+    assert problems == [
+        'exporters.loadbalancing[0].backends: expected HOST:PORT entries, "127.0.0.1", "nohost" are not, '
+        'got ["127.0.0.1", "b:2", "nohost"]',
+        "exporters.loadbalancing[0].dns_interval_seconds: expected at least 0.1 (seconds), got 0.001",
+        "exporters.remote_write[0].interval_seconds: expected at least 0.1 (seconds), got 0.01",
+        "exporters.remote_write[0].external_labels: expected Prometheus label names ([a-zA-Z_][a-zA-Z0-9_]*, not "
+        "starting with __), got 'bad-name', '__meta', "
+        'got {"bad-name": "x", "__meta": "y", "cluster": "eu"}',
+        "exporters.remote_write[0].tls: TLS files or options are set but the url is not https://, so the store "
+        "would be reached in plain text; use an https:// url",
+        "exporters.loadbalancing[0].tls: files or options are set but tls.enabled is false, so the backends would "
+        "be reached in plain text; set tls.enabled = true, or remove them",
+    ]

@@ -273,3 +273,31 @@ async def test_a_membership_change_counts_the_traces_it_may_split(tmp_path: Path
         await spool.close()
     finally:
         await fourth.stop()
+
+
+async def test_a_share_left_while_no_backend_could_take_it_is_delivered_once_backends_come(
+        tmp_path: Path, backends: list[GrpcBackend]) -> None:
+    down, live, later = backends
+    down.script.status, down.script.fail_until = grpc.StatusCode.UNAVAILABLE, time.monotonic() + 3600
+    spool = await opened(tmp_path / "spool.db")
+    stats: dict[str, DeliveryStats] = {}
+    lb = exporter(spool, [f"127.0.0.1:{down.port}", f"127.0.0.1:{live.port}"], stats)
+    await lb.start()
+    await queue_traces(spool)
+    stranded = sum(lb.ring.owner(n.to_bytes(16, "big")) == f"127.0.0.1:{down.port}" for n in range(TRACES_SENT))
+    await until(lambda: live.unique() == (TRACES_SENT - stranded) * SPANS_PER_TRACE, 20, "the live share")
+    await until(lambda: stats[f"lb/127.0.0.1:{down.port}"].failing, 10, "the down backend failing")
+    await lb.set_backends([])  # DNS answering nothing, say: nobody can take the down backend's share yet
+    assert lb.status()["state"] == "failing" and stats["lb"].failing
+    await lb.set_backends([f"127.0.0.1:{live.port}", f"127.0.0.1:{later.port}"])
+    await until(lambda: live.unique() + later.unique() == TRACES_SENT * SPANS_PER_TRACE, 20, "the stranded share")
+    await lb.stop()
+    assert down.unique() == 0
+    assert_whole_traces_on_one_backend_each(backends, TRACES_SENT)
+    families = {f.name: f for f in delivery_families(list(stats.items()))}
+    assert {s.labels["backend"] for s in families["sidetrace_exporter_backend_failing"].samples} == \
+        {f"127.0.0.1:{live.port}", f"127.0.0.1:{later.port}"}  # the one that left has no series any more
+    assert [s.value for s in families["sidetrace_exporter_failing"].samples] == [0]
+    assert families["sidetrace_exporter_sent_spans"].samples[0].value == TRACES_SENT * SPANS_PER_TRACE
+    assert lb.status()["sent"] == TRACES_SENT * SPANS_PER_TRACE
+    await spool.close()
