@@ -71,3 +71,13 @@ def test_packaged_files_are_the_shipped_ones() -> None:
     assert packaged("sidetrace.service") == (ROOT / "systemd/sidetrace.service").read_bytes()
     assert packaged("sidetrace.toml") == (ROOT / "systemd/sidetrace.toml").read_bytes()
     assert packaged("dashboards/prometheus/rules.yml") == (ROOT / "dashboards/prometheus/rules.yml").read_bytes()
+
+
+def test_the_kubernetes_receivers_on_the_node_network_take_only_requests_with_the_token() -> None:
+    manifest = (ROOT / "deploy/kubernetes/sidetrace.yaml").read_text()
+    documents = {doc["kind"]: doc for doc in yaml.safe_load_all(manifest)}
+    (agent,) = documents["DaemonSet"]["spec"]["template"]["spec"]["containers"]
+    env = {item["name"]: item for item in agent["env"]}
+    assert env["SIDETRACE_RECEIVERS__OTLP__AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "sidetrace-token",
+                                                                                           "key": "token"}
+    assert agent["securityContext"]["runAsUser"] == 0  # NET_RAW reaches only a root process in Kubernetes
