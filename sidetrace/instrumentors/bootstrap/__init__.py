@@ -192,7 +192,10 @@ def _track_metric_exporters() -> None:
     # The SDK's configurator builds the periodic readers itself and offers no hook for them: their exporters
     # are reached through the reader, and a provider of another shape is left to its own timeouts.
     provider = metrics.get_meter_provider()
-    for reader in getattr(getattr(provider, "_sdk_config", None), "metric_readers", ()):
+    # Where the readers are kept moved between SDK releases (1.45 keeps them on the provider itself).
+    readers = getattr(provider, "_metric_readers", None) or getattr(
+        getattr(provider, "_sdk_config", None), "metric_readers", ())
+    for reader in readers:
         exporter = getattr(reader, "_exporter", None)
         if exporter is not None:
             EXIT_BUDGET.track(exporter)
