@@ -37,7 +37,7 @@ from sidetrace.config import RemoteWriteExporterSection, expand_env
 from sidetrace.exporters.delivery import Answer, Delivery, DeliveryStats, Policy, Verdict
 from sidetrace.exporters.http import HttpPoster
 from sidetrace.exporters.otlp import retry_after_seconds
-from sidetrace.exporters.spool import Spool
+from sidetrace.exporters.spool import Spool, SpoolError
 
 log = logging.getLogger("sidetrace.exporter")
 
@@ -165,6 +165,14 @@ class RemoteWriteExporter:
         if self._collector is not None:
             self._collector.cancel()
             await asyncio.gather(self._collector, return_exceptions=True)
+        if self._previous:
+            # Every series ends here, as Prometheus ends a target's series when it goes: a reload that changes
+            # the labels (or a stop) must not leave the old series counted beside the new ones for 5 minutes.
+            body, samples = self.collect(time.time(), families=())
+            try:
+                await self.spool.append(body, samples, self.name)  # sent now, or first at the next start
+            except SpoolError as exc:
+                log.warning("exporter %s: could not queue the staleness markers of its series: %s", self.name, exc)
         await self.delivery.stop()
 
     async def _collect_forever(self) -> None:
@@ -185,13 +193,13 @@ class RemoteWriteExporter:
             next_at += interval
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
-    def collect(self, now: float) -> tuple[bytes, int]:
-        """One collection as an encoded WriteRequest and its sample count, with staleness markers for series
-        that were in the previous collection and are gone."""
+    def collect(self, now: float, families: Iterable[Metric] | None = None) -> tuple[bytes, int]:
+        """One collection (of the agent's metrics, or of ``families``) as an encoded WriteRequest and its sample
+        count, with staleness markers for series that were in the previous collection and are gone."""
         timestamp = int(now * 1000)
         request = WriteRequest()
         seen: set[LabelSet] = set()
-        for family in self._metrics():
+        for family in self._metrics() if families is None else families:
             for sample in family.samples:
                 # An empty value is no label at all in Prometheus' model (as a scrape stores it): a default fills it.
                 labels = {**self._defaults, **{k: v for k, v in sample.labels.items() if v}, "__name__": sample.name}

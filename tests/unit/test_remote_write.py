@@ -185,3 +185,25 @@ def test_credentials_come_from_the_environment_and_go_in_the_authorization_heade
     bearer = RemoteWriteSender(RemoteWriteExporterSection(bearer_token="${TENANT}"))
     assert bearer.headers["Authorization"] == "Bearer team-a"
     assert "Authorization" not in RemoteWriteSender(RemoteWriteExporterSection()).headers
+
+
+async def test_a_stop_ends_every_series_with_a_staleness_marker(tmp_path: Path, store: Store) -> None:
+    source = Source()
+    spool = Spool(tmp_path / "spool.db", max_bytes=1 << 30, sync="normal")
+    spool.add_reader_at_open("rw", "rw")
+    await spool.open()
+    section = RemoteWriteExporterSection(name="rw", url=f"http://127.0.0.1:{store.port}/api/v1/write",
+                                         interval_seconds=0.1)
+    exporter = RemoteWriteExporter(section, spool, lambda _: DeliveryStats(), metrics=source)
+    source.families = [gauge("queue_depth", 3, queue="orders"), gauge("workers", 2)]
+    await exporter.start()
+    await until(lambda: store.samples("workers"), 10, "a first collection")
+    await exporter.stop()
+    # A new exporter (a reload, or the next start) delivers what the stop queued: the markers, last.
+    exporter = RemoteWriteExporter(section, spool, lambda _: DeliveryStats(), metrics=Source())
+    await exporter.delivery.start()
+    await until(lambda: any(math.isnan(value) for _, value, _ in store.samples("workers")), 10, "the markers")
+    await exporter.delivery.stop()
+    await spool.close()
+    for name in ("queue_depth", "workers"):
+        assert math.isnan(store.samples(name)[-1][1]), name  # each series' last sample ends it
