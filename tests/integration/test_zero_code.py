@@ -110,6 +110,15 @@ def test_trace_continues_into_threads_executors_and_to_thread(collector: Collect
     assert {(span.trace_id, span.parent_span_id) for span in spans.values()} == {(caller.trace_id, caller.span_id)}
 
 
+def test_spans_made_in_child_processes_arrive_before_the_children_exit(collector: Collector) -> None:
+    launch("processes", "zc-processes", collector.endpoint)
+    names = sorted(span.name for span in wait_until(
+        lambda: len(collector.spans("zc-processes")) == 5 and collector.spans("zc-processes"), 20,
+        "a span from each child process"))
+    assert names == ["work in ProcessPoolExecutor 1", "work in ProcessPoolExecutor 2", "work in fork Process",
+                     "work in forkserver Process", "work in spawn Process"]
+
+
 def test_agent_down_slows_the_app_by_under_5_percent_and_exit_by_under_a_second(tmp_path: Path) -> None:
     # Exports every 100 ms, so the exporter meets the dead agent while the app runs, not only at exit.
     env = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "100"}

@@ -201,6 +201,41 @@ def _track_metric_exporters() -> None:
             EXIT_BUDGET.track(exporter)
 
 
+CHILD_FLUSH_MILLIS = 1000  # what a child process may spend sending its last spans and metrics before it exits
+
+
+def _flush_child_processes() -> None:
+    """Make a multiprocessing child (Process, Pool and ProcessPoolExecutor workers, any start method) flush its
+    spans and metrics before it exits: it leaves through os._exit, so no exit handler of the SDK ever runs."""
+    import multiprocessing.process
+
+    bootstrap = multiprocessing.process.BaseProcess._bootstrap
+    if getattr(bootstrap, "_sidetrace_flushes", False):
+        return
+
+    def flushing_bootstrap(self: Any, *args: Any, **kwargs: Any) -> int:
+        try:
+            return bootstrap(self, *args, **kwargs)
+        finally:
+            _flush_providers(CHILD_FLUSH_MILLIS)
+
+    flushing_bootstrap._sidetrace_flushes = True  # type: ignore[attr-defined]
+    multiprocessing.process.BaseProcess._bootstrap = flushing_bootstrap  # type: ignore[method-assign]
+
+
+def _flush_providers(timeout_millis: int) -> None:
+    from opentelemetry import metrics, trace
+
+    for provider in (trace.get_tracer_provider(), metrics.get_meter_provider()):
+        flush = getattr(provider, "force_flush", None)
+        if flush is None:
+            continue
+        try:
+            flush(timeout_millis)
+        except Exception as exc:  # noqa: BLE001 - a child's exit must go on whatever the exporter does
+            log.debug("sidetrace: could not flush %r at a child's exit: %s", provider, exc)
+
+
 def _default_environment() -> None:
     """Point the standard OTEL_* settings the user left unset at the agent on this host."""
     os.environ.setdefault("OTEL_TRACES_EXPORTER", "otlp")
@@ -270,6 +305,7 @@ def start() -> None:
                     "'sidetrace[sdk]'); spans are not exported: %s", exc)
     except Exception as exc:
         log.warning("sidetrace: could not configure the OpenTelemetry SDK: %s", exc)
+    _flush_child_processes()
     _load_instrumentors(distro)
 
 

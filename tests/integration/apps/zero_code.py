@@ -95,6 +95,27 @@ def threads_app() -> None:
         asyncio.run(main())
 
 
+def _child_work(name: str) -> str:
+    from opentelemetry import trace
+
+    with trace.get_tracer("zero_code").start_as_current_span(f"work in {name}"):
+        return name
+
+
+def processes_app() -> None:
+    """Work in child processes as people write it: a Process with each start method, and a process pool."""
+    import multiprocessing
+
+    for method in ("fork", "spawn", "forkserver"):
+        child = multiprocessing.get_context(method).Process(target=_child_work, args=(f"{method} Process",))
+        child.start()
+        child.join(30)
+        assert child.exitcode == 0
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        assert list(pool.map(_child_work, ["ProcessPoolExecutor 1", "ProcessPoolExecutor 2"])) == \
+            ["ProcessPoolExecutor 1", "ProcessPoolExecutor 2"]
+
+
 def timed_app() -> None:
     """Forty requests' worth of waiting, each in a span and counted in a metric (as web frameworks' own
     instrumentations do); prints how long they took and when its last line ran."""
@@ -126,4 +147,4 @@ def dropping_app() -> None:
 
 if __name__ == "__main__":
     {"flask": flask_app, "fastapi": fastapi_app, "grpc": grpc_app, "threads": threads_app,
-     "timed": timed_app, "dropping": dropping_app}[sys.argv[1]]()
+     "timed": timed_app, "dropping": dropping_app, "processes": processes_app}[sys.argv[1]]()
