@@ -394,12 +394,8 @@ def delivery_families(deliveries: list[tuple[str, DeliveryStats]]) -> Iterator[M
         sent.add_metric([name], stats.sent)
         failed.add_metric([name], stats.failed)
         rejected.add_metric([name], stats.rejected)
-        retries.add_metric([name], stats.retries)
         resent.add_metric([name], stats.resent)
-        failing.add_metric([name], 1 if stats.failing else 0)
-        for reason, count in sorted({**dict.fromkeys(SEND_FAILURE_REASONS, 0), **stats.failures}.items()):
-            failures.add_metric([name, reason], count)
-    for name, stats in samples:
+    for name, stats in [*per_exporter.items(), *samples]:  # attempts and answers are the same for every kind
         retries.add_metric([name], stats.retries)
         failing.add_metric([name], 1 if stats.failing else 0)
         for reason, count in sorted({**dict.fromkeys(SEND_FAILURE_REASONS, 0), **stats.failures}.items()):

@@ -282,6 +282,7 @@ class LoadBalancingExporter:
             self.ring = wanted
             for backend in joining:
                 await self.spool.add_reader(self._reader(backend), self._reader(backend))
+                self._stats_for(self._reader(backend)).retired = False
                 delivery = self._delivery(backend)
                 await delivery.start()
                 self.deliveries[backend] = delivery
@@ -290,8 +291,6 @@ class LoadBalancingExporter:
                 retired = self._stats_for(self._reader(backend))
                 retired.retired, retired.failing = True, False
                 await self._hand_over(self._reader(backend))
-            for backend in joining:
-                self._stats_for(self._reader(backend)).retired = False
             await self._hand_over_orphans()  # queues that waited for a backend to take them over
             self.stats.failing = not len(wanted)
             if self.membership_changes or leaving or not len(wanted):

@@ -356,14 +356,19 @@ def test_metric_names_and_resources_past_max_series_leave_nothing_behind(agent_f
     assert after - before < 10 * 1024 * 1024, f"RSS grew {(after - before) / 2**20:.1f} MiB"
 
 
-def test_stale_app_metrics_expire_on_a_timer_without_a_scrape(agent_factory: Callable[..., Agent]) -> None:
-    agent = agent_factory(env={"SIDETRACE_APP_METRICS__STALE_SECONDS": "1"}).start()
+def gauge_request(name: str, value: int) -> bytes:
+    """An encoded OTLP metrics request holding one gauge point, as an app sends it."""
     request = ExportMetricsServiceRequest()
     metric = request.resource_metrics.add().scope_metrics.add().metrics.add()
-    metric.name = "queue.depth"
+    metric.name = name
     point = metric.gauge.data_points.add()
-    point.as_int, point.time_unix_nano = 7, time.time_ns()
-    assert post(agent.otlp_http + "/v1/metrics", request.SerializeToString())[0] == 200
+    point.as_int, point.time_unix_nano = value, time.time_ns()
+    return request.SerializeToString()
+
+
+def test_stale_app_metrics_expire_on_a_timer_without_a_scrape(agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory(env={"SIDETRACE_APP_METRICS__STALE_SECONDS": "1"}).start()
+    assert post(agent.otlp_http + "/v1/metrics", gauge_request("queue.depth", 7))[0] == 200
 
     def series() -> str:  # read from /debug/status: a scrape of /metrics would expire on its own
         return json.loads(http_get(agent.url + "/debug/status")[1])["components"]["app_metrics"]["detail"]

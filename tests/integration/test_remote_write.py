@@ -9,11 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Agent, http_get, wait_until
-from tests.integration.test_otlp_input import post
+from tests.integration.test_otlp_input import gauge_request, post
 from tests.integration.test_prometheus import Prometheus
 
 pytestmark = pytest.mark.slow
@@ -36,12 +35,7 @@ def test_every_series_arrives_with_its_value_and_an_outage_loses_no_sample(
         agent = agent_factory(f'[[exporters.remote_write]]\nname = "prom"\nurl = "{prometheus.url}/api/v1/write"\n'
                               f'interval_seconds = 1\nexternal_labels = {{ instance = "host-a" }}\n'
                               f'[app_metrics]\nstale_seconds = 2\n').start()
-        request = ExportMetricsServiceRequest()
-        metric = request.resource_metrics.add().scope_metrics.add().metrics.add()
-        metric.name = "queue.depth"
-        point = metric.gauge.data_points.add()
-        point.as_int, point.time_unix_nano = 7, time.time_ns()
-        assert post(agent.otlp_http + "/v1/metrics", request.SerializeToString())[0] == 200
+        assert post(agent.otlp_http + "/v1/metrics", gauge_request("queue.depth", 7))[0] == 200
         _, text = http_get(agent.url + "/metrics")
         defaults = {"instance": "host-a", "job": "sidetrace"}  # an empty label is none: the default fills it
         exposed = {(sample.name, frozenset({**defaults, **{k: v for k, v in sample.labels.items() if v}}.items())):
