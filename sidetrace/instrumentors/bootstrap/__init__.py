@@ -107,8 +107,8 @@ class ExitBudget:
         # before the SDK's providers begin their final flush.
         atexit.register(self._start_clock)
 
-    def _start_clock(self) -> None:
-        timer = threading.Timer(SHUTDOWN_BUDGET_SECONDS, self._stop_exporters)
+    def _start_clock(self, seconds: float = SHUTDOWN_BUDGET_SECONDS) -> None:
+        timer = threading.Timer(seconds, self._stop_exporters)
         timer.daemon = True
         try:
             timer.start()
@@ -217,6 +217,9 @@ def _flush_child_processes() -> None:
         try:
             return bootstrap(self, *args, **kwargs)
         finally:
+            # A flush's timeout does not bound an export already retrying toward an agent that is down (the
+            # stock exporters give up only after their own timeout, 10 s): stopping the exporters does.
+            EXIT_BUDGET._start_clock(CHILD_FLUSH_MILLIS / 1000)
             _flush_providers(CHILD_FLUSH_MILLIS)
 
     flushing_bootstrap._sidetrace_flushes = True  # type: ignore[attr-defined]
