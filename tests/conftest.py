@@ -165,3 +165,11 @@ def assert_promtool_clean(exposition: str) -> None:
                           timeout=30)
     problems = [line for line in (done.stdout + done.stderr).splitlines() if line and line not in _ACCEPTED_LINT]
     assert done.returncode in (0, 3) and not problems, "\n".join(problems)
+
+
+def scrape_clean(agent: Agent) -> set[str]:
+    """The sample lines of ``agent``'s /metrics, after ``promtool check metrics`` found the scrape clean."""
+    status, text = http_get(agent.url + "/metrics")
+    assert status == 200, text
+    assert_promtool_clean(text)
+    return {line for line in text.splitlines() if not line.startswith("#")}
