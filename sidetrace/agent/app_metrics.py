@@ -32,6 +32,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import threading
 import time
@@ -133,6 +134,7 @@ def point_labels(attributes: Any, reserved: frozenset[str] = RESERVED_LABELS) ->
     return tuple(sorted(labels.items()))
 
 
+@functools.lru_cache(maxsize=4096)  # apps repeat a few keys on every point: sanitise each once
 def label_name(key: str) -> str:
     label = _INVALID_LABEL.sub("_", key)
     return f"key_{label}" if label[:1].isdigit() else label
@@ -140,6 +142,8 @@ def label_name(key: str) -> str:
 
 def any_value(value: AnyValue) -> str:
     kind = value.WhichOneof("value")
+    if kind == "string_value":
+        return value.string_value
     if kind is None:
         return ""
     if kind == "array_value":
