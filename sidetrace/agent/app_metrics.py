@@ -16,14 +16,16 @@
   ``otel_scope_schema_url`` (when the scope has one) and each scope attribute as ``otel_scope_<key>``
   (one named ``name``, ``version`` or ``schema_url`` is left out), so two libraries recording the
   same instrument make two series. These labels win over point attributes of the same name.
-- Delta sums and histograms are accumulated into cumulative series, as the Collector's
-  deltatocumulative processor does: a series' first point starts it; a later point is added only
-  when it starts at or after the time the series was last accumulated to and ends after it (a gap
-  before it is accepted, the sender having restarted or lost a point). Anything else (a delta sent
-  again, one overlapping what was added, one arriving after a newer one) is dropped and counted
-  (``delta_overlap``), so no interval is ever counted twice. A point without ``start_time_unix_nano``
-  is judged by its time alone, and points without ``time_unix_nano`` (which OTLP requires) are added
-  as they come until a timed one arrives. A histogram whose bounds change starts over from the point.
+- Delta sums and histograms are accumulated into cumulative series, aligned on start times: a
+  series' first point starts it; a later point is added only when it starts at or after the time the
+  series was last accumulated to and ends after it. As in the Collector's deltatocumulative
+  processor, a gap before a point is accepted (the sender restarted or lost a point) and a point
+  that ends no later than the series (a delta sent again, one arriving after a newer one) is
+  dropped; unlike it, a point that starts before that time but ends after it is dropped too, since
+  part of its interval was already counted. Each drop is counted (``delta_overlap``). A point
+  without ``start_time_unix_nano`` is judged by its time alone, and points without
+  ``time_unix_nano`` (which OTLP requires) are added as they come until a timed one arrives. A
+  histogram whose bounds change starts over from the point, as the Collector's does.
   Cumulative points are taken as sent. Series not updated for ``stale_seconds`` are removed, so an
   app that stopped sending does not live forever. Exponential histograms are not translated
   (counted as dropped points).

@@ -175,3 +175,25 @@ def test_delta_points_are_added_only_when_they_follow_on_so_none_counts_twice(
             f"job_duration_seconds_sum{{{labels}}} {total * 0.5}",
         }, (start, end, value)
         assert f'sidetrace_app_metrics_dropped_points_total{{reason="delta_overlap"}} {float(dropped)}' in lines
+
+
+def test_a_delta_histogram_whose_bounds_change_starts_over_from_that_point(agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory().start()
+    t0 = time.time_ns() - 60 * 10**9
+    bucket = 'wait_seconds_bucket{instance="",job="unknown_service",le="%s",otel_scope_name="",' \
+             'otel_scope_version=""} %s'
+    labels = 'instance="",job="unknown_service",otel_scope_name="",otel_scope_version=""'
+    steps = [  # (bounds, bucket counts, sum), then the lines after it
+        ((1.0,), (2, 0), 1.0, {bucket % ("1.0", "2.0"), bucket % ("+Inf", "2.0")}, 2, 1.0),
+        ((5.0,), (0, 1), 6.0, {bucket % ("5.0", "0.0"), bucket % ("+Inf", "1.0")}, 1, 6.0),  # new bounds: over
+        ((5.0,), (1, 0), 2.0, {bucket % ("5.0", "1.0"), bucket % ("+Inf", "2.0")}, 2, 8.0),  # then it adds up
+    ]
+    for n, (bounds, counts, total, buckets, count, running_sum) in enumerate(steps):
+        request = ExportMetricsServiceRequest()
+        histogram = request.resource_metrics.add().scope_metrics.add().metrics.add(name="wait", unit="s").histogram
+        histogram.aggregation_temporality = DELTA
+        histogram.data_points.add(start_time_unix_nano=t0 + n * 10**9, time_unix_nano=t0 + (n + 1) * 10**9,
+                                  explicit_bounds=bounds, bucket_counts=counts, count=sum(counts), sum=total)
+        assert post(agent.otlp_http + "/v1/metrics", request.SerializeToString())[0] == 200
+        assert of(scrape_clean(agent), "wait_seconds") == buckets | {
+            f"wait_seconds_count{{{labels}}} {float(count)}", f"wait_seconds_sum{{{labels}}} {running_sum}"}
