@@ -136,10 +136,17 @@ def point_labels(attributes: Any, reserved: frozenset[str] = RESERVED_LABELS) ->
     return tuple(sorted(labels.items()))
 
 
-@functools.lru_cache(maxsize=4096)  # apps repeat a few keys on every point: sanitise each once
 def label_name(key: str) -> str:
+    # Apps repeat a few keys on every point: short ones are sanitised once (at most 4096 of 256 characters kept).
+    return _cached_label_name(key) if len(key) <= 256 else _label_name(key)
+
+
+def _label_name(key: str) -> str:
     label = _INVALID_LABEL.sub("_", key)
     return f"key_{label}" if label[:1].isdigit() else label
+
+
+_cached_label_name = functools.lru_cache(maxsize=4096)(_label_name)
 
 
 def any_value(value: AnyValue) -> str:
