@@ -31,10 +31,11 @@ What it traces:
   span, so no exported span points at a parent that is never exported. Nothing is created during
   replay.
 - calls from workflows: ``StartActivity:{type}``, ``StartChildWorkflow:{type}``,
-  ``SignalChildWorkflow:{name}`` and ``SignalExternalWorkflow:{name}`` (CLIENT), made when the
-  workflow makes the call (outside replay) and ended at once, so they are exported before the
-  activity's attempts, the child's run or the receiving handler, their children, can point at them:
-  a signal from one workflow to another continues the sender's trace.
+  ``SignalChildWorkflow:{name}``, ``SignalExternalWorkflow:{name}`` and ``SignalWithStartWorkflow:{type}``
+  (temporalio's system Nexus operation) (CLIENT), made when the workflow makes the call (outside
+  replay) and ended at once, so they are exported before the activity's attempts, the child's run or
+  the receiving handler, their children, can point at them: a signal from one workflow to another
+  continues the sender's trace.
 - handlers: ``HandleSignal:{name}``, ``ValidateUpdate:{name}``, ``HandleUpdate:{name}`` (outside
   replay) and ``HandleQuery:{name}`` (SERVER), children of the call that sent them, linked to the
   receiving run's WorkflowStarted span.

@@ -377,3 +377,25 @@ class _WorkflowOutbound(temporalio.worker.WorkflowOutboundInterceptor):
         if context is not None:
             input.headers = context_to_nexus_headers(input.headers, context, self.inbound.interceptor.guard)
         return await super().start_nexus_operation(input)
+
+    async def start_signal_with_start_workflow(self, request: Any) -> Any:
+        """Signal-with-start from a workflow (temporalio's system Nexus operation): the run it starts and
+        the signal's handler continue this call's span, as they do a client's signal-with-start."""
+        workflow_type = _workflow_type(request.workflow)
+        attributes = {"temporal.workflow.type": workflow_type, "temporal.workflow.id": request.id,
+                      "temporal.task_queue": request.task_queue, "temporal.namespace": request.namespace}
+        context = self.inbound.client_call(f"SignalWithStartWorkflow:{workflow_type}", attributes) or self.parent
+        headers = request.headers or {}
+        if context is not None and HEADER not in headers:  # the SDK sends a Payload value as it is
+            request.headers = context_to_headers(headers, context, self.inbound.interceptor.guard)
+        return await super().start_signal_with_start_workflow(request)
+
+
+def _workflow_type(workflow: Any) -> str:
+    """The type name of a workflow given by name or by its run method (as the SDK resolves it)."""
+    if isinstance(workflow, str):
+        return workflow
+    try:
+        return temporalio.workflow._Definition.get_name_and_result_type(workflow)[0]
+    except Exception:  # a run method the SDK will refuse itself: name the span after the function
+        return getattr(workflow, "__qualname__", type(workflow).__name__)

@@ -35,6 +35,7 @@ from temporalio.api.operatorservice.v1 import CreateNexusEndpointRequest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ApplicationError, CancelledError, NexusOperationError
+from temporalio.nexus.system.workflow_service.operations.signal_with_start_workflow import signal_with_start_workflow
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -449,7 +450,7 @@ class GreetingHandler:
 @workflow.defn
 class NexusCaller:
     """Calls a sync operation, a workflow-run operation, one more that it cancels once started, and a
-    sync operation that fails."""
+    sync operation that fails; then signal-with-starts Receiver (temporalio's system Nexus operation)."""
 
     @workflow.run
     async def run(self, text: str) -> str:
@@ -470,6 +471,8 @@ class NexusCaller:
         except NexusOperationError as err:
             if not isinstance(err.cause, ApplicationError) or err.cause.message != f"{text} refused":
                 raise
+        await signal_with_start_workflow(Receiver.run, 1, id="wf-nexus-receiver", task_queue="x", signal=Receiver.note,
+                                         signal_args=["from the caller"])
         return upper + reversed_text
 
 
@@ -510,12 +513,14 @@ async def nexus_calls(target: str, namespace: str, mode: str) -> None:
     if mode.endswith("-before"):
         TemporalInstrumentor().instrument(core_metrics=False)
     caller = await Client.connect(target, namespace=namespace) if mode == "nexus-official-handler" else client
-    async with Worker(client, task_queue="x", workflows=[Child, Waiting], nexus_service_handlers=[GreetingHandler()]), \
+    async with Worker(client, task_queue="x", workflows=[Child, Waiting, Receiver],
+                      nexus_service_handlers=[GreetingHandler()]), \
             Worker(caller, task_queue="x-caller", workflows=[NexusCaller], max_cached_workflows=0):
         assert await caller.execute_workflow(NexusCaller.run, "hi", id="wf-nexus", task_queue="x-caller") == "HIih"
         held = client.get_workflow_handle("wf-nexus-hold")
         assert (await held.describe()).status == WorkflowExecutionStatus.CANCELED
-        for workflow_id in ("wf-nexus", "wf-nexus-reverse", "wf-nexus-hold"):
+        assert await client.get_workflow_handle("wf-nexus-receiver").result() == ["from the caller"]
+        for workflow_id in ("wf-nexus", "wf-nexus-reverse", "wf-nexus-hold", "wf-nexus-receiver"):
             history = await client.get_workflow_handle(workflow_id).fetch_history()
             failed_tasks = [e for e in history.events if e.HasField("workflow_task_failed_event_attributes")]
             assert failed_tasks == [], (workflow_id, failed_tasks)
@@ -658,7 +663,11 @@ async def main(mode: str):
         uninstrument_restores()
         return print(json.dumps([]))
     path = os.path.join(os.path.dirname(sys.executable), "temporal")
-    env = await WorkflowEnvironment.start_local(dev_server_existing_path=path, ip="127.0.0.1")
+    # Signal-with-start from a workflow (a system Nexus operation) is off by default on the server.
+    extra = ["--dynamic-config-value", "history.enableSignalWithStartFromWorkflow=true"] if mode.startswith("nexus") \
+        else []
+    env = await WorkflowEnvironment.start_local(dev_server_existing_path=path, ip="127.0.0.1",
+                                                dev_server_extra_args=extra)
     target, namespace = env.client.service_client.config.target_host, env.client.namespace
     try:
         if mode in ("no-cache", "restart"):
