@@ -10,8 +10,8 @@ suppress_instrumentation()); plugin-before, plugin-after, interceptor-before, in
 (signal-with-start, update-with-start, signals from workflows to workflows); nexus (a workflow calling a sync,
 a workflow-run and a cancelled Nexus operation); nexus-plugin-before, nexus-plugin-after,
 nexus-interceptor-before, nexus-interceptor-after (the same beside temporalio's own plugin or interceptor);
-nexus-failing=HOOKS (the same under a failing tracer); nexus-official-handler (our caller, a handler
-worker on temporalio's own interceptor).
+nexus-failing=HOOKS (the same under a failing tracer); nexus-official-handler, nexus-official-caller
+(our caller and a handler worker on temporalio's own interceptor, or the reverse).
 Prints the finished spans as one JSON line, then leaves with os._exit(0).
 """
 
@@ -481,8 +481,8 @@ async def nexus_calls(target: str, namespace: str, mode: str) -> None:
     replays the history) calls a Nexus endpoint on the dev server that targets task queue x, whose worker
     runs the Greeting handlers and the workflows they start. Traced by us (nexus), beside
     temporalio's own plugin or interceptor (nexus-plugin-before and the like), by us under a failing tracer
-    (nexus-failing=HOOKS, which prints the errors we counted), or by us on the caller's side only
-    (nexus-official-handler: the handler's worker has temporalio's own interceptor). The app asserts
+    (nexus-failing=HOOKS, which prints the errors we counted), or by us on one side only, temporalio's own
+    interceptor on the other (nexus-official-handler, nexus-official-caller). The app asserts
     every call answered and no workflow task failed."""
     from temporalio.contrib.opentelemetry import OpenTelemetryPlugin
     from temporalio.contrib.opentelemetry import TracingInterceptor as Official
@@ -500,9 +500,9 @@ async def nexus_calls(target: str, namespace: str, mode: str) -> None:
                                           meter_provider=failing.meter_provider)
     elif mode == "nexus":
         TemporalInstrumentor().instrument(core_metrics=False)
-    elif mode == "nexus-official-handler":
-        official = {"interceptors": [Official()]}
+    elif mode in ("nexus-official-handler", "nexus-official-caller"):
         TemporalInstrumentor().instrument(core_metrics=False)
+        official = {"interceptors": [Official()]} if mode == "nexus-official-handler" else {}
     else:
         _, kind, order = mode.split("-")
         official = {"plugins": [OpenTelemetryPlugin(add_temporal_spans=True)]} if kind == "plugin" else \
@@ -512,7 +512,10 @@ async def nexus_calls(target: str, namespace: str, mode: str) -> None:
     client = await Client.connect(target, namespace=namespace, **official)
     if mode.endswith("-before"):
         TemporalInstrumentor().instrument(core_metrics=False)
-    caller = await Client.connect(target, namespace=namespace) if mode == "nexus-official-handler" else client
+    caller = client
+    if mode in ("nexus-official-handler", "nexus-official-caller"):
+        caller = await Client.connect(target, namespace=namespace,
+                                      interceptors=[Official()] if mode == "nexus-official-caller" else [])
     async with Worker(client, task_queue="x", workflows=[Child, Waiting, Receiver],
                       nexus_service_handlers=[GreetingHandler()]), \
             Worker(caller, task_queue="x-caller", workflows=[NexusCaller], max_cached_workflows=0):
