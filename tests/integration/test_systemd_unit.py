@@ -24,7 +24,16 @@ import pytest
 from tests.conftest import Agent, free_port, http_get, wait_until
 from tests.integration.otlp_servers import Rotel, Sink
 from tests.integration.test_traces import send_spans
-from tests.integration.unit_sandbox import LAUNCHER, Refusals, capability_set, exec_line, read_unit, spec
+from tests.integration.unit_sandbox import (
+    LAUNCHER,
+    MOUNTS,
+    Refusals,
+    capability_set,
+    exec_line,
+    mounts_spec,
+    read_unit,
+    spec,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "sidetrace.service"
@@ -131,6 +140,22 @@ def _send_udp(port: int, packets: int) -> None:
             sender.sendto(b"x" * 100, ("127.0.0.1", port))
 
 
+def _assert_file_system_as_the_unit_lays_it_out(pid: int, state: Path) -> None:
+    """What the agent ``pid`` sees: everything read-only but its state directory and a /tmp of its own
+    (ProtectSystem=strict, PrivateTmp=), no home directories, only pseudo devices, its own hostname namespace."""
+    options = {}
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        options[fields[4]] = (fields[5].split(",")[0], fields[fields.index("-") + 1])
+    assert options["/"][0] == "ro" and options["/sys"][0] == "ro" and options["/proc/sys"][0] == "ro"
+    assert options[str(state)][0] == "rw"
+    assert options["/tmp"] == ("rw", "tmpfs") and options["/var/tmp"] == ("rw", "tmpfs")
+    assert os.listdir(f"/proc/{pid}/root/root") == [] and os.listdir(f"/proc/{pid}/root/home") == []
+    assert sorted(os.listdir(f"/proc/{pid}/root/dev")) == [
+        "fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout", "tty", "urandom", "zero"]
+    assert os.readlink(f"/proc/{pid}/ns/uts") != os.readlink("/proc/self/ns/uts")
+
+
 def _notified(notify: socket.socket, state: str, agent: Agent) -> str:
     """The next sd_notify datagram that starts with ``state`` (the socket's timeout bounds the wait)."""
     while True:
@@ -203,12 +228,15 @@ def test_agent_runs_as_the_unit_runs_it(system_install: Path, readable_tmp: Path
                f"--inh-caps={capability_set(unit)}", f"--ambient-caps={capability_set(unit)}",
                f"--bounding-set={capability_set(unit)}", "--no-new-privs"]
     errno_value = getattr(errno, unit["SystemCallErrorNumber"][0])
+    mounts_path = base / "mounts.json"
+    mounts_path.write_text(mounts_spec(unit, state, [system_install.parent, base]))
 
     def sandboxed(key: str, refusals: Refusals) -> list[str]:
         spec_path = base / f"{key}.json"
         spec_path.write_text(spec(unit, refusals.theirs.fileno()))
         spec_path.chmod(0o644)
-        return [*setpriv, "--", str(system_install / "bin/python"), str(launcher), str(spec_path), "--",
+        return [sys.executable, str(MOUNTS), str(mounts_path), "--", *setpriv, "--",
+                str(system_install / "bin/python"), str(launcher), str(spec_path), "--",
                 *exec_line(unit, key, system_install, agent.config_path)]
 
     checked_refusals = Refusals(errno_value)
@@ -244,6 +272,7 @@ def test_agent_runs_as_the_unit_runs_it(system_install: Path, readable_tmp: Path
         for capabilities in ("CapPrm", "CapEff", "CapBnd", "CapAmb"):
             assert int(status[capabilities], 16) == 1 << 13, (capabilities, status[capabilities])  # CAP_NET_RAW
         assert (status["NoNewPrivs"], status["Seccomp"], status["Seccomp_filters"]) == ("1", "2", "2")
+        _assert_file_system_as_the_unit_lays_it_out(agent.proc.pid, state)
 
         send_spans(agent, 2, protocol="grpc", service="over-grpc")
         send_spans(agent, 2, protocol="http", service="over-http")
@@ -283,7 +312,7 @@ def test_agent_runs_as_the_unit_runs_it(system_install: Path, readable_tmp: Path
 
 # Each call the unit forbids, made through libc; prints {call: errno} (0 when it succeeded).
 FORBIDDEN_CALLS = """
-import ctypes, json, socket
+import ctypes, json, socket, sys
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
@@ -302,6 +331,7 @@ results["mmap(PROT_WRITE|PROT_EXEC)"] = outcome(libc.mmap(None, 4096, 7, 0x22, -
 param = ctypes.c_int(1)
 results["sched_setscheduler(SCHED_FIFO)"] = outcome(libc.sched_setscheduler(0, 1, ctypes.byref(param)) == -1)
 results["setuid"] = outcome(libc.syscall(105, 0) == -1)
+results["chmod(S_ISUID)"] = outcome(libc.chmod(sys.argv[1].encode(), 0o4755) == -1)
 print(json.dumps(results))
 """
 
@@ -315,9 +345,12 @@ def test_unit_sandbox_refuses_what_the_unit_forbids(tmp_path: Path) -> None:
     refusals = Refusals(getattr(errno, unit["SystemCallErrorNumber"][0]))
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(spec(unit, refusals.theirs.fileno()))
+    victim = tmp_path / "victim"
+    victim.write_text("")
     try:
         done = subprocess.Popen(["setpriv", "--no-new-privs", "--", sys.executable, str(LAUNCHER), str(spec_path),
-                                 "--", sys.executable, "-c", FORBIDDEN_CALLS], stdout=subprocess.PIPE,
+                                 "--", sys.executable, "-c", FORBIDDEN_CALLS,
+                                 str(victim)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, pass_fds=[refusals.theirs.fileno()])
         refusals.start()
         out, err = done.communicate(timeout=60)
@@ -330,6 +363,7 @@ def test_unit_sandbox_refuses_what_the_unit_forbids(tmp_path: Path) -> None:
             "mmap(PROT_WRITE|PROT_EXEC)": errno.EPERM,  # MemoryDenyWriteExecute=
             "sched_setscheduler(SCHED_FIFO)": errno.EPERM,  # RestrictRealtime=
             "setuid": errno.EPERM,  # SystemCallFilter=~@privileged, answered with SystemCallErrorNumber=
+            "chmod(S_ISUID)": errno.EPERM,  # RestrictSUIDSGID=
         }
         wait_until(lambda: refusals.refused, 10, "the refused setuid reported")
         assert [call.split("(")[0] for call in refusals.refused] == ["setuid"]

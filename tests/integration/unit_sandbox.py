@@ -1,9 +1,7 @@
 """The shipped unit's sandbox without systemd as PID 1: what its directives ask for, read from the unit file and
-turned into what this machine can apply to a process (a uid, capabilities, a umask, the kernel's write-execute
-denial and seccomp filters), and the watcher that reports every system call the filter refused.
-
-What cannot be applied here (mount namespaces of ProtectSystem=, ProtectHome=, PrivateTmp=, PrivateDevices=;
-MemoryMax='s cgroup) is listed in README "Install as a service"."""
+turned into what this machine can apply to a process (mount and hostname namespaces, a uid, capabilities, a
+umask, the kernel's write-execute denial and seccomp filters), and the watcher that reports every system call
+the filter refused. What is not applied here is listed in README "Install as a service"."""
 
 from __future__ import annotations
 
@@ -22,6 +20,7 @@ import threading
 from pathlib import Path
 
 LAUNCHER = Path(__file__).with_name("unit_sandbox_launcher.py")
+MOUNTS = Path(__file__).with_name("unit_sandbox_mounts.py")
 
 # libseccomp's enum scmp_compare.
 CMP_NE, CMP_EQ, CMP_GT, CMP_MASKED_EQ = 1, 4, 6, 7
@@ -29,6 +28,7 @@ CMP_NE, CMP_EQ, CMP_GT, CMP_MASKED_EQ = 1, 4, 6, 7
 NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000, 0x00000080)
 PROT_WRITE, PROT_EXEC, SHM_EXEC = 0x2, 0x4, 0o100000
 SCHED_FIFO, SCHED_RR, SCHED_IDLE = 1, 2, 5
+S_ISUID, S_ISGID, O_CREAT = 0o4000, 0o2000, 0o100
 AF_MAX = 46  # linux/socket.h on 6.x: families at or above it do not exist
 # linux/seccomp.h: SECCOMP_IOCTL_NOTIF_RECV and _SEND (_IOWR('!', 0 and 1, the 80- and 24-byte structs)).
 NOTIF_RECV, NOTIF_SEND = 0xC0502100, 0xC0182101
@@ -73,6 +73,12 @@ def expand(names: list[str], groups: dict[str, list[str]]) -> set[str]:
     return found
 
 
+# The system calls other directives take away (systemd.exec(5)); all are in @privileged already, which this unit
+# takes away itself, but a unit without that line still gets them.
+IMPLIED_FILTERS = {"PrivateDevices": ["@raw-io"], "ProtectClock": ["@clock"], "ProtectKernelModules": ["@module"],
+                   "ProtectKernelLogs": ["syslog"], "ProtectHostname": ["sethostname", "setdomainname"]}
+
+
 def allowed_syscalls(unit: dict[str, list[str]]) -> set[str]:
     """SystemCallFilter= as systemd reads it: an allow-list (with @default added, as systemd adds it) from which
     the later ``~`` lines take names away."""
@@ -86,6 +92,9 @@ def allowed_syscalls(unit: dict[str, list[str]]) -> set[str]:
             allowed -= expand(names, groups)
         else:
             allowed |= expand(names, groups)
+    for directive, implied in IMPLIED_FILTERS.items():
+        if unit.get(directive) == ["yes"]:
+            allowed -= expand(implied, groups)
     return allowed
 
 
@@ -104,6 +113,14 @@ def refusals(unit: dict[str, list[str]]) -> list[list]:
         for flag in NAMESPACE_FLAGS:
             rules += [["unshare", errno.EPERM, [[0, CMP_MASKED_EQ, flag, flag]]],
                       ["clone", errno.EPERM, [[0, CMP_MASKED_EQ, flag, flag]]]]
+    if unit.get("RestrictSUIDSGID") == ["yes"]:
+        for bit in (S_ISUID, S_ISGID):
+            mode = [CMP_MASKED_EQ, bit, bit]
+            rules += [[name, errno.EPERM, [[arg, *mode]]] for name, arg in (
+                ("chmod", 1), ("fchmod", 1), ("fchmodat", 2), ("mkdir", 1), ("mkdirat", 2), ("mknod", 1),
+                ("mknodat", 2), ("creat", 1))]
+            rules += [["open", errno.EPERM, [[1, CMP_MASKED_EQ, O_CREAT, O_CREAT], [2, *mode]]],
+                      ["openat", errno.EPERM, [[2, CMP_MASKED_EQ, O_CREAT, O_CREAT], [3, *mode]]]]
     if unit.get("LockPersonality") == ["yes"]:
         rules.append(["personality", errno.EPERM, [[0, CMP_NE, 0, 0]]])  # PER_LINUX only
     if unit.get("RestrictRealtime") == ["yes"]:
@@ -212,3 +229,8 @@ def spec(unit: dict[str, list[str]], notify_fd: int) -> str:
     """The launcher's JSON spec (see unit_sandbox_launcher.py) for ``unit``."""
     return json.dumps({"umask": int(unit["UMask"][0], 8), "mdwe": unit.get("MemoryDenyWriteExecute") == ["yes"],
                        "allow": sorted(allowed_syscalls(unit)), "notify_fd": notify_fd, "rules": refusals(unit)})
+
+
+def mounts_spec(unit: dict[str, list[str]], state: Path, keep: list[Path]) -> str:
+    """unit_sandbox_mounts.py's JSON spec: the unit's directives, its state directory and what to keep visible."""
+    return json.dumps({"directives": unit, "state": str(state), "keep": [str(path) for path in keep]})
