@@ -10,6 +10,7 @@ import platform
 import pwd
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -336,37 +337,53 @@ print(json.dumps(results))
 """
 
 
+def _run_in_unit_sandbox(tmp_path: Path, code: str, *args: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run ``python -c code args`` as root under the unit's seccomp filters and write-execute denial; return what it
+    did and the calls the allow-list refused."""
+    unit = read_unit(UNIT)
+    refusals = Refusals(getattr(errno, unit["SystemCallErrorNumber"][0]))
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(spec(unit, refusals.theirs.fileno()))
+    command = ["setpriv", "--no-new-privs", "--", sys.executable, str(LAUNCHER), str(spec_path), "--",
+               sys.executable, "-c", code, *args]
+    try:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                pass_fds=[refusals.theirs.fileno()])
+        refusals.start()
+        out, err = proc.communicate(timeout=60)
+        # Complete: a refused call is recorded before it is answered, and the process waited for each answer.
+        assert refusals.error is None, refusals.error
+        return subprocess.CompletedProcess(command, proc.returncode, out, err), refusals.refused
+    finally:
+        refusals.close()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="as root each call would succeed: only the filters refuse them")
 def test_unit_sandbox_refuses_what_the_unit_forbids(tmp_path: Path) -> None:
     """The emulation behind test_agent_runs_as_the_unit_runs_it, checked as root (who could otherwise do all of
     it): each forbidden call fails with the errno systemd gives, and the one outside SystemCallFilter= is
     reported to the test."""
-    unit = read_unit(UNIT)
-    refusals = Refusals(getattr(errno, unit["SystemCallErrorNumber"][0]))
-    spec_path = tmp_path / "spec.json"
-    spec_path.write_text(spec(unit, refusals.theirs.fileno()))
     victim = tmp_path / "victim"
     victim.write_text("")
-    try:
-        done = subprocess.Popen(["setpriv", "--no-new-privs", "--", sys.executable, str(LAUNCHER), str(spec_path),
-                                 "--", sys.executable, "-c", FORBIDDEN_CALLS,
-                                 str(victim)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, pass_fds=[refusals.theirs.fileno()])
-        refusals.start()
-        out, err = done.communicate(timeout=60)
-        assert done.returncode == 0, err
-        assert json.loads(out) == {
-            "socket(AF_VSOCK)": errno.EAFNOSUPPORT,  # RestrictAddressFamilies=
-            "unshare(CLONE_NEWNET)": errno.EPERM,  # RestrictNamespaces=
-            "clone3": errno.ENOSYS,  # RestrictNamespaces= (glibc falls back to clone)
-            "personality(PER_BSD)": errno.EPERM,  # LockPersonality=
-            "mmap(PROT_WRITE|PROT_EXEC)": errno.EPERM,  # MemoryDenyWriteExecute=
-            "sched_setscheduler(SCHED_FIFO)": errno.EPERM,  # RestrictRealtime=
-            "setuid": errno.EPERM,  # SystemCallFilter=~@privileged, answered with SystemCallErrorNumber=
-            "chmod(S_ISUID)": errno.EPERM,  # RestrictSUIDSGID=
-        }
-        wait_until(lambda: refusals.refused, 10, "the refused setuid reported")
-        assert [call.split("(")[0] for call in refusals.refused] == ["setuid"]
-        assert refusals.error is None
-    finally:
-        refusals.close()
+    done, refused = _run_in_unit_sandbox(tmp_path, FORBIDDEN_CALLS, str(victim))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "socket(AF_VSOCK)": errno.EAFNOSUPPORT,  # RestrictAddressFamilies=
+        "unshare(CLONE_NEWNET)": errno.EPERM,  # RestrictNamespaces=
+        "clone3": errno.ENOSYS,  # RestrictNamespaces= (glibc falls back to clone)
+        "personality(PER_BSD)": errno.EPERM,  # LockPersonality=
+        "mmap(PROT_WRITE|PROT_EXEC)": errno.EPERM,  # MemoryDenyWriteExecute=
+        "sched_setscheduler(SCHED_FIFO)": errno.EPERM,  # RestrictRealtime=
+        "setuid": errno.EPERM,  # SystemCallFilter=~@privileged, answered with SystemCallErrorNumber=
+        "chmod(S_ISUID)": errno.EPERM,  # RestrictSUIDSGID=
+    }
+    assert [call.split("(")[0] for call in refused] == ["setuid"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or platform.machine() != "x86_64",
+                    reason="root for setpriv; the x32 entry point exists on x86-64 only")
+def test_unit_sandbox_kills_a_call_through_another_architecture(tmp_path: Path) -> None:
+    """SystemCallArchitectures=native: getpid through the x32 entry point (x86-64's other ABI) kills the caller."""
+    done, refused = _run_in_unit_sandbox(tmp_path, "import ctypes; ctypes.CDLL(None).syscall(0x40000000 | 39)")
+    assert done.returncode == -signal.SIGSYS, (done.returncode, done.stderr)
+    assert refused == []

@@ -1,7 +1,7 @@
 """Runs as root before the uid changes: gives the process a mount and hostname namespace of its own laid out as
 systemd lays out the unit's (ProtectSystem=strict, ProtectHome=, PrivateTmp=, PrivateDevices=,
-ProtectKernelTunables=, ProtectControlGroups=, ProtectKernelLogs=, ProtectHostname=, the StateDirectory= left
-writable), then execs COMMAND (setpriv, which drops to the unit's uid).
+ProtectKernelTunables=, ProtectControlGroups=, ProtectKernelModules=, ProtectKernelLogs=, ProtectHostname=, the
+StateDirectory= left writable), then execs COMMAND (setpriv, which drops to the unit's uid).
 
 Usage: python unit_sandbox_mounts.py SPEC.json -- COMMAND...
 
@@ -83,6 +83,10 @@ def main() -> None:
     os.close(os.open("/tmp/reg", os.O_CREAT | os.O_WRONLY, 0))
     if on("ProtectHome"):
         for path in ("/home", "/root", "/run/user"):
+            if os.path.isdir(path):
+                bind("/tmp/dir", path, read_only=True)
+    if on("ProtectKernelModules"):
+        for path in sorted({os.path.realpath(p) for p in ("/usr/lib/modules", "/lib/modules")}):
             if os.path.isdir(path):
                 bind("/tmp/dir", path, read_only=True)
     if on("ProtectKernelLogs") and os.path.exists("/proc/kmsg"):
