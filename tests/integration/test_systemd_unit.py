@@ -198,9 +198,10 @@ def test_agent_runs_as_the_unit_runs_it(system_install: Path, readable_tmp: Path
     bounding) with no_new_privs, UMask=, the kernel's write-execute denial, and SystemCallFilter= as a seccomp
     allow-list (every call outside it reported to the test and answered with SystemCallErrorNumber=), next to
     the seccomp refusals of MemoryDenyWriteExecute=, RestrictNamespaces=, LockPersonality=, RestrictRealtime=
-    and RestrictAddressFamilies=. check-config passes, the agent becomes ready, takes spans over gRPC and HTTP,
-    exports them to a real collector, serves /metrics, samples loopback packets, keeps its spool to itself, and
-    makes no system call the filter refuses."""
+    and RestrictAddressFamilies=, in a mount namespace laid out as systemd lays out the unit's. check-config
+    passes, the agent becomes ready, takes spans over gRPC and HTTP, exports them to a real collector over
+    OTLP/gRPC and, after a reload (SIGHUP, as ExecReload= sends), over OTLP/HTTP, serves /metrics, samples
+    loopback packets, keeps its spool to itself, stops cleanly, and makes no system call the filter refuses."""
     (shipped,) = system_install.glob("lib/python*/site-packages/sidetrace/_data/sidetrace.service")
     assert shipped.read_bytes() == UNIT.read_bytes()
     unit = read_unit(shipped)
@@ -211,12 +212,16 @@ def test_agent_runs_as_the_unit_runs_it(system_install: Path, readable_tmp: Path
     os.chown(state, uid, uid)
     rotel, sink = collector
     udp_port = free_port()
-    extra = (f'[[exporters.otlp]]\nname = "rotel"\nendpoint = "http://127.0.0.1:{rotel.grpc_port}"\n'
-             f'[sources.netsample]\nenabled = true\ninterfaces = ["lo"]\nsampling_rate = 1\n'
-             f'filter = "udp and dst port {udp_port}"\n')
-    agent = Agent(base / "agent", extra)
+    netsample = (f'[sources.netsample]\nenabled = true\ninterfaces = ["lo"]\nsampling_rate = 1\n'
+                 f'filter = "udp and dst port {udp_port}"\n')
+
+    def exporter(protocol: str) -> str:
+        port = rotel.grpc_port if protocol == "grpc" else rotel.http_port
+        return (f'[[exporters.otlp]]\nname = "rotel"\nendpoint = "http://127.0.0.1:{port}"\n'
+                f'protocol = "{protocol}"\n')
+    agent = Agent(base / "agent")
     agent.data_dir = state
-    agent.write_config(extra)
+    agent.write_config(exporter("grpc") + netsample)
     (base / "agent").chmod(0o755)
     agent.config_path.chmod(0o644)
     notify_name = f"sidetrace-unit-{os.getpid()}-{uid}"
@@ -276,8 +281,16 @@ def test_agent_runs_as_the_unit_runs_it(system_install: Path, readable_tmp: Path
         _assert_file_system_as_the_unit_lays_it_out(agent.proc.pid, state)
 
         send_spans(agent, 2, protocol="grpc", service="over-grpc")
+        wait_until(lambda: sink.collected.unique() == 6, 30, "6 spans at the collector over OTLP/gRPC")
+        # ExecReload=: SIGHUP, here switching the exporter to OTLP/HTTP (aiohttp's client under the filter).
+        agent.write_config(exporter("http") + netsample)
+        agent.signal(signal.SIGHUP)
+        _notified(notify, "RELOADING=1", agent)
+        _notified(notify, "READY=1", agent)
+        wait_until(lambda: f"reloaded {agent.config_path}; changed " in agent.log(), 10, "the reload logged")
         send_spans(agent, 2, protocol="http", service="over-http")
-        wait_until(lambda: sink.collected.unique() == 12, 30, "12 spans at the collector")
+        wait_until(lambda: sink.collected.unique() == 12, 30, "6 more spans at the collector over OTLP/HTTP")
+        assert sink.collected.duplicates() == 0
         assert {service for copies in sink.collected.spans.values() for service, _, _ in copies} == {
             "over-grpc", "over-http"}
 
@@ -291,6 +304,7 @@ def test_agent_runs_as_the_unit_runs_it(system_install: Path, readable_tmp: Path
         assert 'sidetrace_network_sampled_packets_total{device="lo"} 200.0' in text
         assert 'sidetrace_receiver_accepted_spans_total{transport="grpc"} 6.0' in text
         assert 'sidetrace_receiver_accepted_spans_total{transport="http"} 6.0' in text
+        assert "sidetrace_config_reloads_total 1.0" in text
 
         created = list(state.rglob("*"))
         assert created, "the agent wrote nothing to its state directory"
