@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -107,6 +108,12 @@ def test_agent_receives_and_serves_with_write_execute_memory_denied(
     assert agent.alive()
 
 
+def _bytes(size: str) -> int:
+    """A systemd size (``512M``) in bytes."""
+    factor = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1], 1)
+    return int(size.rstrip("KMG")) * factor
+
+
 def _dynamic_uid() -> int:
     """A uid in systemd's DynamicUser= range with no passwd entry and no process: what the unit runs as."""
     busy = {p.info["uids"].real for p in psutil.process_iter(["uids"]) if p.info["uids"]}
@@ -158,14 +165,19 @@ def _assert_file_system_as_the_unit_lays_it_out(pid: int, state: Path) -> None:
 
 
 def _notified(notify: socket.socket, state: str, agent: Agent) -> str:
-    """The next sd_notify datagram that starts with ``state`` (the socket's timeout bounds the wait)."""
+    """The next sd_notify datagram that starts with ``state`` (the socket's timeout bounds the wait), checked to
+    come from the agent's main process: NotifyAccess=main makes systemd drop any other's."""
+    assert agent.proc is not None
     while True:
         try:
-            message = notify.recv(4096).decode()
+            data, ancillary, _, _ = notify.recvmsg(4096, socket.CMSG_SPACE(12))
         except TimeoutError:
             raise AssertionError(f"no {state} from the agent:\n{agent.log()}") from None
-        if message.startswith(state):
-            return message
+        (level, kind, credentials), = ancillary
+        assert (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS)
+        assert struct.unpack("=iII", credentials)[0] == agent.proc.pid, data
+        if data.decode().startswith(state):
+            return data.decode()
 
 
 @pytest.fixture
@@ -261,6 +273,7 @@ def test_agent_runs_as_the_unit_runs_it(system_install: Path, readable_tmp: Path
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         notify.bind("\0" + notify_name)
+        notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         notify.settimeout(20)
         with open(agent.log_path, "ab") as log:
             agent.proc = subprocess.Popen(sandboxed("ExecStart", refusals), stdout=log, stderr=subprocess.STDOUT,
@@ -312,6 +325,10 @@ def test_agent_runs_as_the_unit_runs_it(system_install: Path, readable_tmp: Path
             mode = path.lstat().st_mode
             assert (path.lstat().st_uid, path.lstat().st_gid) == (uid, uid), path
             assert stat.S_IMODE(mode) == (0o700 if stat.S_ISDIR(mode) else 0o600), (path, oct(mode))
+
+        # MemoryMax= needs a cgroup of the agent's own, which only systemd makes: its peak resident set instead.
+        peak = int(Path(f"/proc/{agent.proc.pid}/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
+        assert peak < _bytes(unit["MemoryMax"][0]), peak
 
         assert agent.stop() == 0, agent.log()
         _notified(notify, "STOPPING=1", agent)
