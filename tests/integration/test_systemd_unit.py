@@ -346,6 +346,7 @@ def test_agent_runs_as_the_unit_runs_it(system_install: Path, readable_tmp: Path
 FORBIDDEN_CALLS = """
 import ctypes, json, socket, sys
 libc = ctypes.CDLL(None, use_errno=True)
+number = ctypes.CDLL("libseccomp.so.2").seccomp_syscall_resolve_name  # this architecture's system call numbers
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 def outcome(failed):
@@ -357,12 +358,12 @@ try:
 except OSError as exc:
     results["socket(AF_VSOCK)"] = exc.errno
 results["unshare(CLONE_NEWNET)"] = outcome(libc.unshare(0x40000000) == -1)
-results["clone3"] = outcome(libc.syscall(435, None, 0) == -1)
+results["clone3"] = outcome(libc.syscall(number(b"clone3"), None, 0) == -1)
 results["personality(PER_BSD)"] = outcome(libc.personality(6) == -1)
 results["mmap(PROT_WRITE|PROT_EXEC)"] = outcome(libc.mmap(None, 4096, 7, 0x22, -1, 0) in (None, 2**64 - 1))
 param = ctypes.c_int(1)
 results["sched_setscheduler(SCHED_FIFO)"] = outcome(libc.sched_setscheduler(0, 1, ctypes.byref(param)) == -1)
-results["setuid"] = outcome(libc.syscall(105, 0) == -1)
+results["setuid"] = outcome(libc.syscall(number(b"setuid"), 0) == -1)
 results["chmod(S_ISUID)"] = outcome(libc.chmod(sys.argv[1].encode(), 0o4755) == -1)
 print(json.dumps(results))
 """
