@@ -34,6 +34,7 @@ from tests.integration.unit_sandbox import (
     exec_line,
     mounts_spec,
     read_unit,
+    refusal_errno,
     spec,
 )
 
@@ -245,7 +246,7 @@ def test_agent_runs_as_the_unit_runs_it(system_install: Path, readable_tmp: Path
     setpriv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                f"--inh-caps={capability_set(unit)}", f"--ambient-caps={capability_set(unit)}",
                f"--bounding-set={capability_set(unit)}", "--no-new-privs"]
-    errno_value = getattr(errno, unit["SystemCallErrorNumber"][0])
+    errno_value = refusal_errno(unit)
     mounts_path = base / "mounts.json"
     mounts_path.write_text(mounts_spec(unit, state, [system_install.parent, base]))
 
@@ -369,11 +370,12 @@ print(json.dumps(results))
 """
 
 
-def _run_in_unit_sandbox(tmp_path: Path, code: str, *args: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+def _run_in_unit_sandbox(tmp_path: Path, code: str, *args: str,
+                         unit_path: Path = UNIT) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     """Run ``python -c code args`` as root under the unit's seccomp filters and write-execute denial; return what it
     did and the calls the allow-list refused."""
-    unit = read_unit(UNIT)
-    refusals = Refusals(getattr(errno, unit["SystemCallErrorNumber"][0]))
+    unit = read_unit(unit_path)
+    refusals = Refusals(refusal_errno(unit))
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(spec(unit, refusals.theirs.fileno()))
     command = ["setpriv", "--no-new-privs", "--", sys.executable, str(LAUNCHER), str(spec_path), "--",
@@ -417,5 +419,19 @@ def test_unit_sandbox_refuses_what_the_unit_forbids(tmp_path: Path) -> None:
 def test_unit_sandbox_kills_a_call_through_another_architecture(tmp_path: Path) -> None:
     """SystemCallArchitectures=native: getpid through the x32 entry point (x86-64's other ABI) kills the caller."""
     done, refused = _run_in_unit_sandbox(tmp_path, "import ctypes; ctypes.CDLL(None).syscall(0x40000000 | 39)")
+    assert done.returncode == -signal.SIGSYS, (done.returncode, done.stderr)
+    assert refused == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root for setpriv")
+def test_unit_sandbox_kills_a_refused_call_when_the_unit_names_no_errno(tmp_path: Path) -> None:
+    """Without SystemCallErrorNumber= systemd kills a call outside SystemCallFilter= with SIGSYS; so does the
+    sandbox (a missing system call is then a crash the test sees)."""
+    unit = tmp_path / "sidetrace.service"
+    unit.write_text(UNIT.read_text().replace("\nSystemCallErrorNumber=EPERM\n", "\n"))
+    assert "SystemCallErrorNumber" not in unit.read_text()
+    code = 'import ctypes; libseccomp = ctypes.CDLL("libseccomp.so.2"); ' \
+           'ctypes.CDLL(None).syscall(libseccomp.seccomp_syscall_resolve_name(b"setuid"), 0)'
+    done, refused = _run_in_unit_sandbox(tmp_path, code, unit_path=unit)
     assert done.returncode == -signal.SIGSYS, (done.returncode, done.stderr)
     assert refused == []

@@ -157,11 +157,18 @@ class Notif(ctypes.Structure):
                 ("args", ctypes.c_uint64 * 6)]
 
 
+def refusal_errno(unit: dict[str, list[str]]) -> int | None:
+    """SystemCallErrorNumber= as a number; None when unset or ``kill`` (systemd then kills with SIGSYS)."""
+    name = unit.get("SystemCallErrorNumber", ["kill"])[0]
+    return None if name == "kill" else getattr(errno, name)
+
+
 class Refusals:
     """Receives the sandbox's seccomp notification descriptor, answers each call outside the allow-list with
-    ``errno`` (as SystemCallErrorNumber= makes systemd do) and records it as ``name(arg0, arg1)``."""
+    ``errno`` (as SystemCallErrorNumber= makes systemd do) and records it as ``name(arg0, arg1)``. With no errno
+    the filter kills instead, and the launcher sends nothing."""
 
-    def __init__(self, errno_value: int) -> None:
+    def __init__(self, errno_value: int | None) -> None:
         self.errno = errno_value
         self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.refused: list[str] = []
@@ -184,7 +191,8 @@ class Refusals:
             self.ours.settimeout(60)
             _, fds, _, _ = socket.recv_fds(self.ours, 64, 1)
             if not fds:
-                self.error = "the launcher closed its end before sending the filter's descriptor"
+                if self.errno is not None:
+                    self.error = "the launcher closed its end before sending the filter's descriptor"
                 return
             self.listener = fds[0]
             poller = select.poll()
@@ -228,7 +236,8 @@ class Refusals:
 def spec(unit: dict[str, list[str]], notify_fd: int) -> str:
     """The launcher's JSON spec (see unit_sandbox_launcher.py) for ``unit``."""
     return json.dumps({"umask": int(unit["UMask"][0], 8), "mdwe": unit.get("MemoryDenyWriteExecute") == ["yes"],
-                       "allow": sorted(allowed_syscalls(unit)), "notify_fd": notify_fd, "rules": refusals(unit)})
+                       "allow": sorted(allowed_syscalls(unit)), "kill": refusal_errno(unit) is None,
+                       "notify_fd": notify_fd, "rules": refusals(unit)})
 
 
 def mounts_spec(unit: dict[str, list[str]], state: Path, keep: list[Path]) -> str:

@@ -8,8 +8,10 @@ SPEC (written by tests/integration/unit_sandbox.py from the shipped unit):
   umask            the unit's UMask= (an int)
   mdwe             MemoryDenyWriteExecute=yes: prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN), the kernel's own denial
   allow            SystemCallFilter= expanded: the names of the only system calls allowed
-  notify_fd        a Unix socket to the test: every call outside `allow` is reported there (the filter's
-                   notification descriptor is sent over it), and answered by the test with the unit's errno
+  kill             the unit leaves SystemCallErrorNumber= unset: a call outside `allow` kills the process (SIGSYS),
+                   as systemd's default does, so a missing system call shows as a crash
+  notify_fd        a Unix socket to the test: unless `kill`, every call outside `allow` is reported there (the
+                   filter's notification descriptor is sent over it), and answered by the test with the unit's errno
   rules            [[syscall, errno, [[arg, op, a, b], ...]], ...]: conditional refusals (another filter)
 """
 
@@ -24,6 +26,7 @@ import sys
 PR_SET_MDWE, PR_GET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 66, 1
 SCMP_ACT_ALLOW = 0x7FFF0000
 SCMP_ACT_NOTIFY = 0x7FC00000
+SCMP_ACT_KILL_PROCESS = 0x80000000
 
 
 def SCMP_ACT_ERRNO(errno: int) -> int:  # noqa: N802 - libseccomp's macro name
@@ -60,10 +63,11 @@ def syscall_number(lib: ctypes.CDLL, name: str) -> int | None:
     return number if number >= 0 else None
 
 
-def allow_list_filter(lib: ctypes.CDLL, names: list[str]) -> ctypes.c_void_p:
-    """Only ``names`` allowed; every other call waits for the test's answer (SCMP_ACT_NOTIFY). Native
-    architecture only: libseccomp kills a call made through another architecture's entry point."""
-    ctx = lib.seccomp_init(SCMP_ACT_NOTIFY)
+def allow_list_filter(lib: ctypes.CDLL, names: list[str], kill: bool) -> ctypes.c_void_p:
+    """Only ``names`` allowed; every other call kills the process or waits for the test's answer
+    (SCMP_ACT_NOTIFY). Native architecture only: libseccomp kills a call made through another architecture's
+    entry point."""
+    ctx = lib.seccomp_init(SCMP_ACT_KILL_PROCESS if kill else SCMP_ACT_NOTIFY)
     for name in names:
         number = syscall_number(lib, name)
         if number is not None and lib.seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, number, 0, None) != 0:
@@ -102,13 +106,14 @@ def main() -> None:
     refusals = refusal_filter(lib, spec["rules"])
     if lib.seccomp_load(refusals) != 0:
         fail("loading the refusal filter failed (no_new_privs must be set: setpriv --no-new-privs)")
-    allow = allow_list_filter(lib, spec["allow"])
+    allow = allow_list_filter(lib, spec["allow"], spec["kill"])
     if lib.seccomp_load(allow) != 0:
         fail("loading the allow-list filter failed")
-    listener = lib.seccomp_notify_fd(allow)
     with socket.socket(fileno=spec["notify_fd"]) as channel:
-        socket.send_fds(channel, [b"listener"], [listener])
-    os.close(listener)
+        if not spec["kill"]:
+            listener = lib.seccomp_notify_fd(allow)
+            socket.send_fds(channel, [b"listener"], [listener])
+            os.close(listener)
     os.execv(command[0], command)
 
 
