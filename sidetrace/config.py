@@ -522,6 +522,9 @@ class NetsampleSourceSection:
                           _check_positive, default=10000)
     top_flows: int = _key("Flows exported with their own labels; the rest are summed as remote=\"other\".",
                           _check_positive, default=20)
+    max_processes: int = _key("Process names with their own process label in the per-process traffic series; "
+                              "the traffic of later ones is counted under process=\"other\" and its samples in "
+                              "sidetrace_network_process_overflow_samples_total.", _check_positive, default=100)
     receive_buffer_bytes: int = _key("Socket receive buffer per interface.", _check_positive,
                                      default=4 * 1024 * 1024)
 

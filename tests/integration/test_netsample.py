@@ -10,10 +10,12 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from sidetrace.agent.sources.netsample.flows import error_bound_percent
 from tests.conftest import Agent, http_get, wait_until
@@ -265,3 +267,171 @@ def test_cap_net_raw_alone_is_enough(netns: str, agent_factory: Callable[..., Ag
     snapshot = settled(agent)
     assert snapshot["interfaces"]["lo"]["state"] == "running"
     assert [f["estimated_packets"] for f in snapshot["flows"] if f["local_port"] == 41800] == [50]
+
+
+# Per-process traffic. The agent samples one end of a veth pair whose other end drops everything (no
+# address, frames sent to a MAC it does not have) and IPv6 is off: the only packets on stv0 are the
+# ones a test makes, and the agent's own HTTP stays on lo, which it does not sample.
+PEER, PEER_MAC = "10.77.0.2", "02:00:00:00:77:02"
+
+
+@pytest.fixture
+def veth(netns: str) -> str:
+    subprocess.run(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"],
+                   check=True, timeout=20)
+    ip("link", "add", "stv0", "type", "veth", "peer", "name", "stv1")
+    ip("addr", "add", "10.77.0.1/24", "dev", "stv0")
+    ip("link", "set", "stv0", "up")
+    ip("link", "set", "stv1", "up")
+    ip("neigh", "replace", PEER, "lladdr", PEER_MAC, "dev", "stv0", "nud", "permanent")
+    return "stv0"
+
+
+TALKER = textwrap.dedent('''
+    import ctypes, socket, sys, time
+    name, count, seconds, payload = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+    ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)   # PR_SET_NAME: the name psutil reports
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    start = time.monotonic()
+    for index in range(count):
+        sock.sendto(b"t" * payload, (sys.argv[5], 9 + index % int(sys.argv[6])))
+        time.sleep(max(0.0, start + seconds * (index + 1) / count - time.monotonic()))
+    print(time.monotonic() - start, flush=True)
+    deadline = time.monotonic() + 60
+    while sys.argv[7] == "stay" and time.monotonic() < deadline and sys.stdin.readline().strip() != "stop":
+        pass
+''')
+
+
+class Talker:
+    """A process named ``name`` that sends ``count`` UDP datagrams to the peer over ``seconds`` (to ``ports``
+    ports in turn), then keeps its socket open until stopped, or exits at once with ``stay=False``."""
+
+    def __init__(self, name: str, count: int, seconds: float = 1.0, payload: int = 100, ports: int = 1,
+                 stay: bool = True) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", TALKER, name, str(count), str(seconds), str(payload),
+                                      PEER, str(ports), "stay" if stay else "exit"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        took = float(self.proc.stdout.readline())  # the script's own deadline bounds this read
+        assert took < seconds + 2, took
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("stop\n")
+            self.proc.stdin.flush()
+        self.proc.wait(10)
+
+
+def scrape(agent: Agent) -> dict[str, dict[tuple[str, ...], float]]:
+    """Every sample on /metrics: name -> label values (in label name order) -> value."""
+    status, text = http_get(agent.url + "/metrics")
+    assert status == 200, text
+    samples: dict[str, dict[tuple[str, ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(v for _, v in sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def per_process(samples: dict, what: str = "packets") -> dict[tuple[str, ...], float]:
+    """(device, direction, process) -> value of sidetrace_network_process_{what}_total."""
+    return samples.get(f"sidetrace_network_process_{what}_total", {})
+
+
+def scrape_with(agent: Agent, key: tuple[str, str, str]) -> dict[str, dict[tuple[str, ...], float]]:
+    """The first scrape (within 20 s) that has the per-process series ``key``."""
+    def probe() -> dict | None:
+        samples = scrape(agent)
+        return samples if key in per_process(samples) else None
+    return wait_until(probe, 20, f"a series for {key} on /metrics")
+
+
+def device_totals_disagree(samples: dict) -> list[str]:
+    """Where the per-process series do not add up to the device totals (histogram count and sum, and the
+    top-flow estimate series summed by device and direction); empty when they all agree."""
+    disagree = []
+    for what, histogram, flows in (("packets", "sidetrace_network_packet_size_bytes_count",
+                                    "sidetrace_network_estimated_packets_total"),
+                                   ("bytes", "sidetrace_network_packet_size_bytes_sum",
+                                    "sidetrace_network_estimated_bytes_total")):
+        # label values in name order: device, direction, process / (device, direction, process, protocol,
+        # remote, remote_port)
+        for (device, direction), total in samples.get(histogram, {}).items():
+            processes = sum(v for (d, r, _), v in per_process(samples, what).items() if (d, r) == (device, direction))
+            estimated = sum(v for key, v in samples.get(flows, {}).items() if key[:2] == (device, direction))
+            if not processes == estimated == total:
+                disagree.append(f"{device} {direction} {what}: processes {processes}, top flows {estimated}, "
+                                f"histogram {total}")
+    return disagree
+
+
+def test_a_short_burst_is_counted_for_its_process_from_the_first_packet(
+    veth: str, agent_factory: Callable[..., Agent]
+) -> None:
+    agent = agent_factory(config(rate=1, interfaces='["stv0"]', extra="top_flows = 1\n")).start()
+    burst = Talker("st-burst", 300, seconds=1.5)
+    try:
+        # No packet of the burst can be attributed when sampled (no read of the process table has seen
+        # its socket yet): all 300 wait on the flow until the next read, then go to the process.
+        samples = scrape_with(agent, ("stv0", "transmit", "st-burst"))
+    finally:
+        burst.stop()
+    assert per_process(samples) == {("stv0", "transmit", "st-burst"): 300}
+    assert per_process(samples, "bytes") == {("stv0", "transmit", "st-burst"): 300 * (100 + 42)}
+    assert device_totals_disagree(samples) == []
+    assert samples["sidetrace_network_process_overflow_samples_total"] == {(): 0}
+
+
+def test_per_process_series_add_up_to_the_device_totals(veth: str, agent_factory: Callable[..., Agent]) -> None:
+    from scapy.all import IP, UDP, Ether, raw
+
+    agent = agent_factory(config(rate=1, interfaces='["stv0"]', extra="max_flows = 20\ntop_flows = 2\n")).start()
+    with ExitStack() as stack:
+        kept = Talker("st-kept", 200, seconds=1.0)
+        stack.callback(kept.stop)
+        scrape_with(agent, ("stv0", "transmit", "st-kept"))  # a read of the process table has just run
+        # Gone before the next read (at least 5 s after that one), over 60 ports: the table of 20 evicts most
+        # of its flows while they still wait for their process; the next read gives up on the rest.
+        Talker("st-gone", 120, seconds=0.1, ports=60, stay=False).stop()
+        # Received for an address that is not this host's (forwarding is off): dropped, no local socket.
+        mac = json.loads(subprocess.run(["ip", "-j", "link", "show", "stv0"], capture_output=True, text=True,
+                                        check=True, timeout=20).stdout)[0]["address"]
+        frame = raw(Ether(dst=mac, src=PEER_MAC) / IP(src=PEER, dst="10.77.0.9") / UDP(sport=7, dport=40999) /
+                    (b"r" * 58))
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as injector:
+            injector.bind(("stv1", 0))
+            for _ in range(50):
+                injector.send(frame)
+
+        def settled() -> dict | None:
+            samples = scrape(agent)
+            return samples if not device_totals_disagree(samples) else None
+        samples = wait_until(settled, 20, "every held sample moved to a process or to unknown")
+    assert per_process(samples) == {("stv0", "transmit", "st-kept"): 200, ("stv0", "transmit", "unknown"): 120,
+                                    ("stv0", "receive", "unknown"): 50}
+    assert per_process(samples, "bytes") == {("stv0", "transmit", "st-kept"): 200 * 142,
+                                             ("stv0", "transmit", "unknown"): 120 * 142,
+                                             ("stv0", "receive", "unknown"): 50 * 100}
+    # 60 ports in turn through a table of 20: each of st-gone's samples makes a flow (evicted before its
+    # port comes round again); with st-kept's and the received one, all but the last 20 were evicted.
+    assert samples["sidetrace_network_evicted_flows_total"][()] == 1 + 120 + 1 - 20
+    # Nothing moves once the traffic is over: the sums still hold at later scrapes.
+    assert device_totals_disagree(scrape(agent)) == []
+    assert per_process(scrape(agent)) == per_process(samples)
+
+
+def test_processes_past_max_processes_are_counted_under_other(
+    veth: str, agent_factory: Callable[..., Agent]
+) -> None:
+    agent = agent_factory(config(rate=1, interfaces='["stv0"]', extra="max_processes = 2\n")).start()
+    with ExitStack() as stack:
+        for name, count in (("st-one", 50), ("st-two", 60)):
+            stack.callback(Talker(name, count, seconds=0.3).stop)
+            scrape_with(agent, ("stv0", "transmit", name))
+        stack.callback(Talker("st-three", 70, seconds=0.3).stop)
+        stack.callback(Talker("st-four", 80, seconds=0.3).stop)
+        samples = scrape_with(agent, ("stv0", "transmit", "other"))
+    assert per_process(samples) == {("stv0", "transmit", "st-one"): 50, ("stv0", "transmit", "st-two"): 60,
+                                    ("stv0", "transmit", "other"): 70 + 80}
+    assert samples["sidetrace_network_process_overflow_samples_total"] == {(): 150}
+    assert device_totals_disagree(samples) == []

@@ -119,6 +119,15 @@ max_devices = "many"
     ]
 
 
+def test_max_processes_is_a_positive_integer_100_by_default(tmp_path: Path) -> None:
+    assert load(None, {}).sources.netsample.max_processes == 100
+    path = write(tmp_path, "[sources.netsample]\nenabled = true\nmax_processes = 0\n")
+    assert problems(path) == [f"{path}: sources.netsample.max_processes: expected a number greater than 0, got 0"]
+    path = write(tmp_path, "[sources.netsample]\nenabled = true\nmax_processes = 2.5\n")
+    assert problems(path) == [f"{path}: sources.netsample.max_processes: expected an integer, got 2.5"]
+    assert load(write(tmp_path, "[sources.netsample]\nmax_processes = 2\n"), {}).sources.netsample.max_processes == 2
+
+
 def test_section_given_as_value(tmp_path: Path) -> None:
     path = write(tmp_path, 'server = "127.0.0.1:9464"\n')
     assert problems(path) == [f'{path}: server: expected a table [server], got "127.0.0.1:9464"']

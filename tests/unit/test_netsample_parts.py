@@ -58,7 +58,8 @@ def test_parse_of_raw_ip_links_and_junk() -> None:
 
 
 def test_flow_estimates_bounds_and_eviction() -> None:
-    table = FlowTable(max_flows=2)
+    gone: list = []
+    table = FlowTable(max_flows=2, evicted=gone.append)
     key = ("lo", "receive", "udp", "127.0.0.1", 1, "127.0.0.1", 2)
     for _ in range(100):
         table.add(key, 100, 10, 0, 1.0)
@@ -68,4 +69,5 @@ def test_flow_estimates_bounds_and_eviction() -> None:
     table.add(("lo", "receive", "udp", "127.0.0.1", 3, "127.0.0.1", 4), 50, 10, 0x02, 2.0)
     table.add(("lo", "receive", "udp", "127.0.0.1", 5, "127.0.0.1", 6), 50, 10, 0, 3.0)
     assert key not in table.flows and table.evicted == 1  # the least recently seen went
+    assert [flow.key for flow in gone] == [key] and gone[0].packets == 1000  # handed over whole, once
     assert error_bound_percent(0) == float("inf") and round(error_bound_percent(10_000), 2) == 1.96

@@ -9,6 +9,12 @@ uses the N in force when its sample was read (a packet queued under the old N an
 a change is credited with the new one: the window is the time to swap the filter). Kernel drops
 come from PACKET_STATISTICS. Needs CAP_NET_RAW only; without it the source says so once and every
 other source keeps working.
+
+Per-process series count every sample from the first one. A sample whose flow's process is not
+known yet is held on the flow; the next read of the process table started after it moves what the
+flow holds to the process's series, or to process="unknown" when the table has no socket for the
+flow's local end, or when the flow is evicted first. So once nothing is held, the per-process series
+of a device and direction add up exactly to its packet size histogram's ``_count`` and ``_sum``.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from sidetrace.agent.components import Context
 from sidetrace.agent.sources.netsample import bpf
-from sidetrace.agent.sources.netsample.flows import FlowTable
+from sidetrace.agent.sources.netsample.flows import Flow, FlowTable
 from sidetrace.agent.sources.netsample.packets import parse
 from sidetrace.config import NetsampleSourceSection
 
@@ -44,6 +50,7 @@ MAX_RATE = 1 << 24
 EXPORT_REFRESH_SECONDS = 5.0
 ATTRIBUTION_REFRESH_SECONDS = 5.0
 SIZE_BUCKETS = (64, 128, 256, 512, 1024, 1518, 4096, 9000)
+UNKNOWN, OTHER = "unknown", "other"
 
 
 class ProcessMap:
@@ -59,7 +66,11 @@ class ProcessMap:
         self._refreshed = 0.0
         self.refreshes = 0
 
-    def refresh(self) -> None:
+    def refresh(self) -> int:
+        """Read the table again; returns its number, counted before the walk starts, so a sample taken
+        while ``refreshes`` was lower came before the walk (its socket, if still open, is in the table)."""
+        self.refreshes += 1
+        number = self.refreshes
         by_endpoint: dict[tuple[str, str, int], str] = {}
         for conn in psutil.net_connections(kind="inet"):
             if not conn.laddr or conn.pid is None:
@@ -76,7 +87,7 @@ class ProcessMap:
         if len(self._names) > 10_000:
             self._names.clear()
         self._refreshed = time.monotonic()
-        self.refreshes += 1
+        return number
 
     def due(self) -> bool:
         return time.monotonic() - self._refreshed >= ATTRIBUTION_REFRESH_SECONDS
@@ -186,7 +197,7 @@ class NetsampleSource:
         self.section = section
         self._links = context.links
         self.lock = threading.Lock()
-        self.flows = FlowTable(section.max_flows)
+        self.flows = FlowTable(section.max_flows, evicted=self._evicted)
         self.processes = ProcessMap()
         self.samplers: dict[str, Sampler] = {}
         self._stop = threading.Event()
@@ -200,6 +211,10 @@ class NetsampleSource:
         self._exported: dict[tuple, tuple[str, ...]] = {}
         self._sizes: dict[tuple[str, str], list[int]] = {}
         self._size_sums: dict[tuple[str, str], int] = {}
+        # Per-process series: (device, direction, process) -> [packets, bytes, samples]. Flows keep a
+        # reference to theirs, so a sample of a known flow costs two additions (and a count).
+        self._process_series: dict[tuple[str, str, str], list[int]] = {}
+        self._process_names: set[str] = set()
         self._unattributed = False
 
     # component -------------------------------------------------------------------------------
@@ -271,10 +286,22 @@ class NetsampleSource:
         n = sampler.rate
         key = (sampler.device, direction, packet.protocol, local, local_port, remote, remote_port)
         flow = self.flows.add(key, length, n, packet.tcp_flags, time.time())
-        if not flow.process:
-            flow.process = self.processes.lookup(packet.protocol, local, local_port)
-            if not flow.process:
-                self._unattributed = True
+        counter = flow.counter
+        if counter is None:
+            process = self.processes.lookup(packet.protocol, local, local_port)
+            if process:
+                counter = self._attribute(flow, process)
+        if counter is not None:
+            counter[0] += n
+            counter[1] += n * length
+            counter[2] += 1
+        else:  # held until the next read of the process table (see the module docstring)
+            if not flow.held_samples:
+                flow.held_epoch = self.processes.refreshes
+            flow.held_packets += n
+            flow.held_bytes += n * length
+            flow.held_samples += 1
+            self._unattributed = True
         labels = self._exported.get(key) or (sampler.device, direction, "other", "other", "", "")
         series = self._series.get(labels)
         if series is None:
@@ -288,6 +315,38 @@ class NetsampleSource:
         index = next((i for i, bound in enumerate(SIZE_BUCKETS) if length <= bound), len(SIZE_BUCKETS))
         buckets[index] += n
         self._size_sums[size_key] = self._size_sums.get(size_key, 0) + n * length
+
+    def _process_counter(self, device: str, direction: str, process: str) -> list[int]:
+        """The series a flow's samples go to: its process's, or "other" past ``max_processes`` names."""
+        if process != UNKNOWN and process not in self._process_names:
+            if len(self._process_names) < self.section.max_processes:
+                self._process_names.add(process)
+            else:
+                process = OTHER
+        key = (device, direction, process)
+        counter = self._process_series.get(key)
+        if counter is None:
+            counter = self._process_series[key] = [0, 0, 0]
+        return counter
+
+    @staticmethod
+    def _release(flow: Flow, counter: list[int]) -> None:
+        """Move what ``flow`` holds to ``counter``."""
+        counter[0] += flow.held_packets
+        counter[1] += flow.held_bytes
+        counter[2] += flow.held_samples
+        flow.held_packets = flow.held_bytes = flow.held_samples = 0
+
+    def _attribute(self, flow: Flow, process: str) -> list[int]:
+        flow.process = process
+        counter = flow.counter = self._process_counter(flow.key[0], flow.key[1], process)
+        self._release(flow, counter)
+        return counter
+
+    def _evicted(self, flow: Flow) -> None:
+        """A flow leaves the table (``lock`` held) before its process is known: what it holds is "unknown"."""
+        if flow.held_samples:
+            self._release(flow, self._process_counter(flow.key[0], flow.key[1], UNKNOWN))
 
     async def _housekeeping(self) -> None:
         last = time.monotonic()
@@ -336,11 +395,18 @@ class NetsampleSource:
             sampler.window_samples = 0
         if self._unattributed and self.processes.due():
             self._unattributed = False
-            self.processes.refresh()
+            number = self.processes.refresh()
             with self.lock:
                 for flow in self.flows.flows.values():
-                    if not flow.process:
-                        flow.process = self.processes.lookup(flow.key[2], flow.key[3], flow.key[4])
+                    if flow.counter is not None or not flow.held_samples:
+                        continue
+                    process = self.processes.lookup(flow.key[2], flow.key[3], flow.key[4])
+                    if process:
+                        self._attribute(flow, process)
+                    elif flow.held_epoch < number:  # its socket was gone (or never local) when the walk began
+                        self._release(flow, self._process_counter(flow.key[0], flow.key[1], UNKNOWN))
+                    else:  # sampled during the walk: the next read decides
+                        self._unattributed = True
         with self.lock:
             self.flows.roll_rates(seconds)
             if refresh_export:
@@ -374,6 +440,7 @@ class NetsampleSource:
             samplers = list(self.samplers.values())
             series = [(labels, list(values)) for labels, values in self._series.items()]
             sizes = [(key, list(buckets), self._size_sums.get(key, 0)) for key, buckets in self._sizes.items()]
+            processes = [(key, list(values)) for key, values in self._process_series.items()]
             evicted = self.flows.evicted
         per_device = (
             ("sidetrace_network_sampled_packets_total", "Packets sampled (read by user space).", "samples", "counter"),
@@ -412,6 +479,24 @@ class NetsampleSource:
             cumulative.append(("+Inf", running + buckets[-1]))
             histogram.add_metric([device, direction], cumulative, total)
         yield histogram
+        process_packets = CounterMetricFamily(
+            "sidetrace_network_process_packets_total",
+            "Packets estimated from samples (samples x N) by local process; unknown: no local socket found.",
+            labels=["device", "direction", "process"])
+        process_bytes = CounterMetricFamily("sidetrace_network_process_bytes_total",
+                                            "Bytes estimated from samples by local process.",
+                                            labels=["device", "direction", "process"], unit="bytes")
+        overflow = 0
+        for (device, direction, process), (count, size, samples) in processes:
+            process_packets.add_metric([device, direction, process], count)
+            process_bytes.add_metric([device, direction, process], size)
+            if process == OTHER:
+                overflow += samples
+        yield process_packets
+        yield process_bytes
+        yield CounterMetricFamily("sidetrace_network_process_overflow_samples_total",
+                                  'Samples counted under process="other": their process came after '
+                                  "[sources.netsample] max_processes others.", value=overflow)
         yield CounterMetricFamily("sidetrace_network_evicted_flows_total", "Flows evicted at [sources.netsample] "
                                   "max_flows.", value=evicted)
         yield CounterMetricFamily("sidetrace_network_attribution_refreshes_total",

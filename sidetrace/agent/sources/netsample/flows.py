@@ -3,13 +3,18 @@
 Every sample counts as N packets and N times its length in bytes, with the N in force when it
 was taken. For c samples of a flow the estimate's 95 % error bound is about 196 * sqrt(1/c)
 percent (sFlow's sampling theory: a binomial count, normal approximation). The table is bounded:
-the least recently seen flow is evicted and counted.
+the least recently seen flow is evicted, counted and handed to the table's ``evicted`` callback.
+
+A flow also carries where its packets go per process: ``counter``, the ``[packets, bytes, samples]``
+list of its process's series once its process is known, and until then the estimates it holds
+(``held_*``), which the source moves to a series when the process is resolved or given up.
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from sidetrace.agent.sources.netsample.packets import TCP_FIN, TCP_RST, TCP_SYN
@@ -25,7 +30,7 @@ def error_bound_percent(samples: int) -> float:
 
 class Flow:
     __slots__ = ("key", "samples", "packets", "bytes", "syn", "fin", "rst", "first_seen", "last_seen", "process",
-                 "window_bytes", "rate_bytes")
+                 "window_bytes", "rate_bytes", "counter", "held_packets", "held_bytes", "held_samples", "held_epoch")
 
     def __init__(self, key: FlowKey, now: float) -> None:
         self.key = key
@@ -37,6 +42,8 @@ class Flow:
         self.process = ""
         self.window_bytes = 0
         self.rate_bytes = 0.0
+        self.counter: list[int] | None = None
+        self.held_packets = self.held_bytes = self.held_samples = self.held_epoch = 0
 
     def as_dict(self) -> dict[str, Any]:
         device, direction, protocol, local, local_port, remote, remote_port = self.key
@@ -54,18 +61,21 @@ class Flow:
 class FlowTable:
     """Bounded LRU table of flows."""
 
-    def __init__(self, max_flows: int) -> None:
+    def __init__(self, max_flows: int, evicted: Callable[[Flow], None] | None = None) -> None:
         self.max_flows = max_flows
         self.flows: OrderedDict[FlowKey, Flow] = OrderedDict()
         self.evicted = 0
+        self._on_evict = evicted
 
     def add(self, key: FlowKey, length: int, n: int, tcp_flags: int, now: float) -> Flow:
         flow = self.flows.get(key)
         if flow is None:
             flow = self.flows[key] = Flow(key, now)
             if len(self.flows) > self.max_flows:
-                self.flows.popitem(last=False)
+                _, gone = self.flows.popitem(last=False)
                 self.evicted += 1
+                if self._on_evict is not None:
+                    self._on_evict(gone)
         else:
             self.flows.move_to_end(key)
         flow.samples += 1
