@@ -9,6 +9,13 @@ capturer's CPU. sidetrace samples 1 in 100 here; its estimate is checked against
 actually received (its interface counter) and the 95 % bound it states.
 
 Usage: sudo .venv/bin/python bench/netsample_rate.py [--seconds 3] [--rates 2000,10000,50000,100000,200000]
+
+With ``--compare-with DIR`` (a tree holding another version's ``sidetrace`` package, for example
+``git archive BASE sidetrace | tar -x -C DIR``) it measures instead what one sample costs in that
+version and in this checkout, alternating round by round in fresh processes: the CPU of
+``NetsampleSource.record`` per sample in-process (flows whose process is known, and flows whose
+process is not), and the whole agent's CPU per sample at ``sampling_rate = 1`` with
+``--compare-pps`` packets/s offered.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +34,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._rounds import alternating_runs  # noqa: E402
 from bench.agent_idle import cpu_seconds  # noqa: E402
 from tests.conftest import Agent, http_get  # noqa: E402
 from tests.integration.netns import inside_new_netns  # noqa: E402
@@ -79,9 +88,11 @@ def offer(rate: float, seconds: float) -> int:
     return sent
 
 
-def run_sidetrace(tmp: Path, rates: list[float], seconds: float) -> list[dict]:
+def run_sidetrace(tmp: Path, rates: list[float], seconds: float, sampling_rate: int = 100,
+                  tree: str | None = None) -> list[dict]:
     agent = Agent(tmp / "agent", '[host]\nenabled = false\n[sources.netsample]\nenabled = true\ninterfaces = ["lo"]\n'
-                  'sampling_rate = 100\nfilter = "udp and dst port 45000"\n').start()
+                  f'sampling_rate = {sampling_rate}\nfilter = "udp and dst port 45000"\n',
+                  env={"PYTHONPATH": tree} if tree else None).start()
     results = []
     try:
         for rate in rates:
@@ -101,7 +112,7 @@ def run_sidetrace(tmp: Path, rates: list[float], seconds: float) -> list[dict]:
                 sum(f["estimated_packets"] for f in before["flows"] if f["local_port"] == 45000)
             bound = 196 * (1 / max(samples, 1)) ** 0.5
             results.append({"rate": sent / seconds, "loss_percent": drops / max(samples + drops, 1) * 100,
-                            "cpu_percent": used / (seconds + 1.5) * 100,
+                            "cpu_percent": used / (seconds + 1.5) * 100, "cpu_us_per_sample": used / samples * 1e6,
                             "estimate_error_percent": abs(estimate - received) / received * 100,
                             "bound_percent": bound, "lo_received_percent": received / sent * 100})
     finally:
@@ -162,12 +173,94 @@ def parse_cost(frames: int = 20_000) -> dict[str, float]:
     return costs
 
 
+RECORD_COST = r"""
+import json, socket, sys, time
+from prometheus_client import CollectorRegistry
+from scapy.all import IP, UDP, Ether, raw
+from sidetrace.agent.components import Context
+from sidetrace.agent.sources.netsample import NetsampleSource, Sampler
+from sidetrace.config import Config, NetsampleSourceSection
+
+samples, known = int(sys.argv[1]), sys.argv[2] == "known"
+source = NetsampleSource(NetsampleSourceSection(enabled=True, sampling_rate=1),
+                         Context(Config(), CollectorRegistry(), dict, list))
+sampler = Sampler("lo", source)
+sockets = []
+for _ in range(64):  # 64 flows; their local ends are real sockets when the processes are to be known
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sockets.append(sock)
+ports = [s.getsockname()[1] for s in sockets]
+if not known:
+    for sock in sockets:
+        sock.close()
+source.processes.refresh()
+frames = [bytearray(raw(Ether() / IP(src="127.0.0.1", dst="127.0.0.1") / UDP(sport=41000 + index, dport=port) /
+                       (b"x" * 64))) for index, port in enumerate(ports)]
+address = ("lo", 0x0800, 0, 772, b"")
+for frame in frames:  # create the flows (and, known, attribute them) before timing
+    source.record(sampler, frame, len(frame), address)
+started = time.process_time()
+for index in range(samples):
+    frame = frames[index & 63]
+    source.record(sampler, frame, len(frame), address)
+used = time.process_time() - started
+flow = next(iter(source.flows.flows.values()))
+assert (flow.process != "") == known, flow.process
+import sidetrace
+print(json.dumps({"us_per_sample": used / samples * 1e6, "package": sidetrace.__file__}))
+"""
+
+
+def compare(tree: str, rounds: int, pps: float, seconds: float) -> None:
+    """One sample's cost in ``tree``'s sidetrace against this checkout's, alternating round by round."""
+    here = str(Path(__file__).resolve().parents[1])
+    trees = {"before": str(Path(tree).resolve()), "after": here}
+    tmp = Path(tempfile.mkdtemp(prefix="sidetrace-netsample-"))
+    os.chdir(tmp)  # python -m and -c put the working directory first on sys.path: it must hold no sidetrace
+    for condition, path in trees.items():
+        found = subprocess.run(["env", f"PYTHONPATH={path}", sys.executable, "-c", "import sidetrace; "
+                                "print(sidetrace.__file__)"], capture_output=True, text=True, check=True).stdout
+        assert found.startswith(path + "/"), (condition, found)
+    record: dict[str, dict[str, list[float]]] = {}
+    for known in ("known", "unknown"):
+        runs = alternating_runs(tuple(trees), rounds, lambda c, known=known: [
+            "env", f"PYTHONPATH={trees[c]}", sys.executable, "-c", RECORD_COST, "200000", known])
+        assert all(r["package"].startswith(trees[c] + "/") for c, rs in runs.items() for r in rs)
+        record[known] = {c: [r["us_per_sample"] for r in rs] for c, rs in runs.items()}
+    agent: dict[str, list[dict]] = {c: [] for c in trees}
+    with inside_new_netns():
+        for round_number in range(rounds):
+            for condition in trees if round_number % 2 == 0 else tuple(reversed(trees)):
+                agent[condition] += run_sidetrace(tmp / f"{condition}{round_number}", [pps], seconds, 1,
+                                                  trees[condition])
+
+    def line(name: str, values: dict[str, list[float]]) -> str:
+        before, after = statistics.median(values["before"]), statistics.median(values["after"])
+        spread = {c: f"{min(v):.2f}-{max(v):.2f}" for c, v in values.items()}
+        return (f"{name:44} before {before:6.2f} ({spread['before']})  after {after:6.2f} ({spread['after']})  "
+                f"after/before {after / before:.3f}")
+    print(f"{rounds} rounds alternating, {os.cpu_count()} cores; microseconds of CPU per sample, median (min-max)")
+    print(line("record(), flows of known processes", record["known"]))
+    print(line("record(), flows of unknown processes", record["unknown"]))
+    print(line(f"agent at 1:1, {pps:.0f} pps offered on lo", {c: [r["cpu_us_per_sample"] for r in rows]
+                                                            for c, rows in agent.items()}))
+    for condition, rows in agent.items():
+        print(f"agent kernel drops % by round, {condition}: " + " ".join(f"{r['loss_percent']:.2f}" for r in rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rates", default="2000,5000,10000,20000,100000,200000,400000")
+    parser.add_argument("--compare-with", metavar="DIR", help="a tree holding another version's sidetrace package")
+    parser.add_argument("--compare-pps", type=float, default=5000)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     assert os.geteuid() == 0, "run as root: the benchmark makes a network namespace and raw sockets"
+    if args.compare_with:
+        compare(args.compare_with, args.rounds, args.compare_pps, args.seconds)
+        return
     rates = [float(r) for r in args.rates.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="sidetrace-netsample-"))
     with inside_new_netns():
