@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidetrace.agent.sources.netsample.flows import error_bound_percent
-from tests.conftest import Agent, http_get, wait_until
+from tests.conftest import Agent, assert_promtool_clean, http_get, wait_until
 from tests.integration.netns import inside_new_netns, ip
 
 pytestmark = [pytest.mark.slow,
@@ -368,11 +368,11 @@ def device_totals_disagree(samples: dict) -> list[str]:
 def test_a_short_burst_is_counted_for_its_process_from_the_first_packet(
     veth: str, agent_factory: Callable[..., Agent]
 ) -> None:
-    agent = agent_factory(config(rate=1, interfaces='["stv0"]', extra="top_flows = 1\n")).start()
+    agent = agent_factory(config(rate=1, interfaces='["stv0"]')).start()
     burst = Talker("st-burst", 300, seconds=1.5)
     try:
-        # No packet of the burst can be attributed when sampled (no read of the process table has seen
-        # its socket yet): all 300 wait on the flow until the next read, then go to the process.
+        # The first packets of the burst cannot be attributed when sampled (no read of the process table
+        # has seen its socket yet): they wait on the flow until the next read, then go to the process.
         samples = scrape_with(agent, ("stv0", "transmit", "st-burst"))
     finally:
         burst.stop()
@@ -435,3 +435,4 @@ def test_processes_past_max_processes_are_counted_under_other(
                                     ("stv0", "transmit", "other"): 70 + 80}
     assert samples["sidetrace_network_process_overflow_samples_total"] == {(): 150}
     assert device_totals_disagree(samples) == []
+    assert_promtool_clean(http_get(agent.url + "/metrics")[1])
