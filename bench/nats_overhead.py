@@ -1,13 +1,17 @@
 """Added cost per message of NATS instrumentation: sidetrace vs otel-instrumentation-nats, same run.
 
-Three conditions (bare nats-py, sidetrace's NatsInstrumentor, the PyPI otel-instrumentation-nats
-peer) run in alternating fresh processes of one Python 3.13 venv (the peer needs 3.13), against one
-nats-server on loopback, each with the OpenTelemetry SDK and a batch processor discarding spans.
-Modes: pipelined (publish N, flush once, wait for the last delivery), sequential (publish one, wait
-for its handler) and request/reply. Reported: median over rounds of CPU microseconds per message,
-and the added cost over bare.
+Conditions (bare nats-py, sidetrace's NatsInstrumentor, the PyPI otel-instrumentation-nats peer,
+and with ``--before REV`` sidetrace as it was at git revision REV) run in alternating fresh
+processes of one Python 3.13 venv (the peer needs 3.13), against one nats-server on loopback, each
+with the OpenTelemetry SDK and a batch processor discarding spans. Modes: pipelined (publish N,
+flush once, wait for the last delivery), sequential (publish one, wait for its handler) and
+request/reply. Reported: median over rounds of CPU microseconds per message with its range, and the
+added cost over bare. A reference condition in the same rounds, ``sdk``, makes only what a
+pipelined message makes (a publish span and its process span, same attributes, no NATS), so the
+added cost can be read as a multiple of the SDK's own on this machine.
 
-Usage: python bench/nats_overhead.py [--rounds 5] [--messages 5000] [--python .bench313/bin/python]
+Usage: python bench/nats_overhead.py [--rounds 9] [--messages 5000] [--before main]
+                                     [--python .bench313/bin/python]
 `make bench` creates .bench313 with pyenv's 3.13 when missing.
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,33 +28,62 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._rounds import alternating_runs, python_version  # noqa: E402
 from tests.integration.nats_server import NatsServer  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(Path(__file__).with_name("nats_worker.py"))
-CONDITIONS = ("bare", "sidetrace", "peer")
 MODES = ("pipelined", "sequential", "request")
+
+
+def checkout(revision: str) -> str:
+    """A directory holding the `sidetrace` package as it was at ``revision``."""
+    target = tempfile.mkdtemp(prefix="sidetrace-before-")
+    archive = subprocess.run(["git", "archive", revision, "sidetrace"], cwd=ROOT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", target], input=archive.stdout, check=True)
+    return target
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--messages", type=int, default=5000)
-    parser.add_argument("--python", default=str(Path(__file__).resolve().parents[1] / ".bench313/bin/python"))
+    parser.add_argument("--before", help="also measure sidetrace as it was at this git revision")
+    parser.add_argument("--python", default=str(ROOT / ".bench313/bin/python"))
     args = parser.parse_args()
+    conditions = ("bare", "sidetrace", *(("before",) if args.before else ()), "peer", "sdk")
+    before = checkout(args.before) if args.before else ""
+
+    def command(condition: str) -> list[str]:
+        if condition == "before":
+            return [args.python, WORKER, server.url, "sidetrace", str(args.messages), before]
+        return [args.python, WORKER, server.url, condition, str(args.messages)]
+
     server = NatsServer(Path(tempfile.mkdtemp(prefix="sidetrace-nats-bench-")))
     try:
-        runs = alternating_runs(CONDITIONS, args.rounds,
-                                lambda condition: [args.python, WORKER, server.url, condition, str(args.messages)])
+        runs = alternating_runs(conditions, args.rounds, command)
     finally:
         server.stop()
     version = python_version(args.python)
     print(f"{args.rounds} rounds, {args.messages} pipelined / {args.messages // 5} sequential and request "
-          f"messages each; Python {version}; CPU microseconds per message, median")
-    print(f"{'mode':11} {'bare':>8} {'sidetrace':>10} {'peer':>8} {'added: sidetrace':>17} {'added: peer':>12}")
+          f"messages each; Python {version}; CPU microseconds per message, median (range)")
+    measured = [c for c in conditions if c not in ("bare", "sdk")]
+    print(f"{'mode':11} {'bare':>18} " + " ".join(f"{c:>18} {'added: ' + c:>24}" for c in measured))
     for mode in MODES:
-        median = {c: statistics.median(r["modes"][mode]["cpu_us"] for r in runs[c]) for c in CONDITIONS}
-        print(f"{mode:11} {median['bare']:8.1f} {median['sidetrace']:10.1f} {median['peer']:8.1f} "
-              f"{median['sidetrace'] - median['bare']:17.1f} {median['peer'] - median['bare']:12.1f}")
-    spans = {c: statistics.median(r["spans"] for r in runs[c]) for c in CONDITIONS}
-    print(f"spans per run (median): sidetrace {spans['sidetrace']:.0f}, peer {spans['peer']:.0f}")
+        cpu = {c: [r["modes"][mode]["cpu_us"] for r in runs[c]] for c in conditions if c != "sdk"}
+        bare = statistics.median(cpu["bare"])
+        print(f"{mode:11} {spread(cpu['bare']):>18} "
+              + " ".join(f"{spread(cpu[c]):>18} {spread([v - bare for v in cpu[c]]):>24}" for c in measured))
+    reference = [r["modes"]["pipelined"]["cpu_us"] for r in runs["sdk"]]
+    print(f"reference: two bare SDK spans with a pipelined message's attributes, no NATS: {spread(reference)} us")
+    bare = statistics.median(r["modes"]["pipelined"]["cpu_us"] for r in runs["bare"])
+    for c in measured:
+        added = statistics.median(r["modes"]["pipelined"]["cpu_us"] for r in runs[c]) - bare
+        print(f"pipelined, added by {c} / reference: {added / statistics.median(reference):.2f} "
+              f"(the issue's goal, 45 us against 35 us, is 1.29)")
+    spans = {c: statistics.median(r["spans"] for r in runs[c]) for c in measured}
+    print("spans per run (median): " + ", ".join(f"{c} {n:.0f}" for c, n in spans.items()))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """One measurement process for bench/nats_overhead.py: connect, maybe instrument, time three modes.
 
-Usage: python bench/nats_worker.py URL CONDITION MESSAGES   (CONDITION: bare, sidetrace, peer)
+Usage: python bench/nats_worker.py URL CONDITION MESSAGES [SIDETRACE_DIR]
+CONDITION: bare, sidetrace, peer, or sdk (the reference: no NATS, only the two spans a pipelined
+message makes, started and ended with the same attributes, pipelined mode only). SIDETRACE_DIR: a
+directory whose `sidetrace` package is imported instead of the installed one (an older revision).
 Prints one JSON line: microseconds of wall and CPU time per message for each mode, and spans made.
 """
 
@@ -13,7 +16,15 @@ import time
 
 import nats
 from _sdk import Discard, discarding_provider
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import SpanKind
+
+# The attributes sidetrace gives the publish and the process span of one pipelined message.
+PEER = {"server.address": "127.0.0.1", "server.port": 4222, "messaging.client.id": "7"}
+PUBLISH = {"messaging.system": "nats", "messaging.operation.name": "publish", "messaging.operation.type": "send",
+           "messaging.destination.name": "bench.pipe", **PEER, "messaging.message.body.size": 64}
+PROCESS = {**PUBLISH, "messaging.operation.name": "process", "messaging.operation.type": "process"}
 
 
 def instrument(condition: str) -> tuple[TracerProvider | None, Discard | None]:
@@ -81,8 +92,35 @@ async def measure(url: str, messages: int) -> dict[str, dict[str, float]]:
     return results
 
 
+def two_spans(provider: TracerProvider, messages: int) -> dict[str, dict[str, float]]:
+    """The SDK's own cost of what a pipelined message makes: a publish span and its process span."""
+    tracer = provider.get_tracer("bench")
+
+    def run() -> None:
+        for _ in range(messages):
+            publish = tracer.start_span("publish bench.pipe", kind=SpanKind.PRODUCER, attributes=PUBLISH)
+            publish.end()
+            process = tracer.start_span("process bench.pipe", context=trace.set_span_in_context(publish),
+                                        kind=SpanKind.CONSUMER, attributes=PROCESS)
+            process.end()
+
+    run()  # warm up
+    wall, cpu = time.perf_counter(), time.process_time()
+    run()
+    return {"pipelined": {"wall_us": (time.perf_counter() - wall) / messages * 1e6,
+                          "cpu_us": (time.process_time() - cpu) / messages * 1e6}}
+
+
 def main() -> None:
     url, condition, messages = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    if len(sys.argv) > 4:
+        sys.path.insert(0, sys.argv[4])
+    if condition == "sdk":
+        provider, exporter = discarding_provider()
+        results = two_spans(provider, messages)
+        provider.force_flush()
+        print(json.dumps({"condition": condition, "modes": results, "spans": exporter.spans}))
+        return
     provider, exporter = instrument(condition)
     results = asyncio.run(measure(url, messages))
     if provider is not None:
