@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from opentelemetry.metrics import Meter
 from opentelemetry.propagators.textmap import Getter, Setter
@@ -88,9 +88,3 @@ class BoundedValues:
 def without_trace_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     """A copy of ``headers`` without W3C trace context and baggage fields."""
     return {k: v for k, v in (headers or {}).items() if k.lower() not in TRACE_HEADERS}
-
-
-def header_bytes(headers: Iterable[tuple[str, str]]) -> int:
-    """Size of headers on the NATS wire: the version line, one line per header, the blank line."""
-    return len("NATS/1.0\r\n\r\n") + sum(len(k) + len(v) + 4 for k, v in headers)
-

@@ -16,12 +16,15 @@ import nats.aio.client
 import nats.js.client
 import pytest
 from nats.js.api import ConsumerConfig
-from opentelemetry.context import Context
+from opentelemetry import baggage, propagate, trace
+from opentelemetry.context import Context, attach, detach
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.propagators.textmap import TextMapPropagator, default_getter, default_setter
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Sampler, SamplingResult
-from opentelemetry.trace import Link, SpanKind, TraceState
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TraceFlags, TraceState
 from opentelemetry.util.types import Attributes
 
 from sidetrace.agent.processors.span_metrics import SpanMetricsProcessor
@@ -105,6 +108,103 @@ async def test_user_headers_are_not_mutated_and_arrive_unchanged(nc, telemetry: 
     assert received == before
     assert traceparent.split("-")[2] == format(telemetry.one("publish hdr").context.span_id, "016x")
     assert telemetry.one("publish hdr").attributes["messaging.message.id"] == "m-1"
+
+
+class TenantPropagator(TextMapPropagator):
+    """A propagator of the app's own (as B3 or a vendor's would be): one ``x-tenant-trace`` field."""
+
+    def inject(self, carrier, context=None, setter=default_setter) -> None:  # noqa: ANN001
+        span_context = trace.get_current_span(context).get_span_context()
+        if span_context.is_valid:
+            setter.set(carrier, "x-tenant-trace", f"{span_context.trace_id:x}:{span_context.span_id:x}")
+
+    def extract(self, carrier, context=None, getter=default_getter) -> Context:  # noqa: ANN001
+        value = getter.get(carrier, "x-tenant-trace")
+        if not value:
+            return context or Context()
+        trace_id, span_id = (int(part, 16) for part in value[0].split(":"))
+        producer = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+        return trace.set_span_in_context(NonRecordingSpan(producer), context or Context())
+
+    @property
+    def fields(self) -> set[str]:
+        return {"x-tenant-trace"}
+
+
+@pytest.fixture
+def global_propagator() -> Iterator[None]:
+    before = propagate.get_global_textmap()
+    yield
+    propagate.set_global_textmap(before)
+
+
+async def test_a_configured_propagator_carries_the_context(nc, telemetry: Telemetry, global_propagator: None) -> None:
+    got = []
+    await nc.subscribe("tenant", cb=collector(got))
+    await nc.publish("tenant", b"default first")
+    await wait_for(lambda: len(got) == 1)
+    assert "traceparent" in got[0].headers
+    propagate.set_global_textmap(TenantPropagator())  # switched while instrumented: used from the next message
+    await nc.publish("tenant", b"configured")
+    await wait_for(lambda: len(got) == 2)
+    assert "traceparent" not in got[1].headers
+    publish = telemetry.finished("publish tenant")[1]
+    processed = telemetry.finished("process tenant")[1]
+    assert got[1].headers["x-tenant-trace"] == f"{publish.context.trace_id:x}:{publish.context.span_id:x}"
+    assert processed.parent.span_id == publish.context.span_id
+
+
+async def test_tracestate_and_baggage_travel_with_the_default_propagator(nc, telemetry: Telemetry) -> None:
+    got, seen = [], []
+
+    async def cb(msg) -> None:  # noqa: ANN001
+        seen.append((baggage.get_baggage("tenant"), trace.get_current_span().get_span_context().trace_state))
+        got.append(msg)
+
+    await nc.subscribe("stateful", cb=cb)
+    upstream = SpanContext(0x1F, 0x2F, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED),
+                           trace_state=TraceState([("vendor", "v1")]))
+    ctx = baggage.set_baggage("tenant", "acme", trace.set_span_in_context(NonRecordingSpan(upstream)))
+    token = attach(ctx)
+    try:
+        await nc.publish("stateful", b"x")
+    finally:
+        detach(token)
+    await wait_for(lambda: got)
+    publish, processed = telemetry.one("publish stateful"), telemetry.one("process stateful")
+    assert publish.context.trace_id == 0x1F and publish.parent.span_id == 0x2F
+    assert got[0].headers["traceparent"] == f"00-{0x1F:032x}-{publish.context.span_id:016x}-01"
+    assert got[0].headers["tracestate"] == "vendor=v1"
+    assert got[0].headers["baggage"] == "tenant=acme"
+    assert processed.parent.span_id == publish.context.span_id
+    assert seen == [("acme", TraceState([("vendor", "v1")]))]
+
+
+@pytest.mark.parametrize(("headers", "parented"), [
+    ({"Traceparent": f"00-{0xA1:032x}-{0xB2:016x}-01"}, True),  # another spelling of the field
+    ({"traceparent": f"00-{0xA1:032x}-{0xB2:016x}-01", "X-Other": "1"}, True),
+    ({"traceparent": f"01-{0xA1:032x}-{0xB2:016x}-01-future"}, True),  # a later version, read as W3C says
+    ({"traceparent": f"00-{0xA1:032x}-{0xB2:016x}-01-extra"}, False),  # version 00 has no more fields
+    ({"traceparent": f"00-{0:032x}-{0xB2:016x}-01"}, False),  # an all-zero id is invalid
+    ({"traceparent": f"00-{0xA1:032X}-{0xB2:016x}-01"}, False),  # upper case hex is invalid
+    ({"traceparent": f"ff-{0xA1:032x}-{0xB2:016x}-01"}, False),  # version ff is invalid
+], ids=["spelling", "other header", "later version", "extra field", "zero id", "upper case", "version ff"])
+async def test_foreign_trace_headers_are_read_as_the_propagator_reads_them(
+    nc, telemetry: Telemetry, headers: dict[str, str], parented: bool
+) -> None:
+    """A message from an uninstrumented publisher (another client, another language) with a
+    traceparent of its own making: parented by it exactly when the W3C propagator would be."""
+    got = []
+    await nc.subscribe("foreign", cb=collector(got))
+    with suppress_instrumentation():
+        await nc.publish("foreign", b"x", headers=headers)
+    await wait_for(lambda: got)
+    assert telemetry.finished("publish foreign") == []
+    processed = telemetry.one("process foreign")
+    if parented:
+        assert (processed.context.trace_id, processed.parent.span_id) == (0xA1, 0xB2)
+    else:
+        assert processed.parent is None
 
 
 async def test_queue_group_and_wildcard_subscription_names(nc, telemetry: Telemetry) -> None:

@@ -16,8 +16,10 @@ from opentelemetry.trace import Link, Span, SpanKind
 
 from sidetrace.instrumentors.nats._publish import SUPPRESSED, Wrapper, run_in_span, run_suppressed
 from sidetrace.instrumentors.nats._telemetry import (
+    BODY_SIZE,
     DELIVERED,
     STREAM,
+    Destination,
     Telemetry,
     Timer,
     record_error,
@@ -31,21 +33,20 @@ TEMPLATE_ATTR = "_sidetrace_template"
 COUNTED_ATTR = "_sidetrace_counted"  # a pulled message, counted consumed by its receive
 
 
-def _message_attributes(telemetry: Telemetry, operation: str, kind: str, msg: Any, template: str | None,
-                        queue: str | None = None) -> dict[str, Any]:
-    client = getattr(msg, "_client", None)
-    attributes = telemetry.base_attributes(operation, kind, msg.subject, client, template)
-    attributes["messaging.message.body.size"] = len(msg.data or b"")
-    if queue:
-        attributes["messaging.consumer.group.name"] = queue
-    reply = msg.reply or ""
-    if reply.startswith("$JS.ACK."):
+def _message(telemetry: Telemetry, operation: str, kind: str, msg: Any, template: str | None,
+             queue: str | None = None) -> tuple[Destination, dict[str, Any]]:
+    """The shared telemetry of ``msg``'s subject and its own span attributes."""
+    destination = telemetry.destination(operation, kind, msg.subject, getattr(msg, "_client", None), template,
+                                        queue or None)
+    attributes = {**destination.attributes, BODY_SIZE: len(msg.data or b"")}
+    reply = msg.reply
+    if reply and reply.startswith("$JS.ACK."):
         metadata = msg.metadata
         attributes[STREAM] = metadata.stream
         attributes["messaging.destination.subscription.name"] = metadata.consumer
         if metadata.num_delivered and metadata.num_delivered > 1:
             attributes[DELIVERED] = metadata.num_delivered
-    return attributes
+    return destination, attributes
 
 
 def _is_internal(cb: Any, client: Any) -> bool:
@@ -67,7 +68,7 @@ def traced_callback(telemetry: Telemetry, cb: Callable[[Any], Awaitable[None]], 
         if not is_instrumentation_enabled():
             return await cb(msg)
         try:
-            span, token, attributes, timer = _start_process(telemetry, msg, name_template, queue)
+            span, token, destination, timer = _start_process(telemetry, msg, name_template, queue)
         except Exception as exc:
             telemetry.guard.failed("process", exc)
             return await cb(msg)
@@ -78,29 +79,29 @@ def traced_callback(telemetry: Telemetry, cb: Callable[[Any], Awaitable[None]], 
             error = _record_error(telemetry, span, exc)
             raise
         finally:
-            _end_process(telemetry, span, token, attributes, timer, error, counted=False)
+            _end_process(telemetry, span, token, destination, timer, error, counted=False)
 
     callback.__wrapped__ = cb  # type: ignore[attr-defined]
     return callback
 
 
 def _start_process(telemetry: Telemetry, msg: Any, template: str | None, queue: str | None
-                   ) -> tuple[Span | None, object, dict[str, Any], Timer]:
-    """(span, context token, attributes, timer) of processing ``msg``; the span is None when the
+                   ) -> tuple[Span | None, object, Destination, Timer]:
+    """(span, context token, destination, timer) of processing ``msg``; the span is None when the
     tracer failed to start it (the failure counted), and the message is still timed and counted."""
-    attributes = _message_attributes(telemetry, "process", "process", msg, template, queue)
+    destination, attributes = _message(telemetry, "process", "process", msg, template, queue)
     timer = Timer()
     try:
         parent, links = telemetry.consumer_context(msg.headers)
-        name = f"process {template or telemetry.template(msg.subject, getattr(msg, '_client', None))[0]}"
-        span = telemetry.tracer.start_span(name, context=parent or otel_context.Context(), kind=SpanKind.CONSUMER,
-                                           attributes=attributes, links=links)
+        span = telemetry.tracer.start_span(destination.name, context=parent or otel_context.Context(),
+                                           kind=SpanKind.CONSUMER, attributes=attributes, links=links)
     except Exception as exc:
         telemetry.guard.failed("process", exc)
-        return None, None, attributes, timer
+        return None, None, destination, timer
     setattr(msg, SPAN_ATTR, span)
-    token = otel_context.attach(trace.set_span_in_context(span))
-    return span, token, attributes, timer
+    # the handler runs in the message's context (its baggage too), or the current one if it has none
+    token = otel_context.attach(trace.set_span_in_context(span, parent))
+    return span, token, destination, timer
 
 
 def _record_error(telemetry: Telemetry, span: Span | None, exc: BaseException) -> str:
@@ -113,7 +114,7 @@ def _record_error(telemetry: Telemetry, span: Span | None, exc: BaseException) -
     return type(exc).__qualname__
 
 
-def _end_process(telemetry: Telemetry, span: Span | None, token: object, attributes: dict[str, Any], timer: Timer,
+def _end_process(telemetry: Telemetry, span: Span | None, token: object, destination: Destination, timer: Timer,
                  error: str | None, counted: bool) -> None:
     """Ends the process span and records its metrics; a delivery its receive already ``counted`` is
     not counted again (each delivery is one consumed message, as the messaging conventions say)."""
@@ -124,7 +125,8 @@ def _end_process(telemetry: Telemetry, span: Span | None, token: object, attribu
         except Exception as exc:
             telemetry.guard.failed("process end", exc)
     try:
-        metric_attributes = telemetry.metric_attributes(attributes, error)
+        metric_attributes = destination.metrics if error is None else telemetry.metric_attributes(
+            destination.attributes, error)
         telemetry.process_duration.record(timer.seconds(), metric_attributes)
         if not counted:
             telemetry.consumed.add(1, metric_attributes)
@@ -137,7 +139,7 @@ def process_span(telemetry: Telemetry, msg: Any) -> Iterator[Span]:
     """Run the user's own processing of a received (pulled) message inside its `process` span."""
     try:
         template = getattr(msg, TEMPLATE_ATTR, None)
-        span, token, attributes, timer = _start_process(telemetry, msg, template, None)
+        span, token, destination, timer = _start_process(telemetry, msg, template, None)
     except Exception as exc:
         telemetry.guard.failed("process", exc)
         yield trace.INVALID_SPAN
@@ -149,7 +151,7 @@ def process_span(telemetry: Telemetry, msg: Any) -> Iterator[Span]:
         error = _record_error(telemetry, span, exc)
         raise
     finally:
-        _end_process(telemetry, span, token, attributes, timer, error, counted=getattr(msg, COUNTED_ATTR, False))
+        _end_process(telemetry, span, token, destination, timer, error, counted=getattr(msg, COUNTED_ATTR, False))
 
 
 def subscribe_wrapper(telemetry: Telemetry) -> Wrapper:
@@ -322,11 +324,11 @@ def settle_wrapper(telemetry: Telemetry, operation: str) -> Wrapper:
                 span = None
             else:
                 template = getattr(instance, TEMPLATE_ATTR, None)
-                attributes = _message_attributes(telemetry, operation, "settle", instance, template)
-                name = f"{operation} {template or telemetry.template(instance.subject, instance._client)[0]}"
+                destination, attributes = _message(telemetry, operation, "settle", instance, template)
                 producer = telemetry.extract(instance.headers)
                 links = [Link(trace.get_current_span(producer).get_span_context())] if producer else []
-                span = telemetry.tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes, links=links)
+                span = telemetry.tracer.start_span(destination.name, kind=SpanKind.CLIENT, attributes=attributes,
+                                                   links=links)
                 timer = Timer()
         except Exception as exc:
             telemetry.guard.failed(operation, exc)
@@ -337,6 +339,6 @@ def settle_wrapper(telemetry: Telemetry, operation: str) -> Wrapper:
                 return await wrapped(*args, **kwargs)
             finally:
                 SUPPRESSED.reset(token)
-        return await run_in_span(telemetry, span, attributes, timer, wrapped(*args, **kwargs))
+        return await run_in_span(telemetry, span, destination, timer, wrapped(*args, **kwargs))
 
     return wrapper

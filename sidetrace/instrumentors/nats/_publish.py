@@ -13,10 +13,12 @@ from opentelemetry.trace import Span, SpanKind
 
 from sidetrace.instrumentors._messaging import without_trace_headers
 from sidetrace.instrumentors.nats._telemetry import (
+    BODY_SIZE,
     DUPLICATE,
     MSG_ID_HEADER,
     SEQUENCE,
     STREAM,
+    Destination,
     Telemetry,
     Timer,
     record_error,
@@ -46,7 +48,7 @@ def _js_publish_args(subject: str, payload: bytes = b"", timeout: float | None =
     return subject, payload, timeout, stream, headers, rest
 
 
-async def run_in_span(telemetry: Telemetry, span: Span, attributes: dict[str, Any], timer: Timer,
+async def run_in_span(telemetry: Telemetry, span: Span, destination: Destination, timer: Timer,
                       call: Awaitable[Any], sent: int = 0, on_result: Callable[[Span, Any], None] | None = None
                       ) -> Any:
     """Await ``call`` with ``span`` current and suppression on; end the span and record metrics after."""
@@ -68,17 +70,23 @@ async def run_in_span(telemetry: Telemetry, span: Span, attributes: dict[str, An
     finally:
         otel_context.detach(context_token)
         SUPPRESSED.reset(token)
-        try:
-            span.end()
-        except Exception as exc:  # a SpanProcessor's on_end raised: the span is lost, not the metrics
-            telemetry.guard.failed("end", exc)
-        try:
-            metric_attributes = telemetry.metric_attributes(attributes, error)
-            telemetry.operation_duration.record(timer.seconds(), metric_attributes)
-            if sent and error is None:
-                telemetry.sent.add(sent, metric_attributes)
-        except Exception as exc:
-            telemetry.guard.failed("end", exc)
+        _end_send(telemetry, span, destination, timer, error, sent)
+
+
+def _end_send(telemetry: Telemetry, span: Span, destination: Destination, timer: Timer, error: str | None,
+              sent: int) -> None:
+    try:
+        span.end()
+    except Exception as exc:  # a SpanProcessor's on_end raised: the span is lost, not the metrics
+        telemetry.guard.failed("end", exc)
+    try:
+        metric_attributes = destination.metrics if error is None else telemetry.metric_attributes(
+            destination.attributes, error)
+        telemetry.operation_duration.record(timer.seconds(), metric_attributes)
+        if sent and error is None:
+            telemetry.sent.add(sent, metric_attributes)
+    except Exception as exc:
+        telemetry.guard.failed("end", exc)
 
 
 def _safe_error(telemetry: Telemetry, span: Span, exc: BaseException) -> str | None:
@@ -90,16 +98,16 @@ def _safe_error(telemetry: Telemetry, span: Span, exc: BaseException) -> str | N
 
 
 def _start_send(telemetry: Telemetry, operation: str, kind: SpanKind, subject: str, payload: bytes,
-                headers: dict | None, client: Any) -> tuple[Span, dict[str, Any], dict | None, Timer]:
+                headers: dict | None, client: Any) -> tuple[Span, Destination, dict | None, Timer]:
     """Start the span of a publish or request; return it with a copy of the headers carrying it."""
-    attributes = telemetry.base_attributes(operation, "send", subject, client)
-    attributes["messaging.message.body.size"] = len(payload)
+    destination = telemetry.destination(operation, "send", subject, client)
+    attributes = {**destination.attributes, BODY_SIZE: len(payload)}
     if headers and MSG_ID_HEADER in headers:
         attributes["messaging.message.id"] = headers[MSG_ID_HEADER]
-    span = telemetry.tracer.start_span(telemetry.span_name(operation, subject, client), kind=kind,
-                                       attributes=attributes)
-    new_headers = telemetry.inject(headers, len(payload), client, trace.set_span_in_context(span))
-    return span, attributes, new_headers, Timer()
+    # started with the current context as parent, and never made current: nothing in the client's
+    # publish needs it, and the headers get its context directly
+    span = telemetry.tracer.start_span(destination.name, kind=kind, attributes=attributes)
+    return span, destination, telemetry.inject(headers, len(payload), client, span), Timer()
 
 
 def publish_wrapper(telemetry: Telemetry) -> Wrapper:
@@ -110,13 +118,21 @@ def publish_wrapper(telemetry: Telemetry) -> Wrapper:
             return await wrapped(*args, **kwargs)
         try:
             subject, payload, reply, headers = _publish_args(*args, **kwargs)
-            span, attributes, new_headers, timer = _start_send(telemetry, "publish", SpanKind.PRODUCER, subject,
-                                                               payload, headers, instance)
+            span, destination, new_headers, timer = _start_send(telemetry, "publish", SpanKind.PRODUCER, subject,
+                                                                payload, headers, instance)
         except Exception as exc:
             telemetry.guard.failed("publish", exc)
             return await wrapped(*args, **kwargs)
-        return await run_in_span(telemetry, span, attributes, timer, wrapped(subject, payload, reply, new_headers),
-                                 sent=1)
+        # The client's publish only queues the bytes (it calls nothing we wrap): the span need not be
+        # current, nor suppression on, while it runs.
+        error = None
+        try:
+            return await wrapped(subject, payload, reply, new_headers)
+        except BaseException as exc:
+            error = _safe_error(telemetry, span, exc)
+            raise
+        finally:
+            _end_send(telemetry, span, destination, timer, error, 1)
 
     return wrapper
 
@@ -137,14 +153,14 @@ def request_wrapper(telemetry: Telemetry) -> Wrapper:
         if plumbing:
             return await run_suppressed(wrapped(*args, **kwargs))
         try:
-            span, attributes, new_headers, timer = _start_send(telemetry, "request", SpanKind.CLIENT, subject,
-                                                               payload, headers, instance)
+            span, destination, new_headers, timer = _start_send(telemetry, "request", SpanKind.CLIENT, subject,
+                                                                payload, headers, instance)
         except Exception as exc:
             telemetry.guard.failed("request", exc)
             # its inner publish stays unspanned, as under a request span: one failure, counted once
             return await run_suppressed(wrapped(*args, **kwargs))
         call = wrapped(subject, payload, timeout=timeout, old_style=old_style, headers=new_headers)
-        return await run_in_span(telemetry, span, attributes, timer, call, sent=1)
+        return await run_in_span(telemetry, span, destination, timer, call, sent=1)
 
     return wrapper
 
@@ -174,13 +190,13 @@ def js_publish_wrapper(telemetry: Telemetry) -> Wrapper:
         client = getattr(instance, "_nc", None)
         try:
             subject, payload, timeout, stream, headers, rest = _js_publish_args(*args, **kwargs)
-            span, attributes, new_headers, timer = _start_send(telemetry, "publish", SpanKind.PRODUCER, subject,
-                                                               payload, headers, client)
+            span, destination, new_headers, timer = _start_send(telemetry, "publish", SpanKind.PRODUCER, subject,
+                                                                payload, headers, client)
         except Exception as exc:
             telemetry.guard.failed("jetstream publish", exc)
             return await run_suppressed(wrapped(*args, **kwargs))  # no request span for its inner request
         call = wrapped(subject, payload, timeout=timeout, stream=stream, headers=new_headers, **rest)
-        return await run_in_span(telemetry, span, attributes, timer, call, sent=1, on_result=_pub_ack)
+        return await run_in_span(telemetry, span, destination, timer, call, sent=1, on_result=_pub_ack)
 
     return wrapper
 
@@ -197,10 +213,9 @@ def respond_wrapper(telemetry: Telemetry) -> Wrapper:
             return await wrapped(*args, **kwargs)
         try:
             original = instance.headers
-            cleaned = without_trace_headers(original) if original else {}
             data = args[0] if args else kwargs.get("data", b"")
-            injected = telemetry.inject(cleaned, len(data), instance._client)
-            instance.headers = injected or (None if original is None else cleaned)
+            injected = telemetry.inject(without_trace_headers(original), len(data), instance._client, owned=True)
+            instance.headers = injected or (None if original is None else {})
         except Exception as exc:
             telemetry.guard.failed("respond", exc)
             return await wrapped(*args, **kwargs)

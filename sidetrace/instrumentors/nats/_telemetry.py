@@ -7,11 +7,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.trace import Link, Span, Status, StatusCode, Tracer
 
-from sidetrace.instrumentors._messaging import GETTER, OTHER, SETTER, BoundedValues, Guard, header_bytes
+from sidetrace.instrumentors._messaging import OTHER, BoundedValues, Guard
+from sidetrace.instrumentors.nats._context import HeaderContext
 
 SYSTEM = "nats"
 JS_ACK_PREFIX = "$JS.ACK."
@@ -21,9 +22,25 @@ STREAM = "messaging.nats.jetstream.stream"
 SEQUENCE = "messaging.nats.jetstream.sequence"
 DUPLICATE = "messaging.nats.jetstream.duplicate"
 DELIVERED = "messaging.nats.jetstream.delivered_count"
+BODY_SIZE = "messaging.message.body.size"
 MSG_ID_HEADER = "Nats-Msg-Id"
 PEER_ATTR = "_sidetrace_peer"
+DESTINATIONS_ATTR = "_sidetrace_destinations"
 CACHE_LIMIT = 4096  # subjects whose names and metric attributes are remembered
+HEADER_LINES = len("NATS/1.0\r\n\r\n")  # the version line and the blank line of a header block
+
+
+class Destination:
+    """What every message of one operation on one subject shares: its span name, the span attributes
+    that do not vary per message (never handed to the SDK itself, which would keep it: copied), and
+    the metric attributes of a message that went without error."""
+
+    __slots__ = ("attributes", "metrics", "name")
+
+    def __init__(self, name: str, attributes: dict[str, Any], metrics: dict[str, Any]) -> None:
+        self.name = name
+        self.attributes = attributes
+        self.metrics = metrics
 
 
 class MessageCounts:
@@ -51,6 +68,7 @@ class Telemetry:
         self.guard = guard
         self.use_links = use_links
         self.settle_spans = settle_spans
+        self.headers = HeaderContext()
         # 200 destinations per operation: publishers of id-bearing subjects (orders.1, orders.2, ...) use
         # up their own operation's share, and a consumer's wildcard template keeps its name
         self.destinations: dict[str, BoundedValues] = {}
@@ -107,39 +125,73 @@ class Telemetry:
     def span_name(self, operation: str, subject: str, client: Any, template: str | None = None) -> str:
         return f"{operation} {template or self.template(subject, client)[0]}"
 
+    def destination(self, operation: str, kind: str, subject: str, client: Any, template: str | None = None,
+                    queue: str | None = None) -> Destination:
+        """The shared part of a message's telemetry, remembered per connection (and rebuilt when it
+        reconnects elsewhere, as its ``server.*`` attributes change) for up to CACHE_LIMIT subjects."""
+        url = getattr(client, "connected_url", None)
+        client_id = getattr(client, "_client_id", None)
+        cache = getattr(client, DESTINATIONS_ATTR, None)
+        if cache is None or cache[0] is not self or cache[1] is not url or cache[2] != client_id:
+            cache = (self, url, client_id, {})
+            if client is not None:
+                setattr(client, DESTINATIONS_ATTR, cache)
+        key = (operation, subject, template, queue)
+        found = cache[3].get(key)
+        if found is None:
+            name, _, temporary = self.template(subject, client)
+            attributes = self.base_attributes(operation, kind, subject, client, template)
+            if queue:
+                attributes["messaging.consumer.group.name"] = queue
+            found = Destination(f"{operation} {template or name}", attributes, self.metric_attributes(attributes, None))
+            if not temporary and len(cache[3]) < CACHE_LIMIT:  # temporary subjects are one-offs
+                cache[3][key] = found
+        return found
+
     # context -----------------------------------------------------------------------------------
 
-    @staticmethod
-    def extract(headers: Mapping[str, str] | None) -> otel_context.Context | None:
-        if not headers:
-            return None
-        ctx = propagate.extract(headers, getter=GETTER)
-        return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
+    def extract(self, headers: Mapping[str, str] | None) -> otel_context.Context | None:
+        return self.headers.extract(headers)
 
-    def inject(self, headers: Mapping[str, str] | None, payload_size: int, client: Any,
-               ctx: otel_context.Context | None = None) -> dict[str, str] | None:
-        """A copy of ``headers`` with trace context, or the headers unchanged when it cannot travel."""
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier, context=ctx, setter=SETTER)
+    def inject(self, headers: Mapping[str, str] | None, payload_size: int, client: Any, span: Span | None = None,
+               owned: bool = False) -> dict[str, str] | None:
+        """A copy of ``headers`` with ``span``'s trace context (the current one when None), or the
+        headers unchanged when it cannot travel. ``owned`` headers are ours: updated, not copied."""
+        carrier = self.headers.fields(span)
         if not carrier:
-            return dict(headers) if headers is not None else None
+            return dict(headers) if headers is not None and not owned else headers
+        if headers:
+            if owned:
+                headers.update(carrier)  # type: ignore[attr-defined]
+                merged = headers
+            else:
+                merged = {**headers, **carrier}
+        else:
+            merged = carrier
         server_info = getattr(client, "_server_info", None) or {}
-        merged = {**(headers or {}), **carrier}
         max_payload = getattr(client, "_max_payload", None) or 1024 * 1024
-        if not server_info.get("headers", True) or payload_size + header_bytes(merged.items()) > max_payload:
+        size = payload_size + HEADER_LINES
+        for key, value in merged.items():
+            size += len(key) + len(value) + 4
+        if not server_info.get("headers", True) or size > max_payload:
             self.injection_misses += 1
             self.misses.add(1, {"messaging.system": SYSTEM})
+            if owned and headers:
+                for key in carrier:
+                    del headers[key]  # type: ignore[attr-defined]
+                return headers
             return dict(headers) if headers is not None else None
         return merged
 
     def consumer_context(self, headers: Mapping[str, str] | None) -> tuple[otel_context.Context | None, list[Link]]:
-        """Parent context and links for a consumer span: the producer as parent, or as a link if asked."""
-        producer = self.extract(headers)
+        """The context a consumer span starts in (the message's: its baggage, and the producer as
+        parent, or none with the producer as a link if asked), or None when the message carries none."""
+        producer = self.headers.extract(headers)
         if producer is None:
             return None, []
-        link = Link(trace.get_current_span(producer).get_span_context())
         if self.use_links:
-            return None, [link]
+            return trace.set_span_in_context(trace.INVALID_SPAN, producer), [
+                Link(trace.get_current_span(producer).get_span_context())]
         return producer, []
 
     # metrics -------------------------------------------------------------------------------------
