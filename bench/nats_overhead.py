@@ -10,7 +10,10 @@ added cost over bare. A reference condition in the same rounds, ``sdk``, makes o
 pipelined message makes (a publish span and its process span, same attributes, no NATS), so the
 added cost can be read as a multiple of the SDK's own on this machine.
 
-Usage: python bench/nats_overhead.py [--rounds 9] [--messages 5000] [--before main]
+With ``--metrics``, sidetrace (and the --before revision) also run with an SDK meter provider, so
+that the two histogram records per message are measured (without one they are no-op calls).
+
+Usage: python bench/nats_overhead.py [--rounds 9] [--messages 5000] [--before main] [--metrics]
                                      [--python .bench313/bin/python]
 `make bench` creates .bench313 with pyenv's 3.13 when missing.
 """
@@ -50,14 +53,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--before", help="also measure sidetrace as it was at this git revision")
+    parser.add_argument("--metrics", action="store_true",
+                        help="also measure sidetrace (and --before) with an SDK meter provider: the histograms' cost")
     parser.add_argument("--python", default=str(ROOT / ".bench313/bin/python"))
     args = parser.parse_args()
-    conditions = ("bare", "sidetrace", *(("before",) if args.before else ()), "peer", "sdk")
+    ours = ("sidetrace", *(("before",) if args.before else ()))
+    conditions = ("bare", *ours, *((f"{c}+metrics" for c in ours) if args.metrics else ()), "peer", "sdk")
     before = checkout(args.before) if args.before else ""
 
     def command(condition: str) -> list[str]:
-        if condition == "before":
-            return [args.python, WORKER, server.url, "sidetrace", str(args.messages), before]
+        if condition.startswith("before"):
+            return [args.python, WORKER, server.url, condition.replace("before", "sidetrace"), str(args.messages),
+                    before]
         return [args.python, WORKER, server.url, condition, str(args.messages)]
 
     server = NatsServer(Path(tempfile.mkdtemp(prefix="sidetrace-nats-bench-")))

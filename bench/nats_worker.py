@@ -1,7 +1,8 @@
 """One measurement process for bench/nats_overhead.py: connect, maybe instrument, time three modes.
 
 Usage: python bench/nats_worker.py URL CONDITION MESSAGES [SIDETRACE_DIR]
-CONDITION: bare, sidetrace, peer, or sdk (the reference: no NATS, only the two spans a pipelined
+CONDITION: bare, sidetrace, sidetrace+metrics (with an SDK meter provider, whose reader is never
+collected: the cost of recording), peer, or sdk (the reference: no NATS, only the two spans a pipelined
 message makes, started and ended with the same attributes, pipelined mode only). SIDETRACE_DIR: a
 directory whose `sidetrace` package is imported instead of the installed one (an older revision).
 Prints one JSON line: microseconds of wall and CPU time per message for each mode, and spans made.
@@ -31,11 +32,18 @@ def instrument(condition: str) -> tuple[TracerProvider | None, Discard | None]:
     if condition == "bare":
         return None, None
     provider, exporter = discarding_provider()
-    if condition == "sidetrace":
+    options = {}
+    if condition.startswith("sidetrace"):
         from sidetrace.instrumentors.nats import NatsInstrumentor
+
+        if condition == "sidetrace+metrics":  # an SDK meter provider: the histograms are recorded
+            from opentelemetry.sdk.metrics import MeterProvider
+            from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+            options["meter_provider"] = MeterProvider([InMemoryMetricReader()])
     else:
         from otel_instrumentation_nats import NatsInstrumentor
-    NatsInstrumentor().instrument(tracer_provider=provider)
+    NatsInstrumentor().instrument(tracer_provider=provider, **options)
     return provider, exporter
 
 

@@ -59,8 +59,9 @@ class HeaderContext:
             span_context = (span if span is not None else trace.get_current_span()).get_span_context()
             if span_context == trace.INVALID_SPAN_CONTEXT:
                 return {}
-            carrier = {TRACEPARENT: f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-"
-                                    f"{span_context.trace_flags:02x}"}
+            # %-formatting: half the time of the f-string with format specs, same text
+            carrier = {TRACEPARENT: "00-%032x-%016x-%02x" % (  # noqa: UP031
+                span_context.trace_id, span_context.span_id, span_context.trace_flags)}
             if span_context.trace_state:
                 carrier[TRACESTATE] = span_context.trace_state.to_header()
             return carrier
