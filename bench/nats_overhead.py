@@ -8,7 +8,9 @@ flush once, wait for the last delivery), sequential (publish one, wait for its h
 request/reply. Reported: median over rounds of CPU microseconds per message with its range, and the
 added cost over bare. A reference condition in the same rounds, ``sdk``, makes only what a
 pipelined message makes (a publish span and its process span, same attributes, no NATS), so the
-added cost can be read as a multiple of the SDK's own on this machine.
+added cost can be read as a multiple of the SDK's own on this machine; and ``by-hand``, the same two
+spans made by the app around nats-py with a traceparent header sent along (nothing extracted, no
+attribute built), the least that any instrumentation making them pays in place.
 
 With ``--metrics``, sidetrace (and the --before revision) also run with an SDK meter provider, so
 that the two histogram records per message are measured (without one they are no-op calls).
@@ -58,7 +60,8 @@ def main() -> None:
     parser.add_argument("--python", default=str(ROOT / ".bench313/bin/python"))
     args = parser.parse_args()
     ours = ("sidetrace", *(("before",) if args.before else ()))
-    conditions = ("bare", *ours, *((f"{c}+metrics" for c in ours) if args.metrics else ()), "peer", "sdk")
+    conditions = ("bare", *ours, *((f"{c}+metrics" for c in ours) if args.metrics else ()), "peer", "sdk",
+                  "by-hand")
     before = checkout(args.before) if args.before else ""
 
     def command(condition: str) -> list[str]:
@@ -75,16 +78,19 @@ def main() -> None:
     version = python_version(args.python)
     print(f"{args.rounds} rounds, {args.messages} pipelined / {args.messages // 5} sequential and request "
           f"messages each; Python {version}; CPU microseconds per message, median (range)")
-    measured = [c for c in conditions if c not in ("bare", "sdk")]
+    measured = [c for c in conditions if c not in ("bare", "sdk", "by-hand")]
     print(f"{'mode':11} {'bare':>18} " + " ".join(f"{c:>18} {'added: ' + c:>24}" for c in measured))
     for mode in MODES:
-        cpu = {c: [r["modes"][mode]["cpu_us"] for r in runs[c]] for c in conditions if c != "sdk"}
+        cpu = {c: [r["modes"][mode]["cpu_us"] for r in runs[c]] for c in ("bare", *measured)}
         bare = statistics.median(cpu["bare"])
         print(f"{mode:11} {spread(cpu['bare']):>18} "
               + " ".join(f"{spread(cpu[c]):>18} {spread([v - bare for v in cpu[c]]):>24}" for c in measured))
     reference = [r["modes"]["pipelined"]["cpu_us"] for r in runs["sdk"]]
     print(f"reference: two bare SDK spans with a pipelined message's attributes, no NATS: {spread(reference)} us")
     bare = statistics.median(r["modes"]["pipelined"]["cpu_us"] for r in runs["bare"])
+    by_hand = [r["modes"]["pipelined"]["cpu_us"] - bare for r in runs["by-hand"]]
+    print(f"floor: the same two spans made by the app around nats-py, a traceparent header sent along, added: "
+          f"{spread(by_hand)} us, {statistics.median(by_hand) / statistics.median(reference):.2f} times the reference")
     for c in measured:
         added = statistics.median(r["modes"]["pipelined"]["cpu_us"] for r in runs[c]) - bare
         print(f"pipelined, added by {c} / reference: {added / statistics.median(reference):.2f} "

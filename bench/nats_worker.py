@@ -2,8 +2,9 @@
 
 Usage: python bench/nats_worker.py URL CONDITION MESSAGES [SIDETRACE_DIR]
 CONDITION: bare, sidetrace, sidetrace+metrics (with an SDK meter provider, whose reader is never
-collected: the cost of recording), peer, or sdk (the reference: no NATS, only the two spans a pipelined
-message makes, started and ended with the same attributes, pipelined mode only). SIDETRACE_DIR: a
+collected: the cost of recording), peer, sdk (the reference: no NATS, only the two spans a pipelined
+message makes, started and ended with the same attributes, pipelined mode only) or by-hand (the same
+two spans made by the app around nats-py, with a traceparent header; pipelined mode only). SIDETRACE_DIR: a
 directory whose `sidetrace` package is imported instead of the installed one (an older revision).
 Prints one JSON line: microseconds of wall and CPU time per message for each mode, and spans made.
 """
@@ -119,13 +120,55 @@ def two_spans(provider: TracerProvider, messages: int) -> dict[str, dict[str, fl
                           "cpu_us": (time.process_time() - cpu) / messages * 1e6}}
 
 
+async def by_hand(url: str, provider: TracerProvider, messages: int) -> dict[str, dict[str, float]]:
+    """Pipelined publish-and-process with the same two spans made by the app around nats-py and a
+    traceparent header sent along, read by no one: what any instrumentation making these spans and
+    carrying the context pays at least, without a single propagation call or attribute built."""
+    tracer = provider.get_tracer("bench")
+    producer = trace.set_span_in_context(trace.NonRecordingSpan(
+        trace.SpanContext(0x1F, 0x2F, is_remote=True, trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED))))
+    traceparent = f"00-{0x1F:032x}-{0x2F:016x}-01"
+    nc = await nats.connect(url)
+    count = 0
+    done = asyncio.Event()
+
+    async def handler(msg) -> None:  # noqa: ANN001
+        nonlocal count
+        tracer.start_span("process bench.pipe", context=producer, kind=SpanKind.CONSUMER, attributes=PROCESS).end()
+        count += 1
+        if count >= messages:
+            done.set()
+
+    await nc.subscribe("bench.pipe", cb=handler)
+    await nc.flush()
+
+    async def run() -> None:
+        nonlocal count
+        count = 0
+        done.clear()
+        for _ in range(messages):
+            span = tracer.start_span("publish bench.pipe", kind=SpanKind.PRODUCER, attributes=PUBLISH)
+            await nc.publish("bench.pipe", b"x" * 64, headers={"traceparent": traceparent})
+            span.end()
+        await nc.flush()
+        await asyncio.wait_for(done.wait(), 120)
+
+    await run()  # warm up
+    wall, cpu = time.perf_counter(), time.process_time()
+    await run()
+    result = {"pipelined": {"wall_us": (time.perf_counter() - wall) / messages * 1e6,
+                            "cpu_us": (time.process_time() - cpu) / messages * 1e6}}
+    await nc.close()
+    return result
+
+
 def main() -> None:
     url, condition, messages = sys.argv[1], sys.argv[2], int(sys.argv[3])
     if len(sys.argv) > 4:
         sys.path.insert(0, sys.argv[4])
-    if condition == "sdk":
+    if condition in ("sdk", "by-hand"):
         provider, exporter = discarding_provider()
-        results = two_spans(provider, messages)
+        results = two_spans(provider, messages) if condition == "sdk" else asyncio.run(by_hand(url, provider, messages))
         provider.force_flush()
         print(json.dumps({"condition": condition, "modes": results, "spans": exporter.spans}))
         return

@@ -7,6 +7,7 @@ import contextvars
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from time import perf_counter
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -21,7 +22,6 @@ from sidetrace.instrumentors.nats._telemetry import (
     STREAM,
     Destination,
     Telemetry,
-    Timer,
     record_error,
 )
 
@@ -68,7 +68,7 @@ def traced_callback(telemetry: Telemetry, cb: Callable[[Any], Awaitable[None]], 
         if not is_instrumentation_enabled():
             return await cb(msg)
         try:
-            span, token, destination, timer = _start_process(telemetry, msg, name_template, queue)
+            span, token, destination, began = _start_process(telemetry, msg, name_template, queue)
         except Exception as exc:
             telemetry.guard.failed("process", exc)
             return await cb(msg)
@@ -79,29 +79,30 @@ def traced_callback(telemetry: Telemetry, cb: Callable[[Any], Awaitable[None]], 
             error = _record_error(telemetry, span, exc)
             raise
         finally:
-            _end_process(telemetry, span, token, destination, timer, error, counted=False)
+            _end_process(telemetry, span, token, destination, began, error, counted=False)
 
     callback.__wrapped__ = cb  # type: ignore[attr-defined]
     return callback
 
 
 def _start_process(telemetry: Telemetry, msg: Any, template: str | None, queue: str | None
-                   ) -> tuple[Span | None, object, Destination, Timer]:
-    """(span, context token, destination, timer) of processing ``msg``; the span is None when the
-    tracer failed to start it (the failure counted), and the message is still timed and counted."""
+                   ) -> tuple[Span | None, object, Destination, float]:
+    """(span, context token, destination, perf_counter() at the start) of processing ``msg``; the span
+    is None when the tracer failed to start it (the failure counted), and the message is still timed
+    and counted."""
     destination, attributes = _message(telemetry, "process", "process", msg, template, queue)
-    timer = Timer()
+    began = perf_counter()
     try:
         parent, links = telemetry.consumer_context(msg.headers)
         span = telemetry.tracer.start_span(destination.name, context=parent or otel_context.Context(),
                                            kind=SpanKind.CONSUMER, attributes=attributes, links=links)
     except Exception as exc:
         telemetry.guard.failed("process", exc)
-        return None, None, destination, timer
+        return None, None, destination, began
     setattr(msg, SPAN_ATTR, span)
     # the handler runs in the message's context (its baggage too), or the current one if it has none
     token = otel_context.attach(trace.set_span_in_context(span, parent))
-    return span, token, destination, timer
+    return span, token, destination, began
 
 
 def _record_error(telemetry: Telemetry, span: Span | None, exc: BaseException) -> str:
@@ -114,7 +115,7 @@ def _record_error(telemetry: Telemetry, span: Span | None, exc: BaseException) -
     return type(exc).__qualname__
 
 
-def _end_process(telemetry: Telemetry, span: Span | None, token: object, destination: Destination, timer: Timer,
+def _end_process(telemetry: Telemetry, span: Span | None, token: object, destination: Destination, began: float,
                  error: str | None, counted: bool) -> None:
     """Ends the process span and records its metrics; a delivery its receive already ``counted`` is
     not counted again (each delivery is one consumed message, as the messaging conventions say)."""
@@ -127,7 +128,7 @@ def _end_process(telemetry: Telemetry, span: Span | None, token: object, destina
     try:
         metric_attributes = destination.metrics if error is None else telemetry.metric_attributes(
             destination.attributes, error)
-        telemetry.process_duration.record(timer.seconds(), metric_attributes)
+        telemetry.process_duration.record(perf_counter() - began, metric_attributes)
         if not counted:
             telemetry.consumed.add(1, metric_attributes)
     except Exception as exc:
@@ -139,7 +140,7 @@ def process_span(telemetry: Telemetry, msg: Any) -> Iterator[Span]:
     """Run the user's own processing of a received (pulled) message inside its `process` span."""
     try:
         template = getattr(msg, TEMPLATE_ATTR, None)
-        span, token, destination, timer = _start_process(telemetry, msg, template, None)
+        span, token, destination, began = _start_process(telemetry, msg, template, None)
     except Exception as exc:
         telemetry.guard.failed("process", exc)
         yield trace.INVALID_SPAN
@@ -151,7 +152,7 @@ def process_span(telemetry: Telemetry, msg: Any) -> Iterator[Span]:
         error = _record_error(telemetry, span, exc)
         raise
     finally:
-        _end_process(telemetry, span, token, destination, timer, error, counted=getattr(msg, COUNTED_ATTR, False))
+        _end_process(telemetry, span, token, destination, began, error, counted=getattr(msg, COUNTED_ATTR, False))
 
 
 def subscribe_wrapper(telemetry: Telemetry) -> Wrapper:
@@ -232,7 +233,7 @@ def _receive_wrapper(telemetry: Telemetry, where: str,
             attributes = telemetry.base_attributes("receive", "receive", subject, client, template)
             if queue:
                 attributes["messaging.consumer.group.name"] = queue
-            started, timer = time.time_ns(), Timer()
+            started, began = time.time_ns(), perf_counter()
         except Exception as exc:
             telemetry.guard.failed(where, exc)
             return await run_suppressed(wrapped(*args, **kwargs))
@@ -240,18 +241,18 @@ def _receive_wrapper(telemetry: Telemetry, where: str,
         try:
             result = await wrapped(*args, **kwargs)
         except BaseException as exc:
-            _received(telemetry, where, name, template, attributes, started, timer, None, exc)
+            _received(telemetry, where, name, template, attributes, started, began, None, exc)
             raise
         finally:
             SUPPRESSED.reset(token)
-        _received(telemetry, where, name, template, attributes, started, timer, lambda: messages_of(result), None)
+        _received(telemetry, where, name, template, attributes, started, began, lambda: messages_of(result), None)
         return result
 
     return wrapper
 
 
 def _received(telemetry: Telemetry, where: str, name: str, template: str | None, attributes: dict[str, Any],
-              started: int, timer: Timer, messages_of: Callable[[], list[Any]] | None,
+              started: int, began: float, messages_of: Callable[[], list[Any]] | None,
               error: BaseException | None) -> None:
     """Makes the span of a receive that has returned (or raised ``error``) and counts its messages,
     marking each as counted so that its `process` span does not count it again."""
@@ -282,7 +283,7 @@ def _received(telemetry: Telemetry, where: str, name: str, template: str | None,
             telemetry.guard.failed("end", exc)
     try:
         metric_attributes = telemetry.metric_attributes(attributes, error_type)
-        telemetry.operation_duration.record(timer.seconds(), metric_attributes)
+        telemetry.operation_duration.record(perf_counter() - began, metric_attributes)
         if messages:
             telemetry.consumed.add(len(messages), metric_attributes)
     except Exception as exc:
@@ -329,7 +330,7 @@ def settle_wrapper(telemetry: Telemetry, operation: str) -> Wrapper:
                 links = [Link(trace.get_current_span(producer).get_span_context())] if producer else []
                 span = telemetry.tracer.start_span(destination.name, kind=SpanKind.CLIENT, attributes=attributes,
                                                    links=links)
-                timer = Timer()
+                began = perf_counter()
         except Exception as exc:
             telemetry.guard.failed(operation, exc)
             span = None
@@ -339,6 +340,6 @@ def settle_wrapper(telemetry: Telemetry, operation: str) -> Wrapper:
                 return await wrapped(*args, **kwargs)
             finally:
                 SUPPRESSED.reset(token)
-        return await run_in_span(telemetry, span, destination, timer, wrapped(*args, **kwargs))
+        return await run_in_span(telemetry, span, destination, began, wrapped(*args, **kwargs))
 
     return wrapper

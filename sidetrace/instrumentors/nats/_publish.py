@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Awaitable, Callable
+from time import perf_counter
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -20,7 +21,6 @@ from sidetrace.instrumentors.nats._telemetry import (
     STREAM,
     Destination,
     Telemetry,
-    Timer,
     record_error,
 )
 
@@ -48,7 +48,7 @@ def _js_publish_args(subject: str, payload: bytes = b"", timeout: float | None =
     return subject, payload, timeout, stream, headers, rest
 
 
-async def run_in_span(telemetry: Telemetry, span: Span, destination: Destination, timer: Timer,
+async def run_in_span(telemetry: Telemetry, span: Span, destination: Destination, began: float,
                       call: Awaitable[Any], sent: int = 0, on_result: Callable[[Span, Any], None] | None = None
                       ) -> Any:
     """Await ``call`` with ``span`` current and suppression on; end the span and record metrics after."""
@@ -70,10 +70,10 @@ async def run_in_span(telemetry: Telemetry, span: Span, destination: Destination
     finally:
         otel_context.detach(context_token)
         SUPPRESSED.reset(token)
-        _end_send(telemetry, span, destination, timer, error, sent)
+        _end_send(telemetry, span, destination, began, error, sent)
 
 
-def _end_send(telemetry: Telemetry, span: Span, destination: Destination, timer: Timer, error: str | None,
+def _end_send(telemetry: Telemetry, span: Span, destination: Destination, began: float, error: str | None,
               sent: int) -> None:
     try:
         span.end()
@@ -82,7 +82,7 @@ def _end_send(telemetry: Telemetry, span: Span, destination: Destination, timer:
     try:
         metric_attributes = destination.metrics if error is None else telemetry.metric_attributes(
             destination.attributes, error)
-        telemetry.operation_duration.record(timer.seconds(), metric_attributes)
+        telemetry.operation_duration.record(perf_counter() - began, metric_attributes)
         if sent and error is None:
             telemetry.sent.add(sent, metric_attributes)
     except Exception as exc:
@@ -98,7 +98,7 @@ def _safe_error(telemetry: Telemetry, span: Span, exc: BaseException) -> str | N
 
 
 def _start_send(telemetry: Telemetry, operation: str, kind: SpanKind, subject: str, payload: bytes,
-                headers: dict | None, client: Any) -> tuple[Span, Destination, dict | None, Timer]:
+                headers: dict | None, client: Any) -> tuple[Span, Destination, dict | None, float]:
     """Start the span of a publish or request; return it with a copy of the headers carrying it."""
     destination = telemetry.destination(operation, "send", subject, client)
     attributes = {**destination.attributes, BODY_SIZE: len(payload)}
@@ -107,7 +107,7 @@ def _start_send(telemetry: Telemetry, operation: str, kind: SpanKind, subject: s
     # started with the current context as parent, and never made current: nothing in the client's
     # publish needs it, and the headers get its context directly
     span = telemetry.tracer.start_span(destination.name, kind=kind, attributes=attributes)
-    return span, destination, telemetry.inject(headers, len(payload), client, span), Timer()
+    return span, destination, telemetry.inject(headers, len(payload), client, span), perf_counter()
 
 
 def publish_wrapper(telemetry: Telemetry) -> Wrapper:
@@ -118,7 +118,7 @@ def publish_wrapper(telemetry: Telemetry) -> Wrapper:
             return await wrapped(*args, **kwargs)
         try:
             subject, payload, reply, headers = _publish_args(*args, **kwargs)
-            span, destination, new_headers, timer = _start_send(telemetry, "publish", SpanKind.PRODUCER, subject,
+            span, destination, new_headers, began = _start_send(telemetry, "publish", SpanKind.PRODUCER, subject,
                                                                 payload, headers, instance)
         except Exception as exc:
             telemetry.guard.failed("publish", exc)
@@ -132,7 +132,7 @@ def publish_wrapper(telemetry: Telemetry) -> Wrapper:
             error = _safe_error(telemetry, span, exc)
             raise
         finally:
-            _end_send(telemetry, span, destination, timer, error, 1)
+            _end_send(telemetry, span, destination, began, error, 1)
 
     return wrapper
 
@@ -153,14 +153,14 @@ def request_wrapper(telemetry: Telemetry) -> Wrapper:
         if plumbing:
             return await run_suppressed(wrapped(*args, **kwargs))
         try:
-            span, destination, new_headers, timer = _start_send(telemetry, "request", SpanKind.CLIENT, subject,
+            span, destination, new_headers, began = _start_send(telemetry, "request", SpanKind.CLIENT, subject,
                                                                 payload, headers, instance)
         except Exception as exc:
             telemetry.guard.failed("request", exc)
             # its inner publish stays unspanned, as under a request span: one failure, counted once
             return await run_suppressed(wrapped(*args, **kwargs))
         call = wrapped(subject, payload, timeout=timeout, old_style=old_style, headers=new_headers)
-        return await run_in_span(telemetry, span, destination, timer, call, sent=1)
+        return await run_in_span(telemetry, span, destination, began, call, sent=1)
 
     return wrapper
 
@@ -190,13 +190,13 @@ def js_publish_wrapper(telemetry: Telemetry) -> Wrapper:
         client = getattr(instance, "_nc", None)
         try:
             subject, payload, timeout, stream, headers, rest = _js_publish_args(*args, **kwargs)
-            span, destination, new_headers, timer = _start_send(telemetry, "publish", SpanKind.PRODUCER, subject,
+            span, destination, new_headers, began = _start_send(telemetry, "publish", SpanKind.PRODUCER, subject,
                                                                 payload, headers, client)
         except Exception as exc:
             telemetry.guard.failed("jetstream publish", exc)
             return await run_suppressed(wrapped(*args, **kwargs))  # no request span for its inner request
         call = wrapped(subject, payload, timeout=timeout, stream=stream, headers=new_headers, **rest)
-        return await run_in_span(telemetry, span, destination, timer, call, sent=1, on_result=_pub_ack)
+        return await run_in_span(telemetry, span, destination, began, call, sent=1, on_result=_pub_ack)
 
     return wrapper
 

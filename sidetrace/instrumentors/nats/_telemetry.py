@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -266,14 +265,3 @@ def record_error(span: Span, exc: BaseException) -> str:
         span.set_status(Status(StatusCode.ERROR, str(exc) or error_type))
         span.set_attribute("error.type", error_type)
     return error_type
-
-
-class Timer:
-    __slots__ = ("started",)
-
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self.started
-
