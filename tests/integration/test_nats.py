@@ -31,6 +31,7 @@ from sidetrace.agent.processors.span_metrics import SpanMetricsProcessor
 from sidetrace.config import SpanMetricsProcessorSection
 from sidetrace.instrumentors import nats as nats_instrumentation
 from sidetrace.instrumentors.nats import NatsInstrumentor, process
+from sidetrace.instrumentors.nats._telemetry import DESTINATION_LIMIT, DESTINATIONS_ATTR
 from tests.integration.nats_server import NatsServer
 from tests.telemetry import FailingTelemetry, Telemetry
 
@@ -205,6 +206,36 @@ async def test_foreign_trace_headers_are_read_as_the_propagator_reads_them(
         assert (processed.context.trace_id, processed.parent.span_id) == (0xA1, 0xB2)
     else:
         assert processed.parent is None
+
+
+async def test_what_a_connection_remembers_per_subject_is_bounded_and_follows_reconnects(
+    tmp_path: Path, telemetry: Telemetry
+) -> None:
+    first, second = NatsServer(tmp_path / "first"), NatsServer(tmp_path / "second")
+    reconnected = asyncio.Event()
+
+    async def on_reconnect() -> None:
+        reconnected.set()
+
+    client = await nats.connect(servers=[first.url, second.url], dont_randomize=True, reconnect_time_wait=0.1,
+                                reconnected_cb=on_reconnect)
+    try:
+        for n in range(DESTINATION_LIMIT + 50):
+            await client.publish(f"ids.{n}", b"x")
+        remembered = getattr(client, DESTINATIONS_ATTR)[3]
+        assert len(remembered) == DESTINATION_LIMIT
+        last = telemetry.one(f"publish ids.{DESTINATION_LIMIT + 49}")  # past the bound: built for the message
+        assert (last.attributes["messaging.destination.name"], last.attributes["server.port"]) == (
+            f"ids.{DESTINATION_LIMIT + 49}", first.port)
+        first.stop()
+        await asyncio.wait_for(reconnected.wait(), 20)
+        await client.publish("ids.0", b"x")
+        assert [s.attributes["server.port"] for s in telemetry.finished("publish ids.0")] == [first.port, second.port]
+        assert len(getattr(client, DESTINATIONS_ATTR)[3]) == 1
+    finally:
+        await client.close()
+        first.stop()
+        second.stop()
 
 
 async def test_queue_group_and_wildcard_subscription_names(nc, telemetry: Telemetry) -> None:

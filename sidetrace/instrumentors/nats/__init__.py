@@ -25,9 +25,11 @@ OpenTelemetry messaging conventions.
 
 Span names never contain a random token: inbox and ``$JS.ACK`` subjects are named by template
 and marked ``messaging.destination.temporary``; wildcard subscriptions are named by their subject.
-JetStream API requests (``$JS.API.*``) make no spans. Trace context travels in a copy of the
-message headers (the caller's dict is never changed); a message that would exceed the server's
-``max_payload`` with them, or a server without headers, goes out without and the miss is counted
+JetStream API requests (``$JS.API.*``) make no spans. Trace context and baggage travel in a copy
+of the message headers (the caller's dict is never changed), written and read by the global
+propagator (the default one's work sidetrace does itself, with the same result), and a callback runs
+in its message's context. A message that would exceed the server's ``max_payload`` with them, or a
+server without headers, goes out without and the miss is counted
 (``sidetrace.nats.context_injection.misses``). Messages consumed with ``async for msg in
 sub.messages`` are not traced (use a callback, ``next_msg`` or :func:`process`).
 

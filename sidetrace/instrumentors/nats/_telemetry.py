@@ -26,6 +26,7 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 PEER_ATTR = "_sidetrace_peer"
 DESTINATIONS_ATTR = "_sidetrace_destinations"
 CACHE_LIMIT = 4096  # subjects whose names and metric attributes are remembered
+DESTINATION_LIMIT = 1024  # destinations remembered per connection (each holds a few hundred bytes)
 HEADER_LINES = len("NATS/1.0\r\n\r\n")  # the version line and the blank line of a header block
 
 
@@ -127,7 +128,8 @@ class Telemetry:
     def destination(self, operation: str, kind: str, subject: str, client: Any, template: str | None = None,
                     queue: str | None = None) -> Destination:
         """The shared part of a message's telemetry, remembered per connection (and rebuilt when it
-        reconnects elsewhere, as its ``server.*`` attributes change) for up to CACHE_LIMIT subjects."""
+        reconnects elsewhere, as its ``server.*`` attributes change) for up to DESTINATION_LIMIT
+        operations and subjects; past that, built for each message."""
         url = getattr(client, "connected_url", None)
         client_id = getattr(client, "_client_id", None)
         cache = getattr(client, DESTINATIONS_ATTR, None)
@@ -143,7 +145,7 @@ class Telemetry:
             if queue:
                 attributes["messaging.consumer.group.name"] = queue
             found = Destination(f"{operation} {template or name}", attributes, self.metric_attributes(attributes, None))
-            if not temporary and len(cache[3]) < CACHE_LIMIT:  # temporary subjects are one-offs
+            if not temporary and len(cache[3]) < DESTINATION_LIMIT:  # temporary subjects are one-offs
                 cache[3][key] = found
         return found
 
