@@ -46,8 +46,8 @@ def checkout(revision: str) -> str:
     return target
 
 
-def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+def spread(values: list[float], digits: int = 1) -> str:
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
 def main() -> None:
@@ -95,6 +95,11 @@ def main() -> None:
         added = statistics.median(r["modes"]["pipelined"]["cpu_us"] for r in runs[c]) - bare
         print(f"pipelined, added by {c} / reference: {added / statistics.median(reference):.2f} "
               f"(the issue's goal, 45 us against 35 us, is 1.29)")
+    if args.before:  # paired: the two ran next to each other in every round
+        for suffix in ("", "+metrics") if args.metrics else ("",):
+            ratios = [(now["modes"]["pipelined"]["cpu_us"] - bare) / (then["modes"]["pipelined"]["cpu_us"] - bare)
+                      for now, then in zip(runs[f"sidetrace{suffix}"], runs[f"before{suffix}"], strict=True)]
+            print(f"pipelined, added by sidetrace{suffix} / before{suffix}, per round: {spread(ratios, 2)}")
     spans = {c: statistics.median(r["spans"] for r in runs[c]) for c in measured}
     print("spans per run (median): " + ", ".join(f"{c} {n:.0f}" for c, n in spans.items()))
 
