@@ -32,8 +32,8 @@ HEADER_LINES = len("NATS/1.0\r\n\r\n")  # the version line and the blank line of
 
 class Destination:
     """What every message of one operation on one subject shares: its span name, the span attributes
-    that do not vary per message (never handed to the SDK itself, which would keep it: copied), and
-    the metric attributes of a message that went without error."""
+    that do not vary per message (each span gets a copy with its own added; this dict never reaches
+    the SDK), and the metric attributes of a message that went without error."""
 
     __slots__ = ("attributes", "metrics", "name")
 
