@@ -23,6 +23,7 @@ Usage: python bench/nats_overhead.py [--rounds 9] [--messages 5000] [--before ma
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -75,6 +76,8 @@ def main() -> None:
         runs = alternating_runs(conditions, args.rounds, command)
     finally:
         server.stop()
+        if before:
+            shutil.rmtree(before, ignore_errors=True)
     version = python_version(args.python)
     print(f"{args.rounds} rounds, {args.messages} pipelined / {args.messages // 5} sequential and request "
           f"messages each; Python {version}; CPU microseconds per message, median (range)")
