@@ -14,7 +14,13 @@
   other resource attributes go to one ``target_info`` series per job and instance.
 - Delta sums and histograms are accumulated into cumulative series; cumulative ones are taken as
   sent. Series not updated for ``stale_seconds`` are removed, so an app that stopped sending does
-  not live forever. Exponential histograms are not translated (counted as dropped points).
+  not live forever.
+- Exponential histograms are kept too (delta points merged into cumulative ones, ``sidetrace.agent.exponential``)
+  and served as native histograms where the exposition can carry them: the protobuf one
+  (``sidetrace.agent.protobuf_exposition``). An exposition that cannot (a text or OpenMetrics scrape, a remote-write
+  collection) leaves them out and counts each series it left out (``exponential_histogram``); a point of a scale
+  below -4 (which no native histogram schema can hold without splitting buckets) is refused and counted
+  (``exponential_histogram_scale``).
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from sidetrace._aio import finish
+from sidetrace.agent.exponential import MIN_SCHEMA, ExponentialPoint
+from sidetrace.agent.protobuf_exposition import NATIVE_HISTOGRAMS
 from sidetrace.config import AppMetricsSection
 
 if TYPE_CHECKING:
@@ -80,6 +88,8 @@ def sample_names(base: str, prom_type: str) -> tuple[str, ...]:
     return {
         "counter": (base, base + "_total"),
         "histogram": (base, base + "_bucket", base + "_sum", base + "_count"),
+        "exponential": (base, base + "_bucket", base + "_sum", base + "_count"),  # the classic names too, as the
+        # specification treats both kinds of histogram alike, and a scraper may ask for both
         "summary": (base, base + "_sum", base + "_count"),
     }.get(prom_type, (base,))
 
@@ -122,7 +132,7 @@ def any_value(value: AnyValue) -> str:
 
 
 class _Series:
-    __slots__ = ("value", "sum", "count", "buckets", "bounds", "updated")
+    __slots__ = ("value", "sum", "count", "buckets", "bounds", "updated", "exponential")
 
     def __init__(self) -> None:
         self.value = 0.0
@@ -131,6 +141,7 @@ class _Series:
         self.buckets: list[int] = []
         self.bounds: tuple[float, ...] = ()
         self.updated = 0.0
+        self.exponential: ExponentialPoint | None = None
 
 
 class AppMetrics:
@@ -246,16 +257,13 @@ class AppMetrics:
         if kind is None:
             return 0
         data = getattr(metric, kind)
-        if kind == "exponential_histogram":
-            self._drop("exponential_histogram", len(data.data_points))
-            return 0
         gauge = kind == "gauge" or (kind == "sum" and not data.is_monotonic)
         base = metric_name(metric.name, metric.unit, gauge, counter=kind == "sum" and not gauge)
         if base.startswith(RESERVED_PREFIXES):
             self._drop("reserved_name", len(data.data_points))
             return 0
         prom_type = {"gauge": "gauge", "sum": "gauge" if gauge else "counter", "histogram": "histogram",
-                     "summary": "summary"}[kind]
+                     "summary": "summary", "exponential_histogram": "exponential"}[kind]
         if self._types.get(base, prom_type) != prom_type:
             self._drop("type_conflict", len(data.data_points))
             return 0
@@ -267,6 +275,9 @@ class AppMetrics:
         delta = getattr(data, "aggregation_temporality", 0) == DELTA
         taken = 0
         for point in data.data_points:
+            if kind == "exponential_histogram" and point.scale < MIN_SCHEMA:
+                self._drop("exponential_histogram_scale")
+                continue
             labels = target + point_labels(point.attributes)
             series = self._series(family, labels, now, help_text)
             if series is None:
@@ -284,6 +295,10 @@ class AppMetrics:
                     series.count += point.count
                 else:
                     series.bounds, series.buckets, series.sum, series.count = bounds, counts, point.sum, point.count
+            elif kind == "exponential_histogram":
+                incoming = ExponentialPoint.from_otlp(point)
+                series.exponential = (series.exponential.merged(incoming) if delta and series.exponential
+                                      else incoming)
             else:  # summary: quantiles are always cumulative in OTLP
                 series.sum, series.count = point.sum, point.count
                 series.buckets = [q.value for q in point.quantile_values]
@@ -313,10 +328,16 @@ class AppMetrics:
         return self._count
 
     def families(self) -> Iterator[Metric]:
+        native = NATIVE_HISTOGRAMS.get()
         with self._lock:
             snapshot = [(family, [(labels, series.value, series.sum, series.count, list(series.buckets),
                                    series.bounds) for labels, series in by_labels.items()])
-                        for family, by_labels in self._families.items()]
+                        for family, by_labels in self._families.items() if family[1] != "exponential"]
+            # Points are replaced, never changed in place, by a merge: they can be read after the lock.
+            exponential = [(family, [(labels, series.exponential) for labels, series in by_labels.items()])
+                           for family, by_labels in self._families.items() if family[1] == "exponential"]
+            if exponential and not native:
+                self._drop("exponential_histogram", sum(len(rows) for _, rows in exponential))
             targets = list(self._targets.items())
             dropped = dict(self.dropped)
             helps = dict(self._help)
@@ -340,15 +361,23 @@ class AppMetrics:
                 family.add_sample(name + "_sum", base, total)
                 family.add_sample(name + "_count", base, count)
             yield family
+        for (name, _), rows in exponential if native else ():
+            family = Metric(name, helps[name], "histogram")
+            for labels, point in rows:
+                if point is not None:
+                    family.add_sample(name, dict(labels), point.count, native_histogram=point.native())
+            yield family
         info = Metric("target_info", "Resource attributes of each app sending OTLP metrics.", "gauge")
         for (job, instance), (attributes, _) in targets:
             info.add_sample("target_info", {"job": job, "instance": instance, **dict(attributes)}, 1)
         yield info
         points = CounterMetricFamily("sidetrace_app_metrics_dropped_points_total",
                                      "OTLP metric points not served, by reason (max_series, reserved_name, "
-                                     "type_conflict, name_clash, exponential_histogram; max_series_target_info counts "
-                                     "requests whose resource was refused a target_info series, also capped at "
-                                     "max_series).", labels=["reason"])
+                                     "type_conflict, name_clash, exponential_histogram_scale; exponential_histogram "
+                                     "counts the exponential-histogram series each text scrape or remote-write "
+                                     "collection left out, as only the protobuf exposition carries them; "
+                                     "max_series_target_info counts requests whose resource was refused a "
+                                     "target_info series, also capped at max_series).", labels=["reason"])
         for reason, count in sorted(dropped.items()):
             points.add_metric([reason], count)
         yield points
