@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.metrics import Observation
 from opentelemetry.sdk.metrics import Histogram, MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -19,6 +20,8 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.metrics.view import ExponentialBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from tests.conftest import Agent, assert_promtool_clean, http_get, wait_until
 from tests.integration.test_prometheus import Prometheus
@@ -118,7 +121,7 @@ def test_sdk_exponential_histograms_are_native_histograms_in_prometheus_and_coun
         prometheus.stop()
 
 
-def test_protobuf_and_text_scrapes_store_the_same_series_and_values(
+def test_protobuf_and_text_scrapes_store_the_same_series_and_values_for_every_ordinary_family(
     agent_factory: Callable[..., Agent], tmp_path: Path
 ) -> None:
     agent = agent_factory().start()
@@ -137,23 +140,47 @@ def test_protobuf_and_text_scrapes_store_the_same_series_and_values(
         apps_exponential = App(agent, AggregationTemporality.CUMULATIVE)
         record(apps_exponential.meter.create_histogram("size", unit="By"), [5.0])
         apps_exponential.flush()
+        tracing = TracerProvider(resource=Resource.create({"service.name": "shop"}))
+        tracing.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"127.0.0.1:{agent.grpc_port}",
+                                                                        insecure=True)))
+        for name in ("GET /cart", "GET /cart", "charge"):
+            with tracing.get_tracer("shop").start_as_current_span(name):
+                pass
+        tracing.shutdown()
         names = "orders_total|carts_open|queue_depth|request_duration_seconds_.*|target_info|sidetrace_build_info|" \
-                "sidetrace_config_.*|sidetrace_app_metrics_series|up"
+                "sidetrace_config_.*|sidetrace_app_metrics_series|traces_span_metrics_.*|up"
         selector = f'{{__name__=~"{names}"}}'
 
         def stored(prometheus: Prometheus) -> dict[str, str]:
-            return {json.dumps(s["metric"], sort_keys=True): s["value"][1] for s in prometheus.query(selector)}
+            # Prometheus 2.x keeps a text bucket's le as written ("2") and writes a protobuf one's as "2.0" (3.x
+            # writes both as "2.0"): le is compared as the number it is.
+            series = {}
+            for sample in prometheus.query(selector):
+                labels = sample["metric"]
+                if "le" in labels:
+                    labels["le"] = str(float(labels["le"]))
+                series[json.dumps(labels, sort_keys=True)] = sample["value"][1]
+            return series
 
         wait_until(lambda: protobuf.query("size_bytes"), 30, "the exponential histogram, scraped as protobuf")
         wait_until(lambda: text.query('sidetrace_app_metrics_series == 5'), 30, "every app series, scraped as text")
+        wait_until(lambda: text.query('sum(traces_span_metrics_calls_total) == 3'), 30, "the span metrics")
         # both have scraped the same state once each has scraped after the last export
-        wait_until(lambda: stored(text) == stored(protobuf), 30, "the two stores to agree")
+        def difference() -> list[tuple[str, str | None, str | None]]:
+            a, b = stored(text), stored(protobuf)
+            return sorted((key, a.get(key), b.get(key)) for key in set(a) | set(b) if a.get(key) != b.get(key))
+
+        wait_until(lambda: not difference(), 30, "the two stores to agree")
         assert not text.query("size_bytes")  # each Prometheus scraped in its own format
         from_text = stored(text)
         app_labels = {"exported_instance": "shop-1", "exported_job": "shop", "instance": target, "job": "sidetrace"}
         assert from_text[json.dumps({"__name__": "orders_total", "payment": "card", **app_labels},
                                     sort_keys=True)] == "3"
         assert from_text[json.dumps({"__name__": "request_duration_seconds_bucket", "le": "5.0", **app_labels},
+                                    sort_keys=True)] == "2"
+        span_labels = {"instance": target, "job": "sidetrace", "service_name": "shop",
+                       "span_kind": "SPAN_KIND_INTERNAL", "span_name": "GET /cart", "status_code": "STATUS_CODE_UNSET"}
+        assert from_text[json.dumps({"__name__": "traces_span_metrics_duration_milliseconds_count", **span_labels},
                                     sort_keys=True)] == "2"
         info = [json.loads(key) for key in from_text if '"target_info"' in key]
         assert [labels["region"] for labels in info] == ["eu"]
