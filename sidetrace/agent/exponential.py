@@ -21,6 +21,7 @@ from prometheus_client.samples import BucketSpan, NativeHistogram
 
 MIN_SCHEMA = -4
 MAX_SCHEMA = 8
+EMPTY_ZERO_THRESHOLD = 2.0**-128  # client_golang's default zero threshold, for a point without observations
 MAX_BUCKETS = 160  # per sign, after a merge: the Collector's deltatocumulative bound (and the SDK's default size)
 
 
@@ -169,9 +170,13 @@ class ExponentialPoint:
         point = self.downscaled(max(0, self.scale - MAX_SCHEMA))
         positive_spans, positive_deltas = point.positive.spans()
         negative_spans, negative_deltas = point.negative.spans()
+        zero_threshold = point.zero_threshold
         if not positive_spans and not negative_spans:
-            # Without buckets (and with a zero threshold of 0) Prometheus would read a classic histogram: the
-            # no-op span says it is a native one, as client_model's metrics.proto asks.
+            # Without buckets, a zero count or a zero threshold Prometheus reads a classic histogram: the no-op span
+            # says it is a native one (client_model's metrics.proto), and for Prometheus 2.42, which ignores that
+            # span, so does a zero threshold (client_golang's default): there is no observation for it to move.
             positive_spans = [BucketSpan(0, 0)]
-        return NativeHistogram(point.count, point.sum, point.scale, point.zero_threshold, point.zero_count,
+            if not point.zero_count and not zero_threshold:
+                zero_threshold = EMPTY_ZERO_THRESHOLD
+        return NativeHistogram(point.count, point.sum, point.scale, zero_threshold, point.zero_count,
                                positive_spans, negative_spans, positive_deltas, negative_deltas)

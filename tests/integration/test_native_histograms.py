@@ -12,6 +12,7 @@ import pytest
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.metrics import Observation
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.sdk.metrics import Histogram, MeterProvider
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
@@ -24,6 +25,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from tests.conftest import Agent, assert_promtool_clean, http_get, wait_until
+from tests.integration.test_otlp_input import post
 from tests.integration.test_prometheus import Prometheus
 
 pytestmark = pytest.mark.slow
@@ -194,3 +196,45 @@ def test_protobuf_and_text_scrapes_store_the_same_series_and_values_for_every_or
         text.stop()
         protobuf.stop()
 
+
+
+def raw_point(metric: object, name: str, scale: int, count: int, zero_count: int = 0, zero_threshold: float = 0.0,
+              positive: tuple[int, list[int]] = (0, []), negative: tuple[int, list[int]] = (0, [])) -> None:
+    added = metric.add()  # type: ignore[attr-defined]
+    added.name = name
+    added.exponential_histogram.aggregation_temporality = AggregationTemporality.CUMULATIVE.value
+    point = added.exponential_histogram.data_points.add()
+    point.scale, point.count, point.sum = scale, count, 0.0
+    point.zero_count, point.zero_threshold = zero_count, zero_threshold
+    point.positive.offset, point.negative.offset = positive[0], negative[0]
+    point.positive.bucket_counts.extend(positive[1])
+    point.negative.bucket_counts.extend(negative[1])
+
+
+def test_raw_otlp_points_the_sdk_does_not_make_reach_prometheus_exactly(
+    agent_factory: Callable[..., Agent], tmp_path: Path
+) -> None:
+    agent = agent_factory().start()
+    prometheus = Prometheus(tmp_path, f"127.0.0.1:{agent.port}", features="native-histograms")
+    try:
+        request = ExportMetricsServiceRequest()
+        resource_metrics = request.resource_metrics.add()
+        kv = resource_metrics.resource.attributes.add()
+        kv.key, kv.value.string_value = "service.name", "raw"
+        metrics = resource_metrics.scope_metrics.add().metrics
+        # values in (-4, -2] twice, [-0.5, 0.5] once, (2, 4] twice
+        raw_point(metrics, "balance", 0, 5, zero_count=1, zero_threshold=0.5, positive=(1, [2]), negative=(1, [2]))
+        raw_point(metrics, "idle", 3, 0)  # no observation yet: still a native histogram, not a classic one
+        raw_point(metrics, "coarse", -5, 1, positive=(0, [1]))  # no schema holds it
+        status, _, _ = post(agent.otlp_http + "/v1/metrics", request.SerializeToString())
+        assert status == 200
+        assert scalar(prometheus, "histogram_count(balance)") == 5
+        assert scalar(prometheus, "histogram_quantile(0.4, balance)") == -2.0  # the upper bound of (-4, -2]
+        assert scalar(prometheus, "histogram_count(idle)") == 0
+        (idle,) = prometheus.query("idle")
+        assert "histogram" in idle and not prometheus.query("idle_count")
+        assert not prometheus.query("coarse") and not prometheus.query("histogram_count(coarse)")
+        _, text = http_get(agent.url + "/metrics")
+        assert 'sidetrace_app_metrics_dropped_points_total{reason="exponential_histogram_scale"} 1.0' in text
+    finally:
+        prometheus.stop()

@@ -50,9 +50,11 @@ def test_negative_buckets_zero_bucket_and_gaps_become_spans_and_deltas() -> None
     assert gaps.native() == NativeHistogram(4, 9.0, 3, 0.0, 0, [BucketSpan(1, 1), BucketSpan(2, 1)], [], [1, 2], [])
 
 
-def test_a_point_without_buckets_carries_a_no_op_span_so_it_stays_native() -> None:
+def test_a_point_without_buckets_carries_a_no_op_span_and_a_zero_threshold_so_it_stays_native() -> None:
     assert ExponentialPoint(scale=2, count=0, sum=0.0).native() == NativeHistogram(
-        0, 0.0, 2, 0.0, 0, [BucketSpan(0, 0)], [], [], [])
+        0, 0.0, 2, 2.0**-128, 0, [BucketSpan(0, 0)], [], [], [])
+    assert ExponentialPoint(scale=2, count=1, sum=0.0, zero_count=1).native() == NativeHistogram(
+        1, 0.0, 2, 0.0, 1, [BucketSpan(0, 0)], [], [], [])
 
 
 def test_merging_points_of_different_scales_downscales_to_the_lower_one() -> None:
