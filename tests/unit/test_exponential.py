@@ -140,6 +140,32 @@ def test_text_and_remote_write_leave_exponential_series_out_and_count_them_per_s
     assert store.dropped == {"exponential_histogram": 3}
 
 
+def test_exponential_series_count_against_max_series_and_expire_like_the_others() -> None:
+    store = AppMetrics(AppMetricsSection(max_series=2, stale_seconds=60))
+    store.apply(exponential_request(3, 8, [1, 2]))  # a series, and target_info beside it (not counted)
+    request = exponential_request(3, 8, [1, 2])
+    point = request.resource_metrics[0].scope_metrics[0].metrics[0].exponential_histogram.data_points[0]
+    for route in ("/a", "/b"):
+        kv = point.attributes.add()
+        kv.key, kv.value.string_value = "route", route
+        store.apply(request)
+        del point.attributes[:]
+    assert store.series_count == 2 and store.dropped == {"max_series": 1}
+    store.expire(now=10**12)
+    assert store.series_count == 0
+    store.apply(exponential_request(3, 8, [1]))  # the name is free again, with its claims
+    assert store.series_count == 1
+
+
+def test_a_classic_and_an_exponential_histogram_of_one_name_conflict_as_types_do() -> None:
+    store = AppMetrics(AppMetricsSection())
+    store.apply(exponential_request(3, 8, [1, 2]))
+    classic = exponential_request(3, 8, [1])
+    metric = classic.resource_metrics[0].scope_metrics[0].metrics[0]
+    metric.histogram.data_points.add(count=1, sum=1.0, bucket_counts=[1, 0], explicit_bounds=[2.0])
+    assert store.apply(classic) == 0 and store.dropped == {"type_conflict": 1}
+
+
 def test_points_of_a_scale_below_minus_4_are_refused_and_counted() -> None:
     store = AppMetrics(AppMetricsSection())
     assert store.apply(exponential_request(-5, 0, [1])) == 0
