@@ -87,22 +87,23 @@ class Buckets:
 
     def spans(self) -> tuple[list[BucketSpan], list[int]]:
         """Prometheus spans and deltas of these buckets (native index = OTLP index + 1); zero buckets are gaps."""
-        spans: list[BucketSpan] = []
+        runs: list[list[int]] = []  # [first native index, length]
         deltas: list[int] = []
-        previous_count = 0
-        previous_end: int | None = None
+        previous = 0
         for k, count in enumerate(self.counts):
-            index = self.offset + k + 1
-            if count == 0:
+            if not count:
                 continue
-            if previous_end is not None and index == previous_end + 1:
-                spans[-1] = BucketSpan(spans[-1].offset, spans[-1].length + 1)
+            index = self.offset + k + 1
+            if runs and runs[-1][0] + runs[-1][1] == index:
+                runs[-1][1] += 1
             else:
-                gap = index if previous_end is None else index - previous_end - 1
-                spans.append(BucketSpan(gap, 1))
-            previous_end = index
-            deltas.append(count - previous_count)
-            previous_count = count
+                runs.append([index, 1])
+            deltas.append(count - previous)
+            previous = count
+        spans, end = [], 0
+        for number, (first, length) in enumerate(runs):
+            spans.append(BucketSpan(first if number == 0 else first - end, length))  # a later span: the gap
+            end = first + length
         return spans, deltas
 
 
@@ -120,7 +121,8 @@ def _spread(a: Buckets, b: Buckets) -> int:
 
 @dataclass
 class ExponentialPoint:
-    """One exponential histogram point, cumulative: what a series keeps between scrapes."""
+    """One exponential histogram point, cumulative: what a series keeps between scrapes. Never changed once made
+    (a merge makes a new one), so its native form is worked out once, at the first scrape that asks."""
 
     scale: int
     count: int
@@ -129,6 +131,7 @@ class ExponentialPoint:
     zero_count: int = 0
     positive: Buckets = field(default_factory=Buckets)
     negative: Buckets = field(default_factory=Buckets)
+    _native: NativeHistogram | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_otlp(cls, point: Any) -> ExponentialPoint:
@@ -167,6 +170,11 @@ class ExponentialPoint:
     def native(self) -> NativeHistogram:
         """This point as a Prometheus native histogram (schema at most ``MAX_SCHEMA``; the caller refuses points
         whose scale is below ``MIN_SCHEMA``)."""
+        if self._native is None:
+            self._native = self._converted()
+        return self._native
+
+    def _converted(self) -> NativeHistogram:
         point = self.downscaled(max(0, self.scale - MAX_SCHEMA))
         positive_spans, positive_deltas = point.positive.spans()
         negative_spans, negative_deltas = point.negative.spans()
