@@ -88,8 +88,8 @@ def sample_names(base: str, prom_type: str) -> tuple[str, ...]:
     return {
         "counter": (base, base + "_total"),
         "histogram": (base, base + "_bucket", base + "_sum", base + "_count"),
-        "exponential": (base, base + "_bucket", base + "_sum", base + "_count"),  # the classic names too, as the
-        # specification treats both kinds of histogram alike, and a scraper may ask for both
+        # a classic histogram's names: whether two metrics clash must not depend on the histograms' kind
+        "exponential": (base, base + "_bucket", base + "_sum", base + "_count"),
         "summary": (base, base + "_sum", base + "_count"),
     }.get(prom_type, (base,))
 
