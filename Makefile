@@ -27,7 +27,9 @@ run: $(VENV)/.agent
 
 ## servers: install what the tests use from Debian: prometheus, tcpdump (and libpcap, for capture
 ## filters), iproute2 (network namespaces for the packet tests), openssl (test certificates), dnsmasq
-## (a DNS server for the load-balancing exporter's discovery test)
+## (a DNS server for the load-balancing exporter's discovery test), systemd (systemd-analyze for the unit
+## tests), python3-venv and libseccomp2 (the agent installed from the wheel into a venv of /usr/bin/python3,
+## run under the unit's seccomp filter)
 servers:
 	@missing=""; \
 	command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
@@ -35,6 +37,9 @@ servers:
 	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
 	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	command -v dnsmasq >/dev/null 2>&1 || missing="$$missing dnsmasq-base"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	/usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	ldconfig -p | grep -q 'libseccomp\.so\.2 ' || missing="$$missing libseccomp2"; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(APT_INSTALL) $$missing; fi
 
 lint: $(VENV)/.test

@@ -155,6 +155,17 @@ def agent_factory(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
             agent.stop()
 
 
+@pytest.fixture(scope="session")
+def sidetrace_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sidetrace wheel built from this checkout (once per session): what users install."""
+    work = tmp_path_factory.mktemp("wheel")
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(Path(__file__).resolve().parents[1]),
+                            "--no-deps", "-q", "-w", str(work)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = work.glob("sidetrace-*.whl")
+    return wheel
+
+
 # Jaeger's Monitor tab reads these names as they are; promtool's unit lint cannot be satisfied without breaking it.
 _ACCEPTED_LINT = ('traces_span_metrics_duration_milliseconds use base unit "seconds" instead of "milliseconds"',)
 
@@ -165,3 +176,11 @@ def assert_promtool_clean(exposition: str) -> None:
                           timeout=30)
     problems = [line for line in (done.stdout + done.stderr).splitlines() if line and line not in _ACCEPTED_LINT]
     assert done.returncode in (0, 3) and not problems, "\n".join(problems)
+
+
+def scrape_clean(agent: Agent) -> set[str]:
+    """The sample lines of ``agent``'s /metrics, after ``promtool check metrics`` found the scrape clean."""
+    status, text = http_get(agent.url + "/metrics")
+    assert status == 200, text
+    assert_promtool_clean(text)
+    return {line for line in text.splitlines() if not line.startswith("#")}

@@ -12,9 +12,22 @@
   in the order of the original keys.
 - ``service.namespace``/``service.name`` become ``job`` and ``service.instance.id`` ``instance``; the
   other resource attributes go to one ``target_info`` series per job and instance.
-- Delta sums and histograms are accumulated into cumulative series; cumulative ones are taken as
-  sent. Series not updated for ``stale_seconds`` are removed, so an app that stopped sending does
-  not live forever.
+- Every series carries its instrumentation scope: ``otel_scope_name``, ``otel_scope_version``,
+  ``otel_scope_schema_url`` (when the scope has one) and each scope attribute as ``otel_scope_<key>``
+  (one named ``name``, ``version`` or ``schema_url`` is left out), so two libraries recording the
+  same instrument make two series. These labels win over point attributes of the same name.
+- Delta sums and histograms (exponential ones included) are accumulated into cumulative series, aligned on
+  start times: a series' first point starts it; a later point is added only when it starts at or after the time
+  the series was last accumulated to and ends after it. As in the Collector's deltatocumulative
+  processor, a gap before a point is accepted (the sender restarted or lost a point) and a point
+  that ends no later than the series (a delta sent again, one arriving after a newer one) is
+  dropped; unlike it, a point that starts before that time but ends after it is dropped too, since
+  part of its interval was already counted. Each drop is counted (``delta_overlap``). A point
+  without ``start_time_unix_nano`` is judged by its time alone, and points without
+  ``time_unix_nano`` (which OTLP requires) are added as they come until a timed one arrives. A
+  histogram whose bounds change starts over from the point, as the Collector's does.
+  Cumulative points are taken as sent. Series not updated for ``stale_seconds`` are removed, so an
+  app that stopped sending does not live forever.
 - Exponential histograms are kept too (delta points merged into cumulative ones, ``sidetrace.agent.exponential``)
   and served as native histograms where the exposition can carry them: the protobuf one
   (``sidetrace.agent.protobuf_exposition``). An exposition that cannot (a text or OpenMetrics scrape, a remote-write
@@ -26,6 +39,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import threading
 import time
@@ -94,17 +108,37 @@ def sample_names(base: str, prom_type: str) -> tuple[str, ...]:
     }.get(prom_type, (base,))
 
 
-# The agent sets these itself (job, instance) or the exposition does (le, quantile): a point attribute under the
-# same name would make a second label of that name.
-RESERVED_LABELS = frozenset({"job", "instance", "le", "quantile"})
+# The agent sets these itself (job, instance, the scope's) or the exposition does (le, quantile): a point attribute
+# under the same name would make a second label of that name.
+SCOPE_LABELS = ("otel_scope_name", "otel_scope_version", "otel_scope_schema_url")
+RESERVED_LABELS = frozenset({"job", "instance", "le", "quantile", *SCOPE_LABELS})
+# Why a point is not served, each exported from the start so that an alert sees the first one.
+DROP_REASONS = ("max_series", "max_series_target_info", "reserved_name", "type_conflict", "name_clash",
+                "exponential_histogram", "exponential_histogram_scale", "delta_overlap")
 
 
-def point_labels(attributes: Any) -> tuple[tuple[str, str], ...]:
-    """A point's attributes as labels: reserved names left out, keys that sanitise alike joined with ``;``."""
+def scope_labels(scope_metrics: Any) -> tuple[tuple[str, str], ...]:
+    """The labels a scope puts on each of its series: name, version, schema URL if set, ``otel_scope_<key>``."""
+    scope = scope_metrics.scope
+    labels = {"otel_scope_name": scope.name, "otel_scope_version": scope.version}
+    if scope_metrics.schema_url:
+        labels["otel_scope_schema_url"] = scope_metrics.schema_url
+    attributes: dict[str, str] = {}
+    for kv in sorted(scope.attributes, key=lambda kv: kv.key):
+        label = label_name("otel_scope_" + kv.key)
+        if label in SCOPE_LABELS:
+            continue
+        value = any_value(kv.value)
+        attributes[label] = f"{attributes[label]};{value}" if label in attributes else value
+    return tuple(sorted({**attributes, **labels}.items()))
+
+
+def point_labels(attributes: Any, reserved: frozenset[str] = RESERVED_LABELS) -> tuple[tuple[str, str], ...]:
+    """A point's attributes as labels: ``reserved`` names left out, keys that sanitise alike joined with ``;``."""
     labels: dict[str, str] = {}
     for kv in sorted(attributes, key=lambda kv: kv.key):
         label = label_name(kv.key)
-        if label in RESERVED_LABELS:
+        if label in reserved:
             continue
         value = any_value(kv.value)
         labels[label] = f"{labels[label]};{value}" if label in labels else value
@@ -112,12 +146,22 @@ def point_labels(attributes: Any) -> tuple[tuple[str, str], ...]:
 
 
 def label_name(key: str) -> str:
+    # Apps repeat a few keys on every point: short ones are sanitised once (at most 4096 of 256 characters kept).
+    return _cached_label_name(key) if len(key) <= 256 else _label_name(key)
+
+
+def _label_name(key: str) -> str:
     label = _INVALID_LABEL.sub("_", key)
     return f"key_{label}" if label[:1].isdigit() else label
 
 
+_cached_label_name = functools.lru_cache(maxsize=4096)(_label_name)
+
+
 def any_value(value: AnyValue) -> str:
     kind = value.WhichOneof("value")
+    if kind == "string_value":
+        return value.string_value
     if kind is None:
         return ""
     if kind == "array_value":
@@ -132,7 +176,7 @@ def any_value(value: AnyValue) -> str:
 
 
 class _Series:
-    __slots__ = ("value", "sum", "count", "buckets", "bounds", "updated", "exponential")
+    __slots__ = ("value", "sum", "count", "buckets", "bounds", "updated", "last", "exponential")
 
     def __init__(self) -> None:
         self.value = 0.0
@@ -141,6 +185,7 @@ class _Series:
         self.buckets: list[int] = []
         self.bounds: tuple[float, ...] = ()
         self.updated = 0.0
+        self.last = 0  # time_unix_nano of the last delta point added; 0 before the first timed one
         self.exponential: ExponentialPoint | None = None
 
 
@@ -219,8 +264,8 @@ class AppMetrics:
                 self._help[family[0]] = help_text
                 self._claims.update(dict.fromkeys(sample_names(*family), family[0]))
             series = by_labels[labels] = _Series()
+            series.updated = now
             self._count += 1
-        series.updated = now
         return series
 
     def accept_metrics(self, request: ExportMetricsServiceRequest) -> int:
@@ -241,8 +286,10 @@ class AppMetrics:
                 target = (("job", job), ("instance", instance))
                 self._target(job, instance, attributes, now)
                 for scope_metrics in resource_metrics.scope_metrics:
+                    labels = scope_labels(scope_metrics)
+                    reserved = RESERVED_LABELS.union(label for label, _ in labels)
                     for metric in scope_metrics.metrics:
-                        taken += self._metric(metric, target, now)
+                        taken += self._metric(metric, target + labels, reserved, now)
         return taken
 
     def _target(self, job: str, instance: str, attributes: dict[str, str], now: float) -> None:
@@ -252,7 +299,7 @@ class AppMetrics:
             return
         self._targets[key] = (tuple(sorted((label_name(k), v) for k, v in attributes.items())), now)
 
-    def _metric(self, metric: Any, target: tuple[tuple[str, str], ...], now: float) -> int:
+    def _metric(self, metric: Any, prefix: tuple[tuple[str, str], ...], reserved: frozenset[str], now: float) -> int:
         kind = metric.WhichOneof("data")
         if kind is None:
             return 0
@@ -278,10 +325,17 @@ class AppMetrics:
             if kind == "exponential_histogram" and point.scale < MIN_SCHEMA:
                 self._drop("exponential_histogram_scale")
                 continue
-            labels = target + point_labels(point.attributes)
+            labels = prefix + point_labels(point.attributes, reserved)
             series = self._series(family, labels, now, help_text)
             if series is None:
                 continue
+            if delta:
+                start, end = point.start_time_unix_nano, point.time_unix_nano
+                if series.last and (end <= series.last or start and start < series.last):
+                    self._drop("delta_overlap")
+                    continue
+                series.last = end
+            series.updated = now
             taken += 1
             if kind in ("gauge", "sum"):
                 value = point.as_double if point.WhichOneof("value") == "as_double" else float(point.as_int)
@@ -373,13 +427,13 @@ class AppMetrics:
         yield info
         points = CounterMetricFamily("sidetrace_app_metrics_dropped_points_total",
                                      "OTLP metric points not served, by reason (max_series, reserved_name, "
-                                     "type_conflict, name_clash, exponential_histogram_scale; exponential_histogram "
-                                     "counts the exponential-histogram series each text scrape or remote-write "
-                                     "collection left out, as only the protobuf exposition carries them; "
-                                     "max_series_target_info counts requests whose resource was refused a "
+                                     "type_conflict, name_clash, delta_overlap, exponential_histogram_scale; "
+                                     "exponential_histogram counts the exponential-histogram series each text scrape "
+                                     "or remote-write collection left out, as only the protobuf exposition carries "
+                                     "them; max_series_target_info counts requests whose resource was refused a "
                                      "target_info series, also capped at max_series).", labels=["reason"])
-        for reason, count in sorted(dropped.items()):
-            points.add_metric([reason], count)
+        for reason in DROP_REASONS:
+            points.add_metric([reason], dropped.get(reason, 0))
         yield points
         yield GaugeMetricFamily("sidetrace_app_metrics_series", "Series received from apps and served.",
                                 value=self._count)

@@ -24,15 +24,12 @@ def run(*command: str | Path, timeout: float = 300) -> subprocess.CompletedProce
 
 
 @pytest.fixture(scope="module")
-def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def venv(tmp_path_factory: pytest.TempPathFactory, sidetrace_wheel: Path) -> Path:
     """A fresh venv with only the built wheel in it (no dependencies: the service commands need none)."""
-    work = tmp_path_factory.mktemp("wheel")
-    built = run(sys.executable, "-m", "pip", "wheel", ROOT, "--no-deps", "-q", "-w", work)
-    assert built.returncode == 0, built.stderr
-    (wheel,) = work.glob("sidetrace-*.whl")
+    work = tmp_path_factory.mktemp("venv")
     made = run(sys.executable, "-m", "venv", work / "venv")
     assert made.returncode == 0, made.stderr
-    installed = run(work / "venv/bin/python", "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel)
+    installed = run(work / "venv/bin/python", "-m", "pip", "install", "-q", "--no-deps", "--no-index", sidetrace_wheel)
     assert installed.returncode == 0, installed.stderr
     return work / "venv"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -60,6 +60,20 @@ class App:
         return point.count, point.sum, point.scale
 
 
+@pytest.fixture
+def app_factory() -> Iterator[Callable[..., App]]:
+    """Apps shut down (their last export sent) before the agents they export to stop."""
+    made: list[App] = []
+
+    def make(agent: Agent, temporality: AggregationTemporality, exponential: bool = True) -> App:
+        made.append(App(agent, temporality, exponential))
+        return made[-1]
+
+    yield make
+    for app in made:
+        app.provider.shutdown()
+
+
 def record(histogram: object, values: Sequence[float]) -> None:
     for value in values:
         histogram.record(value)  # type: ignore[attr-defined]
@@ -71,16 +85,16 @@ def scalar(prometheus: Prometheus, promql: str) -> float:
 
 
 def test_sdk_exponential_histograms_are_native_histograms_in_prometheus_and_counted_out_of_text(
-    agent_factory: Callable[..., Agent], tmp_path: Path
+    agent_factory: Callable[..., Agent], app_factory: Callable[..., App], tmp_path: Path
 ) -> None:
     agent = agent_factory().start()
     prometheus = Prometheus(tmp_path, f"127.0.0.1:{agent.port}", features="native-histograms")
     try:
-        cumulative = App(agent, AggregationTemporality.CUMULATIVE)
+        cumulative = app_factory(agent, AggregationTemporality.CUMULATIVE)
         checkout = cumulative.meter.create_histogram("checkout.duration", unit="s")
         record(checkout, [0.0, 1.0, 1.0, 1.05, 1.1])  # within 10% of 1: the SDK picks scale 10, served as 8
         cumulative.flush()
-        delta = App(agent, AggregationTemporality.DELTA)
+        delta = app_factory(agent, AggregationTemporality.DELTA)
         wait = delta.meter.create_histogram("queue.wait", unit="s")
         record(wait, [1.0, 1.05, 1.1])
         delta.flush()
@@ -117,14 +131,12 @@ def test_sdk_exponential_histograms_are_native_histograms_in_prometheus_and_coun
             assert b"checkout_duration_seconds" in response.read()
         _, text = http_get(agent.url + "/metrics")
         assert 'sidetrace_app_metrics_dropped_points_total{reason="exponential_histogram"} 6.0' in text
-        for app in (cumulative, delta):
-            app.provider.shutdown()
     finally:
         prometheus.stop()
 
 
 def test_protobuf_and_text_scrapes_store_the_same_series_and_values_for_every_ordinary_family(
-    agent_factory: Callable[..., Agent], tmp_path: Path
+    agent_factory: Callable[..., Agent], app_factory: Callable[..., App], tmp_path: Path
 ) -> None:
     agent = agent_factory().start()
     target = f"127.0.0.1:{agent.port}"
@@ -133,13 +145,13 @@ def test_protobuf_and_text_scrapes_store_the_same_series_and_values_for_every_or
     text = Prometheus(tmp_path / "text", target)
     protobuf = Prometheus(tmp_path / "protobuf", target, features="native-histograms")
     try:
-        app = App(agent, AggregationTemporality.CUMULATIVE, exponential=False)
+        app = app_factory(agent, AggregationTemporality.CUMULATIVE, exponential=False)
         app.meter.create_counter("orders").add(3, {"payment": "card"})
         app.meter.create_up_down_counter("carts.open").add(-2)
         app.meter.create_observable_gauge("queue.depth", [lambda _options: [Observation(7.5, {"queue": "a"})]])
         record(app.meter.create_histogram("request.duration", unit="s"), [0.2, 3.0, 40.0])
         app.flush()
-        apps_exponential = App(agent, AggregationTemporality.CUMULATIVE)
+        apps_exponential = app_factory(agent, AggregationTemporality.CUMULATIVE)
         record(apps_exponential.meter.create_histogram("size", unit="By"), [5.0])
         apps_exponential.flush()
         tracing = TracerProvider(resource=Resource.create({"service.name": "shop"}))
@@ -175,7 +187,8 @@ def test_protobuf_and_text_scrapes_store_the_same_series_and_values_for_every_or
         wait_until(lambda: not difference(), 30, "the two stores to agree")
         assert not text.query("size_bytes")  # each Prometheus scraped in its own format
         from_text = stored(text)
-        app_labels = {"exported_instance": "shop-1", "exported_job": "shop", "instance": target, "job": "sidetrace"}
+        app_labels = {"exported_instance": "shop-1", "exported_job": "shop", "instance": target, "job": "sidetrace",
+                      "otel_scope_name": "shop"}
         assert from_text[json.dumps({"__name__": "orders_total", "payment": "card", **app_labels},
                                     sort_keys=True)] == "3"
         assert from_text[json.dumps({"__name__": "request_duration_seconds_bucket", "le": "5.0", **app_labels},
@@ -190,8 +203,6 @@ def test_protobuf_and_text_scrapes_store_the_same_series_and_values_for_every_or
         count_by_name = 'count by (__name__) ({job="sidetrace", __name__!~"size_bytes"})'
         assert ({s["metric"]["__name__"] for s in text.query(count_by_name)}
                 == {s["metric"]["__name__"] for s in protobuf.query(count_by_name)})
-        app.provider.shutdown()
-        apps_exponential.provider.shutdown()
     finally:
         text.stop()
         protobuf.stop()

@@ -25,7 +25,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
-from tests.conftest import Agent, http_get, wait_until
+from tests.conftest import Agent, http_get, scrape_clean, wait_until
 
 TRACE_ID = "5b8efff798038103d269b633813fc60c"
 SPAN_ID = "eee19b7ec3c1b174"
@@ -255,12 +255,14 @@ def test_sdk_metrics_appear_on_metrics_translated(agent_factory: Callable[..., A
         if "http_server_requests_total" in text:
             break
         time.sleep(0.1)
-    lines = set(text.splitlines())
-    assert 'http_server_requests_total{http_route="/cart",instance="cart-1",job="cart"} 7.0' in lines
-    assert 'http_server_request_duration_seconds_count{http_route="/cart",instance="cart-1",job="cart"} 1.0' in lines
-    bucket = 'http_server_request_duration_seconds_bucket{http_route="/cart",instance="cart-1",job="cart",le="%s"} %s'
+    lines = scrape_clean(agent)
+    labels = 'http_route="/cart",instance="cart-1",job="cart",otel_scope_name="test",otel_scope_version=""'
+    assert f'http_server_requests_total{{{labels}}} 7.0' in lines
+    assert f'http_server_request_duration_seconds_count{{{labels}}} 1.0' in lines
+    bucket = 'http_server_request_duration_seconds_bucket{http_route="/cart",instance="cart-1",job="cart",le="%s",' \
+        'otel_scope_name="test",otel_scope_version=""} %s'
     assert {bucket % ("0.0", "0.0"), bucket % ("5.0", "1.0"), bucket % ("+Inf", "1.0")} <= lines
-    assert 'queue_depth{instance="cart-1",job="cart"} 4.0' in lines
+    assert 'queue_depth{instance="cart-1",job="cart",otel_scope_name="test",otel_scope_version=""} 4.0' in lines
     assert any(line.startswith("target_info{") and 'deployment="prod"' in line and 'job="cart"' in line
                for line in lines)
 
@@ -350,9 +352,9 @@ def test_metric_names_and_resources_past_max_series_leave_nothing_behind(agent_f
     for first in range(100, 10_000, 100):
         assert post(url, batch(first))[0] == 200
     after = rss()
-    _, text = http_get(agent.url + "/metrics")
-    assert sum(line.startswith("metric_number_") for line in text.splitlines()) == 10
-    assert sum(line.startswith("target_info{") for line in text.splitlines()) == 10
+    lines = scrape_clean(agent)
+    assert sum(line.startswith("metric_number_") for line in lines) == 10
+    assert sum(line.startswith("target_info{") for line in lines) == 10
     assert after - before < 10 * 1024 * 1024, f"RSS grew {(after - before) / 2**20:.1f} MiB"
 
 

@@ -17,6 +17,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
+from sidetrace.agent.app_metrics import DROP_REASONS
 from sidetrace.agent.receivers.otlp import REFUSAL_REASONS
 from sidetrace.exporters.delivery import SEND_FAILURE_REASONS
 from sidetrace.exporters.spool import SET_ASIDE_REASONS, WRITE_FAILURE_CAUSES
@@ -178,5 +179,6 @@ def test_counters_with_known_labels_are_exported_at_zero_from_the_start(agent_fa
                  for transport, reasons in REFUSAL_REASONS.items() for reason in reasons}
     expected |= {f'sidetrace_exporter_send_failures_total{{exporter="jaeger",reason="{reason}"}} 0.0'
                  for reason in SEND_FAILURE_REASONS}
+    expected |= {f'sidetrace_app_metrics_dropped_points_total{{reason="{reason}"}} 0.0' for reason in DROP_REASONS}
     assert sorted(expected - lines) == []
     assert_promtool_clean(text)

@@ -261,6 +261,105 @@ def test_signal_with_start_update_with_start_and_workflow_to_workflow_signals_co
                               (to_external["id"], sender["trace"])])
 
 
+# sync; workflow-run (Child); workflow-run (Waiting), cancelled; sync, fails with an OperationError
+NEXUS_OPERATIONS = ("echo", "reverse", "hold", "refuse")
+
+
+def test_nexus_operations_continue_the_callers_trace_through_the_handler_and_the_workflows_it_starts() -> None:
+    """NexusCaller (on its own worker, without a workflow cache, so each of its tasks replays the history)
+    calls a sync operation, two workflow-run operations (it cancels the second once started) and a sync
+    operation that fails, through a Nexus endpoint of the dev server, then signal-with-starts Receiver
+    (temporalio's system Nexus operation): each span once, in one trace."""
+    spans = run_app("nexus")
+    assert_every_parent_exported(spans)
+    assert {s["trace"] for s in spans} == {one(spans, "StartWorkflow:NexusCaller")["trace"]}
+    assert sorted(s["name"] for s in spans) == sorted([
+        "StartWorkflow:NexusCaller", "WorkflowStarted:NexusCaller", "RunWorkflow:NexusCaller",
+        *(f"{kind}:Greeting/{op}" for op in NEXUS_OPERATIONS
+          for kind in ("StartNexusOperation", "RunStartNexusOperationHandler")),
+        "RunCancelNexusOperationHandler:Greeting/hold",
+        *(f"{kind}:{workflow}" for workflow in ("Child", "Waiting")
+          for kind in ("StartWorkflow", "WorkflowStarted", "RunWorkflow")),
+        "SignalWithStartWorkflow:Receiver", "WorkflowStarted:Receiver", "HandleSignal:note", "RunWorkflow:Receiver"])
+    caller = one(spans, "WorkflowStarted:NexusCaller")
+    for op in NEXUS_OPERATIONS:
+        call = one(spans, f"StartNexusOperation:Greeting/{op}")
+        handler = one(spans, f"RunStartNexusOperationHandler:Greeting/{op}")
+        assert (call["parent"], handler["parent"]) == (caller["id"], call["id"])
+        assert (call["kind"], handler["kind"]) == ("CLIENT", "SERVER")
+        operation = {"temporal.nexus.service": "Greeting", "temporal.nexus.operation": op}
+        assert call["attributes"] == {**operation, "temporal.nexus.endpoint": "nexus-ep"}
+        assert {k: v for k, v in handler["attributes"].items() if k != "error.type"} == {
+            **operation, "temporal.nexus.endpoint": "nexus-ep", "temporal.namespace": "default",
+            "temporal.task_queue": "x"}
+        assert call["start"] == call["end"] <= handler["start"]  # made at scheduling, before its child
+        assert (handler["status"], handler["attributes"].get("error.type")) == \
+            (("ERROR", "OperationError") if op == "refuse" else ("UNSET", None))
+    for op, workflow in (("reverse", "Child"), ("hold", "Waiting")):
+        handler = one(spans, f"RunStartNexusOperationHandler:Greeting/{op}")
+        start, started, run = (one(spans, f"{kind}:{workflow}") for kind in ("StartWorkflow", "WorkflowStarted",
+                                                                              "RunWorkflow"))
+        assert (start["parent"], started["parent"], run["parent"]) == (handler["id"], start["id"], started["id"])
+    assert one(spans, "RunWorkflow:Child")["attributes"]["temporal.outcome"] == "completed"
+    assert one(spans, "RunWorkflow:Waiting")["attributes"]["temporal.outcome"] == "cancelled"
+    cancel = one(spans, "RunCancelNexusOperationHandler:Greeting/hold")
+    assert (cancel["parent"], cancel["kind"]) == (one(spans, "StartNexusOperation:Greeting/hold")["id"], "SERVER")
+    assert cancel["attributes"]["temporal.nexus.operation"] == "hold"
+    assert one(spans, "RunWorkflow:NexusCaller")["attributes"]["temporal.outcome"] == "completed"
+    signal_start = one(spans, "SignalWithStartWorkflow:Receiver")
+    assert (signal_start["parent"], signal_start["kind"]) == (caller["id"], "CLIENT")
+    assert signal_start["attributes"] == {"temporal.workflow.type": "Receiver", "temporal.task_queue": "x",
+                                          "temporal.workflow.id": "wf-nexus-receiver", "temporal.namespace": "default"}
+    receiver, handled = one(spans, "WorkflowStarted:Receiver"), one(spans, "HandleSignal:note")
+    assert (receiver["parent"], handled["parent"], one(spans, "RunWorkflow:Receiver")["parent"]) == \
+        (signal_start["id"], signal_start["id"], receiver["id"])
+
+
+@pytest.mark.parametrize("ours", ["caller", "handler"])
+def test_nexus_caller_and_handler_join_one_trace_when_one_side_has_temporalios_own_interceptor(ours: str) -> None:
+    spans = run_app("nexus-official-handler" if ours == "caller" else "nexus-official-caller")
+    assert_every_parent_exported(spans)
+    assert len({s["trace"] for s in spans}) == 1
+    for op in NEXUS_OPERATIONS:
+        call = one(spans, f"StartNexusOperation:Greeting/{op}")
+        handler = one(spans, f"RunStartNexusOperationHandler:Greeting/{op}")
+        assert handler["parent"] == call["id"]
+        ours_span, theirs = (call, handler) if ours == "caller" else (handler, call)
+        assert ours_span["attributes"]["temporal.nexus.operation"] == op
+        assert not any(key.startswith("temporal.") for key in theirs["attributes"])
+
+
+@pytest.mark.parametrize("mode", ["nexus-plugin-before", "nexus-plugin-after", "nexus-interceptor-before",
+                                  "nexus-interceptor-after"])
+def test_beside_temporalios_own_plugin_or_interceptor_no_nexus_span_is_doubled(mode: str) -> None:
+    spans = run_app(mode)
+    names = sorted(s["name"] for s in spans)
+    for op in NEXUS_OPERATIONS:
+        assert (names.count(f"StartNexusOperation:Greeting/{op}"),
+                names.count(f"RunStartNexusOperationHandler:Greeting/{op}")) == (1, 1)
+    assert names.count("RunCancelNexusOperationHandler:Greeting/hold") == names.count("SignalWithStartWorkflow") == 1
+    assert [n for n in set(names) if names.count(n) > 1] == []
+    assert [s["name"] for s in spans if any(key.startswith("temporal.") for key in s["attributes"])] == []
+
+
+@pytest.mark.parametrize("hooks", ["on_start+on_end", "on_end"])
+def test_a_failing_tracer_never_breaks_a_nexus_call_nor_the_workflows_on_either_side(hooks: str) -> None:
+    """The four operations and the signal-with-start of the Nexus test under a SpanProcessor whose hooks
+    raise and an exporter that raises: every call answers, no workflow task failed (the app asserts
+    both), and each span we tried is one counted failure where it failed."""
+    lines = run_app_lines(f"nexus-failing={hooks}")
+    errors = json.loads(next(line for line in lines if line.startswith("ERRORS "))[7:])
+    exported = next(line for line in lines if line.startswith("EXPORTED "))
+    # 8 client and Nexus handler spans (StartWorkflow of the caller, Child and Waiting; four
+    # RunStartNexusOperationHandler, one RunCancelNexusOperationHandler), 13 workflow-side spans
+    # (WorkflowStarted and RunWorkflow of the four runs, four StartNexusOperation, SignalWithStartWorkflow)
+    # and Receiver's HandleSignal
+    if hooks == "on_start+on_end":
+        assert (errors, exported) == ({"span": 8, "workflow span": 13, "handler span": 1}, "EXPORTED 0")
+    else:
+        assert (errors, exported) == ({"span end": 8, "workflow span": 13, "handler span end": 1}, "EXPORTED 22")
+
+
 @pytest.mark.parametrize("mode", ["no-cache", "restart"])
 def test_workflow_span_is_made_once_with_its_real_duration_across_replays(mode: str) -> None:
     spans = run_app(mode)

@@ -119,6 +119,27 @@ def test_spans_made_in_child_processes_arrive_before_the_children_exit(collector
                      "work in forkserver Process", "work in spawn Process"]
 
 
+def test_a_child_process_spends_at_most_a_second_sending_its_spans_when_the_agent_is_down() -> None:
+    # Spans wait in the batch processor until the child leaves (no scheduled export first).
+    env = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "60000"}
+    done = subprocess.run(
+        [sys.executable, "-m", "sidetrace", "instrument", "--endpoint", "http://127.0.0.1:9", "--",
+         sys.executable, str(APPS), "child_exit"], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    ended: dict[str, float] = {}
+    exit_seconds: dict[str, float] = {}
+    for line in done.stdout.splitlines():
+        event, method, when = line.split()
+        if event == "done":
+            ended[method] = float(when)
+        else:
+            exit_seconds[method] = float(when) - ended[method]
+    assert sorted(exit_seconds) == ["fork", "forkserver", "spawn"]
+    # CHILD_FLUSH_MILLIS is 1 s; the rest of the margin is the child's interpreter shutting down on a busy
+    # machine. Without the bound, a child would wait out the exporter's 10 s timeout.
+    assert max(exit_seconds.values()) < 2.5, exit_seconds
+
+
 def test_agent_down_slows_the_app_by_under_5_percent_and_exit_by_under_a_second(tmp_path: Path) -> None:
     # Exports every 100 ms, so the exporter meets the dead agent while the app runs, not only at exit.
     env = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "100"}

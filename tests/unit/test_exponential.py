@@ -82,18 +82,21 @@ def test_merging_lowers_the_scale_while_one_sign_would_span_more_than_160_bucket
 
 
 def exponential_request(scale: int, offset: int, counts: list[int], temporality: int = CUMULATIVE,
-                        zero_count: int = 0) -> ExportMetricsServiceRequest:
+                        zero_count: int = 0, start: int = 0, end: int = 0) -> ExportMetricsServiceRequest:
     request = ExportMetricsServiceRequest()
     resource_metrics = request.resource_metrics.add()
     kv = resource_metrics.resource.attributes.add()
     kv.key, kv.value.string_value = "service.name", "worker"
-    metric = resource_metrics.scope_metrics.add().metrics.add()
+    scope = resource_metrics.scope_metrics.add()
+    scope.scope.name, scope.scope.version = "shop", "1.0"
+    metric = scope.metrics.add()
     metric.name, metric.unit = "latency", "ms"
     metric.exponential_histogram.aggregation_temporality = temporality
     point = metric.exponential_histogram.data_points.add()
     point.scale, point.count, point.sum, point.zero_count = scale, sum(counts) + zero_count, 10.0, zero_count
     point.positive.offset = offset
     point.positive.bucket_counts.extend(counts)
+    point.start_time_unix_nano, point.time_unix_nano = start, end
     return request
 
 
@@ -104,14 +107,19 @@ def native_sample(store: AppMetrics) -> NativeHistogram:
     finally:
         protobuf_exposition.NATIVE_HISTOGRAMS.reset(token)
     (sample,) = family.samples
-    assert sample.labels == {"job": "worker", "instance": ""}
+    assert sample.labels == {"job": "worker", "instance": "", "otel_scope_name": "shop", "otel_scope_version": "1.0"}
     return sample.native_histogram
 
 
 def test_the_store_merges_delta_points_and_takes_cumulative_ones_as_sent() -> None:
     store = AppMetrics(AppMetricsSection())
-    assert store.apply(exponential_request(3, 8, [1, 2], DELTA)) == 1
-    assert store.apply(exponential_request(2, 4, [4], DELTA, zero_count=1)) == 1
+    assert store.apply(exponential_request(3, 8, [1, 2], DELTA, start=10, end=20)) == 1
+    assert store.apply(exponential_request(2, 4, [4], DELTA, zero_count=1, start=20, end=30)) == 1
+    assert native_sample(store) == NativeHistogram(8, 20.0, 2, 0.0, 1, [BucketSpan(5, 1)], [], [7], [])
+    # sent again, or overlapping what was added: dropped and counted, as every delta kind is
+    assert store.apply(exponential_request(2, 4, [4], DELTA, zero_count=1, start=20, end=30)) == 0
+    assert store.apply(exponential_request(2, 4, [4], DELTA, start=25, end=40)) == 0
+    assert store.dropped == {"delta_overlap": 2}
     assert native_sample(store) == NativeHistogram(8, 20.0, 2, 0.0, 1, [BucketSpan(5, 1)], [], [7], [])
     cumulative = AppMetrics(AppMetricsSection())
     cumulative.apply(exponential_request(3, 8, [1, 2]))

@@ -47,9 +47,12 @@ def traces(*spans: tuple[str, str, bytes, int], attributes: dict[str, str] | Non
 
 
 def exposition(collector: object) -> set[str]:
+    """The sample lines ``collector`` exposes, after ``promtool check metrics`` found the exposition clean."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    return {line for line in generate_latest(registry).decode().splitlines() if not line.startswith("#")}
+    text = generate_latest(registry).decode()
+    assert_promtool_clean(text)
+    return {line for line in text.splitlines() if not line.startswith("#")}
 
 
 class Families:
@@ -226,7 +229,9 @@ def metrics_request(kind: str, value: float, temporality: int = 0, name: str = "
     resource_metrics = request.resource_metrics.add()
     kv = resource_metrics.resource.attributes.add()
     kv.key, kv.value.string_value = "service.name", service
-    metric = resource_metrics.scope_metrics.add().metrics.add()
+    scope_metrics = resource_metrics.scope_metrics.add()
+    scope_metrics.scope.name, scope_metrics.scope.version = "jobs", "1.0"
+    metric = scope_metrics.metrics.add()
     metric.name, metric.unit = name, unit
     if kind == "sum":
         metric.sum.is_monotonic = True
@@ -248,15 +253,17 @@ def test_delta_sums_and_histograms_accumulate_cumulative_taken_as_sent() -> None
     delta = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
     store.apply(metrics_request("sum", 2, delta))
     store.apply(metrics_request("sum", 3, delta))
-    store.apply(metrics_request("histogram", 5.5, delta, name="latency", unit="ms"))
-    store.apply(metrics_request("histogram", 4.5, delta, name="latency", unit="ms"))
+    store.apply(metrics_request("histogram", 5.5, delta, name="latency", unit="s"))
+    store.apply(metrics_request("histogram", 4.5, delta, name="latency", unit="s"))
     store.apply(metrics_request("gauge", 9, name="queue.size", unit="1"))
     lines = exposition(Families(store))
-    assert 'jobs_done_total{instance="",job="worker"} 5.0' in lines
-    assert 'latency_milliseconds_bucket{instance="",job="worker",le="1.0"} 2.0' in lines
-    assert 'latency_milliseconds_bucket{instance="",job="worker",le="+Inf"} 4.0' in lines
-    assert 'latency_milliseconds_sum{instance="",job="worker"} 10.0' in lines
-    assert 'queue_size_ratio{instance="",job="worker"} 9.0' in lines
+    labels = 'instance="",job="worker",otel_scope_name="jobs",otel_scope_version="1.0"'
+    assert f'jobs_done_total{{{labels}}} 5.0' in lines
+    bucket = 'latency_seconds_bucket{instance="",job="worker",le="%s",otel_scope_name="jobs",otel_scope_version="1.0"}'
+    assert bucket % "1.0" + " 2.0" in lines
+    assert bucket % "+Inf" + " 4.0" in lines
+    assert f'latency_seconds_sum{{{labels}}} 10.0' in lines
+    assert f'queue_size_ratio{{{labels}}} 9.0' in lines
 
 
 def test_stale_series_expire_and_bounds_are_counted() -> None:
@@ -330,12 +337,13 @@ def test_clashing_names_reserved_labels_and_colliding_keys_keep_the_exposition_v
     text = generate_latest(registry).decode()
     assert_promtool_clean(text)
     lines = {line for line in text.splitlines() if not line.startswith("#")}
-    assert 'foo_total{instance="",job="worker"} 6.0' in lines
-    assert 'jobs_total{instance="",job="worker"} 6.0' in lines
-    assert 'bytes_sent_total{instance="",job="worker"} 6.0' in lines
-    assert 'queue{a_b="dash;dot",instance="",job="worker"} 6.0' in lines
-    assert 'lat_attr_bucket{instance="",job="worker",le="1.0"} 1.0' in lines
-    assert 'lat_count{instance="",job="worker"} 1.0' in lines
+    labels = 'instance="",job="worker",otel_scope_name="",otel_scope_version=""'
+    assert f'foo_total{{{labels}}} 6.0' in lines
+    assert f'jobs_total{{{labels}}} 6.0' in lines
+    assert f'bytes_sent_total{{{labels}}} 6.0' in lines
+    assert f'queue{{a_b="dash;dot",{labels}}} 6.0' in lines
+    assert 'lat_attr_bucket{instance="",job="worker",le="1.0",otel_scope_name="",otel_scope_version=""} 1.0' in lines
+    assert f'lat_count{{{labels}}} 1.0' in lines
     assert not any(line.startswith(("foo_total_total", "jobs_total_total", "bytes_sent_bytes")) for line in lines)
     types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
     assert len(types) == len(set(types)) and "# TYPE foo_total counter" in text.splitlines()

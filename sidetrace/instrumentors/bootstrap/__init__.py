@@ -23,6 +23,7 @@ import atexit
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
@@ -55,6 +56,11 @@ ENDPOINT_VARIABLE = "SIDETRACE_AGENT_ENDPOINT"
 # host, so a live one takes milliseconds, and a dead one must not hold the app's exit for the exporter's
 # full timeout.
 SHUTDOWN_BUDGET_SECONDS = 0.3
+# An agent that answers (no export problem seen) may take longer when the host is loaded: the exporters are
+# left to finish for up to this long, so a busy machine does not cost the app its last spans.
+LIVE_AGENT_BUDGET_SECONDS = 3.0
+# An export problem this recent counts as "the agent is down or refusing" at exit.
+PROBLEM_MEMORY_SECONDS = 30.0
 # The loggers through which the stock exporters and batch processors report failed exports.
 EXPORT_LOGGERS = (
     "opentelemetry.exporter.otlp.proto.grpc.exporter",
@@ -75,10 +81,19 @@ class OneWarning(logging.Filter):
         self.lock = threading.Lock()
         self.shown = False
         self.suppressed = 0
+        self.last_problem: float | None = None  # time.monotonic() of the latest export problem
+
+    def problem(self) -> None:
+        self.last_problem = time.monotonic()
+
+    def recent_problem(self) -> bool:
+        last = self.last_problem
+        return last is not None and time.monotonic() - last < PROBLEM_MEMORY_SECONDS
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
             return True
+        self.problem()
         with self.lock:
             if not self.shown:
                 self.shown = True
@@ -92,8 +107,11 @@ EXPORT_PROBLEMS = OneWarning()
 
 
 class ExitBudget:
-    """Shuts every exporter down :data:`SHUTDOWN_BUDGET_SECONDS` after the app's exit began, which stops their
-    retries: the SDK's own exit handlers then return at once instead of waiting out the export timeout."""
+    """Shuts every exporter down :data:`SHUTDOWN_BUDGET_SECONDS` after the app's exit began if an export
+    problem was seen (the agent down or refusing), which stops their retries: the SDK's own exit handlers then
+    return at once instead of waiting out the export timeout. With no problem seen the agent is answering, so
+    the exporters get up to :data:`LIVE_AGENT_BUDGET_SECONDS` to deliver what is left, and are stopped as soon
+    as a problem shows."""
 
     def __init__(self) -> None:
         self.exporters: list[Any] = []
@@ -107,13 +125,19 @@ class ExitBudget:
         # before the SDK's providers begin their final flush.
         atexit.register(self._start_clock)
 
-    def _start_clock(self) -> None:
-        timer = threading.Timer(SHUTDOWN_BUDGET_SECONDS, self._stop_exporters)
-        timer.daemon = True
+    def _start_clock(self, seconds: float = SHUTDOWN_BUDGET_SECONDS) -> None:
+        clock = threading.Thread(target=self._run_clock, args=(seconds,), name="sidetrace-exit-budget", daemon=True)
         try:
-            timer.start()
+            clock.start()
         except RuntimeError:  # an interpreter that refuses new threads at exit: the stock timeouts apply
             return
+
+    def _run_clock(self, seconds: float) -> None:
+        started = time.monotonic()
+        time.sleep(seconds)
+        while not EXPORT_PROBLEMS.recent_problem() and time.monotonic() - started < LIVE_AGENT_BUDGET_SECONDS:
+            time.sleep(0.05)
+        self._stop_exporters()
 
     def _stop_exporters(self) -> None:
         for exporter in self.exporters:
@@ -156,6 +180,7 @@ class DropCountingExporter:
         return result
 
     def _count(self, spans: int) -> None:
+        EXPORT_PROBLEMS.problem()
         with self.lock:
             self.dropped += spans
         try:
@@ -217,6 +242,9 @@ def _flush_child_processes() -> None:
         try:
             return bootstrap(self, *args, **kwargs)
         finally:
+            # A flush's timeout does not bound an export already retrying toward an agent that is down (the
+            # stock exporters give up only after their own timeout, 10 s): stopping the exporters does.
+            EXIT_BUDGET._start_clock(CHILD_FLUSH_MILLIS / 1000)
             _flush_providers(CHILD_FLUSH_MILLIS)
 
     flushing_bootstrap._sidetrace_flushes = True  # type: ignore[attr-defined]

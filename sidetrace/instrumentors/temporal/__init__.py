@@ -31,13 +31,22 @@ What it traces:
   span, so no exported span points at a parent that is never exported. Nothing is created during
   replay.
 - calls from workflows: ``StartActivity:{type}``, ``StartChildWorkflow:{type}``,
-  ``SignalChildWorkflow:{name}`` and ``SignalExternalWorkflow:{name}`` (CLIENT), made when the
-  workflow makes the call (outside replay) and ended at once, so they are exported before the
-  activity's attempts, the child's run or the receiving handler, their children, can point at them:
-  a signal from one workflow to another continues the sender's trace.
+  ``SignalChildWorkflow:{name}``, ``SignalExternalWorkflow:{name}`` and ``SignalWithStartWorkflow:{type}``
+  (temporalio's system Nexus operation) (CLIENT), made when the workflow makes the call (outside
+  replay) and ended at once, so they are exported before the activity's attempts, the child's run or
+  the receiving handler, their children, can point at them: a signal from one workflow to another
+  continues the sender's trace.
 - handlers: ``HandleSignal:{name}``, ``ValidateUpdate:{name}``, ``HandleUpdate:{name}`` (outside
   replay) and ``HandleQuery:{name}`` (SERVER), children of the call that sent them, linked to the
   receiving run's WorkflowStarted span.
+- Nexus, where the installed temporalio has it: ``StartNexusOperation:{service}/{operation}`` (CLIENT),
+  a call from a workflow made like the others above, with ``temporal.nexus.endpoint``,
+  ``temporal.nexus.service`` and ``temporal.nexus.operation``; its context travels in the operation's
+  Nexus headers (``traceparent``, as temporalio's own interceptor sends it). On the handler's worker,
+  ``RunStartNexusOperationHandler:{service}/{operation}`` and ``RunCancelNexusOperationHandler:{service}/{operation}``
+  (SERVER), children of that call, with the same attributes and the worker's namespace and task queue;
+  a workflow a workflow-run operation starts is a child of the handler's span (through the worker's
+  client, when that client is instrumented).
 
 Metrics through the OpenTelemetry meter: ``temporal.activity.execution.duration``,
 ``temporal.activity.queue_time`` (the saturation signal of a task queue),

@@ -111,6 +111,12 @@ class TracingInterceptor(temporalio.client.Interceptor, temporalio.worker.Interc
     ) -> temporalio.worker.ActivityInboundInterceptor:
         return _ActivityInbound(next, self)
 
+    def intercept_nexus_operation(self, next: Any) -> Any:
+        """Nexus handlers (SDKs without Nexus never call this, so they never import what it needs)."""
+        from sidetrace.instrumentors.temporal._nexus import _NexusOperationInbound
+
+        return _NexusOperationInbound(next, self)
+
     def workflow_interceptor_class(
         self, input: temporalio.worker.WorkflowInterceptorClassInput
     ) -> type[temporalio.worker.WorkflowInboundInterceptor]:

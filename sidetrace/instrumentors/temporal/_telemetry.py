@@ -55,6 +55,31 @@ def context_from_headers(headers: Mapping[str, Payload], guard: Guard = GUARD) -
         return None
 
 
+def context_to_nexus_headers(headers: Mapping[str, str] | None, ctx: otel_context.Context | None,
+                             guard: Guard = GUARD) -> Mapping[str, str] | None:
+    """A copy of a Nexus operation's string ``headers`` carrying ``ctx`` as the propagator's own fields
+    (``traceparent``, as temporalio's interceptor writes them); ``headers`` unchanged if they already carry
+    one of those fields or if that fails."""
+    try:
+        carrier: dict[str, Any] = {}
+        propagate.inject(carrier, context=ctx)
+        if not carrier or any(key in (headers or {}) for key in carrier):
+            return headers
+        return {**(headers or {}), **{k: ",".join(v) if isinstance(v, list) else v for k, v in carrier.items()}}
+    except Exception as exc:
+        guard.failed("inject", exc)
+        return headers
+
+
+def context_from_nexus_headers(headers: Mapping[str, str], guard: Guard = GUARD) -> otel_context.Context | None:
+    """The context in a Nexus request's string headers, or None when unreadable."""
+    try:
+        return propagate.extract(headers)
+    except Exception as exc:
+        guard.failed("extract", exc)
+        return None
+
+
 def error_type(exc: BaseException) -> str:
     if isinstance(exc, temporalio.exceptions.ApplicationError):
         return exc.type or "ApplicationError"

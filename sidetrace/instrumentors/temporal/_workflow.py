@@ -27,7 +27,13 @@ from opentelemetry.trace import (
 )
 from temporalio.api.common.v1 import Payload
 
-from sidetrace.instrumentors.temporal._telemetry import HEADER, context_from_headers, context_to_headers, error_type
+from sidetrace.instrumentors.temporal._telemetry import (
+    HEADER,
+    context_from_headers,
+    context_to_headers,
+    context_to_nexus_headers,
+    error_type,
+)
 
 if TYPE_CHECKING:
     from sidetrace.instrumentors.temporal._interceptor import TracingInterceptor
@@ -96,11 +102,12 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
     def init(self, outbound: temporalio.worker.WorkflowOutboundInterceptor) -> None:
         self._outbound = _WorkflowOutbound(outbound, self)
         self._workflow_context: SpanContext | None = None
-        self._calls = 0  # activities and child workflows started so far: the same count on every replay
+        self._calls = 0  # calls made so far (activities, children, signals, Nexus): the same on every replay
         super().init(self._outbound)
 
-    def client_call(self, name: str, attributes: dict[str, Any]) -> Payload | None:
-        """The context header for a call from the workflow (an activity, a child, a signal), whose span is made now.
+    def client_call(self, name: str, attributes: dict[str, Any]) -> otel_context.Context | None:
+        """The context to send with a call from the workflow (an activity, a child, a signal, a Nexus
+        operation), whose span is made now; None when there is none to send.
 
         The span's ids derive from the run id and the call's position in the run, so a replay
         reproduces them; it is made at scheduling, outside replay, and ended at once, so it is exported
@@ -117,16 +124,15 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
                 self.interceptor.guard.failed("workflow call", exc)
             return None
 
-    def _client_call(self, name: str, attributes: dict[str, Any], workflow_context: SpanContext) -> Payload | None:
+    def _client_call(self, name: str, attributes: dict[str, Any],
+                     workflow_context: SpanContext) -> otel_context.Context | None:
         info = temporalio.workflow.info()
         context = SpanContext(workflow_context.trace_id, _digest(f"{info.run_id}:{self._calls}", 8), is_remote=True,
                               trace_flags=workflow_context.trace_flags)
-        header = context_to_headers({}, trace.set_span_in_context(NonRecordingSpan(context)),
-                                    self.interceptor.guard).get(HEADER)
         if not temporalio.workflow.unsafe.is_replaying():
             self._make_span(name, SpanKind.CLIENT, context, trace.set_span_in_context(NonRecordingSpan(
                 workflow_context)), attributes, None, None, instant=True)
-        return header
+        return trace.set_span_in_context(NonRecordingSpan(context))
 
     def _make_span(self, name: str, kind: SpanKind, context: SpanContext, parent: otel_context.Context | None,
                    attributes: dict[str, Any], started: int | None, error: BaseException | None,
@@ -170,6 +176,7 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
         parent = context_from_headers(input.headers, self.interceptor.guard)
         self._workflow_context = workflow_span_context(info.run_id, parent)
         workflow_parent = trace.set_span_in_context(NonRecordingSpan(self._workflow_context))
+        self._outbound.parent = workflow_parent
         self._outbound.header = context_to_headers({}, workflow_parent, self.interceptor.guard).get(HEADER)
         # What the next run of a continue-as-new chain is given as its parent: the span that started the
         # chain (its client's call), or this run's WorkflowStarted span when nothing did, so the runs stay
@@ -308,7 +315,8 @@ def _is_workflow_failure(exc: BaseException) -> bool:
 
 
 class _WorkflowOutbound(temporalio.worker.WorkflowOutboundInterceptor):
-    header: Payload | None = None
+    parent: otel_context.Context | None = None  # the run's WorkflowStarted span, once the run has begun
+    header: Payload | None = None  # the same, as a header
     chain_parent: otel_context.Context | None = None
 
     def __init__(self, next: temporalio.worker.WorkflowOutboundInterceptor, inbound: _WorkflowInbound) -> None:
@@ -316,8 +324,12 @@ class _WorkflowOutbound(temporalio.worker.WorkflowOutboundInterceptor):
         self.inbound = inbound
 
     def _traced(self, name: str, headers: Mapping[str, Payload], attributes: dict[str, Any]) -> Mapping[str, Payload]:
-        header = self.inbound.client_call(name, attributes) or self.header
-        if header is None or HEADER in headers:
+        context = self.inbound.client_call(name, attributes)
+        if HEADER in headers:
+            return headers
+        guard = self.inbound.interceptor.guard
+        header = self.header if context is None else context_to_headers({}, context, guard).get(HEADER)
+        if header is None:
             return headers
         return {**headers, HEADER: header}
 
@@ -354,3 +366,36 @@ class _WorkflowOutbound(temporalio.worker.WorkflowOutboundInterceptor):
         input.headers = self._traced(f"StartChildWorkflow:{input.workflow}", input.headers,
                                      {"temporal.workflow.type": input.workflow, "temporal.workflow.id": input.id})
         return await super().start_child_workflow(input)
+
+    async def start_nexus_operation(self, input: Any) -> Any:
+        """A Nexus operation: its context travels in the operation's string headers, as temporalio's own
+        interceptor sends it (``traceparent``), and the handler's span continues it."""
+        attributes = {"temporal.nexus.endpoint": input.endpoint, "temporal.nexus.service": input.service,
+                      "temporal.nexus.operation": input.operation_name}
+        context = self.inbound.client_call(f"StartNexusOperation:{input.service}/{input.operation_name}", attributes)
+        context = context or self.parent
+        if context is not None:
+            input.headers = context_to_nexus_headers(input.headers, context, self.inbound.interceptor.guard)
+        return await super().start_nexus_operation(input)
+
+    async def start_signal_with_start_workflow(self, request: Any) -> Any:
+        """Signal-with-start from a workflow (temporalio's system Nexus operation): the run it starts and
+        the signal's handler continue this call's span, as they do a client's signal-with-start."""
+        workflow_type = _workflow_type(request.workflow)
+        attributes = {"temporal.workflow.type": workflow_type, "temporal.workflow.id": request.id,
+                      "temporal.task_queue": request.task_queue, "temporal.namespace": request.namespace}
+        context = self.inbound.client_call(f"SignalWithStartWorkflow:{workflow_type}", attributes) or self.parent
+        headers = request.headers or {}
+        if context is not None and HEADER not in headers:  # the SDK sends a Payload value as it is
+            request.headers = context_to_headers(headers, context, self.inbound.interceptor.guard)
+        return await super().start_signal_with_start_workflow(request)
+
+
+def _workflow_type(workflow: Any) -> str:
+    """The type name of a workflow given by name or by its run method (as the SDK resolves it)."""
+    if isinstance(workflow, str):
+        return workflow
+    try:
+        return temporalio.workflow._Definition.get_name_and_result_type(workflow)[0]
+    except Exception:  # a run method the SDK will refuse itself: name the span after the function
+        return getattr(workflow, "__qualname__", type(workflow).__name__)

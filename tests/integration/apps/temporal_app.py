@@ -7,7 +7,11 @@ uninstrumented client and by the temporal CLI); outcomes (continue-as-new, cance
 workflow task failures, timed out, terminated); providers (instrument's tracer_provider and meter_provider, and
 suppress_instrumentation()); plugin-before, plugin-after, interceptor-before, interceptor-after
 (temporalio's own OpenTelemetry plugin or interceptor given before or after instrument()); messages
-(signal-with-start, update-with-start, signals from workflows to workflows).
+(signal-with-start, update-with-start, signals from workflows to workflows); nexus (a workflow calling a sync,
+a workflow-run and a cancelled Nexus operation); nexus-plugin-before, nexus-plugin-after,
+nexus-interceptor-before, nexus-interceptor-after (the same beside temporalio's own plugin or interceptor);
+nexus-failing=HOOKS (the same under a failing tracer); nexus-official-handler, nexus-official-caller
+(our caller and a handler worker on temporalio's own interceptor, or the reverse).
 Prints the finished spans as one JSON line, then leaves with os._exit(0).
 """
 
@@ -17,16 +21,21 @@ import os
 import sys
 from datetime import timedelta
 
+import nexusrpc
+import nexusrpc.handler
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from temporalio import activity, workflow
+from temporalio import activity, nexus, workflow
+from temporalio.api.nexus.v1 import EndpointSpec, EndpointTarget
+from temporalio.api.operatorservice.v1 import CreateNexusEndpointRequest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ApplicationError, CancelledError
+from temporalio.exceptions import ApplicationError, CancelledError, NexusOperationError
+from temporalio.nexus.system.workflow_service.operations.signal_with_start_workflow import signal_with_start_workflow
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -36,7 +45,7 @@ exporter = InMemorySpanExporter()
 metric_reader = InMemoryMetricReader()
 if __name__ == "__main__":
     provider = TracerProvider()
-    if sys.argv[1].startswith("plugin-"):  # OpenTelemetryPlugin insists on its replay-safe provider
+    if "plugin-" in sys.argv[1]:  # OpenTelemetryPlugin insists on its replay-safe provider
         from temporalio.contrib.opentelemetry import create_tracer_provider
 
         provider = create_tracer_provider()
@@ -407,6 +416,122 @@ async def messages(target: str, namespace: str) -> None:
         assert await receiver.result() == ["from client", "from sender"]
 
 
+NEXUS_ENDPOINT = "nexus-ep"  # Nexus endpoint names allow letters, digits and dashes
+
+
+@nexusrpc.service
+class Greeting:
+    echo: nexusrpc.Operation[str, str]
+    reverse: nexusrpc.Operation[str, str]
+    hold: nexusrpc.Operation[str, None]
+    refuse: nexusrpc.Operation[str, str]
+
+
+@nexusrpc.handler.service_handler(service=Greeting)
+class GreetingHandler:
+    @nexusrpc.handler.sync_operation
+    async def echo(self, ctx: nexusrpc.handler.StartOperationContext, text: str) -> str:
+        return text.upper()
+
+    @nexus.workflow_run_operation
+    async def reverse(self, ctx: nexus.WorkflowRunOperationContext, text: str) -> nexus.WorkflowHandle[str]:
+        return await ctx.start_workflow(Child.run, text, id="wf-nexus-reverse")
+
+    @nexus.workflow_run_operation
+    async def hold(self, ctx: nexus.WorkflowRunOperationContext, text: str) -> nexus.WorkflowHandle[None]:
+        """Runs Waiting, which ends only when the caller cancels the operation."""
+        return await ctx.start_workflow(Waiting.run, id="wf-nexus-hold")
+
+    @nexusrpc.handler.sync_operation
+    async def refuse(self, ctx: nexusrpc.handler.StartOperationContext, text: str) -> str:
+        raise nexusrpc.OperationError(f"{text} refused", state=nexusrpc.OperationErrorState.FAILED)
+
+
+@workflow.defn
+class NexusCaller:
+    """Calls a sync operation, a workflow-run operation, one more that it cancels once started, and a
+    sync operation that fails; then signal-with-starts Receiver (temporalio's system Nexus operation)."""
+
+    @workflow.run
+    async def run(self, text: str) -> str:
+        client = workflow.create_nexus_client(service=Greeting, endpoint=NEXUS_ENDPOINT)
+        upper = await client.execute_operation(Greeting.echo, text)
+        reversed_text = await client.execute_operation(Greeting.reverse, text)
+        held = await client.start_operation(Greeting.hold, text)
+        held.cancel()
+        try:
+            await held
+            raise ApplicationError("the held operation returned", non_retryable=True)
+        except NexusOperationError as err:
+            if not isinstance(err.cause, CancelledError):
+                raise
+        try:
+            await client.execute_operation(Greeting.refuse, text)
+            raise ApplicationError("the refused operation returned", non_retryable=True)
+        except NexusOperationError as err:
+            if not isinstance(err.cause, ApplicationError) or err.cause.message != f"{text} refused":
+                raise
+        await signal_with_start_workflow(Receiver.run, 1, id="wf-nexus-receiver", task_queue="x", signal=Receiver.note,
+                                         signal_args=["from the caller"])
+        return upper + reversed_text
+
+
+async def nexus_calls(target: str, namespace: str, mode: str) -> None:
+    """NexusCaller on task queue x-caller (a worker without a workflow cache: each of its workflow tasks
+    replays the history) calls a Nexus endpoint on the dev server that targets task queue x, whose worker
+    runs the Greeting handlers and the workflows they start. Traced by us (nexus), beside
+    temporalio's own plugin or interceptor (nexus-plugin-before and the like), by us under a failing tracer
+    (nexus-failing=HOOKS, which prints the errors we counted), or by us on one side only, temporalio's own
+    interceptor on the other (nexus-official-handler, nexus-official-caller). The app asserts
+    every call answered and no workflow task failed."""
+    from temporalio.contrib.opentelemetry import OpenTelemetryPlugin
+    from temporalio.contrib.opentelemetry import TracingInterceptor as Official
+
+    bare = await Client.connect(target, namespace=namespace)
+    await bare.operator_service.create_nexus_endpoint(CreateNexusEndpointRequest(spec=EndpointSpec(
+        name=NEXUS_ENDPOINT, target=EndpointTarget(worker=EndpointTarget.Worker(namespace=namespace, task_queue="x")))))
+    failing = None
+    official: dict = {}
+    if mode.startswith("nexus-failing="):
+        from tests.telemetry import FailingTelemetry
+
+        failing = FailingTelemetry(mode.split("=", 1)[1].split("+"))
+        TemporalInstrumentor().instrument(tracer_provider=failing.tracer_provider, core_metrics=False,
+                                          meter_provider=failing.meter_provider)
+    elif mode == "nexus":
+        TemporalInstrumentor().instrument(core_metrics=False)
+    elif mode in ("nexus-official-handler", "nexus-official-caller"):
+        TemporalInstrumentor().instrument(core_metrics=False)
+        official = {"interceptors": [Official()]} if mode == "nexus-official-handler" else {}
+    else:
+        _, kind, order = mode.split("-")
+        official = {"plugins": [OpenTelemetryPlugin(add_temporal_spans=True)]} if kind == "plugin" else \
+            {"interceptors": [Official()]}
+        if order == "after":
+            TemporalInstrumentor().instrument(core_metrics=False)
+    client = await Client.connect(target, namespace=namespace, **official)
+    if mode.endswith("-before"):
+        TemporalInstrumentor().instrument(core_metrics=False)
+    caller = client
+    if mode in ("nexus-official-handler", "nexus-official-caller"):
+        caller = await Client.connect(target, namespace=namespace,
+                                      interceptors=[Official()] if mode == "nexus-official-caller" else [])
+    async with Worker(client, task_queue="x", workflows=[Child, Waiting, Receiver],
+                      nexus_service_handlers=[GreetingHandler()]), \
+            Worker(caller, task_queue="x-caller", workflows=[NexusCaller], max_cached_workflows=0):
+        assert await caller.execute_workflow(NexusCaller.run, "hi", id="wf-nexus", task_queue="x-caller") == "HIih"
+        held = client.get_workflow_handle("wf-nexus-hold")
+        assert (await held.describe()).status == WorkflowExecutionStatus.CANCELED
+        assert await client.get_workflow_handle("wf-nexus-receiver").result() == ["from the caller"]
+        for workflow_id in ("wf-nexus", "wf-nexus-reverse", "wf-nexus-hold", "wf-nexus-receiver"):
+            history = await client.get_workflow_handle(workflow_id).fetch_history()
+            failed_tasks = [e for e in history.events if e.HasField("workflow_task_failed_event_attributes")]
+            assert failed_tasks == [], (workflow_id, failed_tasks)
+    if failing is not None:
+        print("ERRORS " + json.dumps(failing.errors()), flush=True)
+        print("EXPORTED", failing.exporter.spans, flush=True)
+
+
 async def failing_tracer(target: str, namespace: str, hooks: str) -> None:
     """Everything under a SpanProcessor raising from ``hooks`` and an exporter that raises: the app's calls
     all answer and the history has no failed workflow task. Prints the errors we counted, by place."""
@@ -541,7 +666,11 @@ async def main(mode: str):
         uninstrument_restores()
         return print(json.dumps([]))
     path = os.path.join(os.path.dirname(sys.executable), "temporal")
-    env = await WorkflowEnvironment.start_local(dev_server_existing_path=path, ip="127.0.0.1")
+    # Signal-with-start from a workflow (a system Nexus operation) is off by default on the server.
+    extra = ["--dynamic-config-value", "history.enableSignalWithStartFromWorkflow=true"] if mode.startswith("nexus") \
+        else []
+    env = await WorkflowEnvironment.start_local(dev_server_existing_path=path, ip="127.0.0.1",
+                                                dev_server_extra_args=extra)
     target, namespace = env.client.service_client.config.target_host, env.client.namespace
     try:
         if mode in ("no-cache", "restart"):
@@ -556,6 +685,8 @@ async def main(mode: str):
             await beside_official(target, namespace, mode)
         elif mode.startswith("failing="):
             await failing_tracer(target, namespace, mode.split("=", 1)[1])
+        elif mode.startswith("nexus"):
+            await nexus_calls(target, namespace, mode)
         elif mode == "messages":
             await messages(target, namespace)
         elif mode == "no-context":
@@ -598,7 +729,7 @@ def print_metrics(reader: InMemoryMetricReader = metric_reader) -> None:
 
 
 def print_spans(finished: InMemorySpanExporter = exporter) -> None:
-    spans = [{"name": s.name, "trace": s.context.trace_id, "id": s.context.span_id,
+    spans = [{"name": s.name, "kind": s.kind.name, "trace": s.context.trace_id, "id": s.context.span_id,
               "parent": s.parent.span_id if s.parent else None, "status": s.status.status_code.name,
               "start": s.start_time, "end": s.end_time, "links": [link.context.span_id for link in s.links],
               "events": [event.name for event in s.events],

@@ -116,6 +116,24 @@ def processes_app() -> None:
             ["ProcessPoolExecutor 1", "ProcessPoolExecutor 2"]
 
 
+def _timed_child_work(name: str) -> None:
+    _child_work(name)
+    print("done", name, time.time(), flush=True)
+
+
+def child_exit_app() -> None:
+    """A child Process of each start method; prints when each child's work ended and when the parent saw it
+    exit, so the time a child spends sending its spans on the way out can be read."""
+    import multiprocessing
+
+    for method in ("fork", "spawn", "forkserver"):
+        child = multiprocessing.get_context(method).Process(target=_timed_child_work, args=(method,))
+        child.start()
+        child.join(60)
+        print("exited", method, time.time(), flush=True)
+        assert child.exitcode == 0
+
+
 def timed_app() -> None:
     """Forty requests' worth of waiting, each in a span and counted in a metric (as web frameworks' own
     instrumentations do); prints how long they took and when its last line ran."""
@@ -147,4 +165,5 @@ def dropping_app() -> None:
 
 if __name__ == "__main__":
     {"flask": flask_app, "fastapi": fastapi_app, "grpc": grpc_app, "threads": threads_app,
-     "timed": timed_app, "dropping": dropping_app, "processes": processes_app}[sys.argv[1]]()
+     "timed": timed_app, "dropping": dropping_app, "processes": processes_app,
+     "child_exit": child_exit_app}[sys.argv[1]]()
