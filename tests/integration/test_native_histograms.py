@@ -237,6 +237,8 @@ def test_raw_otlp_points_the_sdk_does_not_make_reach_prometheus_exactly(
         raw_point(metrics, "balance", 0, 5, zero_count=1, zero_threshold=0.5, positive=(1, [2]), negative=(1, [2]))
         raw_point(metrics, "idle", 3, 0)  # no observation yet: still a native histogram, not a classic one
         raw_point(metrics, "coarse", -5, 1, positive=(0, [1]))  # no schema holds it
+        summary = metrics.add(name="wait").summary.data_points.add(count=12, sum=30.0)  # no SDK makes these
+        summary.quantile_values.add(quantile=0.5, value=1.5)
         status, _, _ = post(agent.otlp_http + "/v1/metrics", request.SerializeToString())
         assert status == 200
         assert scalar(prometheus, "histogram_count(balance)") == 5
@@ -245,6 +247,7 @@ def test_raw_otlp_points_the_sdk_does_not_make_reach_prometheus_exactly(
         (idle,) = prometheus.query("idle")
         assert "histogram" in idle and not prometheus.query("idle_count")
         assert not prometheus.query("coarse") and not prometheus.query("histogram_count(coarse)")
+        assert scalar(prometheus, 'wait{quantile="0.5"}') == 1.5 and scalar(prometheus, "wait_count") == 12
         _, text = http_get(agent.url + "/metrics")
         assert 'sidetrace_app_metrics_dropped_points_total{reason="exponential_histogram_scale"} 1.0' in text
     finally:

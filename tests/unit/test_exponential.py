@@ -7,7 +7,13 @@ from pathlib import Path
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    SummaryMetricFamily,
+)
 from prometheus_client.samples import BucketSpan, NativeHistogram
 
 from sidetrace.agent import protobuf_exposition
@@ -212,9 +218,14 @@ def test_protobuf_families_carry_the_text_formats_names_types_and_values() -> No
     histogram = HistogramMetricFamily("lat", "Latency.", labels=["route"])
     histogram.add_metric(["/"], [("1.0", 1), ("+Inf", 3)], 4.5)
     info = InfoMetricFamily("build", "Build.", value={"version": "1"})
-    body = protobuf_exposition.encode(Fixed(counter, gauge, histogram, info))
+    summary = SummaryMetricFamily("wait", "Wait.", labels=["queue"])
+    summary.add_sample("wait", {"queue": "a", "quantile": "0.5"}, 1.5)
+    summary.add_sample("wait", {"queue": "a", "quantile": "0.99"}, 9.0)
+    summary.add_sample("wait_sum", {"queue": "a"}, 30.0)
+    summary.add_sample("wait_count", {"queue": "a"}, 12)
+    body = protobuf_exposition.encode(Fixed(counter, gauge, histogram, info, summary))
     families = {family.name: family for family in decode(body)}
-    assert sorted(families) == ["build_info", "depth", "jobs_created", "jobs_total", "lat"]
+    assert sorted(families) == ["build_info", "depth", "jobs_created", "jobs_total", "lat", "wait"]
     (jobs,) = families["jobs_total"].metric
     assert (families["jobs_total"].type, [(p.name, p.value) for p in jobs.label], jobs.counter.value) == (
         protobuf_exposition.COUNTER, [("queue", "a")], 3.0)
@@ -225,6 +236,11 @@ def test_protobuf_families_carry_the_text_formats_names_types_and_values() -> No
     assert (lat.histogram.sample_count, lat.histogram.sample_sum) == (3, 4.5)
     assert [(b.upper_bound, b.cumulative_count) for b in lat.histogram.bucket] == [(1.0, 1), (float("inf"), 3)]
     assert not lat.histogram.HasField("schema")  # a classic histogram stays classic
+    (wait,) = families["wait"].metric
+    assert families["wait"].type == protobuf_exposition.SUMMARY and [(p.name, p.value) for p in wait.label] == [
+        ("queue", "a")]
+    assert [(q.quantile, q.value) for q in wait.summary.quantile] == [(0.5, 1.5), (0.99, 9.0)]
+    assert (wait.summary.sample_count, wait.summary.sample_sum) == (12, 30.0)
     (build,) = families["build_info"].metric
     assert [(p.name, p.value) for p in build.label] == [("version", "1")] and build.gauge.value == 1.0
 
