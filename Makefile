@@ -97,6 +97,7 @@ bench: $(VENV)/.test servers $(BENCH313)/bin/python $(BENCHDAPR)/bin/python $(BE
 	$(SUDO) $(BIN)/python bench/netsample_rate.py
 	$(BIN)/python bench/launcher_overhead.py
 	$(BIN)/python bench/remote_write_cost.py
+	$(BIN)/python bench/exposition_cost.py
 
 clean:
 	rm -rf $(VENV) $(BENCH313) $(BENCHDAPR) $(BENCHLAUNCHER) .pytest_cache .ruff_cache

@@ -16,9 +16,9 @@
   ``otel_scope_schema_url`` (when the scope has one) and each scope attribute as ``otel_scope_<key>``
   (one named ``name``, ``version`` or ``schema_url`` is left out), so two libraries recording the
   same instrument make two series. These labels win over point attributes of the same name.
-- Delta sums and histograms are accumulated into cumulative series, aligned on start times: a
-  series' first point starts it; a later point is added only when it starts at or after the time the
-  series was last accumulated to and ends after it. As in the Collector's deltatocumulative
+- Delta sums and histograms (exponential ones included) are accumulated into cumulative series, aligned on
+  start times: a series' first point starts it; a later point is added only when it starts at or after the time
+  the series was last accumulated to and ends after it. As in the Collector's deltatocumulative
   processor, a gap before a point is accepted (the sender restarted or lost a point) and a point
   that ends no later than the series (a delta sent again, one arriving after a newer one) is
   dropped; unlike it, a point that starts before that time but ends after it is dropped too, since
@@ -27,8 +27,13 @@
   ``time_unix_nano`` (which OTLP requires) are added as they come until a timed one arrives. A
   histogram whose bounds change starts over from the point, as the Collector's does.
   Cumulative points are taken as sent. Series not updated for ``stale_seconds`` are removed, so an
-  app that stopped sending does not live forever. Exponential histograms are not translated
-  (counted as dropped points).
+  app that stopped sending does not live forever.
+- Exponential histograms are kept too (delta points merged into cumulative ones, ``sidetrace.agent.exponential``)
+  and served as native histograms where the exposition can carry them: the protobuf one
+  (``sidetrace.agent.protobuf_exposition``). An exposition that cannot (a text or OpenMetrics scrape, a remote-write
+  collection) leaves them out and counts each series it left out (``exponential_histogram``); a point of a scale
+  below -4 (which no native histogram schema can hold without splitting buckets) is refused and counted
+  (``exponential_histogram_scale``).
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from sidetrace._aio import finish
+from sidetrace.agent.exponential import MIN_SCHEMA, ExponentialPoint
+from sidetrace.agent.protobuf_exposition import NATIVE_HISTOGRAMS
 from sidetrace.config import AppMetricsSection
 
 if TYPE_CHECKING:
@@ -95,6 +102,8 @@ def sample_names(base: str, prom_type: str) -> tuple[str, ...]:
     return {
         "counter": (base, base + "_total"),
         "histogram": (base, base + "_bucket", base + "_sum", base + "_count"),
+        # a classic histogram's names: whether two metrics clash must not depend on the histograms' kind
+        "exponential": (base, base + "_bucket", base + "_sum", base + "_count"),
         "summary": (base, base + "_sum", base + "_count"),
     }.get(prom_type, (base,))
 
@@ -105,7 +114,7 @@ SCOPE_LABELS = ("otel_scope_name", "otel_scope_version", "otel_scope_schema_url"
 RESERVED_LABELS = frozenset({"job", "instance", "le", "quantile", *SCOPE_LABELS})
 # Why a point is not served, each exported from the start so that an alert sees the first one.
 DROP_REASONS = ("max_series", "max_series_target_info", "reserved_name", "type_conflict", "name_clash",
-                "exponential_histogram", "delta_overlap")
+                "exponential_histogram", "exponential_histogram_scale", "delta_overlap")
 
 
 def scope_labels(scope_metrics: Any) -> tuple[tuple[str, str], ...]:
@@ -167,7 +176,7 @@ def any_value(value: AnyValue) -> str:
 
 
 class _Series:
-    __slots__ = ("value", "sum", "count", "buckets", "bounds", "updated", "last")
+    __slots__ = ("value", "sum", "count", "buckets", "bounds", "updated", "last", "exponential")
 
     def __init__(self) -> None:
         self.value = 0.0
@@ -177,6 +186,7 @@ class _Series:
         self.bounds: tuple[float, ...] = ()
         self.updated = 0.0
         self.last = 0  # time_unix_nano of the last delta point added; 0 before the first timed one
+        self.exponential: ExponentialPoint | None = None
 
 
 class AppMetrics:
@@ -294,16 +304,13 @@ class AppMetrics:
         if kind is None:
             return 0
         data = getattr(metric, kind)
-        if kind == "exponential_histogram":
-            self._drop("exponential_histogram", len(data.data_points))
-            return 0
         gauge = kind == "gauge" or (kind == "sum" and not data.is_monotonic)
         base = metric_name(metric.name, metric.unit, gauge, counter=kind == "sum" and not gauge)
         if base.startswith(RESERVED_PREFIXES):
             self._drop("reserved_name", len(data.data_points))
             return 0
         prom_type = {"gauge": "gauge", "sum": "gauge" if gauge else "counter", "histogram": "histogram",
-                     "summary": "summary"}[kind]
+                     "summary": "summary", "exponential_histogram": "exponential"}[kind]
         if self._types.get(base, prom_type) != prom_type:
             self._drop("type_conflict", len(data.data_points))
             return 0
@@ -315,6 +322,9 @@ class AppMetrics:
         delta = getattr(data, "aggregation_temporality", 0) == DELTA
         taken = 0
         for point in data.data_points:
+            if kind == "exponential_histogram" and point.scale < MIN_SCHEMA:
+                self._drop("exponential_histogram_scale")
+                continue
             labels = prefix + point_labels(point.attributes, reserved)
             series = self._series(family, labels, now, help_text)
             if series is None:
@@ -339,6 +349,10 @@ class AppMetrics:
                     series.count += point.count
                 else:
                     series.bounds, series.buckets, series.sum, series.count = bounds, counts, point.sum, point.count
+            elif kind == "exponential_histogram":
+                incoming = ExponentialPoint.from_otlp(point)
+                series.exponential = (series.exponential.merged(incoming) if delta and series.exponential
+                                      else incoming)
             else:  # summary: quantiles are always cumulative in OTLP
                 series.sum, series.count = point.sum, point.count
                 series.buckets = [q.value for q in point.quantile_values]
@@ -368,10 +382,16 @@ class AppMetrics:
         return self._count
 
     def families(self) -> Iterator[Metric]:
+        native = NATIVE_HISTOGRAMS.get()
         with self._lock:
             snapshot = [(family, [(labels, series.value, series.sum, series.count, list(series.buckets),
                                    series.bounds) for labels, series in by_labels.items()])
-                        for family, by_labels in self._families.items()]
+                        for family, by_labels in self._families.items() if family[1] != "exponential"]
+            # Points are replaced, never changed in place, by a merge: they can be read after the lock.
+            exponential = [(family, [(labels, series.exponential) for labels, series in by_labels.items()])
+                           for family, by_labels in self._families.items() if family[1] == "exponential"]
+            if exponential and not native:
+                self._drop("exponential_histogram", sum(len(rows) for _, rows in exponential))
             targets = list(self._targets.items())
             dropped = dict(self.dropped)
             helps = dict(self._help)
@@ -395,15 +415,23 @@ class AppMetrics:
                 family.add_sample(name + "_sum", base, total)
                 family.add_sample(name + "_count", base, count)
             yield family
+        for (name, _), rows in exponential if native else ():
+            family = Metric(name, helps[name], "histogram")
+            for labels, point in rows:
+                if point is not None:
+                    family.add_sample(name, dict(labels), point.count, native_histogram=point.native())
+            yield family
         info = Metric("target_info", "Resource attributes of each app sending OTLP metrics.", "gauge")
         for (job, instance), (attributes, _) in targets:
             info.add_sample("target_info", {"job": job, "instance": instance, **dict(attributes)}, 1)
         yield info
         points = CounterMetricFamily("sidetrace_app_metrics_dropped_points_total",
                                      "OTLP metric points not served, by reason (max_series, reserved_name, "
-                                     "type_conflict, name_clash, exponential_histogram, delta_overlap; "
-                                     "max_series_target_info counts requests whose resource was refused a target_info "
-                                     "series, also capped at max_series).", labels=["reason"])
+                                     "type_conflict, name_clash, delta_overlap, exponential_histogram_scale; "
+                                     "exponential_histogram counts the exponential-histogram series each text scrape "
+                                     "or remote-write collection left out, as only the protobuf exposition carries "
+                                     "them; max_series_target_info counts requests whose resource was refused a "
+                                     "target_info series, also capped at max_series).", labels=["reason"])
         for reason in DROP_REASONS:
             points.add_metric([reason], dropped.get(reason, 0))
         yield points

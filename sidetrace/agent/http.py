@@ -1,4 +1,4 @@
-"""The agent's HTTP endpoint: /metrics, /healthz, /readyz and /debug/status."""
+"""The agent's HTTP endpoint: /metrics (text, OpenMetrics or protobuf), /healthz, /readyz and /debug/status."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import exposition
 
+from sidetrace.agent import protobuf_exposition
 from sidetrace.agent.components import Context
 from sidetrace.config import ServerSection, parse_host_port
 
@@ -68,7 +69,13 @@ class HttpServer:
         return {"state": self._state, "detail": f"listening on {self.section.listen}", "last_error": self._last_error}
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        encoder, content_type = exposition.choose_encoder(request.headers.get("Accept", ""))
+        """The agent's metrics in the format the scraper asks for: the protobuf one (the only one with native
+        histograms) when it comes first in ``Accept``, else prometheus_client's choice of text formats."""
+        accept = request.headers.get("Accept", "")
+        if protobuf_exposition.accepts_protobuf(accept):
+            encoder, content_type = protobuf_exposition.encode, protobuf_exposition.CONTENT_TYPE
+        else:
+            encoder, content_type = exposition.choose_encoder(accept)
         # Collectors only read snapshots, but rendering a large store takes milliseconds of CPU:
         # keep it off the event loop so receivers stay responsive during a scrape.
         body = await asyncio.to_thread(encoder, self._context.registry)

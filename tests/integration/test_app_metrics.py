@@ -143,7 +143,7 @@ def test_delta_points_are_added_only_when_they_follow_on_so_none_counts_twice(
         agent_factory: Callable[..., Agent]) -> None:
     agent = agent_factory().start()
     reasons = ("max_series", "max_series_target_info", "reserved_name", "type_conflict", "name_clash",
-               "exponential_histogram", "delta_overlap")
+               "exponential_histogram", "exponential_histogram_scale", "delta_overlap")
     assert {f'sidetrace_app_metrics_dropped_points_total{{reason="{reason}"}} 0.0' for reason in reasons} \
         <= scrape_clean(agent)  # every reason is there before its first drop, so increase() sees the first one
     t0 = time.time_ns() - 60 * 10**9

@@ -27,9 +27,11 @@ pytestmark = pytest.mark.slow
 
 
 class Prometheus:
-    """A real Prometheus scraping ``target``, or (``target`` None) only taking remote writes."""
+    """A real Prometheus scraping ``target``, or (``target`` None) only taking remote writes; ``features`` for
+    ``--enable-feature`` (``native-histograms`` makes it scrape the protobuf exposition)."""
 
-    def __init__(self, tmp: Path, target: str | None, scrape: str | None = None) -> None:
+    def __init__(self, tmp: Path, target: str | None, scrape: str | None = None, features: str = "") -> None:
+        self.features = [f"--enable-feature={features}"] if features else []
         self.binary = shutil.which("prometheus")
         assert self.binary, "prometheus is not installed: `make test` installs the Debian package"
         self.tmp = tmp
@@ -47,7 +49,8 @@ class Prometheus:
         with open(self.tmp / "prometheus.log", "ab") as log:
             self.proc = subprocess.Popen(
                 [self.binary, f"--config.file={self.config}", f"--web.listen-address=127.0.0.1:{self.port}",
-                 f"--storage.tsdb.path={self.tmp / 'tsdb'}", "--log.level=warn", "--web.enable-remote-write-receiver"],
+                 f"--storage.tsdb.path={self.tmp / 'tsdb'}", "--log.level=warn", "--web.enable-remote-write-receiver",
+                 *self.features],
                 stdout=log, stderr=subprocess.STDOUT,
             )
         wait_until(lambda: self.proc.poll() is None and http_get(self.url + "/-/ready", 1)[0] == 200, 30,
