@@ -1,9 +1,13 @@
 """The trace pipeline: the trace sink receivers and sources hand requests to.
 
 A request goes through the processors in order (resource enrichment, redaction), is written to the
-spool when an exporter is configured, and only then is acknowledged; span metrics and the
-recent-traces index see it after the write, so a request the spool refused (and the app will
-retry) is not counted twice. The exporters read the spool on their own (``sidetrace.exporters``).
+spool, and only then is acknowledged; span metrics and the recent-traces index see it after the
+write, so a request the spool refused (and the app will retry) is not counted twice. It is written
+once to the trace queue when an exporter reads it (``[[exporters.otlp]]``), and split by each
+load-balancing exporter into its backends' queues, all in one spool transaction. With no trace
+exporter (none configured, or the last one removed by a reload) nothing is written: requests are
+kept only in the recent traces, and the log says so. The exporters read the spool on their own
+(``sidetrace.exporters``).
 
 A reload changes only what changed: processors are swapped between two requests, the spool's
 bounds are applied in place, and only the exporters whose tables changed are restarted, so traffic
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import ExitStack
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -27,7 +32,7 @@ from sidetrace.agent.recent import RecentTraces
 from sidetrace.config import Config
 from sidetrace.exporters import configured, exporter_class
 from sidetrace.exporters.delivery import DeliveryStats, delivery_families
-from sidetrace.exporters.spool import Spool, SpoolBusy, SpoolError, SpoolFull
+from sidetrace.exporters.spool import TRACES, Spool, SpoolBusy, SpoolError, SpoolFull
 
 log = logging.getLogger("sidetrace.pipeline")
 
@@ -103,9 +108,9 @@ class TracePipeline:
             log.info("spool %s holds %d bytes; exporting to %s", self.spool.path, self.spool.size_bytes,
                      ", ".join(f"{name} ({exporter.status()['endpoint']})"
                                for name, exporter in self.exporters.items()))
-        else:
-            log.info("no exporter configured: traces are kept in memory only (/debug/traces, `sidetrace traces`), "
-                     "nothing is sent to Jaeger")
+        if not self._trace_exporters():
+            log.info("no trace exporter configured: traces are kept in memory only (/debug/traces, "
+                     "`sidetrace traces`), nothing is spooled or sent")
         self._links.traces.bind(self)
         self._links.recent.bind(self.recent)
         self._state = "running"
@@ -128,6 +133,8 @@ class TracePipeline:
         for exporter in built.values():
             for reader, queue in exporter.readers():
                 spool.add_reader_at_open(reader, queue)
+            for reader, queue in getattr(exporter, "resumed_readers", list)():
+                spool.add_reader_at_open(reader, queue, resume_only=True)
         await spool.open()
         self.spool = spool
 
@@ -153,6 +160,8 @@ class TracePipeline:
     async def _start_exporters(self, built: dict[str, Any], wanted: list[tuple[str, Any]]) -> None:
         sections = {section.name: (kind, section) for kind, section in wanted}
         for name, exporter in built.items():
+            if name in self.exporters and hasattr(exporter, "adopt"):
+                exporter.adopt(self.exporters[name])  # the one it replaces routes requests until it starts
             await exporter.start()
             self.exporters[name] = exporter
             self._sections[name] = sections[name]
@@ -187,13 +196,14 @@ class TracePipeline:
             self._sections[section.name] = (kind, section)
         leaving = [n for n in self.exporters if n not in names or n in built]
         for name in leaving:
-            exporter = self.exporters.pop(name)
+            # One being replaced keeps taking requests (into the queues its successor reads) until then.
+            exporter = self.exporters[name] if name in built else self.exporters.pop(name)
             await exporter.stop()
             self._sections.pop(name)
             if name not in names:
                 for reader, _ in exporter.readers():
-                    await self.spool.remove_reader(reader)
                     self._stats.pop(reader, None)
+                await self.spool.remove_reader(name)  # with its sub-readers; what their queues held is counted
         if built and self.spool is None:
             await self._open(spool, built)
         else:
@@ -205,6 +215,9 @@ class TracePipeline:
         if built or leaving:
             log.info("exporters restarted: %s; exporting to %s", ", ".join(sorted({*built, *leaving})),
                      ", ".join(self.exporters) or "nothing")
+        if not self._trace_exporters():
+            log.info("no trace exporter left: traces are kept in memory only (/debug/traces, `sidetrace traces`), "
+                     "nothing is spooled or sent")
         if changed_in_place:
             log.info("exporters reconfigured in place: %s", ", ".join(s.name for _, s in changed_in_place))
 
@@ -222,18 +235,35 @@ class TracePipeline:
             return 0
         body = self._processors.apply(request, raw)
         if self.spool is not None:
-            try:
-                await self.spool.append(body, spans)
-            except SpoolBusy as exc:
-                raise SinkBusy("busy", str(exc)) from None
-            except SpoolFull as exc:
-                raise SinkBusy("disk_full", str(exc)) from None
-            except SpoolError as exc:
-                raise SinkBusy("spool_error", str(exc)) from None
+            with ExitStack() as routed:
+                parts: list[tuple[str, bytes, int]] = []
+                read = False  # whether an exporter reads the trace queue
+                for exporter in list(self.exporters.values()):
+                    routing = getattr(exporter, "routing", None)
+                    if routing is not None:
+                        parts += routed.enter_context(routing(body, spans))
+                    else:
+                        read = read or any(queue == TRACES for _, queue in exporter.readers())
+                if read:
+                    parts.append((TRACES, body, spans))
+                if parts:
+                    try:
+                        await self.spool.append_all(parts)
+                    except SpoolBusy as exc:
+                        raise SinkBusy("busy", str(exc)) from None
+                    except SpoolFull as exc:
+                        raise SinkBusy("disk_full", str(exc)) from None
+                    except SpoolError as exc:
+                        raise SinkBusy("spool_error", str(exc)) from None
         if self.span_metrics is not None:
             self.span_metrics.apply(request)
         self.recent.add(body, spans)
         return spans
+
+    def _trace_exporters(self) -> list[str]:
+        """The exporters that take spans: those reading the trace queue, and the load-balancing ones."""
+        return [name for name, exporter in self.exporters.items() if hasattr(exporter, "routing")
+                or any(queue == TRACES for _, queue in exporter.readers())]
 
     # observability -------------------------------------------------------------------------------
 

@@ -5,22 +5,28 @@ same backend, so a tail sampler in a collector tier sees whole traces. Backends 
 list or from DNS (every address of a name, resolved again every ``dns_interval_seconds``), placed on
 a consistent-hash ring: a change of the backend set moves about 1/N of the traces and no more.
 
-Durability is the spool's, as for every exporter. A router reads the trace queue at its own cursor,
-splits each batch by owner and appends each part to that backend's own queue (``NAME/HOST:PORT``, a
-sub-reader of the exporter's), then acknowledges: one backend down holds up only its own share,
-which waits on disk (bounded by ``[spool] max_bytes``). Each backend's queue is delivered by the
-shared delivery loop (``delivery.py``) with the OTLP senders, so errors are classified and counted
-as for ``[[exporters.otlp]]``. When a backend leaves the set, what its queue still holds is routed
-again over the new ring and delivered to the backends that now own it.
+Durability is the spool's, as for every exporter. The trace pipeline hands each accepted request to
+``routing``, which splits it by owner; each part is appended to that backend's own queue
+(``NAME/HOST:PORT``) in the same spool transaction that acknowledges the request, so a span is
+written once and nothing is acknowledged before it is on disk. One backend down holds up only its
+own share, which waits on disk (bounded by ``[spool] max_bytes``). Each backend's queue is delivered
+by the shared delivery loop (``delivery.py``) with the OTLP senders, so errors are classified and
+counted as for ``[[exporters.otlp]]``. While no backend is known (DNS not answered yet, or answering
+nothing), requests wait whole in ``NAME/unrouted``.
 
-A span is written to disk twice (the trace queue, then its backend's queue). If the agent dies between
-the two, the batch is routed again at the next start: its spans may be sent twice, and they are counted
-in ``sidetrace_exporter_resent_spans_total``.
+At a change of the backend set, requests routed on the old ring are committed (or refused) before
+the queues of the backends that left are read again: what those queues (and ``NAME/unrouted``) hold
+is routed over the new ring and appended to the queues of the backends that now own it, then
+acknowledged; if the agent dies in between, it is routed again at the next start (its spans may be
+sent twice, and are counted in ``sidetrace_exporter_resent_spans_total``). A spool written before routing at
+accept time may still hold spans in the trace queue under this exporter's cursor (``NAME``): they
+are routed once at start, then that cursor is removed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import ipaddress
@@ -46,7 +52,7 @@ from sidetrace.config import (
 )
 from sidetrace.exporters.delivery import Delivery, DeliveryStats, Policy
 from sidetrace.exporters.otlp import GrpcSender, HttpSender, TracesPayload
-from sidetrace.exporters.spool import TRACES, Batch, Spool, SpoolError
+from sidetrace.exporters.spool import TRACES, Batch, Spool
 
 log = logging.getLogger("sidetrace.exporter")
 
@@ -54,6 +60,7 @@ VIRTUAL_NODES = 4096  # ring positions per backend: shares within a few percent 
 ROUTE_MAX_ITEMS = 16_384
 ROUTE_MAX_BYTES = 16 * 1024 * 1024
 RECENT_KEYS = 8192  # trace ids (or services) last routed, to count those a membership change moves
+UNROUTED = "unrouted"  # the sub-queue requests wait in while no backend is known (never a HOST:PORT)
 
 
 def _position(text: str) -> int:
@@ -191,6 +198,43 @@ def _endpoint(address: str, port: int) -> str:
         f"{address}:{port}"
 
 
+class _Routes:
+    """The ring accepted requests are split by, and the appends routed on each ring not yet committed.
+
+    Shared by an exporter and the one a reload builds to replace it, so requests routed by either
+    follow one ring and a hand-over waits for both.
+    """
+
+    def __init__(self) -> None:
+        self.ring = HashRing(())
+        self.recent: deque[bytes] = deque(maxlen=RECENT_KEYS)
+        self._epoch = 0
+        self._inflight: dict[int, int] = {}  # ring epoch -> appends routed on it, not yet committed or refused
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def enter(self) -> int:
+        self._inflight[self._epoch] = self._inflight.get(self._epoch, 0) + 1
+        return self._epoch
+
+    def leave(self, epoch: int) -> None:
+        self._inflight[epoch] -= 1
+        if not self._inflight[epoch]:
+            del self._inflight[epoch]
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def switch(self, ring: HashRing) -> None:
+        """Route on ``ring`` from now on; return once every append routed on an earlier ring is done."""
+        self.ring = ring
+        self._epoch += 1
+        while any(epoch < self._epoch for epoch in self._inflight):
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+
+
 class LoadBalancingExporter:
     """One ``[[exporters.loadbalancing]]`` table (see module doc)."""
 
@@ -202,25 +246,62 @@ class LoadBalancingExporter:
         self._stats_for = stats_for
         self._headers = {key: expand_env(value) for key, value in section.headers.items()}
         self._by_service = section.routing_key == "service"
-        self.ring = HashRing(())
+        self._routes = _Routes()
         self.deliveries: dict[str, Delivery] = {}
-        self._changing = asyncio.Lock()  # the ring and the backend set change between two routings
-        self._router: asyncio.Task[None] | None = None
+        self._changing = asyncio.Lock()  # one change of the backend set at a time
         self._resolver: asyncio.Task[None] | None = None
         self._stopping = False
         self.stats = stats_for(self.name)  # the router's: batches it could not decode, spans it may resend
         self.membership_changes = 0
         self.last_resolve_error: str | None = None
         self._resolve_problem: str | None = None
-        self._recent: deque[bytes] = deque(maxlen=RECENT_KEYS)
         self._used: set[str] = set()  # backend readers this exporter has delivered through
 
+    @property
+    def ring(self) -> HashRing:
+        return self._routes.ring
+
     def readers(self) -> list[tuple[str, str]]:
-        """The router's reader of the trace queue, and each current backend's sub-reader of its own queue."""
-        return [(self.name, TRACES), *((self._reader(backend), self._reader(backend)) for backend in self.deliveries)]
+        """Each current backend's sub-reader of its own queue."""
+        return [(self._reader(backend), self._reader(backend)) for backend in self.deliveries]
+
+    def resumed_readers(self) -> list[tuple[str, str]]:
+        """The trace-queue cursor of a spool written before routing at accept time, kept only if the spool has it;
+        registered at open, it also brings back its sub-readers' cursors."""
+        return [(self.name, TRACES)]
 
     def _reader(self, backend: str) -> str:
         return f"{self.name}/{backend}"
+
+    def adopt(self, previous: object) -> None:
+        """Take over the ring of the exporter of the same name this one replaces at a reload."""
+        if isinstance(previous, LoadBalancingExporter):
+            self._routes = previous._routes
+            self.membership_changes = previous.membership_changes
+
+    # accepting -----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def routing(self, body: bytes, spans: int) -> Iterator[list[tuple[str, bytes, int]]]:
+        """``body`` (an accepted ExportTraceServiceRequest, ``spans`` spans) split into (queue, body, spans)
+        parts, to append in one spool transaction before the context exits."""
+        routes = self._routes
+        ring = routes.ring
+        if not len(ring):
+            parts = [(self._reader(UNROUTED), body, spans)]
+        elif len(ring) == 1:  # one backend owns everything: no need to decode
+            parts = [(self._reader(ring.backends[0]), body, spans)]
+        else:
+            try:
+                shares = route(body, ring, self._by_service, routes.recent.append)
+            except ValueError:  # the receiver decoded it; should it happen, the backend's answer decides
+                shares = {ring.owner(b""): (body, spans)}
+            parts = [(self._reader(owner), part, count) for owner, (part, count) in shares.items()]
+        epoch = routes.enter()
+        try:
+            yield parts
+        finally:
+            routes.leave(epoch)
 
     # lifecycle -----------------------------------------------------------------------------------
 
@@ -228,25 +309,36 @@ class LoadBalancingExporter:
         section = self.section
         if not section.dns:
             await self.set_backends(section.backends)
+        if not len(self.ring):  # DNS not asked yet
+            await self._wait_unrouted()
         self.stats.failing = not len(self.ring)
-        self._router = asyncio.create_task(self._route_forever(), name=f"exporter-{self.name}-router")
+        if self.name in self.spool.readers():
+            await self._route_legacy()
         if section.dns:  # resolved in the background: a slow DNS server must not hold up the agent's start
             self._resolver = asyncio.create_task(self._resolve_forever(), name=f"exporter-{self.name}-dns")
 
     async def stop(self) -> None:
+        """Stop resolving and delivering; return once every request routed so far is committed or refused."""
         self._stopping = True
         if self._resolver is not None:
             await finish(self._resolver, 5.0)
-        if self._router is not None:
-            # Let it finish the batches it is routing (appended and acknowledged, or neither), so a clean
-            # stop never routes a batch twice; cut short, the next start counts them as possibly resent.
-            done, _ = await asyncio.wait({self._router}, timeout=5.0)
-            if not done:
-                self.spool.interrupted.add(self.name)
-                if not await finish(self._router, 5.0):
-                    log.error("exporter %s: the router did not stop within 10 s", self.name)
         for delivery in self.deliveries.values():
             await delivery.stop()
+        await self._routes.switch(self._routes.ring)
+
+    async def _wait_unrouted(self) -> None:
+        """Give requests a queue to wait in while no backend is known."""
+        await self.spool.add_reader(self._reader(UNROUTED), self._reader(UNROUTED))
+
+    async def _route_legacy(self) -> None:
+        """Route what the trace queue still holds for this exporter (a spool from before routing at accept time:
+        the pipeline has not taken a request yet), then remove its cursor there, keeping the backends'."""
+        routed = 0
+        while batches := await self.spool.read(self.name, ROUTE_MAX_ITEMS, ROUTE_MAX_BYTES):
+            self.stats.resent += self.spool.possibly_resent(self.name, batches)
+            routed += await self._route_batches(self.name, batches)
+        await self.spool.remove_reader(self.name, keep_sub_readers=True)
+        log.info("exporter %s: routed %d spans the trace queue held from before the upgrade", self.name, routed)
 
     # membership ----------------------------------------------------------------------------------
 
@@ -270,24 +362,29 @@ class LoadBalancingExporter:
     async def set_backends(self, backends: Iterable[str]) -> None:
         """Make ``backends`` the set: new ones get a queue and a delivery loop, leaving ones hand their queue over."""
         async with self._changing:
-            if tuple(sorted(set(backends))) == self.ring.backends:
-                return
             wanted = HashRing(backends)
-            if len(self.ring) and len(wanted):
+            current = self.ring
+            if wanted.backends == current.backends and set(self.deliveries) == set(wanted.backends):
+                return
+            if len(current) and len(wanted):
                 # Traces routed just before the change whose owner changes: their later spans go to the new
                 # owner, so each may arrive split across two backends.
-                self.stats.moved += sum(self.ring.owner(key) != wanted.owner(key) for key in set(self._recent))
-            leaving = [b for b in self.ring.backends if b not in wanted.backends]
-            joining = [b for b in wanted.backends if b not in self.ring.backends]
-            self.ring = wanted
-            for backend in joining:
+                self.stats.moved += sum(current.owner(key) != wanted.owner(key) for key in set(self._routes.recent))
+            leaving = [b for b in current.backends if b not in wanted.backends]
+            joining = [b for b in wanted.backends if b not in self.deliveries]
+            for backend in joining:  # each queue has its reader before the first request is routed to it
                 await self.spool.add_reader(self._reader(backend), self._reader(backend))
                 self._stats_for(self._reader(backend)).retired = False
                 delivery = self._delivery(backend)
                 await delivery.start()
                 self.deliveries[backend] = delivery
+            if not len(wanted):
+                await self._wait_unrouted()
+            await self._routes.switch(wanted)  # requests routed on the old ring are on disk from here on
             for backend in leaving:
-                await self.deliveries.pop(backend).stop()
+                delivery = self.deliveries.pop(backend, None)
+                if delivery is not None:
+                    await delivery.stop()
                 retired = self._stats_for(self._reader(backend))
                 retired.retired, retired.failing = True, False
                 await self._hand_over(self._reader(backend))
@@ -301,7 +398,7 @@ class LoadBalancingExporter:
 
     async def _hand_over_orphans(self) -> None:
         """Queues of backends no longer in the set (from an earlier run or config, or left while no backend
-        could take them): route them again, once the ring has a backend."""
+        could take them), and requests that waited for a backend: route them again, once the ring has one."""
         if not len(self.ring):
             return
         for reader in self.spool.readers():
@@ -317,7 +414,6 @@ class LoadBalancingExporter:
         while batches := await self.spool.read(reader, ROUTE_MAX_ITEMS, ROUTE_MAX_BYTES):
             self.stats.resent += self.spool.possibly_resent(reader, batches)
             moved += await self._route_batches(reader, batches)
-            await self.spool.ack(reader, batches[-1].id)
         await self.spool.remove_reader(reader)
         if moved:
             log.info("exporter %s: %d spans queued for %s routed to the backends that now own them", self.name,
@@ -357,51 +453,27 @@ class LoadBalancingExporter:
 
     # routing -------------------------------------------------------------------------------------
 
-    async def _route_forever(self) -> None:
-        failures = 0
-        while not self._stopping:
-            try:
-                batches = await self.spool.read(self.name, ROUTE_MAX_ITEMS, ROUTE_MAX_BYTES)
-                if not batches:
-                    await self.spool.wait_for_new(self.name, timeout=1.0)
-                    continue
-                if not len(self.ring):  # no backend yet (DNS): the spans wait in the trace queue
-                    await asyncio.sleep(1.0)
-                    continue
-                self.stats.resent += self.spool.possibly_resent(self.name, batches)
-                async with self._changing:
-                    await self._route_batches(self.name, batches)
-                await self.spool.ack(self.name, batches[-1].id)
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a full disk, say: nothing was acknowledged, so nothing is lost
-                failures += 1
-                if failures == 1:
-                    log.error("exporter %s: routing failed: %s; retrying", self.name, exc,
-                              exc_info=not isinstance(exc, SpoolError))
-                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
-
     async def _route_batches(self, reader: str, batches: list[Batch]) -> int:
-        """Append each batch's spans to their owners' queues (one commit); return the spans routed."""
+        """Append each batch's spans to their owners' queues (one commit), then acknowledge the batches; return
+        the spans routed. With no backend known, they go whole to the queue of requests waiting for one."""
         shares: dict[str, list[bytes]] = {}
         counts: dict[str, int] = {}
-        only = self.ring.backends[0] if len(self.ring) == 1 else None
+        ring = self.ring
         for batch in batches:
-            if only is not None:  # one backend owns everything: no need to decode
-                shares.setdefault(only, []).append(batch.body)
-                counts[only] = counts.get(only, 0) + batch.items
-                continue
-            try:
-                parts = route(batch.body, self.ring, self._by_service, self._recent.append)
-            except ValueError as exc:
-                await self.spool.set_aside(reader, batch.id, batch.body, batch.items, "undecodable", str(exc))
-                continue
+            if len(ring) <= 1:
+                parts = {ring.backends[0] if len(ring) else UNROUTED: (batch.body, batch.items)}
+            else:
+                try:
+                    parts = route(batch.body, ring, self._by_service, self._routes.recent.append)
+                except ValueError as exc:
+                    await self.spool.set_aside(reader, batch.id, batch.body, batch.items, "undecodable", str(exc))
+                    continue
             for owner, (body, spans) in parts.items():
                 shares.setdefault(owner, []).append(body)
                 counts[owner] = counts.get(owner, 0) + spans
-        await asyncio.gather(*(self.spool.append(b"".join(bodies), counts[owner], self._reader(owner))
-                               for owner, bodies in shares.items()))
+        await self.spool.append_all([(self._reader(owner), b"".join(bodies), counts[owner])
+                                     for owner, bodies in shares.items()])
+        await self.spool.ack(reader, batches[-1].id)
         return sum(counts.values())
 
     # reload ---------------------------------------------------------------------------------------
@@ -445,7 +517,7 @@ class LoadBalancingExporter:
         sent = sum(stats.sent for reader, stats in self._known_stats())
         return {"state": state if not self._stopping else "stopped", "sent": sent, "last_error": error,
                 "last_error_at": None, "backends": backends,
-                "oldest_unsent_age_seconds": round(max([self.spool.oldest_unsent_age(self.name),
+                "oldest_unsent_age_seconds": round(max([self.spool.oldest_unsent_age(self._reader(UNROUTED)),
                                                         *(s["oldest_unsent_age_seconds"] for s in backends.values())]),
                                                    1),
                 "endpoint": self.section.dns or ", ".join(self.section.backends), "protocol": self.section.protocol}

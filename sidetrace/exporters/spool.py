@@ -8,7 +8,8 @@ in the next transaction (group commit), so one fsync serves many requests.
 Each reader (an exporter, or one backend's share of a load-balancing exporter) reads one queue at
 its own cursor, so a slow backend never holds up another. A reader named ``owner/part`` is a
 sub-reader of ``owner`` (exporter names hold no "/"): registering ``owner`` at open restores its
-sub-readers' cursors too, and removing ``owner`` removes them and discards their queues. Cursors
+sub-readers' cursors too, and removing ``owner`` removes them and discards their queues (what they
+held undelivered is counted as dropped with reason ``exporter_removed``). Cursors
 live in a small preallocated file beside the database (``spool.db-cursors``) that is overwritten in
 place: acknowledging a delivered batch never needs new disk space, so a spool that filled its disk
 still drains. A batch is deleted once every reader of its queue has passed it.
@@ -48,7 +49,7 @@ from sidetrace._files import make_private_dirs
 
 log = logging.getLogger("sidetrace.spool")
 
-TRACES = "traces"  # the queue the trace pipeline writes and every trace exporter reads
+TRACES = "traces"  # the queue the trace pipeline writes for the exporters that read it whole (otlp)
 SET_ASIDE_KEEP = 100  # newest set-aside batches kept for inspection; older ones are deleted
 # Delivered rows are deleted in bulk, at most this often or once this many bytes wait (one commit for many acks).
 PRUNE_SECONDS = 1.0
@@ -254,13 +255,18 @@ class Spool:
         self.failed_writes: dict[str, int] = {}  # cause -> appends refused because the write failed
         # queue -> highest batch id dropped at the bound: a reader holding older batches lets them go
         self.dropped_through: dict[str, int] = {}
-        self._open_readers: list[tuple[str, str]] = []
+        self._open_readers: list[tuple[str, str, bool]] = []
+        self.discarded: dict[str, int] = {}  # exporter -> items deleted with the queues of a removed exporter
 
     # lifecycle --------------------------------------------------------------------------------
 
-    def add_reader_at_open(self, reader: str, queue: str = TRACES) -> None:
-        """Register ``reader`` of ``queue`` before ``open`` (its cursor is restored or created there)."""
-        self._open_readers.append((reader, queue))
+    def add_reader_at_open(self, reader: str, queue: str = TRACES, resume_only: bool = False) -> None:
+        """Register ``reader`` of ``queue`` before ``open`` (its cursor is restored or created there).
+
+        ``resume_only``: restored when the cursor file has it, never created; its sub-readers come back
+        with it either way.
+        """
+        self._open_readers.append((reader, queue, resume_only))
 
     async def open(self) -> None:
         """Open or create the spool; raise SpoolError (locked, full, read-only, ...) naming file and cause."""
@@ -385,17 +391,19 @@ class Spool:
         saved: dict[str, int] = {reader: int(acked) for reader, acked in state.get("acked", {}).items()}
         running = set(state.get("running", ()))
         saved_queues: dict[str, str] = state.get("queues", {})
-        for reader, queue in self._open_readers:
+        for reader, queue, resume_only in self._open_readers:
             if reader in saved:
                 self._acked[reader] = saved[reader]
                 if reader in running:  # the last run did not stop cleanly: its last send may have landed
                     self._unsure[reader] = newest.get(queue, 0)
+            elif resume_only:
+                continue
             else:  # new: it inherits what the queue still holds for the readers it replaces
                 known = [acked for name, acked in saved.items() if saved_queues.get(name, TRACES) == queue]
                 self._acked[reader] = min(known, default=0)
             self._queue_of[reader] = queue
             self._new[reader] = asyncio.Event()
-        owners = {reader for reader, _ in self._open_readers}
+        owners = {reader for reader, *_ in self._open_readers}
         for reader, acked in saved.items():  # sub-readers come back with their owner
             if reader.split("/", 1)[0] in owners and "/" in reader and reader not in self._queue_of:
                 queue = saved_queues.get(reader, reader)
@@ -455,13 +463,14 @@ class Spool:
         self._store_cursors(running=self._queue_of)
         self._oldest_unsent[reader] = self._first_unsent_at(reader)
 
-    async def remove_reader(self, reader: str) -> None:
-        """Forget ``reader``: batches only it still needed are freed, unless it was its queue's last reader
-        (then they wait for the next reader of that queue)."""
-        await self._run(self._remove_reader, reader)
+    async def remove_reader(self, reader: str, keep_sub_readers: bool = False) -> None:
+        """Forget ``reader`` (and its sub-readers, unless ``keep_sub_readers``): batches only it still needed
+        are freed, unless it was its queue's last reader (then the trace queue waits for the next reader,
+        and another queue is discarded, its items counted in ``discarded``)."""
+        await self._run(self._remove_reader, reader, keep_sub_readers)
 
-    def _remove_reader(self, reader: str) -> None:
-        for sub_reader in [r for r in self._queue_of if r.startswith(f"{reader}/")]:
+    def _remove_reader(self, reader: str, keep_sub_readers: bool = False) -> None:
+        for sub_reader in [r for r in self._queue_of if r.startswith(f"{reader}/") and not keep_sub_readers]:
             self._remove_reader(sub_reader)
         queue = self._queue_of.pop(reader, None)
         if queue is None:
@@ -473,20 +482,23 @@ class Spool:
         if queue in self._queue_of.values():
             self._free(queue, min(before, self._passed(queue)))
         else:
-            self._discard_queue(queue)
+            self._discard_queue(queue, after=before)
 
-    def _discard_queue(self, queue: str) -> None:
+    def _discard_queue(self, queue: str, after: int) -> None:
         """Delete what a queue no reader will read again still holds (a removed exporter's own queue; the
         trace queue waits for the next trace exporter instead)."""
         if queue == TRACES or queue in self._queue_of.values():
             return
         db = self._db
         assert db is not None
-        items = db.execute("SELECT COALESCE(SUM(items), 0) FROM batches WHERE queue = ?", (queue,)).fetchone()[0]
+        items = db.execute("SELECT COALESCE(SUM(items), 0) FROM batches WHERE queue = ? AND id > ?",
+                           (queue, after)).fetchone()[0]
         db.execute("DELETE FROM batches WHERE queue = ?", (queue,))
         self._queue_bytes.pop(queue, None)
         self._prune.pop(queue, None)
         if items:
+            exporter = queue.split("/", 1)[0]
+            self.discarded[exporter] = self.discarded.get(exporter, 0) + items
             log.warning("spool %s: discarded %d items of queue %s, whose exporter was removed", self.path, items,
                         queue)
 
@@ -516,11 +528,21 @@ class Spool:
         Raises SpoolBusy when too much is pending, SpoolFull when the disk is full, SpoolError on any
         other write failure; nothing of a refused append stays on disk.
         """
-        if self._pending_bytes + len(body) > self.max_pending_bytes:
+        await self.append_all([(queue, body, items)])
+
+    async def append_all(self, parts: list[tuple[str, bytes, int]]) -> None:
+        """Queue each (queue, body, items) of ``parts``, all in one transaction: all are committed or none.
+
+        Returns and raises as ``append`` does.
+        """
+        size = sum(len(body) for _, body, _ in parts)
+        if self._pending_bytes + size > self.max_pending_bytes:
             raise SpoolBusy(f"the spool is busy: {self._pending_bytes} bytes wait for the disk")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((queue, body, items, time.time(), future))
-        self._pending_bytes += len(body)
+        now = time.time()
+        for queue, body, items in parts:  # one group: _write_pending commits a group in one transaction
+            self._pending.append((queue, body, items, now, future))
+        self._pending_bytes += size
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_pending(), name="spool-writer")
         await future
@@ -907,6 +929,8 @@ class Spool:
             dropped.add_metric([reader, "spool_full"], self.dropped.get(reader, 0))
             for reason in SET_ASIDE_REASONS:
                 aside.add_metric([reader, reason], self.set_aside_counts.get((reader, reason), 0))
+        for exporter, items in sorted(self.discarded.items()):
+            dropped.add_metric([exporter, "exporter_removed"], items)
         yield oldest
         yield dropped
         yield aside

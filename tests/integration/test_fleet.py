@@ -225,3 +225,29 @@ def test_backends_from_dns_follow_a_record_added_and_one_removed(
     wait_until(lambda: delivered(every) == 200 * SPANS_PER_TRACE, 60, "every trace")
     owners = Counter(whole_traces(every, range(200)))
     assert owners[0] == 0 and owners[1] > 0 and owners[2] > 0
+
+
+def metric(agent: Agent, name: str) -> float:
+    _, text = http_get(agent.url + "/metrics")
+    return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_a_reload_that_removes_the_balancer_counts_what_it_held_and_then_nothing_is_spooled(
+        agent_factory: Callable[..., Agent]) -> None:
+    away = f"127.0.0.1:{free_port()}"  # nothing listens there: its share waits in the spool
+    agent = agent_factory(lb_config([away])).start()
+    send_traces(agent, 0, 100, processes=1)  # returns once the agent acknowledged every span
+    wait_until(lambda: metric_lines(agent, "sidetrace_exporter_send_failed_spans_total").get('exporter="tier"', 0)
+               > 0, 10, "a refused send")
+    assert metric(agent, "sidetrace_spool_size_bytes") > 0
+    agent.write_config("")  # no exporter left
+    agent.signal(signal.SIGHUP)
+    wait_until(lambda: metric(agent, "sidetrace_config_reloads_total") == 1, 10, "the reload")
+    assert metric_lines(agent, "sidetrace_spool_dropped_spans_total") == {
+        'exporter="tier",reason="exporter_removed"': 100 * SPANS_PER_TRACE}
+    assert metric(agent, "sidetrace_spool_size_bytes") == 0
+    assert "no trace exporter left: traces are kept in memory only" in agent.log()
+    before = metric(agent, "sidetrace_recent_traces_spans")
+    send_traces(agent, 100, 10, processes=1)  # accepted, and kept only in the recent traces
+    assert metric(agent, "sidetrace_recent_traces_spans") == before + 10 * SPANS_PER_TRACE
+    assert metric(agent, "sidetrace_spool_size_bytes") == 0

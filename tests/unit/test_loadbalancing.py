@@ -128,8 +128,9 @@ async def backends() -> AsyncIterator[list[GrpcBackend]]:
 
 
 async def opened(path: Path) -> Spool:
+    """The spool as the trace pipeline opens it for one load-balancing exporter named lb."""
     spool = Spool(path, max_bytes=1 << 30, sync="normal")
-    spool.add_reader_at_open("lb")
+    spool.add_reader_at_open("lb", TRACES, resume_only=True)
     await spool.open()
     return spool
 
@@ -140,10 +141,16 @@ def exporter(spool: Spool, backends: list[str], stats: dict[str, DeliveryStats])
     return LoadBalancingExporter(section, spool, lambda reader: stats.setdefault(reader, DeliveryStats()))
 
 
-async def queue_traces(spool: Spool, first: int = 0, requests: int = 60) -> None:
+async def accept(lb: LoadBalancingExporter, body: bytes, spans: int) -> None:
+    """What the trace pipeline does with an accepted request."""
+    with lb.routing(body, spans) as parts:
+        await lb.spool.append_all(parts)
+
+
+async def queue_traces(lb: LoadBalancingExporter, first: int = 0, requests: int = 60) -> None:
     per_request = TRACES_SENT // 60
-    await asyncio.gather(*(spool.append(trace_request(first + n * per_request, per_request),
-                                        per_request * SPANS_PER_TRACE, TRACES) for n in range(requests)))
+    await asyncio.gather(*(accept(lb, trace_request(first + n * per_request, per_request),
+                                  per_request * SPANS_PER_TRACE) for n in range(requests)))
 
 
 def assert_whole_traces_on_one_backend_each(backends: list[Backend], traces: int) -> None:
@@ -162,8 +169,8 @@ async def test_every_trace_reaches_one_backend_whole_and_the_shares_are_even(
     spool = await opened(tmp_path / "spool.db")
     stats: dict[str, DeliveryStats] = {}
     lb = exporter(spool, [f"127.0.0.1:{b.port}" for b in backends], stats)
-    await queue_traces(spool)
     await lb.start()
+    await queue_traces(lb)
     await until(lambda: sum(b.unique() for b in backends) == TRACES_SENT * SPANS_PER_TRACE, 20, "every span")
     await lb.stop()
     assert_whole_traces_on_one_backend_each(backends, TRACES_SENT)
@@ -185,7 +192,7 @@ async def test_a_backend_down_holds_up_only_its_own_share(tmp_path: Path, backen
     stats: dict[str, DeliveryStats] = {}
     lb = exporter(spool, [f"127.0.0.1:{b.port}" for b in backends], stats)
     await lb.start()
-    await queue_traces(spool)
+    await queue_traces(lb)
     owners = {number: lb.ring.owner(number.to_bytes(16, "big")) for number in range(TRACES_SENT)}
     theirs = sum(owner != f"127.0.0.1:{down.port}" for owner in owners.values()) * SPANS_PER_TRACE
     await until(lambda: backends[1].unique() + backends[2].unique() == theirs, 20, "the live backends' shares")
@@ -205,7 +212,7 @@ async def test_a_backend_that_leaves_hands_its_queued_share_to_the_new_owners(
     stats: dict[str, DeliveryStats] = {}
     lb = exporter(spool, [f"127.0.0.1:{b.port}" for b in backends], stats)
     await lb.start()
-    await queue_traces(spool)
+    await queue_traces(lb)
     stranded = sum(lb.ring.owner(n.to_bytes(16, "big")) == f"127.0.0.1:{leaving.port}" for n in range(TRACES_SENT))
     await until(lambda: backends[0].unique() + backends[1].unique() == (TRACES_SENT - stranded) * SPANS_PER_TRACE,
                 20, "the others' shares")
@@ -227,7 +234,7 @@ async def test_a_restart_resumes_each_backends_share_where_it_was(tmp_path: Path
     endpoints = [f"127.0.0.1:{b.port}" for b in backends]
     lb = exporter(spool, endpoints, stats)
     await lb.start()
-    await queue_traces(spool)
+    await queue_traces(lb)
     others = [b for b in backends if b is not down]
     mine = sum(lb.ring.owner(n.to_bytes(16, "big")) == f"127.0.0.1:{down.port}" for n in range(TRACES_SENT))
     await until(lambda: sum(b.unique() for b in others) == (TRACES_SENT - mine) * SPANS_PER_TRACE, 20, "others")
@@ -235,7 +242,7 @@ async def test_a_restart_resumes_each_backends_share_where_it_was(tmp_path: Path
     await spool.close()
     down.script.fail_until = 0.0
     spool = await opened(tmp_path / "spool.db")  # the backends' cursors come back with the exporter's
-    assert sorted(spool.readers()) == sorted(["lb", *(f"lb/{e}" for e in endpoints)])
+    assert sorted(spool.readers()) == sorted(f"lb/{e}" for e in endpoints)
     lb = exporter(spool, endpoints, stats)
     await lb.start()
     await until(lambda: down.unique() == mine * SPANS_PER_TRACE, 20, "the waiting share")
@@ -252,7 +259,7 @@ async def test_a_membership_change_counts_the_traces_it_may_split(tmp_path: Path
         three = [f"127.0.0.1:{b.port}" for b in backends]
         lb = exporter(spool, three, stats)
         await lb.start()
-        await queue_traces(spool)
+        await queue_traces(lb)
         await until(lambda: sum(b.unique() for b in backends) == TRACES_SENT * SPANS_PER_TRACE, 20, "every span")
         old, new = HashRing(three), HashRing([*three, f"127.0.0.1:{fourth.port}"])
         moving = {n for n in range(TRACES_SENT) if old.owner(n.to_bytes(16, "big")) != new.owner(n.to_bytes(16, "big"))}
@@ -262,7 +269,7 @@ async def test_a_membership_change_counts_the_traces_it_may_split(tmp_path: Path
         late = ExportTraceServiceRequest.FromString(trace_request(0, TRACES_SENT))
         for span in late.resource_spans[0].scope_spans[0].spans:
             span.span_id = (int.from_bytes(span.span_id, "big") + 50).to_bytes(8, "big")
-        await spool.append(late.SerializeToString(), TRACES_SENT * SPANS_PER_TRACE, TRACES)
+        await accept(lb, late.SerializeToString(), TRACES_SENT * SPANS_PER_TRACE)
         everyone = [*backends, fourth]
         await until(lambda: sum(b.unique() for b in everyone) == 2 * TRACES_SENT * SPANS_PER_TRACE, 20, "late spans")
         await lb.stop()
@@ -283,7 +290,7 @@ async def test_a_share_left_while_no_backend_could_take_it_is_delivered_once_bac
     stats: dict[str, DeliveryStats] = {}
     lb = exporter(spool, [f"127.0.0.1:{down.port}", f"127.0.0.1:{live.port}"], stats)
     await lb.start()
-    await queue_traces(spool)
+    await queue_traces(lb)
     stranded = sum(lb.ring.owner(n.to_bytes(16, "big")) == f"127.0.0.1:{down.port}" for n in range(TRACES_SENT))
     await until(lambda: live.unique() == (TRACES_SENT - stranded) * SPANS_PER_TRACE, 20, "the live share")
     await until(lambda: stats[f"lb/127.0.0.1:{down.port}"].failing, 10, "the down backend failing")
@@ -300,4 +307,83 @@ async def test_a_share_left_while_no_backend_could_take_it_is_delivered_once_bac
     assert [s.value for s in families["sidetrace_exporter_failing"].samples] == [0]
     assert families["sidetrace_exporter_sent_spans"].samples[0].value == TRACES_SENT * SPANS_PER_TRACE
     assert lb.status()["sent"] == TRACES_SENT * SPANS_PER_TRACE
+    await spool.close()
+
+
+async def test_a_request_routed_before_a_change_is_on_disk_before_the_leaving_queue_is_handed_over(
+        tmp_path: Path, backends: list[GrpcBackend]) -> None:
+    spool = await opened(tmp_path / "spool.db")
+    stats: dict[str, DeliveryStats] = {}
+    endpoints = [f"127.0.0.1:{b.port}" for b in backends]
+    lb = exporter(spool, endpoints, stats)
+    await lb.start()
+    body = trace_request(0, TRACES_SENT)
+    with lb.routing(body, TRACES_SENT * SPANS_PER_TRACE) as parts:  # split on the ring of three
+        leaving = endpoints[2]
+        assert f"lb/{leaving}" in {queue for queue, _, _ in parts}
+        change = asyncio.create_task(lb.set_backends(endpoints[:2]))
+        await asyncio.sleep(0.2)
+        assert not change.done()  # the leaving queue is not read before this request's part is on it
+        await spool.append_all(parts)
+    await asyncio.wait_for(change, 10)
+    await until(lambda: backends[0].unique() + backends[1].unique() == TRACES_SENT * SPANS_PER_TRACE, 20,
+                "every span, the leaving backend's share at its new owners")
+    await lb.stop()
+    assert backends[2].unique() == 0
+    assert_whole_traces_on_one_backend_each(backends, TRACES_SENT)  # none lost, none twice
+    assert f"lb/{leaving}" not in spool.readers()
+    await spool.close()
+
+
+async def test_requests_accepted_while_no_backend_is_known_wait_on_disk_and_are_delivered_once_one_is(
+        tmp_path: Path, backends: list[GrpcBackend]) -> None:
+    spool = await opened(tmp_path / "spool.db")
+    stats: dict[str, DeliveryStats] = {}
+    lb = exporter(spool, [], stats)
+    await lb.start()
+    await queue_traces(lb)
+    assert "lb/unrouted" in spool.readers() and lb.status()["state"] == "failing"
+    await lb.stop()
+    await spool.close()
+    spool = await opened(tmp_path / "spool.db")  # they wait across a restart, too
+    lb = exporter(spool, [f"127.0.0.1:{b.port}" for b in backends], stats)
+    await lb.start()
+    await until(lambda: sum(b.unique() for b in backends) == TRACES_SENT * SPANS_PER_TRACE, 20, "every span")
+    await lb.stop()
+    assert_whole_traces_on_one_backend_each(backends, TRACES_SENT)
+    assert "lb/unrouted" not in spool.readers()
+    await spool.close()
+
+
+async def test_a_spool_written_before_routing_at_accept_time_is_drained_from_the_trace_queue(
+        tmp_path: Path, backends: list[GrpcBackend]) -> None:
+    # The previous version: the pipeline wrote every request to the trace queue, read by a router named lb
+    # and by any otlp exporter (here "jaeger", whose cursor stays behind).
+    old = Spool(tmp_path / "spool.db", max_bytes=1 << 30, sync="normal")
+    old.add_reader_at_open("lb")
+    old.add_reader_at_open("jaeger")
+    await old.open()
+    per_request = TRACES_SENT // 60
+    for n in range(60):
+        await old.append(trace_request(n * per_request, per_request), per_request * SPANS_PER_TRACE, TRACES)
+    await old.close()
+    spool = Spool(tmp_path / "spool.db", max_bytes=1 << 30, sync="normal")
+    spool.add_reader_at_open("lb", TRACES, resume_only=True)
+    spool.add_reader_at_open("jaeger")
+    await spool.open()
+    stats: dict[str, DeliveryStats] = {}
+    lb = exporter(spool, [f"127.0.0.1:{b.port}" for b in backends], stats)
+    await lb.start()
+    assert "lb" not in spool.readers()  # drained at start; its backends' cursors stay
+    await until(lambda: sum(b.unique() for b in backends) == TRACES_SENT * SPANS_PER_TRACE, 20, "every span")
+    await lb.stop()
+    assert_whole_traces_on_one_backend_each(backends, TRACES_SENT)
+    assert len(await spool.read("jaeger", 1 << 20, 1 << 30)) == 60  # the other exporter's backlog is untouched
+    await spool.close()
+    spool = await opened(tmp_path / "spool.db")  # the next start: no cursor to resume, nothing routed twice
+    assert "lb" not in spool.readers()
+    lb = exporter(spool, [f"127.0.0.1:{b.port}" for b in backends], stats)
+    await lb.start()
+    await lb.stop()
+    assert sum(b.unique() for b in backends) == TRACES_SENT * SPANS_PER_TRACE
     await spool.close()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sidetrace.exporters.spool import CursorFile, Spool, SpoolBusy, SpoolError, SpoolFull
+from sidetrace.exporters.spool import TRACES, CursorFile, Spool, SpoolBusy, SpoolError, SpoolFull
 from tests.filesystems import fill, needs_root, remount_read_only, tmpfs
 
 
@@ -313,3 +313,62 @@ def test_cursor_file_keeps_the_previous_state_when_a_write_is_torn(tmp_path: Pat
     again = CursorFile(tmp_path / "c", fsync=False)
     assert again.open() == {"acked": {"a": 1}}
     again.close()
+
+
+@needs_root
+async def test_append_all_commits_every_part_or_none(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "small", 2048) as mount:
+        spool = Spool(mount / "spool.db", max_bytes=1 << 30)
+        spool.add_reader_at_open("a")
+        spool.add_reader_at_open("lb/x", "lb/x")
+        await spool.open()
+        with pytest.raises(SpoolFull):  # the second part does not fit: the first is not kept either
+            await spool.append_all([(TRACES, b"small", 1), ("lb/x", b"x" * 4_000_000, 10)])
+        assert await spool.read("a", 10, 1 << 30) == [] and await spool.read("lb/x", 10, 1 << 30) == []
+        assert spool.size_bytes == 0
+        await spool.append_all([(TRACES, b"one", 1), ("lb/x", b"two", 2)])
+        assert [(b.body, b.items) for b in await spool.read("a", 10, 100)] == [(b"one", 1)]
+        assert [(b.body, b.items) for b in await spool.read("lb/x", 10, 100)] == [(b"two", 2)]
+        await spool.close()
+
+
+async def test_a_resume_only_reader_comes_back_with_its_cursor_but_is_never_created(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    spool = await opened(path, ("lb", "jaeger"))
+    await spool.add_reader("lb/x", "lb/x")
+    for i in range(3):
+        await spool.append(f"body{i}".encode(), items=1)
+    await spool.append(b"share", items=1, queue="lb/x")
+    await spool.ack("lb", (await spool.read("lb", 1, 100))[0].id)
+    await spool.close()
+    spool = Spool(path, max_bytes=1 << 20)
+    spool.add_reader_at_open("lb", TRACES, resume_only=True)
+    spool.add_reader_at_open("jaeger")
+    await spool.open()
+    assert [b.body for b in await spool.read("lb", 10, 1000)] == [b"body1", b"body2"]  # where it was
+    await spool.remove_reader("lb", keep_sub_readers=True)
+    assert sorted(spool.readers()) == ["jaeger", "lb/x"]
+    await spool.close()
+    spool = Spool(path, max_bytes=1 << 20)
+    spool.add_reader_at_open("lb", TRACES, resume_only=True)
+    spool.add_reader_at_open("jaeger")
+    await spool.open()
+    assert sorted(spool.readers()) == ["jaeger", "lb/x"]  # not created again; its sub-reader came back with it
+    assert [b.body for b in await spool.read("lb/x", 10, 1000)] == [b"share"]
+    await spool.close()
+
+
+async def test_removing_an_exporter_counts_what_its_own_queues_held_undelivered(tmp_path: Path) -> None:
+    spool = await opened(tmp_path / "spool.db", ())
+    await spool.add_reader("lb/x", "lb/x")
+    await spool.add_reader("lb/y", "lb/y")
+    for _ in range(3):
+        await spool.append(b"x" * 10, items=10, queue="lb/x")
+    await spool.append(b"y" * 10, items=5, queue="lb/y")
+    await spool.ack("lb/x", (await spool.read("lb/x", 10, 10))[0].id)  # one delivered
+    await spool.remove_reader("lb")
+    assert spool.readers() == [] and spool.size_bytes == 0
+    assert spool.discarded == {"lb": 25}
+    dropped = next(f for f in spool.families() if f.name == "sidetrace_spool_dropped_spans")
+    assert [(s.labels, s.value) for s in dropped.samples] == [({"exporter": "lb", "reason": "exporter_removed"}, 25)]
+    await spool.close()
