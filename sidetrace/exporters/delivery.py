@@ -12,6 +12,9 @@ What happens to a batch, by verdict:
 - FAULT (the backend's or the config's fault: HTTP 404 or 500, gRPC UNIMPLEMENTED, bad credentials,
   TLS): the same, with backoff up to ``MAX_FAULT_BACKOFF``; the exporter shows as failing with the
   last answer. Never set aside.
+- A refused connection (a backend restarting, a collector being replaced), whatever its verdict, backs
+  off no more than ``MAX_UNREACHABLE_BACKOFF``: trying costs the backend nothing, and its share flows
+  within seconds of its return.
 - TOO_LARGE (HTTP 413, RESOURCE_EXHAUSTED without RetryInfo): split in halves, by batches and then
   by items, until the parts pass; a single item the backend still calls too large is set aside.
 - BAD_DATA (HTTP 400, INVALID_ARGUMENT): split by batches to find the one at fault, which alone is
@@ -40,6 +43,7 @@ log = logging.getLogger("sidetrace.exporter")
 MAX_RETRY_AFTER = 300.0
 MIN_RETRY_DELAY = 0.2
 MAX_FAULT_BACKOFF = 120.0
+MAX_UNREACHABLE_BACKOFF = 3.0
 _REMEMBERED_MESSAGES = 256
 
 
@@ -94,11 +98,15 @@ class Policy:
     initial_backoff: float = 0.5
     max_backoff: float = 30.0
     max_fault_backoff: float = MAX_FAULT_BACKOFF
+    max_unreachable_backoff: float = MAX_UNREACHABLE_BACKOFF
 
-    def backoff(self, attempt: int, fault: bool) -> float:
-        """Exponential backoff with jitter: between half and all of min(cap, initial * 2**attempt)."""
-        ceiling = min(self.max_fault_backoff if fault else self.max_backoff,
-                      self.initial_backoff * 2 ** min(attempt, 20))
+    def backoff(self, attempt: int, fault: bool, unreachable: bool = False) -> float:
+        """Exponential backoff with jitter: between half and all of min(cap, initial * 2**attempt); the cap is
+        lower for a backend that refused the connection."""
+        cap = self.max_fault_backoff if fault else self.max_backoff
+        if unreachable:
+            cap = min(cap, self.max_unreachable_backoff)
+        ceiling = min(cap, self.initial_backoff * 2 ** min(attempt, 20))
         return random.uniform(ceiling / 2, ceiling)
 
 
@@ -281,7 +289,8 @@ class Delivery:
                     continue
                 # A lone item refused with no word of its size: a backend that is overloaded, not data at fault.
                 verdict = Verdict.FAULT
-            delay = self.policy.backoff(attempt, fault=verdict is Verdict.FAULT)
+            delay = self.policy.backoff(attempt, fault=verdict is Verdict.FAULT,
+                                        unreachable=answer.reason == "connection_refused")
             if answer.retry_after is not None:
                 delay = max(MIN_RETRY_DELAY, answer.retry_after)
             attempt += 1

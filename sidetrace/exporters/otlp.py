@@ -32,7 +32,15 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from sidetrace._grpc_status import status_details
 from sidetrace.config import OtlpExporterSection, expand_env
-from sidetrace.exporters.delivery import MAX_RETRY_AFTER, Answer, Delivery, DeliveryStats, Policy, Verdict
+from sidetrace.exporters.delivery import (
+    MAX_RETRY_AFTER,
+    MAX_UNREACHABLE_BACKOFF,
+    Answer,
+    Delivery,
+    DeliveryStats,
+    Policy,
+    Verdict,
+)
 from sidetrace.exporters.http import HttpPoster
 from sidetrace.exporters.spool import TRACES, Spool
 
@@ -122,8 +130,11 @@ class GrpcSender:
     def __init__(self, section: OtlpExporterSection, headers: dict[str, str]) -> None:
         parts = urlsplit(section.endpoint if "://" in section.endpoint else f"http://{section.endpoint}")
         target = parts.netloc
-        # No client-side size limit: the backend's limit decides, and a refusal splits the request.
-        options = [("grpc.max_send_message_length", -1), ("grpc.keepalive_time_ms", 30_000)]
+        # No client-side size limit: the backend's limit decides, and a refusal splits the request. A backend
+        # that refused connections is tried again as often as the delivery loop retries (gRPC's own default
+        # waits up to 120 s between attempts, and calls fail meanwhile).
+        options = [("grpc.max_send_message_length", -1), ("grpc.keepalive_time_ms", 30_000),
+                   ("grpc.max_reconnect_backoff_ms", int(MAX_UNREACHABLE_BACKOFF * 1000))]
         if parts.scheme == "https":
             tls = section.tls
             if tls.insecure_skip_verify:

@@ -136,7 +136,11 @@ def test_traces_stay_whole_across_a_collector_outage_and_a_fourth_collector(
     wait_until(lambda: time.monotonic() - stopped >= 20, 25, "20 s of outage")
     assert down.sink.collected.unique() == before
     down.rotel = Rotel(down.rotel.tmp, down.sink.port, grpc_port=down.rotel.grpc_port).start()
+    back = time.monotonic()
     wait_until(lambda: delivered(tier) == 1400 * SPANS_PER_TRACE, 90, "every trace after the outage")
+    # Within a few seconds of its return: a refused connection is retried at most 3 s apart (it was up to 30 s,
+    # and gRPC's own reconnection up to 120 s).
+    assert time.monotonic() - back < 10, time.monotonic() - back
     whole_traces(tier, range(1400))
 
     # A fourth collector by SIGHUP: about a quarter of new traces move to it, none is split.

@@ -16,7 +16,7 @@ from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from sidetrace.config import OtlpExporterSection
-from sidetrace.exporters.delivery import Delivery, DeliveryStats, Policy
+from sidetrace.exporters.delivery import MAX_UNREACHABLE_BACKOFF, Delivery, DeliveryStats, Policy
 from sidetrace.exporters.otlp import GrpcSender, HttpSender, OtlpExporter, TracesPayload, retry_after_seconds
 from sidetrace.exporters.spool import TRACES, Spool
 from tests.backends import Backend, GrpcBackend, HttpBackend
@@ -322,6 +322,15 @@ async def test_connection_refused_keeps_the_data_until_the_backend_comes(tmp_pat
         await backend.stop()
     assert backend.unique() == 5 * SPANS and set_aside(spool) == 0
     await spool.close()
+
+
+def test_a_refused_connection_is_retried_at_most_a_few_seconds_apart_with_jitter() -> None:
+    policy = Policy(max_items=8192, max_request_bytes=1 << 20)  # the defaults every exporter runs with
+    refused = [policy.backoff(attempt, fault, unreachable=True) for attempt in range(40) for fault in (False, True)]
+    assert MAX_UNREACHABLE_BACKOFF == 3.0 and max(refused) <= 3.0
+    assert min(refused[-20:]) >= 1.5 and len(set(refused[-20:])) > 1  # jittered: agents do not come back in step
+    assert max(policy.backoff(attempt, fault=True) for attempt in range(40)) > 60  # other faults back off further
+    assert max(policy.backoff(attempt, fault=False) for attempt in range(40)) > 15
 
 
 async def test_a_tls_failure_keeps_the_data(tmp_path: Path, backends: Callable) -> None:
