@@ -143,9 +143,12 @@ def main() -> None:
               f"{spread(name, 'cpu_per_100k'):>13} {sum(r['refused'] for r in results[name]):8d}")
     print(f"ratio sidetrace/rotel: throughput {med('sidetrace', 'spans_per_s') / med('rotel alone', 'spans_per_s'):.2f}"
           f", CPU per span {med('sidetrace', 'cpu_per_100k') / med('rotel alone', 'cpu_per_100k'):.2f}")
+    per_round = [lb["cpu_per_100k"] / plain["cpu_per_100k"] for lb, plain in zip(results["sidetrace-lb"],
+                                                                                  results["sidetrace"], strict=True)]
     print(f"ratio sidetrace-lb/sidetrace: throughput "
           f"{med('sidetrace-lb', 'spans_per_s') / med('sidetrace', 'spans_per_s'):.2f}, CPU per span "
-          f"{med('sidetrace-lb', 'cpu_per_100k') / med('sidetrace', 'cpu_per_100k'):.2f}")
+          f"{med('sidetrace-lb', 'cpu_per_100k') / med('sidetrace', 'cpu_per_100k'):.2f} (round by round: median "
+          f"{statistics.median(per_round):.2f}, {min(per_round):.2f}-{max(per_round):.2f})")
     print(f"steady 10k spans/s for {args.steady_seconds:.0f} s: sidetrace {steady_agent['cpu_percent']:.1f} % of a "
           f"core, RSS median {steady_agent['rss_median']:.1f} MiB (max {steady_agent['rss_max']:.1f}); rotel "
           f"{steady_rotel['cpu_percent']:.1f} %, RSS median {steady_rotel['rss_median']:.1f} MiB")

@@ -215,7 +215,7 @@ class TracePipeline:
         if built or leaving:
             log.info("exporters restarted: %s; exporting to %s", ", ".join(sorted({*built, *leaving})),
                      ", ".join(self.exporters) or "nothing")
-        if not self._trace_exporters():
+        if (built or leaving) and not self._trace_exporters():
             log.info("no trace exporter left: traces are kept in memory only (/debug/traces, `sidetrace traces`), "
                      "nothing is spooled or sent")
         if changed_in_place:
