@@ -387,3 +387,32 @@ async def test_a_spool_written_before_routing_at_accept_time_is_drained_from_the
     await lb.stop()
     assert sum(b.unique() for b in backends) == TRACES_SENT * SPANS_PER_TRACE
     await spool.close()
+
+
+async def test_an_exporter_rebuilt_by_a_reload_takes_over_the_ring_queues_and_requests_in_flight(
+        tmp_path: Path, backends: list[GrpcBackend]) -> None:
+    leaving = backends[2]
+    leaving.script.status, leaving.script.fail_until = grpc.StatusCode.UNAVAILABLE, time.monotonic() + 3600
+    spool = await opened(tmp_path / "spool.db")
+    stats: dict[str, DeliveryStats] = {}
+    endpoints = [f"127.0.0.1:{b.port}" for b in backends]
+    old = exporter(spool, endpoints, stats)
+    await old.start()
+    await queue_traces(old, requests=30)  # the first half
+    await old.stop()  # as the pipeline does: the old one stops, and routes requests until the new one runs
+    new = exporter(spool, endpoints[:2], stats)
+    new.adopt(old)
+    half = TRACES_SENT // 2
+    with old.routing(trace_request(half, half), half * SPANS_PER_TRACE) as parts:
+        starting = asyncio.create_task(new.start())
+        await asyncio.sleep(0.2)
+        assert not starting.done()  # the leaving backend's queue is read again only once this part is on it
+        await spool.append_all(parts)
+    await asyncio.wait_for(starting, 10)
+    await until(lambda: backends[0].unique() + backends[1].unique() == TRACES_SENT * SPANS_PER_TRACE, 20,
+                "every span at the two backends left")
+    await new.stop()
+    assert leaving.unique() == 0
+    assert_whole_traces_on_one_backend_each(backends, TRACES_SENT)
+    assert sorted(spool.readers()) == sorted(f"lb/{e}" for e in endpoints[:2])
+    await spool.close()
