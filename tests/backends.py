@@ -10,6 +10,7 @@ are real: aiohttp's client_max_size answers 413, grpc's max_receive_message_leng
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ class Script:
     retry_delay: float | None = None
     partial_rejected: int = 0
     partial_message: str = ""
+    answer_delay: float = 0.0  # seconds between taking a request (its spans count as received) and answering it
 
 
 class Backend:
@@ -123,6 +125,8 @@ class GrpcBackend(Backend):
     async def _export(self, body: bytes, context: grpc.aio.ServicerContext) -> ExportTraceServiceResponse:
         failure = self.decide(body)
         self.answers[failure.name if failure is not None else "OK"] += 1
+        if self.script.answer_delay:
+            await asyncio.sleep(self.script.answer_delay)
         if failure is not None:
             if self.script.retry_delay is not None:
                 delay = duration_pb2.Duration()

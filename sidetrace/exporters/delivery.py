@@ -44,6 +44,7 @@ MAX_RETRY_AFTER = 300.0
 MIN_RETRY_DELAY = 0.2
 MAX_FAULT_BACKOFF = 120.0
 MAX_UNREACHABLE_BACKOFF = 3.0
+STOP_GRACE_SECONDS = 2.0
 _REMEMBERED_MESSAGES = 256
 
 
@@ -175,8 +176,14 @@ class Delivery:
         self.state = "running"
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Stop sending; a request cut short is marked so that the next start counts it as possibly resent."""
+        """Stop sending. A request in flight gets up to ``STOP_GRACE_SECONDS`` to be answered and acknowledged
+        (or a reload that restarts the exporter would send it again); one cut short is marked so that the next
+        start counts it as possibly resent."""
         self._stopping = True
+        deadline = time.monotonic() + min(timeout, STOP_GRACE_SECONDS)
+        while (self._sending or self._unacknowledged) and self._task is not None and not self._task.done() \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         if self._sending or self._unacknowledged:
             self.spool.interrupted.add(self.name)
         if self._task is not None and not await finish(self._task, timeout):

@@ -322,8 +322,7 @@ class LoadBalancingExporter:
         self._stopping = True
         if self._resolver is not None:
             await finish(self._resolver, 5.0)
-        for delivery in self.deliveries.values():
-            await delivery.stop()
+        await asyncio.gather(*(delivery.stop() for delivery in self.deliveries.values()))
         await self._routes.switch(self._routes.ring)
 
     async def _wait_unrouted(self) -> None:

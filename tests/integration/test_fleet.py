@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import dns.exception
 import dns.resolver
+import grpc
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from sidetrace.exporters.loadbalancing import HashRing
 from tests.conftest import Agent, free_port, http_get, stop_process, wait_until
@@ -255,3 +258,58 @@ def test_a_reload_that_removes_the_balancer_counts_what_it_held_and_then_nothing
     send_traces(agent, 100, 10, processes=1)  # accepted, and kept only in the recent traces
     assert metric(agent, "sidetrace_recent_traces_spans") == before + 10 * SPANS_PER_TRACE
     assert metric(agent, "sidetrace_spool_size_bytes") == 0
+
+
+def send_until(agent: Agent, stop: threading.Event) -> int:
+    """Requests of 10 traces (numbered from 0) sent back to back until ``stop``, each retried until accepted;
+    return the traces sent."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{agent.grpc_port}")
+    export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+    number = 0
+    while not stop.is_set():
+        request = ExportTraceServiceRequest()
+        resource_spans = request.resource_spans.add()
+        kv = resource_spans.resource.attributes.add()
+        kv.key, kv.value.string_value = "service.name", "steady"
+        scope = resource_spans.scope_spans.add()
+        for trace in range(number, number + 10):
+            for position in range(SPANS_PER_TRACE):
+                span = scope.spans.add()
+                span.trace_id = (trace + 1).to_bytes(16, "big")
+                span.span_id = (trace * 100 + position + 1).to_bytes(8, "big")
+                span.name, span.start_time_unix_nano, span.end_time_unix_nano = "op", 1, 2
+                kv = span.attributes.add()
+                kv.key, kv.value.int_value = "trace.number", trace
+        body = request.SerializeToString()
+        while True:
+            try:
+                export(body, timeout=10)
+                break
+            except grpc.RpcError:  # refused (busy): the app retries
+                time.sleep(0.05)
+        number += 10
+    channel.close()
+    return number
+
+
+def test_a_reload_that_rebuilds_the_balancer_under_traffic_loses_no_span_and_sends_none_twice(
+        agent_factory: Callable[..., Agent], collectors: Callable[..., Collector]) -> None:
+    tier = [collectors() for _ in range(3)]
+    agent = agent_factory(lb_config([c.endpoint for c in tier])).start()
+    stop = threading.Event()
+    sent: list[int] = []
+    sending = threading.Thread(target=lambda: sent.append(send_until(agent, stop)))
+    sending.start()
+    wait_until(lambda: delivered(tier) > 0, 30, "traffic flowing")
+    # compression too: not a change of membership alone, so the exporter is rebuilt; and one collector leaves
+    agent.write_config(lb_config([c.endpoint for c in tier[:2]], 'compression = "none"\n'))
+    agent.signal(signal.SIGHUP)
+    wait_until(lambda: "exporters restarted: tier" in agent.log(), 10, "the reload")
+    wait_until(lambda: delivered(tier[:2]) > 0 and len(status_backends(agent)) == 2, 10, "the new exporter running")
+    stop.set()
+    sending.join(30)
+    traces = sent[0]
+    wait_until(lambda: delivered(tier) == traces * SPANS_PER_TRACE, 60, "every trace")
+    spans = Counter(number for c in tier for number in c.traces().elements())  # per trace, over every collector
+    assert set(spans) == set(range(traces)) and set(spans.values()) == {SPANS_PER_TRACE}
+    assert all(c.sink.collected.duplicates() == 0 for c in tier)

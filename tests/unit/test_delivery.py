@@ -333,6 +333,24 @@ def test_a_refused_connection_is_retried_at_most_a_few_seconds_apart_with_jitter
     assert max(policy.backoff(attempt, fault=False) for attempt in range(40)) > 15
 
 
+async def test_a_stop_lets_the_request_in_flight_be_answered_so_a_restart_sends_nothing_twice(tmp_path: Path) -> None:
+    backend = await GrpcBackend().start()
+    backend.script.answer_delay = 0.5
+    spool = await queued(tmp_path, standard_batches()[:5])
+    loop = delivery(backend, spool, "grpc")
+    await loop.start()
+    await until(lambda: backend.requests >= 1, 10, "a request in flight")
+    await loop.stop()  # a reload restarting the exporter, say
+    assert "b" not in spool.interrupted
+    again = delivery(backend, spool, "grpc")
+    await again.start()
+    await drained(spool)
+    await again.stop()
+    await backend.stop()
+    assert backend.unique() == 5 * SPANS and backend.duplicates() == 0 and backend.requests == 1
+    await spool.close()
+
+
 async def test_a_tls_failure_keeps_the_data(tmp_path: Path, backends: Callable) -> None:
     backend = await backends("http")  # plain HTTP, but the exporter speaks TLS to it
     spool = await queued(tmp_path, standard_batches()[:5])
