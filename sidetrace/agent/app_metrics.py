@@ -2,16 +2,25 @@
 
 - Names: invalid characters become ``_``; the unit becomes a suffix unless the name already holds it
   (``ms`` -> ``_milliseconds``, ``By`` -> ``_bytes``, so ``bytes.sent`` stays ``bytes_sent``;
-  ``By/s`` -> ``_bytes_per_second``, ``{request}`` annotations are dropped, unit ``1`` on a gauge ->
-  ``_ratio``); monotonic sums get ``_total`` once (``jobs.total`` -> ``jobs_total``).
+  ``By/s`` -> ``_bytes_per_second``, ``{request}`` annotations are dropped, unit ``1`` adds nothing but on an
+  OTLP Gauge, where it gives ``_ratio`` (not on sums, up-down counters included), ``1/s`` -> ``_per_second``,
+  as the translator does); monotonic sums get ``_total`` once (``jobs.total`` -> ``jobs_total``). A name with
+  no valid character (``日本``), which the translator refuses too, is dropped and counted (``invalid_name``).
 - A metric whose family would produce a sample name another family already produces (a counter
   ``foo`` and a gauge ``foo_total``, a histogram ``lat`` and a gauge ``lat_count``) is dropped whole
-  and counted (``name_clash``): two TYPE lines for one name would fail the whole scrape.
+  and counted (``name_clash``): two TYPE lines for one name would fail the whole scrape. So is one whose
+  name differs from that of the metric that made its family (``req.count`` after ``req_count``): the first
+  name keeps the family until its series expire, the other would overwrite its series.
 - Point attributes become labels; those named ``job``, ``instance``, ``le`` or ``quantile`` are left
   out (the agent's own labels win), and keys that sanitise alike have their values joined with ``;``
-  in the order of the original keys.
+  in the order of the original keys. Label names are the translator's (``NormalizeLabel``): ``key_``
+  before a leading digit, ``key`` before a leading ``_``, and, where the translator keeps them, before a
+  leading ``__`` too (``__name__`` -> ``key__name__``): Prometheus reserves those names and fails the whole
+  scrape on a second ``__name__``. An attribute with an empty key (point, scope or resource) is left out.
 - ``service.namespace``/``service.name`` become ``job`` and ``service.instance.id`` ``instance``; the
-  other resource attributes go to one ``target_info`` series per job and instance.
+  other resource attributes go to one ``target_info`` series per job and instance, their labels made as a
+  point's are (so a resource attribute ``job`` or ``le`` is left out and ``k8s.pod-name``/``k8s.pod.name`` are
+  joined with ``;``).
 - Every series carries its instrumentation scope: ``otel_scope_name``, ``otel_scope_version``,
   ``otel_scope_schema_url`` (when the scope has one) and each scope attribute as ``otel_scope_<key>``
   (one named ``name``, ``version`` or ``schema_url`` is left out), so two libraries recording the
@@ -27,7 +36,10 @@
   ``time_unix_nano`` (which OTLP requires) are added as they come until a timed one arrives. A
   histogram whose bounds change starts over from the point, as the Collector's does.
   Cumulative points are taken as sent. Series not updated for ``stale_seconds`` are removed, so an
-  app that stopped sending does not live forever.
+  app that stopped sending does not live forever; but a delta series stays while its app (job and
+  instance, through its ``target_info``) sends anything, so that a sparse delta counter goes on from its
+  total instead of starting a new series (which ``increase()`` would not count).
+- Each dropped point is counted, and each reason logged (naming the metric) at most once a minute.
 - Exponential histograms are kept too (delta points merged into cumulative ones, ``sidetrace.agent.exponential``)
   and served as native histograms where the exposition can carry them: the protobuf one
   (``sidetrace.agent.protobuf_exposition``). An exposition that cannot (a text or OpenMetrics scrape, a remote-write
@@ -40,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import re
 import threading
 import time
@@ -59,8 +72,10 @@ from sidetrace.config import AppMetricsSection
 if TYPE_CHECKING:
     from sidetrace.agent.components import Context
 
+log = logging.getLogger("sidetrace.app_metrics")
 DELTA = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
-UNITS = {
+LOG_EVERY_SECONDS = 60.0
+UNITS = {"1": "",
     "d": "days", "h": "hours", "min": "minutes", "s": "seconds", "ms": "milliseconds", "us": "microseconds",
     "ns": "nanoseconds", "By": "bytes", "KiBy": "kibibytes", "MiBy": "mebibytes", "GiBy": "gibibytes",
     "KBy": "kilobytes", "MBy": "megabytes", "GBy": "gigabytes", "m": "meters", "V": "volts", "A": "amperes",
@@ -74,19 +89,25 @@ _INVALID_LABEL = re.compile(r"[^a-zA-Z0-9_]+")
 
 
 def unit_suffix(unit: str, gauge: bool) -> str:
-    unit = re.sub(r"\{[^}]*\}", "", unit).strip()
+    """The suffix ``unit`` gives a name; ``gauge``: the metric is an OTLP Gauge, the only kind unit ``1`` makes
+    ``_ratio`` (as the Collector's and Prometheus' translator do: not on sums, up-down counters included)."""
+    unit = unit.strip()
     if unit == "1":
         return "ratio" if gauge else ""
-    main, _, per = unit.partition("/")
-    words = [UNITS.get(main, _INVALID.sub("_", main).strip("_"))] if main else []
+    main, _, per = re.sub(r"\{[^}]*\}", "", unit).partition("/")
+    main, per = main.strip(), per.strip()
+    words = [UNITS.get(main, _INVALID.sub("_", main).strip("_"))] if main else []  # "1/s": main "1" adds nothing
     if per:
         words.append("per_" + PER_UNITS.get(per, _INVALID.sub("_", per).strip("_")))
     return "_".join(word for word in words if word)
 
 
 def metric_name(name: str, unit: str, gauge: bool, counter: bool = False) -> str:
-    """The Prometheus family name (without ``_total``) for an OTLP metric name and unit."""
-    base = re.sub(r"_+", "_", _INVALID.sub("_", name)).strip("_") or "unnamed"
+    """The Prometheus family name (without ``_total``) for an OTLP metric name and unit; ``""`` when the name has
+    no valid character at all (refused and counted as ``invalid_name``)."""
+    base = re.sub(r"_+", "_", _INVALID.sub("_", name)).strip("_")
+    if not base:
+        return ""
     if counter and base.endswith("_total"):  # the exposition adds it back, once
         base = base[: -len("_total")]
     if base[0].isdigit():
@@ -112,9 +133,22 @@ def sample_names(base: str, prom_type: str) -> tuple[str, ...]:
 # under the same name would make a second label of that name.
 SCOPE_LABELS = ("otel_scope_name", "otel_scope_version", "otel_scope_schema_url")
 RESERVED_LABELS = frozenset({"job", "instance", "le", "quantile", *SCOPE_LABELS})
+SERVICE_KEYS = frozenset({"service.name", "service.namespace", "service.instance.id"})  # job and instance
 # Why a point is not served, each exported from the start so that an alert sees the first one.
-DROP_REASONS = ("max_series", "max_series_target_info", "reserved_name", "type_conflict", "name_clash",
-                "exponential_histogram", "exponential_histogram_scale", "delta_overlap")
+DROP_REASONS = ("max_series", "max_series_target_info", "reserved_name", "invalid_name", "type_conflict",
+                "name_clash", "exponential_histogram", "exponential_histogram_scale", "delta_overlap")
+
+_WHY = {
+    "max_series": "[app_metrics] max_series reached",
+    "max_series_target_info": "[app_metrics] max_series target_info series reached",
+    "reserved_name": "its name is under a prefix the agent's own metrics use",
+    "invalid_name": "its name has no character valid in a Prometheus name",
+    "type_conflict": "another metric of another type has its name",
+    "name_clash": "its exposition would reuse a name another metric already uses",
+    "exponential_histogram": "exponential histograms need the protobuf exposition (native histograms)",
+    "exponential_histogram_scale": "its scale is below -4, which no native histogram schema holds",
+    "delta_overlap": "a delta point that ends no later than, or overlaps, what its series already counted",
+}
 
 
 def scope_labels(scope_metrics: Any) -> tuple[tuple[str, str], ...]:
@@ -126,7 +160,7 @@ def scope_labels(scope_metrics: Any) -> tuple[tuple[str, str], ...]:
     attributes: dict[str, str] = {}
     for kv in sorted(scope.attributes, key=lambda kv: kv.key):
         label = label_name("otel_scope_" + kv.key)
-        if label in SCOPE_LABELS:
+        if not kv.key or label in SCOPE_LABELS:
             continue
         value = any_value(kv.value)
         attributes[label] = f"{attributes[label]};{value}" if label in attributes else value
@@ -134,11 +168,11 @@ def scope_labels(scope_metrics: Any) -> tuple[tuple[str, str], ...]:
 
 
 def point_labels(attributes: Any, reserved: frozenset[str] = RESERVED_LABELS) -> tuple[tuple[str, str], ...]:
-    """A point's attributes as labels: ``reserved`` names left out, keys that sanitise alike joined with ``;``."""
+    """Attributes as labels: ``reserved`` names and empty keys left out, keys that sanitise alike joined with ``;``."""
     labels: dict[str, str] = {}
     for kv in sorted(attributes, key=lambda kv: kv.key):
         label = label_name(kv.key)
-        if label in reserved:
+        if not label or label in reserved:
             continue
         value = any_value(kv.value)
         labels[label] = f"{labels[label]};{value}" if label in labels else value
@@ -151,8 +185,13 @@ def label_name(key: str) -> str:
 
 
 def _label_name(key: str) -> str:
+    """As the translator's ``NormalizeLabel``: invalid characters become ``_``, ``key_`` goes before a leading digit
+    and ``key`` before a leading ``_``; unlike it, a leading ``__`` gets ``key`` too (it keeps ``__name__``, a name
+    Prometheus reserves, which would fail the whole scrape), so no attribute can make a reserved label."""
     label = _INVALID_LABEL.sub("_", key)
-    return f"key_{label}" if label[:1].isdigit() else label
+    if label[:1].isdigit():
+        return f"key_{label}"
+    return f"key{label}" if label[:1] == "_" else label
 
 
 _cached_label_name = functools.lru_cache(maxsize=4096)(_label_name)
@@ -176,7 +215,7 @@ def any_value(value: AnyValue) -> str:
 
 
 class _Series:
-    __slots__ = ("value", "sum", "count", "buckets", "bounds", "updated", "last", "exponential")
+    __slots__ = ("value", "sum", "count", "buckets", "bounds", "updated", "last", "exponential", "target")
 
     def __init__(self) -> None:
         self.value = 0.0
@@ -187,6 +226,7 @@ class _Series:
         self.updated = 0.0
         self.last = 0  # time_unix_nano of the last delta point added; 0 before the first timed one
         self.exponential: ExponentialPoint | None = None
+        self.target: tuple[str, str] | None = None  # a delta series' (job, instance): kept while that app sends
 
 
 class AppMetrics:
@@ -206,6 +246,8 @@ class AppMetrics:
         self._help: dict[str, str] = {}
         self._types: dict[str, str] = {}
         self._claims: dict[str, str] = {}  # sample name -> the family name whose exposition uses it
+        self._origins: dict[str, str] = {}  # family name -> the OTLP metric name that claimed it
+        self._logged_at: dict[str, float] = {}  # drop reason -> when it was last logged (monotonic)
         self._targets: dict[tuple[str, str], tuple[tuple[tuple[str, str], ...], float]] = {}
         self._count = 0
         self.dropped: dict[str, int] = {}
@@ -247,21 +289,29 @@ class AppMetrics:
 
     # store -----------------------------------------------------------------------------------
 
-    def _drop(self, reason: str, points: int = 1) -> None:
+    def _drop(self, reason: str, metric: str, points: int = 1) -> None:
+        """Count ``points`` of ``metric`` not served for ``reason``, and log it at most once a minute per reason."""
         self.dropped[reason] = self.dropped.get(reason, 0) + points
+        now = time.monotonic()
+        if now - self._logged_at.get(reason, -LOG_EVERY_SECONDS) >= LOG_EVERY_SECONDS:
+            self._logged_at[reason] = now
+            log.warning("dropped %d point(s) of app metric %r (%s): %s (logged at most once a minute per reason; "
+                        "counted in sidetrace_app_metrics_dropped_points_total)", points, metric, reason,
+                        _WHY[reason])
 
     def _series(self, family: tuple[str, str], labels: tuple[tuple[str, str], ...], now: float,
-                help_text: str) -> _Series | None:
+                help_text: str, origin: str) -> _Series | None:
         by_labels = self._families.get(family)
         series = by_labels.get(labels) if by_labels is not None else None
         if series is None:
             if self._count >= self.max_series:
-                self._drop("max_series")
+                self._drop("max_series", origin)
                 return None
             if by_labels is None:
                 by_labels = self._families[family] = {}
                 self._types[family[0]] = family[1]
                 self._help[family[0]] = help_text
+                self._origins[family[0]] = origin
                 self._claims.update(dict.fromkeys(sample_names(*family), family[0]))
             series = by_labels[labels] = _Series()
             series.updated = now
@@ -278,13 +328,14 @@ class AppMetrics:
         taken = 0
         with self._lock:
             for resource_metrics in request.resource_metrics:
-                attributes = {kv.key: any_value(kv.value) for kv in resource_metrics.resource.attributes}
-                name = attributes.pop("service.name", "unknown_service")
-                namespace = attributes.pop("service.namespace", "")
+                service = {kv.key: any_value(kv.value) for kv in resource_metrics.resource.attributes
+                           if kv.key in SERVICE_KEYS}
+                name = service.get("service.name", "unknown_service")
+                namespace = service.get("service.namespace", "")
                 job = f"{namespace}/{name}" if namespace else name
-                instance = attributes.pop("service.instance.id", "")
+                instance = service.get("service.instance.id", "")
                 target = (("job", job), ("instance", instance))
-                self._target(job, instance, attributes, now)
+                self._target((job, instance), resource_metrics.resource.attributes, now)
                 for scope_metrics in resource_metrics.scope_metrics:
                     labels = scope_labels(scope_metrics)
                     reserved = RESERVED_LABELS.union(label for label, _ in labels)
@@ -292,12 +343,13 @@ class AppMetrics:
                         taken += self._metric(metric, target + labels, reserved, now)
         return taken
 
-    def _target(self, job: str, instance: str, attributes: dict[str, str], now: float) -> None:
-        key = (job, instance)
+    def _target(self, key: tuple[str, str], attributes: Any, now: float) -> None:
+        """Keep ``target_info`` for (job, instance): the resource attributes but the service's, as point labels are
+        made (reserved names and empty keys left out, keys that sanitise alike joined with ``;``)."""
         if key not in self._targets and len(self._targets) >= self.max_series:
-            self._drop("max_series_target_info")
+            self._drop("max_series_target_info", f"target_info of {key[0]!r}")
             return
-        self._targets[key] = (tuple(sorted((label_name(k), v) for k, v in attributes.items())), now)
+        self._targets[key] = (point_labels([kv for kv in attributes if kv.key not in SERVICE_KEYS]), now)
 
     def _metric(self, metric: Any, prefix: tuple[tuple[str, str], ...], reserved: frozenset[str], now: float) -> int:
         kind = metric.WhichOneof("data")
@@ -305,17 +357,24 @@ class AppMetrics:
             return 0
         data = getattr(metric, kind)
         gauge = kind == "gauge" or (kind == "sum" and not data.is_monotonic)
-        base = metric_name(metric.name, metric.unit, gauge, counter=kind == "sum" and not gauge)
+        base = metric_name(metric.name, metric.unit, kind == "gauge", counter=kind == "sum" and not gauge)
+        points = len(data.data_points)
+        if not base:
+            self._drop("invalid_name", metric.name, points)
+            return 0
         if base.startswith(RESERVED_PREFIXES):
-            self._drop("reserved_name", len(data.data_points))
+            self._drop("reserved_name", metric.name, points)
             return 0
         prom_type = {"gauge": "gauge", "sum": "gauge" if gauge else "counter", "histogram": "histogram",
                      "summary": "summary", "exponential_histogram": "exponential"}[kind]
+        if self._origins.get(base, metric.name) != metric.name:  # another metric's name became this family's
+            self._drop("name_clash", metric.name, points)
+            return 0
         if self._types.get(base, prom_type) != prom_type:
-            self._drop("type_conflict", len(data.data_points))
+            self._drop("type_conflict", metric.name, points)
             return 0
         if any(self._claims.get(name, base) != base for name in sample_names(base, prom_type)):
-            self._drop("name_clash", len(data.data_points))
+            self._drop("name_clash", metric.name, points)
             return 0
         family = (base, prom_type)
         help_text = metric.description or metric.name
@@ -323,18 +382,19 @@ class AppMetrics:
         taken = 0
         for point in data.data_points:
             if kind == "exponential_histogram" and point.scale < MIN_SCHEMA:
-                self._drop("exponential_histogram_scale")
+                self._drop("exponential_histogram_scale", metric.name)
                 continue
             labels = prefix + point_labels(point.attributes, reserved)
-            series = self._series(family, labels, now, help_text)
+            series = self._series(family, labels, now, help_text, metric.name)
             if series is None:
                 continue
             if delta:
                 start, end = point.start_time_unix_nano, point.time_unix_nano
                 if series.last and (end <= series.last or start and start < series.last):
-                    self._drop("delta_overlap")
+                    self._drop("delta_overlap", metric.name)
                     continue
                 series.last = end
+                series.target = (prefix[0][1], prefix[1][1])
             series.updated = now
             taken += 1
             if kind in ("gauge", "sum"):
@@ -360,11 +420,15 @@ class AppMetrics:
         return taken
 
     def expire(self, now: float | None = None) -> None:
+        """Remove series not updated for ``stale_seconds``, but a delta series whose app (job and instance) sent
+        anything within that time: a sparse delta counter then keeps counting from where it was."""
         cutoff = (now or time.time()) - self.stale_seconds
         with self._lock:
             for family, by_labels in list(self._families.items()):
                 for labels, series in list(by_labels.items()):
-                    if series.updated < cutoff:
+                    if series.updated < cutoff and not (
+                            series.target is not None and series.target in self._targets
+                            and self._targets[series.target][1] >= cutoff):
                         del by_labels[labels]
                         self._count -= 1
                 if not by_labels:
@@ -373,6 +437,7 @@ class AppMetrics:
                         del self._claims[name]
                     del self._types[family[0]]
                     del self._help[family[0]]
+                    del self._origins[family[0]]
             for key, (_, updated) in list(self._targets.items()):
                 if updated < cutoff:
                     del self._targets[key]
@@ -391,7 +456,8 @@ class AppMetrics:
             exponential = [(family, [(labels, series.exponential) for labels, series in by_labels.items()])
                            for family, by_labels in self._families.items() if family[1] == "exponential"]
             if exponential and not native:
-                self._drop("exponential_histogram", sum(len(rows) for _, rows in exponential))
+                self._drop("exponential_histogram", ", ".join(family[0] for family, _ in exponential),
+                           sum(len(rows) for _, rows in exponential))
             targets = list(self._targets.items())
             dropped = dict(self.dropped)
             helps = dict(self._help)
@@ -423,11 +489,12 @@ class AppMetrics:
             yield family
         info = Metric("target_info", "Resource attributes of each app sending OTLP metrics.", "gauge")
         for (job, instance), (attributes, _) in targets:
-            info.add_sample("target_info", {"job": job, "instance": instance, **dict(attributes)}, 1)
+            info.add_sample("target_info", {**dict(attributes), "job": job, "instance": instance}, 1)
         yield info
         points = CounterMetricFamily("sidetrace_app_metrics_dropped_points_total",
                                      "OTLP metric points not served, by reason (max_series, reserved_name, "
-                                     "type_conflict, name_clash, delta_overlap, exponential_histogram_scale; "
+                                     "invalid_name, type_conflict, name_clash, delta_overlap, "
+                                     "exponential_histogram_scale; "
                                      "exponential_histogram counts the exponential-histogram series each text scrape "
                                      "or remote-write collection left out, as only the protobuf exposition carries "
                                      "them; max_series_target_info counts requests whose resource was refused a "

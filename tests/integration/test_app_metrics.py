@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
@@ -16,10 +17,12 @@ from opentelemetry.sdk.metrics.export import AggregationTemporality as SdkTempor
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
-from tests.conftest import Agent, scrape_clean
+from tests.conftest import Agent, scrape_clean, wait_until
 from tests.integration.test_otlp_input import post
+from tests.integration.test_prometheus import Prometheus
 
 DELTA = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
+CUMULATIVE = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
 
 
 def sdk(agent: Agent, delta: bool = False) -> MeterProvider:
@@ -197,3 +200,155 @@ def test_a_delta_histogram_whose_bounds_change_starts_over_from_that_point(agent
         assert post(agent.otlp_http + "/v1/metrics", request.SerializeToString())[0] == 200
         assert of(scrape_clean(agent), "wait_seconds") == buckets | {
             f"wait_seconds_count{{{labels}}} {float(count)}", f"wait_seconds_sum{{{labels}}} {running_sum}"}
+
+
+@pytest.mark.slow
+def test_attributes_named_like_prometheus_reserved_labels_get_key_so_prometheus_keeps_the_target(
+        agent_factory: Callable[..., Agent], tmp_path: Path) -> None:
+    # The stock SDK accepts a point attribute named __name__: as a label it would be a second __name__, for which
+    # Prometheus fails the whole scrape (every series of the agent lost). A leading _ gets "key", as the translator
+    # gives one, and a leading __ too.
+    agent = agent_factory().start()
+    prometheus = Prometheus(tmp_path, f"127.0.0.1:{agent.port}")
+    provider = sdk(agent)
+    try:
+        provider.get_meter("shop").create_counter("orders").add(3, {"__name__": "spoof", "__x": "b", "_tenant": "a"})
+        assert provider.force_flush(10_000)
+        assert of(scrape_clean(agent), "orders") == {
+            'orders_total{instance="cart-1",job="cart",key__name__="spoof",key__x="b",key_tenant="a",'
+            'otel_scope_name="shop",otel_scope_version=""} 3.0'}
+        (series,) = wait_until(lambda: prometheus.query("orders_total"), 30, "the app's counter in Prometheus")
+        assert (series["metric"]["__name__"], series["metric"]["key__name__"], series["value"][1]) == \
+            ("orders_total", "spoof", "3")
+        assert [up["value"][1] for up in prometheus.query('up{job="sidetrace"}')] == ["1"]
+    finally:
+        provider.shutdown()
+        prometheus.stop()
+
+
+def test_target_info_labels_follow_the_point_rules_and_empty_keys_are_left_out_everywhere(
+        agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory().start()
+    request = ExportMetricsServiceRequest()
+    resource_metrics = request.resource_metrics.add()
+    for key, value in {"service.name": "worker", "service.instance.id": "w-1", "job": "rjob", "instance": "rinst",
+                       "le": "x", "k8s.pod-name": "a", "k8s.pod.name": "b", "": "empty", "__meta": "m"}.items():
+        resource_metrics.resource.attributes.add(key=key).value.string_value = value
+    scope_metrics = resource_metrics.scope_metrics.add()
+    scope_metrics.scope.name = "lib"
+    scope_metrics.scope.attributes.add(key="").value.string_value = "scope-empty"
+    point = scope_metrics.metrics.add(name="queue").gauge.data_points.add(as_int=3, time_unix_nano=time.time_ns())
+    point.attributes.add(key="").value.string_value = "point-empty"
+    point.attributes.add(key="region").value.string_value = "eu"
+    assert post(agent.otlp_http + "/v1/metrics", request.SerializeToString())[0] == 200
+    lines = scrape_clean(agent)
+    assert of(lines, "queue", "target_info") == {
+        'queue{instance="w-1",job="worker",otel_scope_name="lib",otel_scope_version="",region="eu"} 3.0',
+        'target_info{instance="w-1",job="worker",k8s_pod_name="a;b",key__meta="m"} 1.0',
+    }
+
+
+def raw_metrics(*metrics: tuple[str, str, float], service: str = "worker", delta: bool = False,
+                start: int = 0, now: int = 0) -> bytes:
+    """A request from ``service`` with (name, kind, value) metrics at ``now`` (default the time): kind ``gauge``,
+    or ``counter`` (cumulative unless ``delta``) from ``start`` (default an hour before)."""
+    request = ExportMetricsServiceRequest()
+    resource_metrics = request.resource_metrics.add()
+    resource_metrics.resource.attributes.add(key="service.name").value.string_value = service
+    scope_metrics = resource_metrics.scope_metrics.add()
+    now = now or time.time_ns()
+    start = start or now - 3600 * 10**9
+    for name, kind, value in metrics:
+        metric = scope_metrics.metrics.add(name=name)
+        if kind == "gauge":
+            metric.gauge.data_points.add(as_double=value, time_unix_nano=now)
+        else:
+            metric.sum.is_monotonic = True
+            metric.sum.aggregation_temporality = DELTA if delta else CUMULATIVE
+            metric.sum.data_points.add(as_double=value, start_time_unix_nano=start, time_unix_nano=now)
+    return request.SerializeToString()
+
+
+def test_two_metric_names_that_become_one_family_keep_the_first_and_count_the_other(
+        agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory().start()
+    provider = sdk(agent)
+    meter = provider.get_meter("shop")
+    dotted, underscored = meter.create_counter("req.count"), meter.create_counter("req_count")
+    try:
+        dotted.add(2)
+        assert provider.force_flush(10_000)
+        underscored.add(5)  # the next export carries both: req_count would overwrite req.count's series
+        assert provider.force_flush(10_000)
+        lines = scrape_clean(agent)
+        assert of(lines, "req_count") == {
+            'req_count_total{instance="cart-1",job="cart",otel_scope_name="shop",otel_scope_version=""} 2.0'}
+        assert 'sidetrace_app_metrics_dropped_points_total{reason="name_clash"} 1.0' in lines
+    finally:
+        provider.shutdown()
+    # A name with no character a Prometheus name may hold has no name in the translator (it refuses it): two such
+    # gauges would otherwise share one made-up name.
+    assert post(agent.otlp_http + "/v1/metrics", raw_metrics(("日本", "gauge", 1), ("中国", "gauge", 2)))[0] == 200
+    lines = scrape_clean(agent)
+    assert 'sidetrace_app_metrics_dropped_points_total{reason="invalid_name"} 2.0' in lines
+    assert not of(lines, "unnamed")
+
+
+def test_unit_one_makes_ratio_on_gauges_only_and_per_unit_alone_gives_per(agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory().start()
+    provider = sdk(agent)
+    meter = provider.get_meter("shop")
+    meter.create_up_down_counter("queue.fill", unit="1").add(4)
+    meter.create_gauge("cpu.utilization", unit="1").set(0.5)
+    meter.create_counter("events", unit="1/s").add(7)
+    meter.create_gauge("load", unit="{job}/s").set(3)
+    try:
+        assert provider.force_flush(10_000)
+        labels = 'instance="cart-1",job="cart",otel_scope_name="shop",otel_scope_version=""'
+        assert of(scrape_clean(agent), "queue_fill", "cpu_utilization", "events", "load") == {
+            f"queue_fill{{{labels}}} 4.0", f"cpu_utilization_ratio{{{labels}}} 0.5",
+            f"events_per_second_total{{{labels}}} 7.0", f"load_per_second{{{labels}}} 3.0"}
+    finally:
+        provider.shutdown()
+
+
+def test_each_drop_reason_is_logged_naming_the_metric_at_most_once_a_minute(
+        agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory().start()
+    assert post(agent.otlp_http + "/v1/metrics", raw_metrics(("q.len", "gauge", 1), ("q_len", "gauge", 2)))[0] == 200
+    assert post(agent.otlp_http + "/v1/metrics", raw_metrics(("q.len", "gauge", 1), ("q_len", "gauge", 2)))[0] == 200
+    assert post(agent.otlp_http + "/v1/metrics", raw_metrics(("process.x", "gauge", 1)))[0] == 200
+    lines = scrape_clean(agent)
+    assert 'sidetrace_app_metrics_dropped_points_total{reason="name_clash"} 2.0' in lines
+    assert 'sidetrace_app_metrics_dropped_points_total{reason="reserved_name"} 1.0' in lines
+    warnings = wait_until(lambda: [line for line in agent.log().splitlines() if "app metric" in line
+                                   and "WARNING" in line and "reserved_name" in line], 10, "the reserved_name log")
+    assert len(warnings) == 1 and "'process.x'" in warnings[0]
+    (clash,) = [line for line in agent.log().splitlines() if "app metric" in line and "name_clash" in line]
+    assert "'q_len'" in clash and "sidetrace_app_metrics_dropped_points_total" in clash
+
+
+def test_a_sparse_delta_counter_keeps_its_total_while_its_app_sends_anything(
+        agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory("[app_metrics]\nstale_seconds = 2\n").start()
+    # The app that stops sends first, so its series are older than the other app's gauge.
+    assert post(agent.otlp_http + "/v1/metrics", raw_metrics(("errors", "counter", 1), service="idle", delta=True))[0] \
+        == 200
+    t1 = time.time_ns()
+    first = raw_metrics(("errors", "counter", 1), ("temperature", "gauge", 20), delta=True, now=t1)
+    assert post(agent.otlp_http + "/v1/metrics", first)[0] == 200
+
+    def stale_gauge_gone() -> set[str] | None:
+        # the app keeps sending something else; its gauge, not updated, goes after stale_seconds
+        assert post(agent.otlp_http + "/v1/metrics", raw_metrics(("heartbeat", "gauge", 1)))[0] == 200
+        lines = scrape_clean(agent)
+        return None if of(lines, "temperature") else lines
+
+    lines = wait_until(stale_gauge_gone, 30, "the app's stale gauge expired", interval=0.3)
+    # the delta counter of the app that still sends stays; that of the app that stopped went with its gauge
+    labels = 'instance="",job="%s",otel_scope_name="",otel_scope_version=""'
+    assert of(lines, "errors") == {f"errors_total{{{labels % 'worker'}}} 1.0"}
+    # the next delta follows on: the total goes on from 1, where a new series would start at 1 (a reset to
+    # Prometheus, and no increase at all when the old value is older than the range queried)
+    assert post(agent.otlp_http + "/v1/metrics", raw_metrics(("errors", "counter", 1), delta=True, start=t1))[0] == 200
+    assert of(scrape_clean(agent), "errors") == {f"errors_total{{{labels % 'worker'}}} 2.0"}

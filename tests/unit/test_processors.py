@@ -9,7 +9,7 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 from prometheus_client import CollectorRegistry, generate_latest
 
 from sidetrace._protowire import varint
-from sidetrace.agent.app_metrics import AppMetrics, metric_name
+from sidetrace.agent.app_metrics import AppMetrics, label_name, metric_name
 from sidetrace.agent.pipeline import span_count
 from sidetrace.agent.processors import redaction
 from sidetrace.agent.processors.redaction import BytePrefilter, HyperscanPrefilter, RedactionProcessor, _needles
@@ -271,7 +271,8 @@ def test_stale_series_expire_and_bounds_are_counted() -> None:
     store.apply(metrics_request("gauge", 1, name="a"))
     store.apply(metrics_request("gauge", 1, name="b"))  # over max_series
     store.apply(metrics_request("gauge", 1, name="process.cpu.time", unit="s"))  # reserved
-    assert store.series_count == 1 and store.dropped == {"max_series": 1, "reserved_name": 1}
+    store.apply(metrics_request("gauge", 1, name="target.info"))  # the agent's own target_info
+    assert store.series_count == 1 and store.dropped == {"max_series": 1, "reserved_name": 2}
     store.expire(now=10**12)
     assert store.series_count == 0
     assert not any(line.startswith("a{") for line in exposition(Families(store)))
@@ -284,6 +285,31 @@ def test_metric_names_follow_the_prometheus_translation() -> None:
     assert metric_name("cpu.utilization", "1", gauge=True) == "cpu_utilization_ratio"
     assert metric_name("size_bytes", "By", gauge=True) == "size_bytes"
     assert metric_name("2xx.count", "", gauge=False) == "_2xx_count"
+
+
+def test_unit_one_adds_ratio_to_gauges_only_and_nothing_before_a_per_unit() -> None:
+    # as the translator (BuildCompliantName, otlptranslator): "_ratio" on Gauges only; "1/s" is "per_second"
+    assert metric_name("queue.fill", "1", gauge=False) == "queue_fill"  # an up-down counter, a non-monotonic sum
+    assert metric_name("events", "1/s", gauge=False, counter=True) == "events_per_second"
+    assert metric_name("load", "1/s", gauge=True) == "load_per_second"
+    assert metric_name("日本", "s", gauge=True) == ""  # no valid character: refused (invalid_name)
+
+
+def test_label_names_follow_the_translator_and_never_start_with_two_underscores() -> None:
+    assert [label_name(key) for key in ("http.method", "2xx", "_tenant", "__name__", "__", "")] == \
+        ["http_method", "key_2xx", "key_tenant", "key__name__", "key__", ""]
+
+
+def test_a_family_claimed_by_one_metric_name_is_given_to_another_once_its_series_expire() -> None:
+    store = AppMetrics(AppMetricsSection(stale_seconds=60))
+    store.apply(metrics_request("gauge", 1, name="q.len"))
+    store.apply(metrics_request("gauge", 2, name="q_len"))
+    assert store.dropped == {"name_clash": 1}
+    store.expire(now=10**12)
+    store.apply(metrics_request("gauge", 3, name="q_len"))
+    assert store.dropped == {"name_clash": 1}
+    assert 'q_len{instance="",job="worker",otel_scope_name="jobs",otel_scope_version="1.0"} 3.0' in \
+        exposition(Families(store))
 
 
 def test_suffixes_are_added_only_when_the_name_lacks_them() -> None:
