@@ -469,8 +469,8 @@ class AppMetricsSection:
 
     max_series: int = _key("Most series kept; new ones past it are dropped and counted.", _check_positive,
                            default=20000)
-    stale_seconds: float = _key("A series not updated for this long is removed from /metrics.", _check_positive,
-                                default=300.0)
+    stale_seconds: float = _key("A series not updated for this long is removed from /metrics (a delta series once "
+                                "its app has sent nothing for this long).", _check_positive, default=300.0)
 
 
 def _check_nats_urls(values: tuple[str, ...]) -> tuple[str, ...]:
