@@ -10,7 +10,10 @@ stock SDK cannot offer more than about 8k spans/s. The sink is an in-process OTL
 counts spans. CPU is read from /proc/PID/stat of the relaying process (the agent, or rotel in the
 rotel-alone chain); RSS from /proc/PID/status.
 
-Usage: python bench/trace_relay.py [--spans 400000] [--steady-seconds 30] [--rounds 3]
+Usage: python bench/trace_relay.py [--spans 400000] [--steady-seconds 30] [--rounds 3] [--no-lb]
+                                   [--compare-with CHECKOUT]
+--compare-with adds a chain whose agent runs another checkout's code (say a worktree of main at the
+commit before a change), alternating with the others, so before and after come from the same run.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from tests.integration.otlp_servers import Rotel, Sink  # noqa: E402
 LOAD = str(Path(__file__).with_name("otlp_load.py"))
 
 
-def start_agent(tmp: Path, rotel_port: int, exporter: str | None = None) -> tuple[subprocess.Popen, int, int]:
+def start_agent(tmp: Path, rotel_port: int, exporter: str | None = None,
+                source: Path | None = None) -> tuple[subprocess.Popen, int, int]:
     grpc_port, http_port, port = free_port(), free_port(), free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / "agent.toml"
@@ -42,7 +46,9 @@ def start_agent(tmp: Path, rotel_port: int, exporter: str | None = None) -> tupl
         + (exporter or f'[[exporters.otlp]]\nname = "rotel"\nendpoint = "http://127.0.0.1:{rotel_port}"\n')
     )
     with open(tmp / "agent.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "sidetrace", "run", "--config", str(config)], stderr=log)
+        env = {**os.environ, "PYTHONPATH": str(source)} if source else None
+        proc = subprocess.Popen([sys.executable, "-m", "sidetrace", "run", "--config", str(config)], stderr=log,
+                                env=env)
     wait_until(lambda: http_get(f"http://127.0.0.1:{port}/readyz", 1)[0] == 200, 30, "agent ready")
     return proc, grpc_port, port
 
@@ -102,26 +108,36 @@ def main() -> None:
     parser.add_argument("--steady-seconds", type=float, default=30.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--no-lb", action="store_true", help="leave out the sidetrace-lb chain")
+    parser.add_argument("--compare-with", type=Path, help="a checkout whose agent runs as one more chain")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sidetrace-relay-"))
     sink = CountingSink()
     rotel = Rotel(tmp, sink.port).start()
-    tier = [Rotel(tmp, sink.port).start() for _ in range(3)]
+    tier = [] if args.no_lb else [Rotel(tmp, sink.port).start() for _ in range(3)]
     agent, agent_grpc, _ = start_agent(tmp / "plain", rotel.grpc_port)
-    backends = ", ".join(f'"127.0.0.1:{r.grpc_port}"' for r in tier)
-    balancer, balancer_grpc, _ = start_agent(tmp / "lb", 0, f'[[exporters.loadbalancing]]\nname = "tier"\n'
-                                                           f'backends = [{backends}]\n')
-    chains = {"sidetrace": (agent.pid, agent_grpc), "sidetrace-lb": (balancer.pid, balancer_grpc),
-              "rotel alone": (rotel.proc.pid, rotel.grpc_port)}
+    agents = [agent]
+    chains = {"sidetrace": (agent.pid, agent_grpc)}
+    if args.compare_with:
+        other, other_grpc, _ = start_agent(tmp / "other", rotel.grpc_port, source=args.compare_with.resolve())
+        agents.append(other)
+        chains["compared"] = (other.pid, other_grpc)
+    if tier:
+        backends = ", ".join(f'"127.0.0.1:{r.grpc_port}"' for r in tier)
+        balancer, balancer_grpc, _ = start_agent(tmp / "lb", 0, f'[[exporters.loadbalancing]]\nname = "tier"\n'
+                                                               f'backends = [{backends}]\n')
+        agents.append(balancer)
+        chains["sidetrace-lb"] = (balancer.pid, balancer_grpc)
+    chains["rotel alone"] = (rotel.proc.pid, rotel.grpc_port)
     results: dict[str, list[dict]] = {name: [] for name in chains}
     try:
         for _ in range(args.rounds):  # alternate the chains so drift hits them alike
             for name, (pid, port) in chains.items():
                 results[name].append(relay(name, pid, f"127.0.0.1:{port}", sink, args.spans, args.concurrency))
-        steady_agent = steady(agent.pid, f"127.0.0.1:{agent_grpc}", args.steady_seconds)
-        steady_rotel = steady(rotel.proc.pid, f"127.0.0.1:{rotel.grpc_port}", args.steady_seconds)
+        steady_runs = {name: steady(pid, f"127.0.0.1:{port}", args.steady_seconds)
+                       for name, (pid, port) in chains.items() if name != "sidetrace-lb"}
     finally:
-        for process in (agent, balancer):
+        for process in agents:
             process.terminate()
             process.wait(15)
         for collector in (rotel, *tier):
@@ -143,15 +159,19 @@ def main() -> None:
               f"{spread(name, 'cpu_per_100k'):>13} {sum(r['refused'] for r in results[name]):8d}")
     print(f"ratio sidetrace/rotel: throughput {med('sidetrace', 'spans_per_s') / med('rotel alone', 'spans_per_s'):.2f}"
           f", CPU per span {med('sidetrace', 'cpu_per_100k') / med('rotel alone', 'cpu_per_100k'):.2f}")
-    per_round = [lb["cpu_per_100k"] / plain["cpu_per_100k"] for lb, plain in zip(results["sidetrace-lb"],
-                                                                                  results["sidetrace"], strict=True)]
-    print(f"ratio sidetrace-lb/sidetrace: throughput "
-          f"{med('sidetrace-lb', 'spans_per_s') / med('sidetrace', 'spans_per_s'):.2f}, CPU per span "
-          f"{med('sidetrace-lb', 'cpu_per_100k') / med('sidetrace', 'cpu_per_100k'):.2f} (round by round: median "
-          f"{statistics.median(per_round):.2f}, {min(per_round):.2f}-{max(per_round):.2f})")
-    print(f"steady 10k spans/s for {args.steady_seconds:.0f} s: sidetrace {steady_agent['cpu_percent']:.1f} % of a "
-          f"core, RSS median {steady_agent['rss_median']:.1f} MiB (max {steady_agent['rss_max']:.1f}); rotel "
-          f"{steady_rotel['cpu_percent']:.1f} %, RSS median {steady_rotel['rss_median']:.1f} MiB")
+    for other in ("compared", "sidetrace-lb"):
+        if other in results:
+            throughput = med(other, "spans_per_s") / med("sidetrace", "spans_per_s")
+            cpu = med(other, "cpu_per_100k")
+            per_round = [o["cpu_per_100k"] / plain["cpu_per_100k"] for o, plain in zip(results[other],
+                                                                                     results["sidetrace"], strict=True)]
+            print(f"ratio {other}/sidetrace: throughput {throughput:.2f}, CPU per span "
+                  f"{cpu / med('sidetrace', 'cpu_per_100k'):.2f} (round by round: median "
+                  f"{statistics.median(per_round):.2f}, {min(per_round):.2f}-{max(per_round):.2f}); {other}/rotel: "
+                  f"CPU per span {cpu / med('rotel alone', 'cpu_per_100k'):.2f}")
+    for name, run in steady_runs.items():
+        print(f"steady 10k spans/s for {args.steady_seconds:.0f} s: {name} {run['cpu_percent']:.1f} % of a core, "
+              f"RSS median {run['rss_median']:.1f} MiB (max {run['rss_max']:.1f})")
 
 
 if __name__ == "__main__":
