@@ -46,9 +46,10 @@ def start_agent(tmp: Path, rotel_port: int, exporter: str | None = None,
         + (exporter or f'[[exporters.otlp]]\nname = "rotel"\nendpoint = "http://127.0.0.1:{rotel_port}"\n')
     )
     with open(tmp / "agent.log", "wb") as log:
+        # From the other checkout's directory too: `python -m` puts the working directory before PYTHONPATH.
         env = {**os.environ, "PYTHONPATH": str(source)} if source else None
         proc = subprocess.Popen([sys.executable, "-m", "sidetrace", "run", "--config", str(config)], stderr=log,
-                                env=env)
+                                env=env, cwd=source)
     wait_until(lambda: http_get(f"http://127.0.0.1:{port}/readyz", 1)[0] == 200, 30, "agent ready")
     return proc, grpc_port, port
 
