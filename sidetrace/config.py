@@ -256,7 +256,8 @@ class ReceiversSection:
 class SpoolSection:
     """[spool]: the durable queue (SQLite, WAL) between receivers and exporters, under agent.data_dir."""
 
-    max_bytes: int = _key("Bound on queued span data; when full the oldest batches are dropped and counted.",
+    max_bytes: int = _key("Bound on queued span data as stored (large requests LZ4-compressed); when full the "
+                          "oldest batches are dropped and counted.",
                           _check_positive, default=512 * 1024 * 1024)
     sync: str = _key("`full`: fsync before acknowledging (survives power loss); `normal`: survives a crash of "
                      "the agent, not of the host.", _check_choice("full", "normal"), default="full")

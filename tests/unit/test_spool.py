@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import sqlite3
+import zlib
 from pathlib import Path
 
 import pytest
 
-from sidetrace.exporters.spool import TRACES, CursorFile, Spool, SpoolBusy, SpoolError, SpoolFull
+from sidetrace.exporters.spool import LZ4_CRC_START, TRACES, CursorFile, Spool, SpoolBusy, SpoolError, SpoolFull
 from tests.filesystems import fill, needs_root, remount_read_only, tmpfs
 
 
@@ -229,7 +231,7 @@ async def test_a_spool_in_a_read_only_directory_fails_to_open_and_nothing_is_mov
 async def test_a_full_disk_refuses_with_the_cause_and_delivery_still_drains(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "small", 2048) as mount:
         spool = await opened(mount / "spool.db", max_bytes=1 << 30)
-        body = b"x" * 20_000
+        body = random.Random(7).randbytes(20_000)  # incompressible: LZ4 would store b"x" * 20_000 in 90 bytes
         accepted = 0
         with pytest.raises(SpoolFull) as failure:
             for _ in range(1000):
@@ -270,6 +272,87 @@ async def test_a_spool_from_sidetrace_0_1_is_upgraded_with_its_cursors(tmp_path:
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT reader, reason, detail FROM set_aside").fetchall() == [
             ("a", "rejected", "rejected: HTTP 400: bad")]
+
+
+def otlp_like(spans: int, seed: int = 1) -> bytes:
+    """Bytes shaped like an OTLP request: random ids among repeated names and attributes (compressible)."""
+    rng = random.Random(seed)
+    span = b"\x2a\x10GET /api/v1/items\x3a\x12http.route=/items/{id}"
+    return b"".join(rng.randbytes(24) + span for _ in range(spans))
+
+
+async def test_large_bodies_are_stored_compressed_and_read_back_whole(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    spool = await opened(path)
+    body, small = otlp_like(400), b"s" * 4095
+    await spool.append(body, items=400)
+    await spool.append(small, items=1)
+    assert [b.body for b in await spool.read("a", 1000, 1 << 20)] == [body, small]
+    with sqlite3.connect(path) as db:
+        (codec, size, crc, stored), small_row = db.execute("SELECT codec, size, crc, body FROM batches ORDER BY id")
+    assert spool.size_bytes == len(stored) + len(small)  # the bound is on what the disk holds
+    await spool.close()
+    assert (codec, size) == (1, len(stored)) and len(stored) < len(body) // 2
+    assert zlib.crc32(stored) != crc  # what an agent that knows no codec checks: it sets the row aside, never sends it
+    assert small_row == (0, len(small), zlib.crc32(small), small)  # fits its page: stored as received
+
+
+async def test_a_compressed_row_that_fails_its_checksum_or_does_not_decompress_is_set_aside(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    spool = await opened(path)
+    body = otlp_like(400)
+    for _ in range(3):
+        await spool.append(body, items=5)
+    with sqlite3.connect(path) as db:
+        stored = bytearray(db.execute("SELECT body FROM batches WHERE id = 1").fetchone()[0])
+        stored[100] ^= 0x01
+        db.execute("UPDATE batches SET body = ? WHERE id = 1", (bytes(stored),))
+        garbage = len(body).to_bytes(4, "little") + b"\xff" * 60  # a right checksum over bytes LZ4 cannot decode
+        db.execute("UPDATE batches SET body = ?, crc = ? WHERE id = 2", (garbage, zlib.crc32(garbage, LZ4_CRC_START)))
+    for _ in range(2):
+        assert [(b.id, b.body) for b in await spool.read("a", 100, 1 << 20)] == [(3, body)]
+    assert spool.set_aside_counts == {("a", "corrupt"): 10}
+    await spool.close()
+
+
+SCHEMA_2 = """
+    PRAGMA page_size = 16384;
+    PRAGMA auto_vacuum = INCREMENTAL;
+    PRAGMA journal_mode = WAL;
+    CREATE TABLE batches (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL DEFAULT 'traces', received_at REAL NOT NULL,
+        items INTEGER NOT NULL, size INTEGER NOT NULL, crc INTEGER NOT NULL, body BLOB NOT NULL);
+    CREATE INDEX batches_by_queue ON batches (queue, id);
+    CREATE TABLE set_aside (
+        id INTEGER PRIMARY KEY, batch_id INTEGER, reader TEXT, reason TEXT, detail TEXT, at REAL, items INTEGER,
+        size INTEGER, body BLOB);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    INSERT INTO meta VALUES ('generation', 'g2'), ('schema', '2');
+"""
+
+
+async def test_a_spool_written_before_compression_is_read_and_new_batches_are_compressed(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    body = otlp_like(400)
+    with sqlite3.connect(path) as db:  # the schema, pragmas and cursor file the previous version wrote
+        db.executescript(SCHEMA_2)
+        db.executemany("INSERT INTO batches (received_at, items, size, crc, body) VALUES (?, ?, ?, ?, ?)", [
+            (1.0, 3, len(body), zlib.crc32(body), body), (2.0, 4, 5, zlib.crc32(b"body1"), b"body1")])
+    cursors = CursorFile(Path(f"{path}-cursors"), fsync=False)
+    cursors.open()
+    cursors.store({"generation": "g2", "acked": {"a": 0, "b": 1}, "queues": {"a": "traces", "b": "traces"},
+                   "running": []})
+    cursors.close()
+    spool = await opened(path, ("a", "b"))
+    assert [(b.id, b.items, b.body) for b in await spool.read("a", 10, 1 << 20)] == [(1, 3, body), (2, 4, b"body1")]
+    await spool.append(body, items=3)
+    assert [(b.id, b.body) for b in await spool.read("b", 10, 1 << 20)] == [(2, b"body1"), (3, body)]
+    await spool.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT id, codec FROM batches ORDER BY id").fetchall() == [(1, 0), (2, 0), (3, 1)]
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+        stored = db.execute("SELECT length(body) FROM batches WHERE id = 3").fetchone()[0]
+    assert spool.size_bytes == len(body) + 5 + stored and stored < len(body) // 2
 
 
 async def test_append_refuses_when_too_much_is_pending(tmp_path: Path) -> None:
