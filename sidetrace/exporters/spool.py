@@ -82,6 +82,9 @@ COMPRESS_MIN = 4096
 # A compressed row's CRC32 (of the stored bytes) starts from this value instead of 0, so that an older agent,
 # which knows no codec, finds it corrupt and sets it aside rather than sending compressed bytes as a request.
 LZ4_CRC_START = 0x4C5A3401
+# Bodies up to this size decompress into one buffer the spool thread keeps, then are copied out once: a
+# fresh buffer for each would cost its page faults twice (measured: 100 against 60 us for 169 KB).
+SCRATCH_MAX = 1024 * 1024
 # SQLite's primary result codes (https://sqlite.org/rescode.html); Python 3.11+ exposes them on errors.
 _CAUSES = {3: "permission", 5: "locked", 6: "locked", 8: "readonly", 10: "io", 11: "corrupt", 13: "full",
            14: "cantopen", 23: "permission", 26: "corrupt"}
@@ -262,6 +265,7 @@ class Spool:
         self.interrupted: set[str] = set()
         self._oldest_unsent: dict[str, float | None] = {}
         self._corrupt_seen: set[int] = set()
+        self._scratch = bytearray()  # the spool thread's decompression buffer (see SCRATCH_MAX)
         self.dropped: dict[str, int] = {}  # reader -> items dropped at the bound before it delivered them
         self.set_aside_counts: dict[tuple[str, str], int] = {}
         self.replaced_files = 0
@@ -722,7 +726,7 @@ class Spool:
                 return batches
             for row_id, received_at, row_items, crc, codec, stored in rows:
                 after = row_id
-                body = _unpack(stored, codec, crc)
+                body = self._unpack(stored, codec, crc)
                 if body is None:
                     self._set_aside_corrupt(queue, row_id, stored, row_items)
                     continue
@@ -731,6 +735,23 @@ class Spool:
                 batches.append(Batch(row_id, received_at, row_items, body))
                 items += row_items
                 size += len(body)
+
+    def _unpack(self, stored: bytes, codec: int, crc: int) -> bytes | None:
+        """The body a row holds, or None when its bytes fail their checksum or cannot be decoded."""
+        if codec == RAW:
+            return stored if zlib.crc32(stored) == crc else None
+        if codec != LZ4 or zlib.crc32(stored, LZ4_CRC_START) != crc:
+            return None
+        size = int.from_bytes(stored[:4], "little")
+        try:
+            if size > SCRATCH_MAX:
+                return bytes(cramjam.lz4.decompress_block(stored))
+            if len(self._scratch) < size:
+                self._scratch = bytearray(size)
+            with memoryview(self._scratch) as scratch:
+                return bytes(scratch[:cramjam.lz4.decompress_block_into(stored, scratch)])
+        except cramjam.DecompressionError:
+            return None
 
     def _set_aside_corrupt(self, queue: str, row_id: int, body: bytes, items: int) -> None:
         """Move a row whose checksum fails out of every reader's way, counting it once."""
@@ -962,25 +983,13 @@ class Spool:
                                   "Corrupt spool files moved aside and replaced.", value=self.replaced_files)
 
 
-def _pack(body: bytes) -> tuple[bytes, int, int]:
+def _pack(body: bytes) -> tuple[bytes | cramjam.Buffer, int, int]:
     """How ``body`` is stored: (the stored bytes, their codec, their CRC32)."""
     if len(body) >= COMPRESS_MIN:
-        packed = bytes(cramjam.lz4.compress_block(body))
+        packed = cramjam.lz4.compress_block(body)  # SQLite binds its buffer as it is: no copy to bytes
         if len(packed) < len(body):
             return packed, LZ4, zlib.crc32(packed, LZ4_CRC_START)
     return body, RAW, zlib.crc32(body)
-
-
-def _unpack(stored: bytes, codec: int, crc: int) -> bytes | None:
-    """The body a row holds, or None when its bytes fail their checksum or cannot be decoded."""
-    if codec == RAW:
-        return stored if zlib.crc32(stored) == crc else None
-    if codec != LZ4 or zlib.crc32(stored, LZ4_CRC_START) != crc:
-        return None
-    try:
-        return bytes(cramjam.lz4.decompress_block(stored))
-    except cramjam.DecompressionError:
-        return None
 
 
 def _create_schema(db: sqlite3.Connection) -> None:
