@@ -754,7 +754,10 @@ class Spool:
             return None
 
     def _set_aside_corrupt(self, queue: str, row_id: int, body: bytes, items: int) -> None:
-        """Move a row whose checksum fails out of every reader's way, counting it once."""
+        """Move a row whose checksum fails (or that does not decompress) out of every reader's way, counting it once.
+
+        The set-aside copy is the row's stored bytes, compressed or not as they were found.
+        """
         if row_id in self._corrupt_seen:
             return
         self._corrupt_seen.add(row_id)
@@ -762,15 +765,15 @@ class Spool:
         for reader in readers:
             key = (reader, "corrupt")
             self.set_aside_counts[key] = self.set_aside_counts.get(key, 0) + items
-        log.error("spool %s: batch %d (%d items) failed its checksum; set aside for %s", self.path, row_id, items,
-                  ", ".join(readers))
+        log.error("spool %s: batch %d (%d items) failed its checksum or did not decompress; set aside for %s",
+                  self.path, row_id, items, ", ".join(readers))
         db = self._db
         assert db is not None
         try:
             db.execute("BEGIN IMMEDIATE")
             size = db.execute("SELECT size FROM batches WHERE id = ?", (row_id,)).fetchone()[0]
             db.execute("INSERT INTO set_aside (batch_id, reader, reason, detail, at, items, size, body) "
-                       "VALUES (?, ?, 'corrupt', 'failed its checksum', ?, ?, ?, ?)",
+                       "VALUES (?, ?, 'corrupt', 'failed its checksum or did not decompress', ?, ?, ?, ?)",
                        (row_id, ",".join(readers), time.time(), items, len(body), body))
             db.execute("DELETE FROM batches WHERE id = ?", (row_id,))
             db.execute("COMMIT")
