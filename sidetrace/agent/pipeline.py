@@ -134,7 +134,7 @@ class TracePipeline:
             for reader, queue in exporter.readers():
                 spool.add_reader_at_open(reader, queue)
             for reader, queue in getattr(exporter, "resumed_readers", list)():
-                spool.add_reader_at_open(reader, queue, resume_only=True)
+                spool.add_reader_at_open(reader, queue, resume_only=True, sub_readers=True)
         await spool.open()
         self.spool = spool
 
@@ -189,6 +189,7 @@ class TracePipeline:
             if new.spool.sync != old.spool.sync:
                 self.spool.set_sync(new.spool.sync)
         names = {s.name for _, s in wanted}
+        kinds = {s.name: kind for kind, s in wanted}
         changed_in_place = [(kind, s) for kind, s in wanted if (kind, s) != self._sections.get(s.name)
                             and s.name not in built and s.name in self.exporters]
         for kind, section in changed_in_place:
@@ -199,7 +200,14 @@ class TracePipeline:
             # One being replaced keeps taking requests (into the queues its successor reads) until then.
             exporter = self.exporters[name] if name in built else self.exporters.pop(name)
             await exporter.stop()
-            self._sections.pop(name)
+            old_kind, _ = self._sections.pop(name)
+            if name in names and old_kind != kinds[name]:
+                # Another kind by the same name (loadbalancing to otlp, say): the old one's own queues have no
+                # reader any more, so they go as a removed exporter's do (counted); the name's cursor on the trace
+                # queue stays for the new one (a loadbalancing exporter routes what it still holds).
+                for reader in [r for r in self.spool.readers() if r.startswith(f"{name}/")]:
+                    self._stats.pop(reader, None)
+                    await self.spool.remove_reader(reader)
             if name not in names:
                 for reader, _ in exporter.readers():
                     self._stats.pop(reader, None)

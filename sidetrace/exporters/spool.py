@@ -7,9 +7,11 @@ in the next transaction (group commit), so one fsync serves many requests.
 
 Each reader (an exporter, or one backend's share of a load-balancing exporter) reads one queue at
 its own cursor, so a slow backend never holds up another. A reader named ``owner/part`` is a
-sub-reader of ``owner`` (exporter names hold no "/"): registering ``owner`` at open restores its
-sub-readers' cursors too, and removing ``owner`` removes them and discards their queues (what they
-held undelivered is counted as dropped with reason ``exporter_removed``). Cursors
+sub-reader of ``owner`` (exporter names hold no "/"): registering ``owner`` at open (with
+``sub_readers``) restores its sub-readers' cursors too, and removing ``owner`` removes them and discards
+their queues (what they held undelivered is counted as dropped with reason ``exporter_removed``); so
+does an open that finds a queue no configured reader reads any more (an exporter renamed or removed
+while the agent was down). Cursors
 live in a small preallocated file beside the database (``spool.db-cursors``) that is overwritten in
 place: acknowledging a delivered batch never needs new disk space, so a spool that filled its disk
 still drains. A batch is deleted once every reader of its queue has passed it.
@@ -272,18 +274,22 @@ class Spool:
         self.failed_writes: dict[str, int] = {}  # cause -> appends refused because the write failed
         # queue -> highest batch id dropped at the bound: a reader holding older batches lets them go
         self.dropped_through: dict[str, int] = {}
-        self._open_readers: list[tuple[str, str, bool]] = []
+        self._open_readers: list[tuple[str, str, bool, bool]] = []
         self.discarded: dict[str, int] = {}  # exporter -> items deleted with the queues of a removed exporter
 
     # lifecycle --------------------------------------------------------------------------------
 
-    def add_reader_at_open(self, reader: str, queue: str = TRACES, resume_only: bool = False) -> None:
+    def add_reader_at_open(self, reader: str, queue: str = TRACES, resume_only: bool = False,
+                           sub_readers: bool = False) -> None:
         """Register ``reader`` of ``queue`` before ``open`` (its cursor is restored or created there).
 
-        ``resume_only``: restored when the cursor file has it, never created; its sub-readers come back
-        with it either way.
+        ``resume_only``: restored when the cursor file has it, never created. ``sub_readers``: its
+        sub-readers (``reader/part``) come back with it, whether it does or not. At open, a queue that no
+        registered reader (nor sub-reader brought back) reads any more is discarded as a removed exporter's
+        is (its items counted with reason ``exporter_removed``), except the trace queue, which waits for the
+        next trace exporter.
         """
-        self._open_readers.append((reader, queue, resume_only))
+        self._open_readers.append((reader, queue, resume_only, sub_readers))
 
     async def open(self) -> None:
         """Open or create the spool; raise SpoolError (locked, full, read-only, ...) naming file and cause."""
@@ -411,7 +417,7 @@ class Spool:
         saved: dict[str, int] = {reader: int(acked) for reader, acked in state.get("acked", {}).items()}
         running = set(state.get("running", ()))
         saved_queues: dict[str, str] = state.get("queues", {})
-        for reader, queue, resume_only in self._open_readers:
+        for reader, queue, resume_only, _ in self._open_readers:
             if reader in saved:
                 self._acked[reader] = saved[reader]
                 if reader in running:  # the last run did not stop cleanly: its last send may have landed
@@ -423,7 +429,7 @@ class Spool:
                 self._acked[reader] = min(known, default=0)
             self._queue_of[reader] = queue
             self._new[reader] = asyncio.Event()
-        owners = {reader for reader, *_ in self._open_readers}
+        owners = {reader for reader, _, _, sub_readers in self._open_readers if sub_readers}
         for reader, acked in saved.items():  # sub-readers come back with their owner
             if reader.split("/", 1)[0] in owners and "/" in reader and reader not in self._queue_of:
                 queue = saved_queues.get(reader, reader)
@@ -432,9 +438,22 @@ class Spool:
                     self._unsure[reader] = newest.get(queue, 0)
                 self._queue_of[reader] = queue
                 self._new[reader] = asyncio.Event()
+        for queue in newest:  # a sub-reader's queue whose cursor was lost: read from its start (maybe sent again)
+            if queue.split("/", 1)[0] in owners and "/" in queue and queue not in self._queue_of:
+                self._acked[queue], self._unsure[queue] = 0, newest[queue]
+                self._queue_of[queue] = queue
+                self._new[queue] = asyncio.Event()
         gone = sorted(set(saved) - set(self._queue_of))
         if gone:
             log.info("spool %s: readers no longer configured, cursors removed: %s", self.path, ", ".join(gone))
+        # The queues of readers no longer configured (an exporter renamed, removed or of another kind since the
+        # last run), and rows no cursor accounts for: nothing will read them again. Discarded and counted as a
+        # reload's removal is; the trace queue stays for the next trace exporter (an upgrade's drain reads it).
+        read = set(self._queue_of.values())
+        for queue in sorted((set(newest) | {saved_queues.get(r, TRACES) for r in gone}) - read - {TRACES}):
+            after = min((saved[r] for r in gone if saved_queues.get(r, TRACES) == queue), default=0)
+            self._discard_queue(queue, after, why="whose exporter is no longer configured")
+            newest.pop(queue, None)
         self._store_cursors(running=self._queue_of)
 
     def _migrate(self, db: sqlite3.Connection) -> dict[str, Any] | None:
@@ -504,7 +523,7 @@ class Spool:
         else:
             self._discard_queue(queue, after=before)
 
-    def _discard_queue(self, queue: str, after: int) -> None:
+    def _discard_queue(self, queue: str, after: int, why: str = "whose exporter was removed") -> None:
         """Delete what a queue no reader will read again still holds (a removed exporter's own queue; the
         trace queue waits for the next trace exporter instead)."""
         if queue == TRACES or queue in self._queue_of.values():
@@ -519,8 +538,7 @@ class Spool:
         if items:
             exporter = queue.split("/", 1)[0]
             self.discarded[exporter] = self.discarded.get(exporter, 0) + items
-            log.warning("spool %s: discarded %d items of queue %s, whose exporter was removed", self.path, items,
-                        queue)
+            log.warning("spool %s: discarded %d items of queue %s, %s", self.path, items, queue, why)
 
     def _passed(self, queue: str) -> int:
         """The highest id every reader of ``queue`` is done with (0 when it has no reader: it keeps everything)."""
@@ -655,7 +673,9 @@ class Spool:
             db.execute("DELETE FROM set_aside WHERE id = ?", (row_id,))
             drops.append(("", row_id, 0, size, True))
             excess -= size
-        passed = {queue: self._passed(queue) for queue in set(self._queue_of.values())}
+        # A row is counted in _queue_bytes unless every reader of its queue passed it (freed, waiting to be
+        # pruned): a queue no reader reads now (the trace queue between trace exporters) counts every row.
+        passed = {queue: max(self._passed(queue), self._prune.get(queue, 0)) for queue in self._queue_bytes}
         after = 0
         while excess > 0:
             rows = db.execute("SELECT id, queue, items, size FROM batches WHERE id > ? ORDER BY id LIMIT 256",
@@ -667,7 +687,7 @@ class Spool:
                 if excess <= 0:
                     break
                 db.execute("DELETE FROM batches WHERE id = ?", (row_id,))
-                live = row_id > passed.get(queue, row_id)
+                live = row_id > passed.get(queue, 0)
                 drops.append((queue, row_id, count, size, live))
                 if live:
                     excess -= size
@@ -685,12 +705,13 @@ class Spool:
                 continue
             self._queue_bytes[queue] -= size
             self.dropped_through[queue] = max(self.dropped_through.get(queue, 0), row_id)
-            for reader, reader_queue in self._queue_of.items():
-                if reader_queue == queue and self._acked[reader] < row_id:
-                    lost[reader] = lost.get(reader, 0) + count
+            readers = [r for r, q in self._queue_of.items() if q == queue and self._acked[r] < row_id]
+            for reader in readers or [queue]:  # a queue no reader reads now: counted under its own name
+                lost[reader] = lost.get(reader, 0) + count
         for reader, count in lost.items():
             self.dropped[reader] = self.dropped.get(reader, 0) + count
-            self._oldest_unsent[reader] = self._first_unsent_at(reader)
+            if reader in self._queue_of:
+                self._oldest_unsent[reader] = self._first_unsent_at(reader)
         if lost:
             log.warning("spool full (%d bytes): dropped the oldest batches (%s)", self.max_bytes,
                         ", ".join(f"{count} items of {reader}" for reader, count in sorted(lost.items())))
@@ -968,6 +989,7 @@ class Spool:
                                     labels=["exporter", "reason"])
         for reader in list(self._queue_of):
             oldest.add_metric([reader], self.oldest_unsent_age(reader))
+        for reader in sorted({*self._queue_of, *self.dropped}):
             dropped.add_metric([reader, "spool_full"], self.dropped.get(reader, 0))
             for reason in SET_ASIDE_REASONS:
                 aside.add_metric([reader, reason], self.set_aside_counts.get((reader, reason), 0))

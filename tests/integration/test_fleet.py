@@ -260,6 +260,43 @@ def test_a_reload_that_removes_the_balancer_counts_what_it_held_and_then_nothing
     assert metric(agent, "sidetrace_spool_size_bytes") == 0
 
 
+def wait_for_refused_sends(agent: Agent) -> None:
+    wait_until(lambda: sum(v for k, v in metric_lines(agent, "sidetrace_exporter_send_failed_spans_total").items()
+                           if k.startswith('exporter="tier')) > 0, 10, "a refused send")
+
+
+def test_a_restart_that_renames_the_balancer_discards_and_counts_its_queues(
+        agent_factory: Callable[..., Agent]) -> None:
+    away = f"127.0.0.1:{free_port()}"  # nothing listens there: its share waits in the spool
+    agent = agent_factory(lb_config([away])).start()
+    send_traces(agent, 0, 100, processes=1)
+    wait_for_refused_sends(agent)
+    assert metric(agent, "sidetrace_spool_size_bytes") > 0
+    agent.stop()
+    agent.write_config(lb_config([away]).replace('name = "tier"', 'name = "tier2"'))
+    agent.start()
+    assert metric_lines(agent, "sidetrace_spool_dropped_spans_total").get(
+        'exporter="tier",reason="exporter_removed"') == 100 * SPANS_PER_TRACE
+    assert metric(agent, "sidetrace_spool_size_bytes") == 0  # nothing left counting against the bound
+    assert "discarded 1000 items of queue tier/" in agent.log()
+    assert not [k for k in metric_lines(agent, "sidetrace_spool_oldest_unsent_age_seconds") if 'exporter="tier/' in k]
+
+
+def test_a_reload_that_turns_the_balancer_into_an_otlp_exporter_counts_its_queues(
+        agent_factory: Callable[..., Agent]) -> None:
+    away = f"127.0.0.1:{free_port()}"
+    agent = agent_factory(lb_config([away])).start()
+    send_traces(agent, 0, 100, processes=1)
+    wait_for_refused_sends(agent)
+    agent.write_config(f'[[exporters.otlp]]\nname = "tier"\nendpoint = "http://{away}"\n')
+    agent.signal(signal.SIGHUP)
+    wait_until(lambda: metric(agent, "sidetrace_config_reloads_total") == 1, 10, "the reload")
+    assert metric_lines(agent, "sidetrace_spool_dropped_spans_total").get(
+        'exporter="tier",reason="exporter_removed"') == 100 * SPANS_PER_TRACE
+    assert metric(agent, "sidetrace_spool_size_bytes") == 0
+    assert list(metric_lines(agent, "sidetrace_spool_oldest_unsent_age_seconds")) == ['exporter="tier"']
+
+
 def send_until(agent: Agent, stop: threading.Event) -> int:
     """Requests of 10 traces (numbered from 0) sent back to back until ``stop``, each retried until accepted;
     return the traces sent."""

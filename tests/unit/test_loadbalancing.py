@@ -130,7 +130,7 @@ async def backends() -> AsyncIterator[list[GrpcBackend]]:
 async def opened(path: Path) -> Spool:
     """The spool as the trace pipeline opens it for one load-balancing exporter named lb."""
     spool = Spool(path, max_bytes=1 << 30, sync="normal")
-    spool.add_reader_at_open("lb", TRACES, resume_only=True)
+    spool.add_reader_at_open("lb", TRACES, resume_only=True, sub_readers=True)
     await spool.open()
     return spool
 
@@ -368,7 +368,7 @@ async def test_a_spool_written_before_routing_at_accept_time_is_drained_from_the
         await old.append(trace_request(n * per_request, per_request), per_request * SPANS_PER_TRACE, TRACES)
     await old.close()
     spool = Spool(tmp_path / "spool.db", max_bytes=1 << 30, sync="normal")
-    spool.add_reader_at_open("lb", TRACES, resume_only=True)
+    spool.add_reader_at_open("lb", TRACES, resume_only=True, sub_readers=True)
     spool.add_reader_at_open("jaeger")
     await spool.open()
     stats: dict[str, DeliveryStats] = {}

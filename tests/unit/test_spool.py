@@ -426,7 +426,7 @@ async def test_a_resume_only_reader_comes_back_with_its_cursor_but_is_never_crea
     await spool.ack("lb", (await spool.read("lb", 1, 100))[0].id)
     await spool.close()
     spool = Spool(path, max_bytes=1 << 20)
-    spool.add_reader_at_open("lb", TRACES, resume_only=True)
+    spool.add_reader_at_open("lb", TRACES, resume_only=True, sub_readers=True)
     spool.add_reader_at_open("jaeger")
     await spool.open()
     assert [b.body for b in await spool.read("lb", 10, 1000)] == [b"body1", b"body2"]  # where it was
@@ -434,7 +434,7 @@ async def test_a_resume_only_reader_comes_back_with_its_cursor_but_is_never_crea
     assert sorted(spool.readers()) == ["jaeger", "lb/x"]
     await spool.close()
     spool = Spool(path, max_bytes=1 << 20)
-    spool.add_reader_at_open("lb", TRACES, resume_only=True)
+    spool.add_reader_at_open("lb", TRACES, resume_only=True, sub_readers=True)
     spool.add_reader_at_open("jaeger")
     await spool.open()
     assert sorted(spool.readers()) == ["jaeger", "lb/x"]  # not created again; its sub-reader came back with it
@@ -455,4 +455,76 @@ async def test_removing_an_exporter_counts_what_its_own_queues_held_undelivered(
     assert spool.discarded == {"lb": 25}
     dropped = next(f for f in spool.families() if f.name == "sidetrace_spool_dropped_spans")
     assert [(s.labels, s.value) for s in dropped.samples] == [({"exporter": "lb", "reason": "exporter_removed"}, 25)]
+    await spool.close()
+
+
+async def test_queues_whose_exporter_is_gone_at_open_are_discarded_and_counted(tmp_path: Path) -> None:
+    # A restart after renaming a load-balancing exporter "lb" to "lb2": its backends' queues have no reader.
+    path = tmp_path / "spool.db"
+    spool = await opened(path, ("jaeger",))
+    await spool.add_reader("lb/x", "lb/x")
+    await spool.add_reader("lb/y", "lb/y")
+    for _ in range(3):
+        await spool.append(b"x" * 10, items=10, queue="lb/x")
+    await spool.append(b"y" * 10, items=5, queue="lb/y")
+    await spool.append(b"t" * 10, items=1)
+    await spool.ack("lb/x", (await spool.read("lb/x", 10, 10))[0].id)  # one delivered
+    await spool.close()
+    spool = Spool(path, max_bytes=1 << 20)
+    spool.add_reader_at_open("lb2", TRACES, resume_only=True, sub_readers=True)
+    spool.add_reader_at_open("jaeger")
+    await spool.open()
+    assert spool.readers() == ["jaeger"]
+    assert spool.size_bytes == 10  # only the trace queue's batch
+    assert spool.discarded == {"lb": 25}
+    dropped = next(f for f in spool.families() if f.name == "sidetrace_spool_dropped_spans")
+    assert ({"exporter": "lb", "reason": "exporter_removed"}, 25) in [(s.labels, s.value) for s in dropped.samples]
+    await spool.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT queue, COUNT(*) FROM batches GROUP BY queue").fetchall() == [(TRACES, 1)]
+
+
+async def test_an_exporter_of_another_kind_by_the_same_name_does_not_bring_back_sub_readers(tmp_path: Path) -> None:
+    # "lb" was a load-balancing exporter; after a restart it is an OTLP exporter reading the trace queue.
+    path = tmp_path / "spool.db"
+    spool = await opened(path, ())
+    await spool.add_reader("lb/x", "lb/x")
+    await spool.append(b"x" * 10, items=10, queue="lb/x")
+    await spool.close()
+    spool = await opened(path, ("lb",))
+    assert spool.readers() == ["lb"] and spool.size_bytes == 0 and spool.discarded == {"lb": 10}
+    await spool.close()
+
+
+async def test_a_sub_readers_queue_whose_cursor_was_lost_is_read_from_its_start(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    spool = await opened(path, ())
+    await spool.add_reader("lb/x", "lb/x")
+    await spool.append(b"x" * 10, items=10, queue="lb/x")
+    await spool.close()
+    os.unlink(f"{path}-cursors")
+    spool = Spool(path, max_bytes=1 << 20)
+    spool.add_reader_at_open("lb", TRACES, resume_only=True, sub_readers=True)
+    await spool.open()
+    assert spool.readers() == ["lb/x"] and spool.discarded == {}
+    batches = await spool.read("lb/x", 10, 100)
+    assert [b.body for b in batches] == [b"x" * 10] and spool.possibly_resent("lb/x", batches) == 10
+    await spool.close()
+
+
+async def test_making_room_deletes_rows_of_a_queue_without_reader_and_accounts_for_them(tmp_path: Path) -> None:
+    # The trace queue between trace exporters (the only one removed, the next not there yet) keeps its rows.
+    spool = await opened(tmp_path / "spool.db", ("a",), max_bytes=300)
+    await spool.add_reader("lb/x", "lb/x")
+    for i in range(3):
+        await spool.append(bytes([i]) * 100, items=10)
+    await spool.remove_reader("a")
+    assert spool.size_bytes == 300
+    for i in range(3):
+        await spool.append(bytes([i]) * 100, items=7, queue="lb/x")
+    assert spool.size_bytes == 300  # the trace queue's rows made room and left the count
+    assert spool.dropped == {TRACES: 30}
+    assert len(await spool.read("lb/x", 100, 10_000)) == 3
+    dropped = next(f for f in spool.families() if f.name == "sidetrace_spool_dropped_spans")
+    assert ({"exporter": TRACES, "reason": "spool_full"}, 30) in [(s.labels, s.value) for s in dropped.samples]
     await spool.close()
