@@ -326,6 +326,18 @@ def _check_optional_host_port(value: str) -> str:
     return value
 
 
+def _check_dns_server(value: str) -> str:
+    """An IP address and a port: the resolver asks the server by address (a name would need a resolver itself)."""
+    if value:
+        try:
+            host, _ = parse_host_port(value)
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError("expected IP:PORT, an IPv4 address or an IPv6 one in brackets with a port "
+                             "(127.0.0.1:53, [::1]:53): the DNS server is asked by address, not by name") from None
+    return value
+
+
 @dataclass(frozen=True)
 class BackendTlsSection(ClientTlsSection):
     """TLS for the connections to a load-balancing exporter's backends."""
@@ -349,8 +361,8 @@ class LoadBalancingExporterSection:
                     _check_optional_host_port, default="")
     dns_interval_seconds: float = _key("How often `dns` is resolved again (at least 0.1).", _check_interval,
                                        default=5.0)
-    dns_server: str = _key("HOST:PORT of the DNS server to ask for `dns`; empty: the system's resolver.",
-                           _check_optional_host_port, default="")
+    dns_server: str = _key("IP:PORT of the DNS server to ask for `dns` (an IPv6 address in brackets: `[::1]:53`); "
+                           "empty: the system's resolver.", _check_dns_server, default="")
     protocol: str = _key("`grpc` or `http` (protobuf, to /v1/traces).", _check_choice("grpc", "http"), default="grpc")
     headers: dict[str, str] = _key("Extra request headers; `${VAR}` in a value is read from the environment "
                                    "(unset: an error).", default_factory=dict)
@@ -959,6 +971,10 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
         raise ConfigError(problems)
     if warnings is not None:
         warnings.extend(builder.warnings)
+        for index, balancer in enumerate(config.exporters.loadbalancing):
+            if balancer.dns_server and not balancer.dns:
+                warnings.append(f"{origin}: exporters.loadbalancing[{index}].dns_server: set without dns, so it has "
+                                "no effect (static backends are not resolved); remove it, or set dns")
     return config
 
 

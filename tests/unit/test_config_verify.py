@@ -228,3 +228,28 @@ def test_check_config_refuses_what_run_needs_from_the_host(tmp_path: Path, capsy
     assert capsys.readouterr().err == (
         f"{path}: exporters.otlp[0].headers.authorization: ${{NO_SUCH_TOKEN}} is not set in the agent's environment; "
         "set it (systemd: Environment= or EnvironmentFile=) or take it out of the value\n")
+
+
+@pytest.mark.parametrize("server", ["localhost:53", "dns.example:53", "[fe80::zz]:53", "::1:53"])
+def test_a_dns_server_that_is_not_an_ip_address_is_refused_in_one_line(tmp_path: Path, server: str) -> None:
+    path = write(tmp_path, f'[[exporters.loadbalancing]]\ndns = "collectors.example:4317"\ndns_server = "{server}"\n')
+    assert problems(path) == [
+        f'{path}: exporters.loadbalancing[0].dns_server: expected IP:PORT, an IPv4 address or an IPv6 one in '
+        f'brackets with a port (127.0.0.1:53, [::1]:53): the DNS server is asked by address, not by name, got '
+        f'"{server}"']
+
+
+@pytest.mark.parametrize("server", ["127.0.0.1:5353", "[::1]:53"])
+def test_a_dns_server_given_as_an_ip_address_passes(tmp_path: Path, server: str) -> None:
+    path = write(tmp_path, f'[[exporters.loadbalancing]]\ndns = "collectors.example:4317"\ndns_server = "{server}"\n')
+    assert load(path, {}, verify=True).exporters.loadbalancing[0].dns_server == server
+
+
+def test_check_config_warns_of_a_dns_server_given_with_static_backends(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, '[[exporters.loadbalancing]]\nbackends = ["127.0.0.1:4317"]\ndns_server = "127.0.0.1:53"\n')
+    assert cli.main(["check-config", "--config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{path}: OK\n"
+    assert captured.err == (f"warning: {path}: exporters.loadbalancing[0].dns_server: set without dns, so it has no "
+                            "effect (static backends are not resolved); remove it, or set dns\n")
