@@ -100,6 +100,8 @@ class HttpBackend(Backend):
         body = await request.read()
         failure = self.decide(body)
         self.answers[str(failure or 200)] += 1
+        if self.script.answer_delay:
+            await asyncio.sleep(self.script.answer_delay)
         if failure is None:
             response = ExportTraceServiceResponse()
             response.partial_success.rejected_spans = self.script.partial_rejected

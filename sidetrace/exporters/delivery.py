@@ -59,6 +59,9 @@ class Verdict(Enum):
 # The failure reasons every exporter can meet whatever its backend answers (the backend's own answers, http_503 or
 # grpc_unavailable, are open-ended and appear when first met); exported at 0 from the start.
 SEND_FAILURE_REASONS = ("connection_refused", "connection_lost", "timeout", "tls")
+# Failures after which the request may have reached the backend all the same (no answer within the deadline, the
+# connection lost with the request sent): sending its items again may duplicate them, so they count as resent.
+UNKNOWN_OUTCOME_REASONS = frozenset({"timeout", "connection_lost"})
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,8 @@ class Delivery:
         self._stopping = False
         self._sending = False
         self._unacknowledged = False  # a part was delivered and its batches are not yet acknowledged
+        self._reading: list[Batch] = []  # the batches of the current step, until acknowledged
+        self._unknown_through = 0  # highest batch id an attempt with an unknown outcome carried
         self.state = "created"
 
     async def start(self) -> None:
@@ -185,7 +190,12 @@ class Delivery:
                 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if self._sending or self._unacknowledged:
-            self.spool.interrupted.add(self.name)
+            # Cut short: the batches of this step may have reached the backend. Whoever reads them next (this
+            # reader restarted by a reload, the backends a load-balancing exporter hands them to, or the next
+            # run) counts them as resent.
+            self.spool.mark_unsure(self.name, self._reading[-1].id if self._reading else 0)
+        elif self._unknown_through:  # an attempt's outcome is unknown (timed out): those batches may have arrived
+            self.spool.mark_unsure(self.name, self._unknown_through)
         if self._task is not None and not await finish(self._task, timeout):
             log.error("exporter %s did not stop within %.0f s", self.name, timeout)
         await self.sender.close()
@@ -221,9 +231,12 @@ class Delivery:
             await asyncio.sleep(linger)
             batches = await self.spool.read(self.name, policy.max_items, policy.max_request_bytes)
         self.stats.resent += self.spool.possibly_resent(self.name, batches)
+        self._reading = batches
         await self._deliver(batches)
         await self._ack(batches[-1].id)
         self._unacknowledged = False
+        self._reading = []
+        self._unknown_through = 0
 
     async def _ack(self, last_id: int) -> None:
         """Acknowledge until the spool takes it: reading on first would send the batches again."""
@@ -267,6 +280,9 @@ class Delivery:
                 if pieces:
                     work[0:1] = pieces
                     continue
+            if part.batches[0].id <= self._unknown_through:  # an earlier attempt may have delivered these
+                self.stats.resent += part.items if part.body is not None else \
+                    sum(b.items for b in part.batches if b.id <= self._unknown_through)
             # Only a request in flight may have reached the backend: a stop during a backoff wait sent nothing.
             self._sending = True
             try:
@@ -281,6 +297,8 @@ class Delivery:
                 attempt = 0
                 continue
             self._failed(part, answer)
+            if answer.reason in UNKNOWN_OUTCOME_REASONS:
+                self._unknown_through = max(self._unknown_through, part.batches[-1].id)
             if verdict in (Verdict.TOO_LARGE, Verdict.BAD_DATA):
                 pieces = await self._divide(part, body, below_batch=verdict is Verdict.TOO_LARGE)
                 if pieces is None:
@@ -398,8 +416,9 @@ def delivery_families(deliveries: list[tuple[str, DeliveryStats]]) -> Iterator[M
                                    "Spans the backend reported as rejected in a partial success.", labels=["exporter"])
     retries = CounterMetricFamily("sidetrace_exporter_retries_total", "Send attempts retried.", labels=["exporter"])
     resent = CounterMetricFamily("sidetrace_exporter_resent_spans_total",
-                                 "Spans sent again after a restart because their delivery was not confirmed before it "
-                                 "(possible duplicates).", labels=["exporter"])
+                                 "Spans sent again whose earlier delivery may have succeeded unconfirmed (a deadline "
+                                 "exceeded, a connection lost, a stop or crash mid-send, a load-balancing hand-over "
+                                 "after one): possible duplicates.", labels=["exporter"])
     failures = CounterMetricFamily("sidetrace_exporter_send_failures_total",
                                    "Send attempts that failed, by the backend's answer (http_503, grpc_unimplemented, "
                                    "connection_refused, timeout, tls, ...).",
@@ -428,7 +447,8 @@ def _sample_families(deliveries: list[tuple[str, DeliveryStats]]) -> Iterator[Me
                                  "Samples in send attempts that failed (retried, split or set aside).",
                                  labels=["exporter"])
     resent = CounterMetricFamily("sidetrace_exporter_resent_samples_total",
-                                 "Samples sent again after a restart because their delivery was not confirmed.",
+                                 "Samples sent again whose earlier delivery may have succeeded unconfirmed (possible "
+                                 "duplicates).",
                                  labels=["exporter"])
     for name, stats in deliveries:
         sent.add_metric([name], stats.sent)

@@ -5,9 +5,10 @@ how to read the backend's answer, as the OTLP specification classifies it, and h
 ExportTraceServiceRequest. Spooled batches are joined without decoding (concatenated
 ExportTraceServiceRequest bytes are one valid request).
 
-gRPC: UNAVAILABLE, CANCELLED, DEADLINE_EXCEEDED, ABORTED, OUT_OF_RANGE, DATA_LOSS, and
-RESOURCE_EXHAUSTED with a RetryInfo, are retried; RESOURCE_EXHAUSTED without one means the request is
-too large; INVALID_ARGUMENT is bad data; every other code is the backend's or the config's fault.
+gRPC: UNAVAILABLE, CANCELLED, DEADLINE_EXCEEDED (counted as reason ``timeout``, as HTTP's is), ABORTED,
+OUT_OF_RANGE, DATA_LOSS, and RESOURCE_EXHAUSTED with a RetryInfo, are retried; RESOURCE_EXHAUSTED without
+one means the request is too large; INVALID_ARGUMENT is bad data; every other code is the backend's or the
+config's fault.
 HTTP: 429, 502, 503, 504 (and 408) are retried; 413 is too large; 400 is bad data; any other status,
 and failures to connect or to agree on TLS, are faults. Only bad data is ever set aside.
 """
@@ -80,6 +81,8 @@ def classify_grpc(code: grpc.StatusCode, details: str, retry_delay: float | None
     if code in RETRYABLE_GRPC:
         if code is grpc.StatusCode.UNAVAILABLE and ("connection refused" in lowered or "failed to connect" in lowered):
             reason = "connection_refused"
+        elif code is grpc.StatusCode.DEADLINE_EXCEEDED:  # no answer within timeout_seconds: as HTTP names it
+            reason = "timeout"
         return Answer(Verdict.RETRY, reason, detail, retry_delay)
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         if retry_delay is not None:

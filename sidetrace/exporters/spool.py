@@ -807,14 +807,25 @@ class Spool:
         self._aside_bytes += len(body)
 
     def possibly_resent(self, reader: str, batches: list[Batch]) -> int:
-        """Items in ``batches`` that may have reached the backend before the last run died.
+        """Items in ``batches`` that may have reached the backend before: the last run died (or stopped) mid-send,
+        or this run's reader was stopped with batches whose delivery is unconfirmed (``mark_unsure``).
 
-        Only a run that did not stop cleanly leaves any, and only in the first read after it: an
-        exporter has one request in flight at a time and acknowledges it before reading on. The
-        count is an upper bound of the duplicates a crash can cause, without a write per send.
+        Only the first read after it counts: an exporter has one request in flight at a time and acknowledges
+        it before reading on. The count is an upper bound of the duplicates a crash can cause, without a
+        write per send.
         """
         unsure = self._unsure.pop(reader, 0)
+        if unsure:
+            self.interrupted.discard(reader)  # counted now: the next run need not count them again
         return sum(b.items for b in batches if b.id <= unsure)
+
+    def mark_unsure(self, reader: str, through: int) -> None:
+        """Batches of ``reader`` up to ``through`` may have reached its backend unconfirmed (a send cut short by a
+        stop, or one whose outcome is unknown): whoever reads them next in this run counts them in
+        ``possibly_resent``; if none does, ``reader`` is marked as running at close, so the next run does."""
+        if through:
+            self._unsure[reader] = max(self._unsure.get(reader, 0), through)
+        self.interrupted.add(reader)
 
     async def ack(self, reader: str, last_id: int) -> None:
         """``reader`` is done with every batch up to ``last_id``: move its cursor, free what all readers passed.

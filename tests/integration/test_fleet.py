@@ -350,3 +350,51 @@ def test_a_reload_that_rebuilds_the_balancer_under_traffic_loses_no_span_and_sen
     spans = Counter(number for c in tier for number in c.traces().elements())  # per trace, over every collector
     assert set(spans) == set(range(traces)) and set(spans.values()) == {SPANS_PER_TRACE}
     assert all(c.sink.collected.duplicates() == 0 for c in tier)
+
+
+def unread_bytes(port: int) -> int:
+    """Bytes the process listening on ``port`` has not read yet from its established connections (Recv-Q)."""
+    out = subprocess.run(["ss", "-Htn", "state", "established", f"( sport = :{port} )"], capture_output=True,
+                         text=True, check=True).stdout
+    return sum(int(line.split()[0]) for line in out.splitlines() if line.strip())
+
+
+def copies(collectors: list[Collector]) -> Counter[bytes]:
+    """How many times each span id arrived, over every collector's sink."""
+    counts: Counter[bytes] = Counter()
+    for collector in collectors:
+        with collector.sink.collected.lock:
+            for span_id, received in collector.sink.collected.spans.items():
+                counts[span_id] += len(received)
+    return counts
+
+
+def test_a_backend_removed_with_a_request_in_flight_counts_what_it_may_get_twice(
+        agent_factory: Callable[..., Agent], collectors: Callable[..., Collector]) -> None:
+    tier = [collectors() for _ in range(3)]
+    frozen = tier[2]
+    agent = agent_factory(lb_config([c.endpoint for c in tier])).start()
+    stop = threading.Event()
+    sent: list[int] = []
+    sending = threading.Thread(target=lambda: sent.append(send_until(agent, stop)))
+    sending.start()
+    try:
+        wait_until(lambda: all(c.sink.collected.unique() > 0 for c in tier), 30, "traffic at every collector")
+        os.kill(frozen.rotel.proc.pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: unread_bytes(frozen.rotel.grpc_port) > 0, 10, "a request in flight to the frozen one")
+            agent.write_config(lb_config([c.endpoint for c in tier[:2]]))
+            agent.signal(signal.SIGHUP)
+            wait_until(lambda: "(joined: none; left: " in agent.log(), 15, "the frozen collector removed")
+        finally:
+            os.kill(frozen.rotel.proc.pid, signal.SIGCONT)
+    finally:
+        stop.set()
+        sending.join(30)
+    traces = sent[0]
+    wait_until(lambda: len(copies(tier)) == traces * SPANS_PER_TRACE, 60, "every span")
+    resent = metric_lines(agent, "sidetrace_exporter_resent_spans_total")['exporter="tier"']
+    assert resent > 0  # what was in flight to the removed collector went to the new owners too: counted
+    # The resumed collector forwards what it had taken: those spans arrive twice, never more than counted.
+    wait_until(lambda: sum(copies(tier).values()) > traces * SPANS_PER_TRACE, 20, "the frozen collector's copies")
+    assert sum(n - 1 for n in copies(tier).values()) <= resent

@@ -100,6 +100,8 @@ TOO_LARGE = [("http", 413), ("grpc", grpc.StatusCode.RESOURCE_EXHAUSTED)]  # no 
 
 
 def reason_of(protocol: str, status: object) -> str:
+    if status is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "timeout"  # as an HTTP request without an answer in time is: one series for an alert
     return f"http_{status}" if protocol == "http" else f"grpc_{status.name.lower()}"
 
 
@@ -472,3 +474,43 @@ def test_grpc_retry_delay_comes_from_the_rich_status_retry_info() -> None:
     far.retry_delay.FromSeconds(10**6)
     assert _grpc_retry_delay(Failure(far)) == MAX_RETRY_AFTER
     assert _grpc_retry_delay(Failure(info)) is None
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+async def test_a_backend_answering_past_the_deadline_is_counted_as_timeout_and_the_resend_as_resent(
+        tmp_path: Path, backends: Callable, protocol: str) -> None:
+    # The backend takes the request (its spans arrive) but answers after timeout_seconds, as a collector frozen
+    # for a moment does: the retry duplicates them, and the duplicates are counted.
+    backend = await backends(protocol)
+    backend.script.answer_delay = 1.0
+    spool = await queued(tmp_path, standard_batches()[:3])
+    loop = delivery(backend, spool, protocol, timeout_seconds=0.3)
+    await loop.start()
+    await until(lambda: loop.stats.failures.get("timeout", 0) >= 1, 10, "a deadline exceeded")
+    backend.script.answer_delay = 0
+    await drained(spool)
+    await loop.stop()
+    assert backend.unique() == 3 * SPANS and backend.duplicates() > 0
+    assert loop.stats.resent == backend.duplicates()
+    assert set(loop.stats.failures) == {"timeout"}
+    await spool.close()
+
+
+async def test_a_stop_cut_short_counts_the_batches_in_flight_as_resent_by_the_next_reader_of_this_run(
+        tmp_path: Path, backends: Callable) -> None:
+    backend = await backends("grpc")
+    backend.script.answer_delay = 30  # frozen: the stop's 2 s grace runs out
+    spool = await queued(tmp_path, standard_batches()[:3])
+    loop = delivery(backend, spool, "grpc")
+    await loop.start()
+    await until(lambda: backend.requests >= 1, 10, "a request in flight")
+    await loop.stop()
+    backend.script.answer_delay = 0
+    again = delivery(backend, spool, "grpc")  # a reload restarting the exporter, say
+    await again.start()
+    await until(lambda: backend.requests >= 2, 10, "the batches sent again")
+    await drained(spool)
+    await again.stop()
+    assert backend.duplicates() == 3 * SPANS and again.stats.resent == 3 * SPANS
+    assert "b" not in spool.interrupted  # counted once: the next run does not count them again
+    await spool.close()
