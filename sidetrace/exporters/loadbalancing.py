@@ -254,7 +254,8 @@ class LoadBalancingExporter:
         self.stats = stats_for(self.name)  # the router's: batches it could not decode, spans it may resend
         self.membership_changes = 0
         self.last_resolve_error: str | None = None
-        self._resolve_problem: str | None = None
+        self._resolve_problem: str | None = None  # the kind of the DNS problem last logged, until it resolves again
+        self._lookup_failed = False  # the last lookup failed (rather than answering no address)
         self._used: set[str] = set()  # backend readers this exporter has delivered through
 
     @property
@@ -422,14 +423,17 @@ class LoadBalancingExporter:
 
     async def _resolve_or_keep(self) -> list[str]:
         host, port = parse_host_port(self.section.dns)
+        self._lookup_failed = False
         try:
             addresses = await resolve(host, self.section.dns_server)
         except Exception as exc:  # a resolver failure keeps the backends we have
             self._note_resolve_problem(f"cannot resolve {host}: {type(exc).__name__}: {exc}", type(exc).__name__)
+            self._lookup_failed = True
             return list(self.ring.backends)
-        if addresses and self._resolve_problem is not None:
-            log.info("exporter %s: %s resolves again", self.name, host)
-        self.last_resolve_error = self._resolve_problem = None
+        if addresses:  # an empty answer keeps the problem noted, so it is logged once, not at every lookup
+            if self._resolve_problem is not None:
+                log.info("exporter %s: %s resolves again", self.name, host)
+            self.last_resolve_error = self._resolve_problem = None
         return [_endpoint(address, port) for address in addresses]
 
     def _note_resolve_problem(self, message: str, kind: str) -> None:
@@ -443,10 +447,10 @@ class LoadBalancingExporter:
         while not self._stopping:
             backends = await self._resolve_or_keep()
             if backends or not self.ring.backends:
-                if not backends and self.last_resolve_error is None:
+                if not backends and not self._lookup_failed:
                     self._note_resolve_problem(f"{self.section.dns} resolves to no address", "no address")
                 await self.set_backends(backends)
-            else:  # a name that resolves to nothing for a moment must not strand every queue
+            elif not self._lookup_failed:  # a name that resolves to nothing for a moment must not strand every queue
                 self._note_resolve_problem(f"{self.section.dns} resolved to no address", "no address")
             await asyncio.sleep(self.section.dns_interval_seconds)
 
@@ -514,9 +518,10 @@ class LoadBalancingExporter:
         state = "failing" if failing or not backends else "running"
         error = "; ".join(failing) or self.last_resolve_error or (None if backends else "no backend")
         sent = sum(stats.sent for reader, stats in self._known_stats())
+        failed_at = [s["last_error_at"] for s in backends.values() if s["state"] == "failing" and s["last_error_at"]]
+        # Every queue of this exporter: the backends', requests waiting for one, a share waiting to be handed over.
+        queues = [reader for reader in self.spool.readers() if reader.startswith(f"{self.name}/")]
         return {"state": state if not self._stopping else "stopped", "sent": sent, "last_error": error,
-                "last_error_at": None, "backends": backends,
-                "oldest_unsent_age_seconds": round(max([self.spool.oldest_unsent_age(self._reader(UNROUTED)),
-                                                        *(s["oldest_unsent_age_seconds"] for s in backends.values())]),
-                                                   1),
+                "last_error_at": max(failed_at, default=None), "backends": backends,
+                "oldest_unsent_age_seconds": round(max([0.0, *map(self.spool.oldest_unsent_age, queues)]), 1),
                 "endpoint": self.section.dns or ", ".join(self.section.backends), "protocol": self.section.protocol}

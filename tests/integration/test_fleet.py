@@ -187,9 +187,11 @@ def dnsmasq(tmp_path: Path) -> Iterator[Callable[[list[str]], None]]:
     hosts = tmp_path / "collectors.hosts"
     hosts.write_text("")
     port = free_port()
-    proc = subprocess.Popen([binary, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--user=root",
-                             "--local=/test/", f"--port={port}", "--listen-address=127.0.0.1", "--bind-interfaces",
-                             f"--addn-hosts={hosts}", "--log-facility=-"], stderr=subprocess.DEVNULL)
+    queries = tmp_path / "dnsmasq.log"
+    with queries.open("wb") as log:
+        proc = subprocess.Popen([binary, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--user=root",
+                                 "--local=/test/", f"--port={port}", "--listen-address=127.0.0.1", "--bind-interfaces",
+                                 f"--addn-hosts={hosts}", "--log-facility=-", "--log-queries"], stderr=log)
 
     def answering() -> bool:
         resolver = dns.resolver.Resolver(configure=False)
@@ -209,6 +211,8 @@ def dnsmasq(tmp_path: Path) -> Iterator[Callable[[list[str]], None]]:
         proc.send_signal(signal.SIGHUP)  # dnsmasq reads its hosts files again
 
     serve.port = port  # type: ignore[attr-defined]
+    # A queries of collectors.test answered so far
+    serve.queries = lambda: queries.read_text().count("query[A] collectors.test")  # type: ignore[attr-defined]
     yield serve
     stop_process(proc)
 
@@ -232,6 +236,27 @@ def test_backends_from_dns_follow_a_record_added_and_one_removed(
     wait_until(lambda: delivered(every) == 200 * SPANS_PER_TRACE, 60, "every trace")
     owners = Counter(whole_traces(every, range(200)))
     assert owners[0] == 0 and owners[1] > 0 and owners[2] > 0
+
+
+def test_a_name_resolving_to_nothing_is_logged_once_per_change_of_state(
+        agent_factory: Callable[..., Agent], collectors: Callable[..., Collector],
+        dnsmasq: Callable[[list[str]], None]) -> None:
+    port = free_port()
+    collectors(host="127.0.0.1", port=port)
+    dnsmasq(["127.0.0.1"])
+    agent = agent_factory(f'[[exporters.loadbalancing]]\nname = "tier"\ndns = "collectors.test:{port}"\n'
+                          f'dns_server = "127.0.0.1:{dnsmasq.port}"\ndns_interval_seconds = 0.1\n').start()
+    wait_until(lambda: list(status_backends(agent)) == [f"127.0.0.1:{port}"], 10, "the backend")
+    for round_number in (1, 2):
+        dnsmasq([])
+        wait_until(lambda: "resolved to no address" in agent.log().split("resolves again")[-1], 10, "no address")
+        asked = dnsmasq.queries()  # type: ignore[attr-defined]
+        wait_until(lambda asked=asked: dnsmasq.queries() >= asked + 5, 10,  # type: ignore[attr-defined,misc]
+                   "five more lookups")
+        assert agent.log().count("resolved to no address; keeping 1 backend(s)") == round_number
+        assert list(status_backends(agent)) == [f"127.0.0.1:{port}"]
+        dnsmasq(["127.0.0.1"])
+        wait_until(lambda n=round_number: agent.log().count("collectors.test resolves again") == n, 10, "an answer")
 
 
 def metric(agent: Agent, name: str) -> float:

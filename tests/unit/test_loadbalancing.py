@@ -197,6 +197,9 @@ async def test_a_backend_down_holds_up_only_its_own_share(tmp_path: Path, backen
     theirs = sum(owner != f"127.0.0.1:{down.port}" for owner in owners.values()) * SPANS_PER_TRACE
     await until(lambda: backends[1].unique() + backends[2].unique() == theirs, 20, "the live backends' shares")
     assert down.unique() == 0 and stats[f"lb/127.0.0.1:{down.port}"].failing
+    status = lb.status()  # the exporter's line says when a backend last failed, and how old its share is
+    assert status["last_error_at"] == status["backends"][f"127.0.0.1:{down.port}"]["last_error_at"] is not None
+    await until(lambda: lb.status()["oldest_unsent_age_seconds"] >= 0.2, 10, "the waiting share's age")
     down.script.fail_until = 0.0  # back: its share waited on disk
     await until(lambda: sum(b.unique() for b in backends) == TRACES_SENT * SPANS_PER_TRACE, 30, "every span")
     await lb.stop()
@@ -296,6 +299,7 @@ async def test_a_share_left_while_no_backend_could_take_it_is_delivered_once_bac
     await until(lambda: stats[f"lb/127.0.0.1:{down.port}"].failing, 10, "the down backend failing")
     await lb.set_backends([])  # DNS answering nothing, say: nobody can take the down backend's share yet
     assert lb.status()["state"] == "failing" and stats["lb"].failing
+    await until(lambda: lb.status()["oldest_unsent_age_seconds"] >= 0.2, 10, "the stranded share's age in status")
     await lb.set_backends([f"127.0.0.1:{live.port}", f"127.0.0.1:{later.port}"])
     await until(lambda: live.unique() + later.unique() == TRACES_SENT * SPANS_PER_TRACE, 20, "the stranded share")
     await lb.stop()
