@@ -196,18 +196,14 @@ class TracePipeline:
             await self.exporters[section.name].reconfigure(section)
             self._sections[section.name] = (kind, section)
         leaving = [n for n in self.exporters if n not in names or n in built]
+        other_kind: list[Any] = []  # replaced by an exporter of another kind under the same name
         for name in leaving:
             # One being replaced keeps taking requests (into the queues its successor reads) until then.
             exporter = self.exporters[name] if name in built else self.exporters.pop(name)
             await exporter.stop()
             old_kind, _ = self._sections.pop(name)
             if name in names and old_kind != kinds[name]:
-                # Another kind by the same name (loadbalancing to otlp, say): the old one's own queues have no
-                # reader any more, so they go as a removed exporter's do (counted); the name's cursor on the trace
-                # queue stays for the new one (a loadbalancing exporter routes what it still holds).
-                for reader in [r for r in self.spool.readers() if r.startswith(f"{name}/")]:
-                    self._stats.pop(reader, None)
-                    await self.spool.remove_reader(reader)
+                other_kind.append(exporter)
             if name not in names:
                 for reader, _ in exporter.readers():
                     self._stats.pop(reader, None)
@@ -219,6 +215,15 @@ class TracePipeline:
                 for reader, queue in exporter.readers():
                     await spool.add_reader(reader, queue)
         await self._start_exporters(built, wanted)
+        for exporter in other_kind:
+            # Another kind by the same name (loadbalancing to otlp, say): once the old one routes nothing more,
+            # its own queues have no reader, so they go as a removed exporter's do (counted). The name's cursor on
+            # the trace queue stays for the new one (a loadbalancing exporter routes what it still holds).
+            if hasattr(exporter, "settled"):
+                await exporter.settled()
+            for reader in [r for r in self.spool.readers() if r.startswith(f"{exporter.name}/")]:
+                self._stats.pop(reader, None)
+                await self.spool.remove_reader(reader)
         self._config = new
         if built or leaving:
             log.info("exporters restarted: %s; exporting to %s", ", ".join(sorted({*built, *leaving})),

@@ -324,6 +324,10 @@ class LoadBalancingExporter:
         if self._resolver is not None:
             await finish(self._resolver, 5.0)
         await asyncio.gather(*(delivery.stop() for delivery in self.deliveries.values()))
+        await self.settled()
+
+    async def settled(self) -> None:
+        """Return once every request routed so far (by this exporter or the one it replaced) is committed or refused."""
         await self._routes.switch(self._routes.ring)
 
     async def _wait_unrouted(self) -> None:
