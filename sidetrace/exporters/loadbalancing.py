@@ -18,7 +18,9 @@ At a change of the backend set, requests routed on the old ring are committed (o
 the queues of the backends that left are read again: what those queues (and ``NAME/unrouted``) hold
 is routed over the new ring and appended to the queues of the backends that now own it, then
 acknowledged; if the agent dies in between, it is routed again at the next start (its spans may be
-sent twice, and are counted in ``sidetrace_exporter_resent_spans_total``). A spool written before routing at
+sent twice, and are counted in ``sidetrace_exporter_resent_spans_total``). So are the spans of a request
+in flight to a leaving backend that was not answered within the stop's grace (or whose last attempt
+timed out): it may still take them, and they are routed to the new owners too. A spool written before routing at
 accept time may still hold spans in the trace queue under this exporter's cursor (``NAME``): they
 are routed once at start, then that cursor is removed.
 """
