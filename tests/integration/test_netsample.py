@@ -365,6 +365,12 @@ def device_totals_disagree(samples: dict) -> list[str]:
     return disagree
 
 
+def agreeing(agent: Agent) -> dict | None:
+    """A scrape whose per-process series add up to the device totals, or None."""
+    samples = scrape(agent)
+    return samples if not device_totals_disagree(samples) else None
+
+
 def test_a_short_burst_is_counted_for_its_process_from_the_first_packet(
     veth: str, agent_factory: Callable[..., Agent]
 ) -> None:
@@ -436,3 +442,52 @@ def test_processes_past_max_processes_are_counted_under_other(
     assert samples["sidetrace_network_process_overflow_samples_total"] == {(): 150}
     assert device_totals_disagree(samples) == []
     assert_promtool_clean(http_get(agent.url + "/metrics")[1])
+
+
+FLOOD = textwrap.dedent('''
+    import ctypes, socket, sys, time
+    ctypes.CDLL(None).prctl(15, b"st-flood", 0, 0, 0)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    deadline, body = time.monotonic() + float(sys.argv[2]), b"f" * 100
+    for index in range(int(sys.argv[3])):   # bounded in count and in time
+        sock.sendto(body, (sys.argv[1], 9))
+        if index % 1000 == 0 and time.monotonic() > deadline:
+            break
+    print(index + 1, flush=True)
+''')
+
+
+def test_default_auto_rate_attributes_processes_and_scrapes_stay_quick(
+    veth: str, agent_factory: Callable[..., Agent]
+) -> None:
+    # sampling_rate left at its default, "auto": each rate change reads what the old filter queued.
+    agent = agent_factory("[host]\ninterval_seconds = 0.5\n[sources.netsample]\nenabled = true\n"
+                          'interfaces = ["stv0"]\n').start()
+    # Nothing crosses stv0: the rate falls from 16 to 1 at the first housekeeping tick.
+    wait_until(lambda: flows(agent)["interfaces"]["stv0"]["sampling_rate"] == 1, 10, "the auto rate to fall to 1")
+    burst = Talker("st-burst", 300, seconds=1.5)
+    try:
+        samples = scrape_with(agent, ("stv0", "transmit", "st-burst"))
+    finally:
+        burst.stop()
+    assert per_process(samples) == {("stv0", "transmit", "st-burst"): 300}
+    # Steady traffic far above the target: the rate goes up, each change drains the queue under the lock,
+    # and a scrape taken meanwhile waits at most for one bounded drain.
+    flood = subprocess.Popen([sys.executable, "-c", FLOOD, PEER, "6", "3000000"], stdout=subprocess.PIPE, text=True)
+    try:
+        slowest = 0.0
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and flood.poll() is None:
+            started = time.monotonic()
+            assert http_get(agent.url + "/metrics")[0] == 200
+            slowest = max(slowest, time.monotonic() - started)
+        rate = flows(agent)["interfaces"]["stv0"]["sampling_rate"]
+    finally:
+        sent = int(flood.communicate(timeout=20)[0])
+    assert sent > 50_000, sent
+    assert rate > 1, rate
+    assert slowest < 2.0, slowest
+    samples = wait_until(lambda: agreeing(agent), 20, "every held sample moved to a process")
+    assert ("stv0", "transmit", "st-flood") in per_process(samples)
+    assert samples["sidetrace_network_housekeeping_errors_total"] == {(): 0}
+    assert "housekeeping failed" not in agent.log()

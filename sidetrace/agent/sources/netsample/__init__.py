@@ -49,6 +49,10 @@ INITIAL_AUTO_RATE = 16
 MAX_RATE = 1 << 24
 EXPORT_REFRESH_SECONDS = 5.0
 ATTRIBUTION_REFRESH_SECONDS = 5.0
+# A rate change first reads what the old filter queued (so it is credited with the old N), holding the
+# source's lock: at most this many samples or this long, so a scrape never waits longer than that.
+DRAIN_MAX_SAMPLES = 8192
+DRAIN_MAX_SECONDS = 0.1
 SIZE_BUCKETS = (64, 128, 256, 512, 1024, 1518, 4096, 9000)
 UNKNOWN, OTHER = "unknown", "other"
 
@@ -71,6 +75,7 @@ class ProcessMap:
         while ``refreshes`` was lower came before the walk (its socket, if still open, is in the table)."""
         self.refreshes += 1
         number = self.refreshes
+        self._refreshed = time.monotonic()  # a walk that fails is tried again no sooner than a good one
         by_endpoint: dict[tuple[str, str, int], str] = {}
         for conn in psutil.net_connections(kind="inet"):
             if not conn.laddr or conn.pid is None:
@@ -86,7 +91,6 @@ class ProcessMap:
         self._by_endpoint = by_endpoint
         if len(self._names) > 10_000:
             self._names.clear()
-        self._refreshed = time.monotonic()
         return number
 
     def due(self) -> bool:
@@ -114,6 +118,9 @@ class Sampler:
         self.errors = 0
         self.last_error: str | None = None
         self.sock: socket.socket | None = None
+        # The same socket without a timeout, for draining: a socket with a timeout waits for data even
+        # with MSG_DONTWAIT (Python polls first) and raises TimeoutError instead of BlockingIOError.
+        self.drain_sock: socket.socket | None = None
         self.user_filter: list[bpf.Instruction] | None = None
         self.thread: threading.Thread | None = None
         self.state = "created"
@@ -130,30 +137,37 @@ class Sampler:
             bpf.attach(sock, bpf.program(self.rate, self.user_filter))
             sock.bind((self.device, ETH_P_ALL))  # Python converts to network order itself
             sock.settimeout(0.25)
+            drain_sock = sock.dup()
+            drain_sock.setblocking(False)
         except BaseException:
             sock.close()
             raise
-        self.sock = sock
+        self.sock, self.drain_sock = sock, drain_sock
         self.state = "running"
 
     def set_rate(self, rate: int) -> None:
         """Swap the kernel filter for one sampling 1 in ``rate``; drain what the old N sampled first."""
-        sock = self.sock
-        if sock is None or rate == self.rate:
+        sock, drain_sock = self.sock, self.drain_sock
+        if sock is None or drain_sock is None or rate == self.rate:
             return
         with self.source.lock:
-            self._drain(sock)
+            self._drain(drain_sock)
             bpf.attach(sock, bpf.program(rate, self.user_filter))
             self.rate = rate
 
-    def _drain(self, sock: socket.socket) -> None:
+    def _drain(self, sock: socket.socket) -> int:
+        """Record what is queued, up to DRAIN_MAX_SAMPLES or DRAIN_MAX_SECONDS; returns how many were read."""
         buffer = bytearray(bpf.SNAPLEN)
-        while True:
+        deadline = time.monotonic() + DRAIN_MAX_SECONDS
+        for count in range(DRAIN_MAX_SAMPLES):
+            if count % 64 == 63 and time.monotonic() > deadline:
+                return count
             try:
-                length, address = sock.recvfrom_into(buffer, bpf.SNAPLEN, socket.MSG_TRUNC | socket.MSG_DONTWAIT)
+                length, address = sock.recvfrom_into(buffer, bpf.SNAPLEN, socket.MSG_TRUNC)
             except (BlockingIOError, InterruptedError):
-                return
+                return count
             self.source.record(self, buffer, length, address)
+        return DRAIN_MAX_SAMPLES
 
     def read_statistics(self) -> None:
         if self.sock is None:
@@ -188,6 +202,9 @@ class Sampler:
                 self.read_statistics()
             self.sock.close()
             self.sock = None
+        if self.drain_sock is not None:
+            self.drain_sock.close()
+            self.drain_sock = None
 
 
 class NetsampleSource:
@@ -216,6 +233,7 @@ class NetsampleSource:
         self._process_series: dict[tuple[str, str, str], list[int]] = {}
         self._process_names: set[str] = set()
         self._unattributed = False
+        self.housekeeping_errors = 0
 
     # component -------------------------------------------------------------------------------
 
@@ -354,14 +372,17 @@ class NetsampleSource:
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
-            try:
-                await asyncio.to_thread(self._tick, now - last, now - last_export >= EXPORT_REFRESH_SECONDS)
-            except Exception as exc:  # keep sampling; say why
-                self._last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("netsample housekeeping failed")
+            await asyncio.to_thread(self._tick, now - last, now - last_export >= EXPORT_REFRESH_SECONDS)
             if now - last_export >= EXPORT_REFRESH_SECONDS:
                 last_export = now
             last = now
+
+    def _failed(self, step: str, exc: Exception) -> None:
+        """One housekeeping step failed: counted, logged, shown by status; the other steps still run."""
+        self.housekeeping_errors += 1
+        self._last_error = f"housekeeping ({step}): {type(exc).__name__}: {exc}"
+        log.error("netsample housekeeping failed (%s): %s: %s (counted in "
+                  "sidetrace_network_housekeeping_errors_total)", step, type(exc).__name__, exc)
 
     def _revive(self, sampler: Sampler) -> None:
         """Reopen a sampler whose interface went away, once an interface of that name is back."""
@@ -381,37 +402,55 @@ class NetsampleSource:
         log.info("netsample %s is back; sampling again", sampler.device)
 
     def _tick(self, seconds: float, refresh_export: bool) -> None:
+        """Each step on its own: a failing one (a rate change, a process table read) stops none of the others."""
         for sampler in self.samplers.values():
-            if sampler.state == "failed" and self._state == "running":
-                self._revive(sampler)
-            with contextlib.suppress(OSError):
-                sampler.read_statistics()
-            if self.section.sampling_rate == "auto" and sampler.sock is not None:
-                observed = sampler.window_samples / max(seconds, 1e-3)
-                target = self.section.target_samples_per_second
-                if observed > target * 1.25 or (observed < target / 1.25 and sampler.rate > 1):
-                    wanted = max(1, min(MAX_RATE, round(sampler.rate * max(observed, 1.0) / target)))
-                    sampler.set_rate(wanted)
-            sampler.window_samples = 0
-        if self._unattributed and self.processes.due():
-            self._unattributed = False
-            number = self.processes.refresh()
-            with self.lock:
-                for flow in self.flows.flows.values():
-                    if flow.counter is not None or not flow.held_samples:
-                        continue
-                    process = self.processes.lookup(flow.key[2], flow.key[3], flow.key[4])
-                    if process:
-                        self._attribute(flow, process)
-                    elif flow.held_epoch < number:  # its socket was gone (or never local) when the walk began
-                        self._release(flow, self._process_counter(flow.key[0], flow.key[1], UNKNOWN))
-                    else:  # sampled during the walk: the next read decides
-                        self._unattributed = True
+            try:
+                self._tick_sampler(sampler, seconds)
+            except Exception as exc:
+                self._failed(f"sampler {sampler.device}", exc)
+        try:
+            self._attribute_held()
+        except Exception as exc:
+            self._failed("process table", exc)
         with self.lock:
             self.flows.roll_rates(seconds)
             if refresh_export:
                 top = {flow.key for flow in self.flows.top(self.section.top_flows)}
                 self._exported = {key: self._exported.get(key) or self._labels(key) for key in top}
+
+    def _tick_sampler(self, sampler: Sampler, seconds: float) -> None:
+        if sampler.state == "failed" and self._state == "running":
+            self._revive(sampler)
+        with contextlib.suppress(OSError):
+            sampler.read_statistics()
+        window, sampler.window_samples = sampler.window_samples, 0
+        if self.section.sampling_rate == "auto" and sampler.sock is not None:
+            observed = window / max(seconds, 1e-3)
+            target = self.section.target_samples_per_second
+            if observed > target * 1.25 or (observed < target / 1.25 and sampler.rate > 1):
+                wanted = max(1, min(MAX_RATE, round(sampler.rate * max(observed, 1.0) / target)))
+                sampler.set_rate(wanted)
+
+    def _attribute_held(self) -> None:
+        if not (self._unattributed and self.processes.due()):
+            return
+        self._unattributed = False
+        try:
+            number = self.processes.refresh()
+        except BaseException:
+            self._unattributed = True  # the next tick tries again
+            raise
+        with self.lock:
+            for flow in self.flows.flows.values():
+                if flow.counter is not None or not flow.held_samples:
+                    continue
+                process = self.processes.lookup(flow.key[2], flow.key[3], flow.key[4])
+                if process:
+                    self._attribute(flow, process)
+                elif flow.held_epoch < number:  # its socket was gone (or never local) when the walk began
+                    self._release(flow, self._process_counter(flow.key[0], flow.key[1], UNKNOWN))
+                else:  # sampled during the walk: the next read decides
+                    self._unattributed = True
 
     def _labels(self, key: tuple) -> tuple[str, ...]:
         flow = self.flows.flows.get(key)
@@ -499,6 +538,9 @@ class NetsampleSource:
                                   "[sources.netsample] max_processes others.", value=overflow)
         yield CounterMetricFamily("sidetrace_network_evicted_flows_total", "Flows evicted at [sources.netsample] "
                                   "max_flows.", value=evicted)
+        yield CounterMetricFamily("sidetrace_network_housekeeping_errors_total",
+                                  "Housekeeping steps (a rate change, a process table read) that failed; the "
+                                  "others still ran.", value=self.housekeeping_errors)
         yield CounterMetricFamily("sidetrace_network_attribution_refreshes_total",
                                   "Reads of the process connection table.", value=self.processes.refreshes)
 
