@@ -491,3 +491,42 @@ def test_default_auto_rate_attributes_processes_and_scrapes_stay_quick(
     assert ("stv0", "transmit", "st-flood") in per_process(samples)
     assert samples["sidetrace_network_housekeeping_errors_total"] == {(): 0}
     assert "housekeeping failed" not in agent.log()
+
+
+def size_buckets(samples: dict, device: str, direction: str) -> dict[str, float]:
+    """le -> cumulative count of sidetrace_network_packet_size_bytes for one device and direction."""
+    return {key[2]: value for key, value in samples["sidetrace_network_packet_size_bytes_bucket"].items()
+            if key[:2] == (device, direction)}
+
+
+def test_large_packets_count_their_whole_length_not_the_captured_part(
+    netns: str, agent_factory: Callable[..., Agent]
+) -> None:
+    # The kernel keeps 256 bytes of each sample (the filter's accept) and recv reports 256: the IP header
+    # has the length. On lo: ten 5000-byte UDP datagrams are ten 5042-byte frames (one each, lo's MTU is 64k).
+    agent = agent_factory(config(rate=1, extra='filter = "udp and dst port 41900"\n')).start()
+    send_udp(41900, 10, payload=5000)
+    snapshot = settled(agent)
+    (flow,) = snapshot["flows"]
+    assert (flow["estimated_packets"], flow["estimated_bytes"]) == (10, 50420)
+    samples = wait_until(lambda: agreeing(agent), 20, "the flow's samples moved to its process")
+    # (the receiving socket is closed before the next read of the process table: "unknown")
+    assert per_process(samples, "bytes") == {("lo", "receive", "unknown"): 50420}
+    assert samples["sidetrace_network_packet_size_bytes_sum"][("lo", "receive")] == 50420
+    buckets = size_buckets(samples, "lo", "receive")
+    assert (buckets["4096"], buckets["9000"]) == (0, 10)
+
+
+def test_veth_frames_of_1400_bytes_count_1400_bytes(veth: str, agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory(config(rate=1, interfaces='["stv0"]')).start()
+    talker = Talker("st-large", 40, seconds=0.4, payload=1400 - 42)
+    try:
+        samples = scrape_with(agent, ("stv0", "transmit", "st-large"))
+    finally:
+        talker.stop()
+    assert per_process(samples) == {("stv0", "transmit", "st-large"): 40}
+    assert per_process(samples, "bytes") == {("stv0", "transmit", "st-large"): 40 * 1400}
+    assert samples["sidetrace_network_packet_size_bytes_sum"][("stv0", "transmit")] == 40 * 1400
+    buckets = size_buckets(samples, "stv0", "transmit")
+    assert (buckets["1024"], buckets["1518"]) == (0, 40)
+    assert device_totals_disagree(samples) == []

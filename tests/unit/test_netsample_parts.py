@@ -71,3 +71,14 @@ def test_flow_estimates_bounds_and_eviction() -> None:
     assert key not in table.flows and table.evicted == 1  # the least recently seen went
     assert [flow.key for flow in gone] == [key] and gone[0].packets == 1000  # handed over whole, once
     assert error_bound_percent(0) == float("inf") and round(error_bound_percent(10_000), 2) == 1.96
+
+
+@pytest.mark.parametrize("frame, length", [
+    (Ether() / IP() / UDP() / (b"x" * 5000), 14 + 20 + 8 + 5000),
+    (Ether() / Dot1Q(vlan=7) / IPv6() / IPv6ExtHdrHopByHop() / UDP() / (b"x" * 3000), 18 + 40 + 8 + 8 + 3000),
+    (IP() / TCP() / (b"x" * 1000), 20 + 20 + 1000),  # a raw-IP link (tun)
+])
+def test_the_ip_header_gives_the_length_of_a_frame_cut_short(frame: object, length: int) -> None:
+    hatype = 65534 if isinstance(frame, IP) else 1
+    packet = parse(raw(frame)[: bpf.SNAPLEN], hatype)
+    assert packet is not None and packet.length == length

@@ -295,6 +295,10 @@ class NetsampleSource:
         if packet is None:
             sampler.malformed += 1
             return
+        if length >= bpf.SNAPLEN and packet.length > length:
+            # The filter's accept cut the frame to SNAPLEN and recv reports the cut length (MSG_TRUNC gives
+            # the length after the cut on AF_PACKET): the IP header has the real one.
+            length = packet.length
         outgoing = address[2] == PACKET_OUTGOING
         direction = "transmit" if outgoing else "receive"
         if outgoing:

@@ -19,15 +19,21 @@ RAW_IP_LINKS = {65534, 776, 778, 823}  # none (tun, wireguard), ipip/sit, gre, i
 
 
 class Packet:
-    __slots__ = ("protocol", "src", "dst", "sport", "dport", "tcp_flags")
+    """The flow fields of a frame, and ``length``: the frame's length as its IP header states it (link header
+    plus IP total length), which survives the capture's cut; 0 when the header does not say (an IPv6
+    jumbogram, a GSO packet whose IPv4 total length is 0)."""
 
-    def __init__(self, protocol: str, src: str, dst: str, sport: int, dport: int, tcp_flags: int) -> None:
+    __slots__ = ("protocol", "src", "dst", "sport", "dport", "tcp_flags", "length")
+
+    def __init__(self, protocol: str, src: str, dst: str, sport: int, dport: int, tcp_flags: int,
+                 length: int = 0) -> None:
         self.protocol = protocol
         self.src = src
         self.dst = dst
         self.sport = sport
         self.dport = dport
         self.tcp_flags = tcp_flags
+        self.length = length
 
 
 def parse(frame: bytes | memoryview, hatype: int = 1) -> Packet | None:
@@ -44,16 +50,19 @@ def parse(frame: bytes | memoryview, hatype: int = 1) -> Packet | None:
             first = frame[offset]
             if first >> 4 != 4 or (first & 0x0F) < 5:
                 return None
-            fragment = struct.unpack_from("!H", frame, offset + 6)[0] & 0x1FFF
+            total, _, fragment = struct.unpack_from("!HHH", frame, offset + 2)
+            length = offset + total if total else 0
             number = frame[offset + 9]
             src = socket.inet_ntop(socket.AF_INET, bytes(frame[offset + 12:offset + 16]))
             dst = socket.inet_ntop(socket.AF_INET, bytes(frame[offset + 16:offset + 20]))
-            if fragment:  # a later fragment has no transport header
-                return Packet(PROTOCOLS.get(number, str(number)), src, dst, 0, 0, 0)
+            if fragment & 0x1FFF:  # a later fragment has no transport header
+                return Packet(PROTOCOLS.get(number, str(number)), src, dst, 0, 0, 0, length)
             offset += (first & 0x0F) * 4
         elif ethertype == ETH_P_IPV6:
             if frame[offset] >> 4 != 6:
                 return None
+            payload = struct.unpack_from("!H", frame, offset + 4)[0]
+            length = offset + 40 + payload if payload else 0
             number = frame[offset + 6]
             src = socket.inet_ntop(socket.AF_INET6, bytes(frame[offset + 8:offset + 24]))
             dst = socket.inet_ntop(socket.AF_INET6, bytes(frame[offset + 24:offset + 40]))
@@ -65,7 +74,7 @@ def parse(frame: bytes | memoryview, hatype: int = 1) -> Packet | None:
                     fragment_offset = struct.unpack_from("!H", frame, offset + 2)[0] & 0xFFF8
                     number, offset = frame[offset], offset + 8
                     if fragment_offset:
-                        return Packet(PROTOCOLS.get(number, str(number)), src, dst, 0, 0, 0)
+                        return Packet(PROTOCOLS.get(number, str(number)), src, dst, 0, 0, 0, length)
                 else:
                     break
         else:
@@ -73,10 +82,10 @@ def parse(frame: bytes | memoryview, hatype: int = 1) -> Packet | None:
         protocol = PROTOCOLS.get(number, str(number))
         if number == 6:
             sport, dport = struct.unpack_from("!HH", frame, offset)
-            return Packet(protocol, src, dst, sport, dport, frame[offset + 13])
+            return Packet(protocol, src, dst, sport, dport, frame[offset + 13], length)
         if number in (17, 132):
             sport, dport = struct.unpack_from("!HH", frame, offset)
-            return Packet(protocol, src, dst, sport, dport, 0)
-        return Packet(protocol, src, dst, 0, 0, 0)
+            return Packet(protocol, src, dst, sport, dport, 0, length)
+        return Packet(protocol, src, dst, 0, 0, 0, length)
     except (IndexError, struct.error, ValueError):
         return None
