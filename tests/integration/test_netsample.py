@@ -530,3 +530,51 @@ def test_veth_frames_of_1400_bytes_count_1400_bytes(veth: str, agent_factory: Ca
     buckets = size_buckets(samples, "stv0", "transmit")
     assert (buckets["1024"], buckets["1518"]) == (0, 40)
     assert device_totals_disagree(samples) == []
+
+
+DUAL_STACK_SERVER = textwrap.dedent('''
+    import ctypes, socket, sys
+    ctypes.CDLL(None).prctl(15, b"st-dual", 0, 0, 0)
+    server = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)   # IPv4 clients too, as ::ffff:a.b.c.d
+    server.bind(("::", 0))
+    server.listen()
+    server.settimeout(20)
+    print(server.getsockname()[1], flush=True)
+    conn, _ = server.accept()
+    server.close()   # only the connection is left: its local address is ::ffff:127.0.0.1, no wildcard
+    conn.settimeout(20)
+    received = 0
+    while chunk := conn.recv(65536):
+        received += len(chunk)
+    print(received, flush=True)
+''')
+
+
+def test_ipv4_traffic_of_a_dual_stack_socket_is_its_process(netns: str, agent_factory: Callable[..., Agent]) -> None:
+    server = subprocess.Popen([sys.executable, "-c", DUAL_STACK_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        agent = agent_factory(config(rate=1, extra=f'filter = "tcp port {port}"\n')).start()
+        # A dual-stack client too (as Java and Go make them): IPv4 on the wire, ::ffff:127.0.0.1 in the table.
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as client:
+            client.settimeout(20)
+            client.connect(("::ffff:127.0.0.1", port))
+
+            def attributed() -> dict | None:
+                client.sendall(b"d" * 1000)
+                return next((f for f in flows(agent)["flows"] if f["local_port"] == port
+                             and f["process"] != "unknown"), None)
+            flow = wait_until(attributed, 20, "the server's flow attributed", interval=0.5)
+            assert flow["process"] == "st-dual"
+            samples = wait_until(lambda: agreeing(agent), 20, "every held sample moved to a process")
+            snapshot = flows(agent)
+        assert server.stdout.readline().strip() != ""
+    finally:
+        server.kill()
+        server.wait(10)
+    server_side = sum(f["estimated_packets"] for f in snapshot["flows"] if f["local_port"] == port)
+    client_side = sum(f["estimated_packets"] for f in snapshot["flows"] if f["remote_port"] == port)
+    assert {f["process"] for f in snapshot["flows"] if f["local_port"] == port} == {"st-dual"}
+    assert per_process(samples) == {("lo", "receive", "st-dual"): server_side,
+                                    ("lo", "receive", psutil.Process().name()): client_side}

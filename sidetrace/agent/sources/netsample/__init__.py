@@ -97,9 +97,15 @@ class ProcessMap:
         return time.monotonic() - self._refreshed >= ATTRIBUTION_REFRESH_SECONDS
 
     def lookup(self, protocol: str, address: str, port: int) -> str:
-        return (self._by_endpoint.get((protocol, address, port))
-                or self._by_endpoint.get((protocol, "0.0.0.0", port))
-                or self._by_endpoint.get((protocol, "::", port)) or "")
+        """The process of a local end: its exact address, then (IPv4) the IPv4-mapped form a dual-stack IPv6
+        socket shows, then the wildcards (an IPv4 packet can reach a dual-stack socket bound to ``::``)."""
+        table = self._by_endpoint
+        name = table.get((protocol, address, port))
+        if name:
+            return name
+        if ":" not in address:
+            name = table.get((protocol, "::ffff:" + address, port)) or table.get((protocol, "0.0.0.0", port))
+        return name or table.get((protocol, "::", port)) or ""
 
 
 class Sampler:
