@@ -578,3 +578,32 @@ def test_ipv4_traffic_of_a_dual_stack_socket_is_its_process(netns: str, agent_fa
     assert {f["process"] for f in snapshot["flows"] if f["local_port"] == port} == {"st-dual"}
     assert per_process(samples) == {("lo", "receive", "st-dual"): server_side,
                                     ("lo", "receive", psutil.Process().name()): client_side}
+
+
+def test_top_flow_series_stay_bounded_and_add_up(netns: str, agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory(config(rate=1, extra='filter = "udp"\ntop_flows = 3\n')).start()
+    estimated = "sidetrace_network_estimated_packets_total"
+    other_labels = ("lo", "receive", "", "other", "other", "")  # device, direction, process, protocol, remote, port
+    other_before = 0.0
+    with ExitStack() as stack:
+        for wave, count in enumerate((100, 200, 300, 400)):  # each wave's 3 flows outgrow every earlier one
+            senders = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) for _ in range(3)]
+            for sender in senders:
+                sender.bind(("127.0.0.1", 0))
+                for _ in range(count):
+                    sender.sendto(b"w" * 100, ("127.0.0.1", 44000 + wave))
+            ports = {str(sender.getsockname()[1]) for sender in senders}
+
+            def exported(senders: list = senders, wave: int = wave, ports: set = ports) -> dict | None:
+                for sender in senders:  # a series is made by the first sample after the flow enters the top set
+                    sender.sendto(b"w" * 100, ("127.0.0.1", 44000 + wave))
+                samples = scrape(agent)
+                return samples if ports <= {k[5] for k in samples.get(estimated, {})} else None
+            samples = wait_until(exported, 20, f"wave {wave}'s flows exported (every 5 s)", interval=0.5)
+            series = samples[estimated]
+            assert len(series) <= 3 + 1, series  # top_flows, and "other"
+            assert series[other_labels] >= other_before
+            other_before = series[other_labels]
+            assert sum(series.values()) == samples["sidetrace_network_packet_size_bytes_count"][("lo", "receive")]
+            assert sum(samples["sidetrace_network_estimated_bytes_total"].values()) == \
+                samples["sidetrace_network_packet_size_bytes_sum"][("lo", "receive")]

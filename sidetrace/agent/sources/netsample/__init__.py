@@ -228,8 +228,9 @@ class NetsampleSource:
         self._state = "created"
         self._last_error: str | None = None
         # Cumulative estimate series: labels -> [packets, bytes]. A flow is exported with its own labels
-        # from the moment it joins the top set; samples of other flows go to the "other" series, so
-        # every counter only grows.
+        # from the moment it joins the top set; samples of other flows go to the "other" series. A flow
+        # that leaves the top set (or the table) hands its series' counts to "other" and the series is
+        # dropped, so there are at most top_flows series besides "other", and every counter only grows.
         self._series: dict[tuple[str, ...], list[int]] = {}
         self._exported: dict[tuple, tuple[str, ...]] = {}
         self._sizes: dict[tuple[str, str], list[int]] = {}
@@ -372,9 +373,13 @@ class NetsampleSource:
         return counter
 
     def _evicted(self, flow: Flow) -> None:
-        """A flow leaves the table (``lock`` held) before its process is known: what it holds is "unknown"."""
+        """A flow leaves the table (``lock`` held): what it still holds is "unknown"; its top-flow series, if it
+        has one, goes to "other"."""
         if flow.held_samples:
             self._release(flow, self._process_counter(flow.key[0], flow.key[1], UNKNOWN))
+        labels = self._exported.pop(flow.key, None)
+        if labels is not None and labels not in self._exported.values():  # two flows can share labels
+            self._retire(labels)
 
     async def _housekeeping(self) -> None:
         last = time.monotonic()
@@ -425,8 +430,29 @@ class NetsampleSource:
         with self.lock:
             self.flows.roll_rates(seconds)
             if refresh_export:
-                top = {flow.key for flow in self.flows.top(self.section.top_flows)}
-                self._exported = {key: self._exported.get(key) or self._labels(key) for key in top}
+                self._refresh_exported()
+
+    def _refresh_exported(self) -> None:
+        """The top set again (``lock`` held): flows that left it hand their series to "other"."""
+        top = [flow.key for flow in self.flows.top(self.section.top_flows)]
+        previous = self._exported
+        self._exported = {key: previous.get(key) or self._labels(key) for key in top}
+        in_use = set(self._exported.values())
+        for labels in set(previous.values()) - in_use:
+            self._retire(labels)
+
+    def _retire(self, labels: tuple[str, ...]) -> None:
+        """Drop a top-flow series, adding its counts to the "other" series of its device and direction, so
+        every sum stays the same and "other" only grows."""
+        series = self._series.pop(labels, None)
+        if series is None:
+            return
+        other_labels = (labels[0], labels[1], "other", "other", "", "")
+        other = self._series.get(other_labels)
+        if other is None:
+            other = self._series[other_labels] = [0, 0]
+        other[0] += series[0]
+        other[1] += series[1]
 
     def _tick_sampler(self, sampler: Sampler, seconds: float) -> None:
         if sampler.state == "failed" and self._state == "running":
