@@ -896,6 +896,28 @@ def _data_dir_problem(path: Path) -> str | None:
     return None
 
 
+def _capture_filter_problem(section: NetsampleSourceSection) -> str | None:
+    """Why the sampler could not compile ``section.filter``, or None: compiled as the sampler compiles it, for each
+    interface it would sample that this host has (the link type matters), else for lo."""
+    try:
+        import psutil
+
+        from sidetrace.agent.sources.netsample import bpf
+    except ImportError as exc:  # pragma: no cover - an install without the agent extras cannot run netsample
+        return f"cannot compile it here: {exc}"
+    present = psutil.net_if_stats()
+    devices = [d for d in section.interfaces if d in present] if section.interfaces else \
+        [name for name, stats in present.items() if stats.isup and name != "lo"]
+    for device in devices or ["lo"]:
+        try:
+            bpf.compile_filter(section.filter, device)
+        except ImportError as exc:  # pragma: no cover - scapy is an agent extra
+            return f"cannot compile it here: {exc}"
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
 def _host_checks(config: Config, origins: Mapping[tuple[str, ...], str], origin: str,
                  env: Mapping[str, str]) -> list[str]:
     """What the running agent needs from this host besides a valid file: readable TLS and credential files, a
@@ -927,6 +949,12 @@ def _host_checks(config: Config, origins: Mapping[tuple[str, ...], str], origin:
         if why is not None:
             problems.append(f"{origins.get(('sources', 'nats_trace', 'credentials'), origin)}: "
                             f'sources.nats_trace.credentials: cannot read "{nats.credentials}": {why}')
+    netsample = config.sources.netsample
+    if netsample.enabled and netsample.filter:
+        why = _capture_filter_problem(netsample)
+        if why is not None:
+            problems.append(f"{origins.get(('sources', 'netsample', 'filter'), origin)}: [sources.netsample] filter: "
+                            f"{why}")
     for key, value in expanded_values(config):
         try:
             expand_env(value, env)

@@ -607,3 +607,22 @@ def test_top_flow_series_stay_bounded_and_add_up(netns: str, agent_factory: Call
             assert sum(series.values()) == samples["sidetrace_network_packet_size_bytes_count"][("lo", "receive")]
             assert sum(samples["sidetrace_network_estimated_bytes_total"].values()) == \
                 samples["sidetrace_network_packet_size_bytes_sum"][("lo", "receive")]
+
+
+def test_a_reload_with_a_filter_that_does_not_compile_keeps_the_old_sampler(
+    netns: str, agent_factory: Callable[..., Agent]
+) -> None:
+    import signal
+
+    agent = agent_factory(config(rate=1, extra='filter = "udp and dst port 41600"\n')).start()
+    agent.write_config(config(rate=1, extra='filter = "port 99999"\n'))
+    agent.signal(signal.SIGHUP)
+    wait_until(lambda: scrape(agent).get("sidetrace_config_reload_failures_total") == {(): 1.0}, 10,
+               "the reload to be refused")
+    assert scrape(agent)["sidetrace_config_last_reload_successful"] == {(): 0.0}
+    assert (f"{agent.config_path}: [sources.netsample] filter: capture filter 'port 99999' does not compile"
+            in agent.log())
+    send_udp(41600, 100)
+    snapshot = settled(agent)  # the old sampler, with the old filter, still samples
+    assert snapshot["interfaces"]["lo"]["state"] == "running"
+    assert [(f["local_port"], f["estimated_packets"]) for f in snapshot["flows"]] == [(41600, 100)]

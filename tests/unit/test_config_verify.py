@@ -253,3 +253,15 @@ def test_check_config_warns_of_a_dns_server_given_with_static_backends(
     assert captured.out == f"{path}: OK\n"
     assert captured.err == (f"warning: {path}: exporters.loadbalancing[0].dns_server: set without dns, so it has no "
                             "effect (static backends are not resolved); remove it, or set dns\n")
+
+
+def test_check_config_refuses_a_capture_filter_the_sampler_cannot_compile(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, '[sources.netsample]\nenabled = true\ninterfaces = ["lo"]\nfilter = "port 99999"\n')
+    assert cli.main(["check-config", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"{path}: [sources.netsample] filter: capture filter 'port 99999' does not compile: Failed to compile filter "
+        "expression 'port 99999' (illegal port number 99999 > 65535)\n")
+    good = write(tmp_path, '[sources.netsample]\nenabled = true\ninterfaces = ["lo"]\nfilter = "udp port 53"\n')
+    assert cli.main(["check-config", "--config", str(good)]) == 0
