@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -454,6 +455,9 @@ FLOOD = textwrap.dedent('''
         if index % 1000 == 0 and time.monotonic() > deadline:
             break
     print(index + 1, flush=True)
+    deadline = time.monotonic() + 60   # keeps its socket until told to stop, for the process table to see it
+    while time.monotonic() < deadline and sys.stdin.readline().strip() != "stop":
+        pass
 ''')
 
 
@@ -473,22 +477,27 @@ def test_default_auto_rate_attributes_processes_and_scrapes_stay_quick(
     assert per_process(samples) == {("stv0", "transmit", "st-burst"): 300}
     # Steady traffic far above the target: the rate goes up, each change drains the queue under the lock,
     # and a scrape taken meanwhile waits at most for one bounded drain.
-    flood = subprocess.Popen([sys.executable, "-c", FLOOD, PEER, "6", "3000000"], stdout=subprocess.PIPE, text=True)
+    flood = subprocess.Popen([sys.executable, "-c", FLOOD, PEER, "6", "3000000"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
     try:
+        finished = threading.Event()
+        sent: list[int] = []
+        threading.Thread(target=lambda: (sent.append(int(flood.stdout.readline() or 0)), finished.set()),
+                         daemon=True).start()
         slowest = 0.0
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and flood.poll() is None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not finished.is_set():  # scrapes while the flood lasts
             started = time.monotonic()
             assert http_get(agent.url + "/metrics")[0] == 200
             slowest = max(slowest, time.monotonic() - started)
         rate = flows(agent)["interfaces"]["stv0"]["sampling_rate"]
+        assert finished.wait(10) and sent[0] > 50_000, sent
+        assert rate > 1, rate
+        assert slowest < 2.0, slowest
+        samples = wait_until(lambda: agreeing(agent) if ("stv0", "transmit", "st-flood") in
+                             per_process(scrape(agent)) else None, 20, "the flood's samples moved to its process")
     finally:
-        sent = int(flood.communicate(timeout=20)[0])
-    assert sent > 50_000, sent
-    assert rate > 1, rate
-    assert slowest < 2.0, slowest
-    samples = wait_until(lambda: agreeing(agent), 20, "every held sample moved to a process")
-    assert ("stv0", "transmit", "st-flood") in per_process(samples)
+        flood.communicate("stop\n", timeout=20)
     assert samples["sidetrace_network_housekeeping_errors_total"] == {(): 0}
     assert "housekeeping failed" not in agent.log()
 
