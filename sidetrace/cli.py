@@ -429,6 +429,16 @@ def _add_agent_options(parser: argparse.ArgumentParser) -> None:
     _add_config(parser)
 
 
+def _top_flows(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"expected an integer from 1 to 1000, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidetrace", description="Observability and tracing sidecar agent.")
     parser.add_argument("--version", action="version",
@@ -468,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="A live, refreshing table of the top flows the netsample source "
                                 "estimates: rates, packet and byte totals with their 95 % error bounds, processes. "
                                 f"{_EXIT_CODES.format(ok='0 when answered, ')}")
-    flows.add_argument("--top", type=int, default=20, help="how many flows (default 20)")
+    flows.add_argument("--top", type=_top_flows, default=20, help="how many flows, 1 to 1000 (default 20)")
     flows.add_argument("--once", action="store_true", help="print once and exit (no screen refresh)")
     flows.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
     _add_agent_options(flows)
@@ -524,6 +534,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell shows for a command ended by SIGPIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`sidetrace flows | head`): stop quietly, as other command-line tools do. Python
+        # would otherwise print a traceback, and another error when it flushes stdout at exit.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE

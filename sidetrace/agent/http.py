@@ -16,6 +16,7 @@ from sidetrace.agent.components import Context
 from sidetrace.config import ServerSection, parse_host_port
 
 log = logging.getLogger("sidetrace.http")
+MAX_DEBUG_FLOWS = 1000  # /debug/flows?top= beyond this gets this many (the answer says so: top_capped)
 
 
 class HttpServer:
@@ -125,17 +126,24 @@ class HttpServer:
         return web.json_response({"traces": traces})
 
     async def _debug_flows(self, request: web.Request) -> web.Response:
-        """The top sampled flows with estimates and error bounds: ?top=N (20)."""
+        """The top sampled flows with estimates and error bounds: ?top=N (20; 1 to MAX_DEBUG_FLOWS, larger asks
+        get MAX_DEBUG_FLOWS and say so in top_capped; 0, negative or not a number: 400)."""
         self._authorize(request)
         source = self._context.links.flows.get()
         if source is None:
             raise web.HTTPServiceUnavailable(text="the netsample source is not running ([sources.netsample] "
                                              "enabled = true)\n")
         try:
-            top = max(1, min(int(request.query.get("top", "20")), 1000))
+            asked = int(request.query.get("top", "20"))
         except ValueError:
-            raise web.HTTPBadRequest(text="top must be an integer\n") from None
-        return web.json_response(await asyncio.to_thread(source.debug, top))
+            asked = 0
+        if asked < 1:
+            raise web.HTTPBadRequest(text=f"top must be an integer from 1 (at most {MAX_DEBUG_FLOWS} are "
+                                     "returned)\n") from None
+        top = min(asked, MAX_DEBUG_FLOWS)
+        # "top": the number of flows asked for after the cap; "top_capped": the request asked for more.
+        answer = {"top": top, "top_capped": asked > top, **(await asyncio.to_thread(source.debug, top))}
+        return web.json_response(answer)
 
     async def _debug_trace(self, request: web.Request) -> web.Response:
         self._authorize(request)

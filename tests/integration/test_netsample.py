@@ -635,3 +635,30 @@ def test_a_reload_with_a_filter_that_does_not_compile_keeps_the_old_sampler(
     snapshot = settled(agent)  # the old sampler, with the old filter, still samples
     assert snapshot["interfaces"]["lo"]["state"] == "running"
     assert [(f["local_port"], f["estimated_packets"]) for f in snapshot["flows"]] == [(41600, 100)]
+
+
+def test_debug_flows_top_bounds_and_flows_into_a_closed_pipe(netns: str, agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory(config(rate=1)).start()
+    send_udp(41650, 20)
+    for bad in ("0", "-3", "x"):
+        assert http_get(f"{agent.url}/debug/flows?top={bad}") == (
+            400, "top must be an integer from 1 (at most 1000 are returned)\n")
+    answer = flows(agent, top=100_000)
+    assert (answer["top"], answer["top_capped"]) == (1000, True)
+    answer = flows(agent, top=1)
+    assert (answer["top"], answer["top_capped"], len(answer["flows"])) == (1, False, 1)
+    # `sidetrace flows | head -n 3`: the reader goes away, the live table stops quietly.
+    viewer = subprocess.Popen([sys.executable, "-m", "sidetrace", "flows", "--interval", "0.1", "--url", agent.url],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for _ in range(3):
+            assert viewer.stdout.readline()
+        viewer.stdout.close()
+        assert viewer.wait(20) == 141
+        assert viewer.stderr.read() == b""
+    finally:
+        viewer.kill()
+        viewer.wait(10)
+    done = subprocess.run([sys.executable, "-m", "sidetrace", "flows", "--once", "--top", "0", "--url", agent.url],
+                          capture_output=True, text=True, timeout=20)
+    assert done.returncode == 2 and "--top: expected an integer from 1 to 1000, got '0'" in done.stderr
