@@ -278,6 +278,10 @@ PEER, PEER_MAC = "10.77.0.2", "02:00:00:00:77:02"
 
 @pytest.fixture
 def veth(netns: str) -> str:
+    return make_veth()
+
+
+def make_veth() -> str:
     subprocess.run(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"],
                    check=True, timeout=20)
     ip("link", "add", "stv0", "type", "veth", "peer", "name", "stv1")
@@ -662,3 +666,22 @@ def test_debug_flows_top_bounds_and_flows_into_a_closed_pipe(netns: str, agent_f
     done = subprocess.run([sys.executable, "-m", "sidetrace", "flows", "--once", "--top", "0", "--url", agent.url],
                           capture_output=True, text=True, timeout=20)
     assert done.returncode == 2 and "--top: expected an integer from 1 to 1000, got '0'" in done.stderr
+
+
+def test_with_no_interfaces_listed_one_that_comes_up_later_is_sampled(
+    netns: str, agent_factory: Callable[..., Agent]
+) -> None:
+    agent = agent_factory(config(rate=1, interfaces="[]")).start()  # the namespace has only lo: nothing sampled
+    assert flows(agent)["interfaces"] == {}
+    make_veth()
+    wait_until(lambda: flows(agent)["interfaces"].get("stv0", {}).get("state") == "running", 15,
+               "stv0 found at a housekeeping tick (every 5 s)")
+    talker = Talker("st-late", 40, seconds=0.4)
+    try:
+        samples = scrape_with(agent, ("stv0", "transmit", "st-late"))
+    finally:
+        talker.stop()
+    assert {k: v for k, v in per_process(samples).items() if k[0] == "stv0"} == {("stv0", "transmit", "st-late"): 40}
+    ip("link", "delete", "stv0")  # both ends go: their samplers fail, then are forgotten
+    wait_until(lambda: not set(flows(agent)["interfaces"]) & {"stv0", "stv1"}, 15, "the samplers of the veth gone")
+    assert http_get(agent.url + "/readyz")[0] == 200

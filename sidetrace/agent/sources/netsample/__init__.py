@@ -418,7 +418,7 @@ class NetsampleSource:
 
     def _tick(self, seconds: float, refresh_export: bool) -> None:
         """Each step on its own: a failing one (a rate change, a process table read) stops none of the others."""
-        for sampler in self.samplers.values():
+        for sampler in list(self.samplers.values()):
             try:
                 self._tick_sampler(sampler, seconds)
             except Exception as exc:
@@ -427,6 +427,11 @@ class NetsampleSource:
             self._attribute_held()
         except Exception as exc:
             self._failed("process table", exc)
+        if refresh_export and not self.section.interfaces and self._state == "running":
+            try:
+                self._discover()
+            except Exception as exc:
+                self._failed("interfaces", exc)
         with self.lock:
             self.flows.roll_rates(seconds)
             if refresh_export:
@@ -453,6 +458,33 @@ class NetsampleSource:
             other = self._series[other_labels] = [0, 0]
         other[0] += series[0]
         other[1] += series[1]
+
+    def _discover(self) -> None:
+        """With ``interfaces = []``: start sampling each interface that came up since, and forget the samplers of
+        interfaces that are gone (a container's veth), so their number stays that of the host's (every 5 s)."""
+        present = psutil.net_if_stats()
+        gone = [s for s in self.samplers.values() if s.state == "failed" and s.device not in present]
+        if gone:
+            for sampler in gone:
+                sampler.close()
+            with self.lock:
+                self.samplers = {d: s for d, s in self.samplers.items() if s not in gone}
+        for device, stats in present.items():
+            if device == "lo" or device in self.samplers or not stats.isup or self._stop.is_set():
+                continue
+            sampler = Sampler(device, self)
+            try:
+                sampler.open()
+            except (OSError, ValueError) as exc:
+                sampler.state, sampler.last_error = "failed", f"{type(exc).__name__}: {exc}"
+                log.error("netsample cannot sample %s: %s", device, exc)
+            else:
+                sampler.thread = threading.Thread(target=sampler.run, args=(self._stop,), daemon=True,
+                                                  name=f"netsample-{device}")
+                sampler.thread.start()
+                log.info("netsample %s is up; sampling it", device)
+            with self.lock:
+                self.samplers = {**self.samplers, device: sampler}
 
     def _tick_sampler(self, sampler: Sampler, seconds: float) -> None:
         if sampler.state == "failed" and self._state == "running":
