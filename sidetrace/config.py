@@ -523,8 +523,8 @@ class NetsampleSourceSection:
     """[sources.netsample]: kernel-side 1-in-N packet sampling into flows (needs CAP_NET_RAW)."""
 
     enabled: bool = _key("Sample the host's packets.", default=False)
-    interfaces: tuple[str, ...] = _key("Interfaces to sample; empty means every interface that is up except lo.",
-                                       default=())
+    interfaces: tuple[str, ...] = _key("Interfaces to sample; empty means every interface that is up except lo, "
+                                       "looked at again every 5 s.", default=())
     sampling_rate: int | str = _key('Keep 1 packet in N, or "auto" to pick N so user space sees about '
                                     "target_samples_per_second.", _check_sampling_rate, default="auto")
     target_samples_per_second: int = _key("With sampling_rate = \"auto\": samples per second aimed at, per "

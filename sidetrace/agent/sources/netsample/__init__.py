@@ -6,7 +6,9 @@ the kernel's random 1-in-N draw), so user space touches only the sample; a threa
 event loop), parses headers and updates the flow table. With ``sampling_rate = "auto"`` N is
 re-chosen every second so that about ``target_samples_per_second`` samples arrive; every estimate
 uses the N in force when its sample was read (a packet queued under the old N and read just after
-a change is credited with the new one: the window is the time to swap the filter). Kernel drops
+a change is credited with the new one: the window is the time to swap the filter, and what a drain
+bounded to DRAIN_MAX_SAMPLES / DRAIN_MAX_SECONDS leaves queued). A frame longer than the SNAPLEN bytes
+kept counts the length its IP header states. Kernel drops
 come from PACKET_STATISTICS. Needs CAP_NET_RAW only; without it the source says so once and every
 other source keeps working.
 
