@@ -685,3 +685,42 @@ def test_with_no_interfaces_listed_one_that_comes_up_later_is_sampled(
     ip("link", "delete", "stv0")  # both ends go: their samplers fail, then are forgotten
     wait_until(lambda: not set(flows(agent)["interfaces"]) & {"stv0", "stv1"}, 15, "the samplers of the veth gone")
     assert http_get(agent.url + "/readyz")[0] == 200
+
+
+def test_a_flow_that_reenters_the_top_set_carries_the_process_known_by_then(
+    veth: str, agent_factory: Callable[..., Agent]
+) -> None:
+    from scapy.all import IP, UDP, Ether, raw
+
+    agent = agent_factory(config(rate=1, interfaces='["stv0"]', extra='filter = "udp"\ntop_flows = 1\n')).start()
+    mac = json.loads(subprocess.run(["ip", "-j", "link", "show", "stv0"], capture_output=True, text=True,
+                                    check=True, timeout=20).stdout)[0]["address"]
+    frame = raw(Ether(dst=mac, src=PEER_MAC) / IP(src=PEER, dst="10.77.0.1") / UDP(sport=7, dport=40999) /
+                (b"r" * 58))  # 100 bytes, to this host's port 40999
+    estimated = "sidetrace_network_estimated_packets_total"
+
+    def series_of(process: str, sender: Callable[[], None]) -> dict | None:
+        # label values in name order: device, direction, process, protocol, remote, remote_port
+        sender()
+        return scrape(agent) if ("stv0", "receive", process, "udp", PEER, "7") in scrape(agent)[estimated] else None
+
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as injector:
+        injector.bind(("stv1", 0))
+
+        def inject(count: int = 1) -> None:
+            for _ in range(count):
+                injector.send(frame)
+        inject(50)
+        # No socket on port 40999: the flow is the top one, its process "unknown".
+        wait_until(lambda: series_of("unknown", inject), 20, "the flow exported as unknown", interval=0.5)
+        with ExitStack() as stack:
+            stack.callback(Talker("st-big", 300, seconds=0.3).stop)  # 300 x 142 bytes: the top flow now
+            samples = wait_until(lambda: scrape(agent) if not any(k[3] == "udp" and k[5] == "7"
+                                                                for k in scrape(agent)[estimated]) else None,
+                                 20, "the injected flow out of the top set")
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as listener:
+                listener.bind(("10.77.0.1", 40999))  # now the port has a process
+                inject(600)  # 600 x 100 bytes: the top flow again
+                samples = wait_until(lambda: series_of(psutil.Process().name(), inject), 20,
+                                     "the flow exported again, under its process", interval=0.5)
+    assert ("stv0", "receive", "unknown", "udp", PEER, "7") not in samples[estimated]
