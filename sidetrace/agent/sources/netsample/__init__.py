@@ -71,6 +71,7 @@ class ProcessMap:
         self._names: dict[int, str] = {}
         self._refreshed = 0.0
         self.refreshes = 0
+        self.version = 0  # bumped once a read's table is in place: a lookup in the same version answers the same
 
     def refresh(self) -> int:
         """Read the table again; returns its number, counted before the walk starts, so a sample taken
@@ -91,6 +92,7 @@ class ProcessMap:
             protocol = "tcp" if conn.type == socket.SOCK_STREAM else "udp"
             by_endpoint[(protocol, conn.laddr.ip, conn.laddr.port)] = name
         self._by_endpoint = by_endpoint
+        self.version += 1
         if len(self._names) > 10_000:
             self._names.clear()
         return number
@@ -318,7 +320,8 @@ class NetsampleSource:
         key = (sampler.device, direction, packet.protocol, local, local_port, remote, remote_port)
         flow = self.flows.add(key, length, n, packet.tcp_flags, time.time())
         counter = flow.counter
-        if counter is None:
+        if counter is None and flow.looked_up != self.processes.version:  # else: not found in this table already
+            flow.looked_up = self.processes.version
             process = self.processes.lookup(packet.protocol, local, local_port)
             if process:
                 counter = self._attribute(flow, process)

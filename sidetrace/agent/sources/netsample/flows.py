@@ -30,7 +30,8 @@ def error_bound_percent(samples: int) -> float:
 
 class Flow:
     __slots__ = ("key", "samples", "packets", "bytes", "syn", "fin", "rst", "first_seen", "last_seen", "process",
-                 "window_bytes", "rate_bytes", "counter", "held_packets", "held_bytes", "held_samples", "held_epoch")
+                 "window_bytes", "rate_bytes", "counter", "held_packets", "held_bytes", "held_samples", "held_epoch",
+                 "looked_up")
 
     def __init__(self, key: FlowKey, now: float) -> None:
         self.key = key
@@ -44,6 +45,7 @@ class Flow:
         self.rate_bytes = 0.0
         self.counter: list[int] | None = None
         self.held_packets = self.held_bytes = self.held_samples = self.held_epoch = 0
+        self.looked_up = -1  # the version of the process table this flow's local end was last looked up in
 
     def as_dict(self) -> dict[str, Any]:
         device, direction, protocol, local, local_port, remote, remote_port = self.key
