@@ -540,6 +540,10 @@ class NetsampleSourceSection:
                               "sidetrace_network_process_overflow_samples_total.", _check_positive, default=100)
     receive_buffer_bytes: int = _key("Socket receive buffer per interface.", _check_positive,
                                      default=4 * 1024 * 1024)
+    gone_interface_grace_seconds: float = _key(
+        "With interfaces = []: how long the traffic, packet size, per-process and top-flow series of an interface "
+        "that is gone stay on /metrics (dropped at the first housekeeping tick after; 0: at once).",
+        _check_non_negative, default=300.0)
 
 
 @dataclass(frozen=True)

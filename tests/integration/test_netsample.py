@@ -188,10 +188,21 @@ def test_flow_table_bound_evicts_and_counts(netns: str, agent_factory: Callable[
 
 
 def test_interface_deleted_while_sampled(netns: str, agent_factory: Callable[..., Agent]) -> None:
+    from scapy.all import IP, UDP, Ether, raw
+
     ip("link", "add", "stv0", "type", "veth", "peer", "name", "stv1")
     ip("link", "set", "stv0", "up")
     ip("link", "set", "stv1", "up")
-    agent = agent_factory(config(rate=1, interfaces='["lo", "stv0"]')).start()
+    agent = agent_factory(config(rate=1, interfaces='["lo", "stv0"]', extra="gone_interface_grace_seconds = 0\n")
+                          ).start()
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as injector:
+        injector.bind(("stv1", 0))
+        injector.send(raw(Ether(src=PEER_MAC) / IP(src=PEER, dst="10.77.0.9") / UDP(sport=7, dport=9)))  # to stv0
+
+    def stv0_count(samples: dict) -> float | None:
+        return sum(v for k, v in samples.get("sidetrace_network_packet_size_bytes_count", {}).items()
+                   if k[0] == "stv0") or None
+    before = wait_until(lambda: stv0_count(scrape(agent)), 10, "stv0 with a packet size series")
     ip("link", "delete", "stv0")
     wait_until(lambda: flows(agent)["interfaces"]["stv0"]["state"] == "failed", 10, "the sampler to notice")
     send_udp(41500, 100)
@@ -206,6 +217,8 @@ def test_interface_deleted_while_sampled(netns: str, agent_factory: Callable[...
     ip("link", "set", "stv0", "up")
     ip("link", "set", "stv1", "up")
     wait_until(lambda: flows(agent)["interfaces"]["stv0"]["state"] == "running", 10, "the sampler to reopen")
+    # A listed interface is never forgotten: its series outlived the (zero) grace and go on from where they were.
+    assert (stv0_count(scrape(agent)) or 0) >= before
 
 
 def test_auto_rate_follows_the_target(netns: str, agent_factory: Callable[..., Agent]) -> None:
@@ -724,3 +737,92 @@ def test_a_flow_that_reenters_the_top_set_carries_the_process_known_by_then(
                 samples = wait_until(lambda: series_of(psutil.Process().name(), inject), 20,
                                      "the flow exported again, under its process", interval=0.5)
     assert ("stv0", "receive", "unknown", "udp", PEER, "7") not in samples[estimated]
+
+
+def device_series(samples: dict) -> dict[str, set[str]]:
+    """Device -> the names of the traffic, packet size, per-process and top-flow series it has on /metrics."""
+    families = ("sidetrace_network_estimated_packets_total", "sidetrace_network_estimated_bytes_total",
+                "sidetrace_network_packet_size_bytes_count", "sidetrace_network_packet_size_bytes_sum",
+                "sidetrace_network_process_packets_total", "sidetrace_network_process_bytes_total")
+    devices: dict[str, set[str]] = {}
+    for name in families:
+        for key in samples.get(name, {}):
+            devices.setdefault(key[0], set()).add(name)  # device sorts first among each family's label names
+    return devices
+
+
+def test_series_of_a_deleted_interface_leave_metrics_after_the_grace(
+    netns: str, agent_factory: Callable[..., Agent]
+) -> None:
+    agent = agent_factory(config(rate=1, interfaces="[]", extra="gone_interface_grace_seconds = 1\n")).start()
+    sizes = []
+    for _ in range(3):  # created, talked over and deleted three times: nothing is left behind each time
+        make_veth()
+        wait_until(lambda: flows(agent)["interfaces"].get("stv0", {}).get("state") == "running", 15,
+                   "stv0 found at a housekeeping tick (every 5 s)")
+        talker = Talker("st-churn", 40, seconds=0.4)
+        try:
+            samples = wait_until(lambda: s if (s := agreeing(agent)) and ("stv0", "transmit", "st-churn")
+                                 in per_process(s) else None, 20, "st-churn's traffic on /metrics, adding up")
+        finally:
+            talker.stop()
+        # 40 each time, not 80 then 120: the series of the earlier stv0 were dropped, and they start again.
+        assert {k: v for k, v in per_process(samples).items() if k[0] == "stv0"} == {("stv0", "transmit",
+                                                                                       "st-churn"): 40}
+        assert set(device_series(samples)) == {"stv0", "stv1"}
+        ip("link", "delete", "stv0")  # both ends go: their samplers fail, are forgotten, then their series go
+        samples = wait_until(lambda: s if not device_series(s := scrape(agent)) else None, 20,
+                             "the series of stv0 and stv1 gone from /metrics")
+        assert flows(agent)["flow_count"] == 0  # their flows are let go too
+        sizes.append(len(http_get(agent.url + "/metrics")[1].splitlines()))
+    assert sizes[0] == sizes[1] == sizes[2], sizes  # the same exposition after every round: nothing accumulates
+
+
+def test_series_of_interfaces_gone_within_the_grace_are_capped(
+    netns: str, agent_factory: Callable[..., Agent]
+) -> None:
+    from scapy.all import IP, UDP, Ether, raw
+
+    from sidetrace.agent.sources.netsample import MAX_GONE_DEVICES
+
+    agent = agent_factory(config(rate=1, interfaces="[]")).start()  # the default grace: 300 s
+    subprocess.run(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"],
+                   check=True, timeout=20)
+    pairs = MAX_GONE_DEVICES // 2 + 1  # two devices each: two more than the cap
+    for index in range(pairs):
+        ip("link", "add", f"stc{index}a", "type", "veth", "peer", "name", f"stc{index}b")
+        ip("link", "set", f"stc{index}a", "up")
+        ip("link", "set", f"stc{index}b", "up")
+    devices = {f"stc{i}{end}" for i in range(pairs) for end in "ab"}
+    wait_until(lambda: devices <= {d for d, i in flows(agent)["interfaces"].items() if i["state"] == "running"}, 15,
+               "every veth end sampled")
+    frame = raw(Ether(dst="02:00:00:00:77:01", src=PEER_MAC) / IP(src=PEER, dst="10.77.0.9") / UDP(sport=7, dport=9))
+    for index in range(pairs):
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as injector:
+            injector.bind((f"stc{index}a", 0))
+            injector.send(frame)  # sampled as sent on stcNa and as received on stcNb
+    wait_until(lambda: set(device_series(scrape(agent))) == devices, 20, "every veth end with series")
+    for index in range(pairs):
+        ip("link", "delete", f"stc{index}a")
+    samples = wait_until(lambda: s if not set(flows(agent)["interfaces"]) & devices and
+                         len(device_series(s := scrape(agent))) <= MAX_GONE_DEVICES else None, 20,
+                         "the samplers forgotten and the series past the cap dropped")
+    # Within the 300 s grace, but only MAX_GONE_DEVICES of the 2 * pairs gone devices keep their series.
+    assert len(device_series(samples)) == MAX_GONE_DEVICES
+    assert set(device_series(samples)) < devices
+    # A kept one comes back within the grace: its series carry on (2 packets, not 1 started again).
+    kept = sorted(device_series(samples))[0]
+    index = int(kept[3:-1])
+    ip("link", "add", f"stc{index}a", "type", "veth", "peer", "name", f"stc{index}b")
+    ip("link", "set", f"stc{index}a", "up")
+    ip("link", "set", f"stc{index}b", "up")
+    wait_until(lambda: {f"stc{index}a", f"stc{index}b"} <= {d for d, i in flows(agent)["interfaces"].items()
+                                                            if i["state"] == "running"}, 15, "the pair sampled again")
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as injector:
+        injector.bind((f"stc{index}a", 0))
+        injector.send(frame)
+
+    def count(samples: dict) -> float:
+        return sum(v for k, v in samples["sidetrace_network_packet_size_bytes_count"].items() if k[0] == kept)
+    assert count(samples) == 1
+    wait_until(lambda: count(scrape(agent)) == 2, 20, f"{kept}'s second packet counted on top of its first")

@@ -17,6 +17,11 @@ known yet is held on the flow; the next read of the process table started after 
 flow holds to the process's series, or to process="unknown" when the table has no socket for the
 flow's local end, or when the flow is evicted first. So once nothing is held, the per-process series
 of a device and direction add up exactly to its packet size histogram's ``_count`` and ``_sum``.
+
+With ``interfaces = []`` an interface that is gone has its sampler forgotten at the next look (every 5 s);
+its traffic, size, per-process and top-flow series and its flows are dropped together at the first
+housekeeping tick ``gone_interface_grace_seconds`` after that (or at once past MAX_GONE_DEVICES gone ones),
+so every device that keeps series keeps all of them and its sums still hold.
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ ATTRIBUTION_REFRESH_SECONDS = 5.0
 DRAIN_MAX_SAMPLES = 8192
 DRAIN_MAX_SECONDS = 0.1
 SIZE_BUCKETS = (64, 128, 256, 512, 1024, 1518, 4096, 9000)
+# Interfaces gone but still within [sources.netsample] gone_interface_grace_seconds: past this many, the series
+# of the one gone longest are dropped at once, so the devices with series are at most those present plus these.
+MAX_GONE_DEVICES = 16
 UNKNOWN, OTHER = "unknown", "other"
 
 
@@ -245,6 +253,8 @@ class NetsampleSource:
         self._process_names: set[str] = set()
         self._unattributed = False
         self.housekeeping_errors = 0
+        # With interfaces = []: device -> monotonic time its sampler was forgotten, oldest first (see _drop_gone).
+        self._gone: dict[str, float] = {}
 
     # component -------------------------------------------------------------------------------
 
@@ -437,6 +447,10 @@ class NetsampleSource:
                 self._discover()
             except Exception as exc:
                 self._failed("interfaces", exc)
+        try:
+            self._drop_gone()
+        except Exception as exc:
+            self._failed("gone interfaces", exc)
         with self.lock:
             self.flows.roll_rates(seconds)
             if refresh_export:
@@ -474,6 +488,9 @@ class NetsampleSource:
                 sampler.close()
             with self.lock:
                 self.samplers = {d: s for d, s in self.samplers.items() if s not in gone}
+            now = time.monotonic()
+            for sampler in gone:
+                self._gone[sampler.device] = now
         for device, stats in present.items():
             if device == "lo" or device in self.samplers or not stats.isup or self._stop.is_set():
                 continue
@@ -490,6 +507,29 @@ class NetsampleSource:
                 log.info("netsample %s is up; sampling it", device)
             with self.lock:
                 self.samplers = {**self.samplers, device: sampler}
+            self._gone.pop(device, None)  # back within the grace: its series go on
+
+    def _drop_gone(self) -> None:
+        """Drop every series of an interface gone for ``gone_interface_grace_seconds`` (or of the one gone longest
+        past MAX_GONE_DEVICES) and let its flows go; a device that comes back later starts its counters again."""
+        grace = self.section.gone_interface_grace_seconds
+        now = time.monotonic()
+        excess = len(self._gone) - MAX_GONE_DEVICES
+        due = [d for i, (d, since) in enumerate(self._gone.items()) if i < excess or now - since >= grace]
+        for device in due:
+            del self._gone[device]
+        dropped = {device for device in due if device not in self.samplers}
+        if not dropped:
+            return
+        with self.lock:  # one pass for every device due: the flow table is walked once
+            for key in [key for key in self.flows.flows if key[0] in dropped]:
+                del self.flows.flows[key]
+            self._exported = {key: labels for key, labels in self._exported.items() if key[0] not in dropped}
+            self._series = {labels: v for labels, v in self._series.items() if labels[0] not in dropped}
+            self._sizes = {key: v for key, v in self._sizes.items() if key[0] not in dropped}
+            self._size_sums = {key: v for key, v in self._size_sums.items() if key[0] not in dropped}
+            self._process_series = {key: v for key, v in self._process_series.items() if key[0] not in dropped}
+        log.info("netsample: the series of %s (gone) are dropped", ", ".join(sorted(dropped)))
 
     def _tick_sampler(self, sampler: Sampler, seconds: float) -> None:
         if sampler.state == "failed" and self._state == "running":
