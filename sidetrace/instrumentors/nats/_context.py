@@ -27,6 +27,8 @@ from sidetrace.instrumentors._messaging import GETTER, SETTER, TRACE_HEADERS
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 _VERSION_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_INVALID = trace.INVALID_SPAN_CONTEXT
+_EMPTY = Context()
 _DEFAULTS = ((TraceContextTextMapPropagator,), (TraceContextTextMapPropagator, W3CBaggagePropagator))
 
 
@@ -55,17 +57,23 @@ class HeaderContext:
 
     def fields(self, span: Span | None = None) -> dict[str, str]:
         """The propagation fields of ``span`` (the current span when None) with the current baggage."""
-        if self._direct() and not baggage.get_all():
+        # _direct() inlined, and the span context read once: this runs for every message sent
+        propagator = propagate.get_global_textmap()
+        verdict = self._verdict
+        if verdict[0] is not propagator:
+            verdict = self._verdict = (propagator, _is_default(propagator))
+        if verdict[1] and not baggage.get_all():
             span_context = (span if span is not None else trace.get_current_span()).get_span_context()
-            if span_context == trace.INVALID_SPAN_CONTEXT:
+            if span_context == _INVALID:
                 return {}
             # %-formatting: half the time of the f-string with format specs, same text
-            carrier = {TRACEPARENT: "00-%032x-%016x-%02x" % (  # noqa: UP031
-                span_context.trace_id, span_context.span_id, span_context.trace_flags)}
-            if span_context.trace_state:
-                carrier[TRACESTATE] = span_context.trace_state.to_header()
-            return carrier
-        carrier = {}
+            traceparent = "00-%032x-%016x-%02x" % (  # noqa: UP031
+                span_context.trace_id, span_context.span_id, span_context.trace_flags)
+            trace_state = span_context.trace_state
+            if trace_state:
+                return {TRACEPARENT: traceparent, TRACESTATE: trace_state.to_header()}
+            return {TRACEPARENT: traceparent}
+        carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(span) if span is not None else None,
                          setter=SETTER)
         return carrier
@@ -74,7 +82,11 @@ class HeaderContext:
         """The producer's context from ``headers``, or None when they carry no valid span context."""
         if not headers:
             return None
-        if self._direct():
+        propagator = propagate.get_global_textmap()  # _direct() inlined: this runs for every message
+        verdict = self._verdict
+        if verdict[0] is not propagator:
+            verdict = self._verdict = (propagator, _is_default(propagator))
+        if verdict[1]:
             value = headers.get(TRACEPARENT)
             # any other trace field, or a traceparent under another spelling, goes the generic way
             if value is not None and (len(headers) == 1 or not any(
@@ -84,7 +96,8 @@ class HeaderContext:
                     trace_id, span_id = int(match[1], 16), int(match[2], 16)
                     if not trace_id or not span_id:
                         return None
-                    producer = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(int(match[3], 16)))
-                    return trace.set_span_in_context(NonRecordingSpan(producer), Context())
+                    producer = SpanContext(trace_id, span_id, True, TraceFlags(int(match[3], 16)))
+                    # a new Context from the shared empty one (set_value copies, never mutates it)
+                    return trace.set_span_in_context(NonRecordingSpan(producer), _EMPTY)
         ctx = propagate.extract(headers, getter=GETTER)
         return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
