@@ -28,6 +28,11 @@ class DataDirInUse(Exception):
     """Another agent holds the state directory's lock."""
 
 
+def in_use_message(directory: Path, holder: str) -> str:
+    """The one line that says ``directory`` is held by the agent of pid ``holder`` (run and check-config)."""
+    return f"{directory} is in use by another sidetrace agent (pid {holder}); give each agent its own agent.data_dir"
+
+
 class DataDirLock:
     """An exclusive ``flock`` on ``<data_dir>/sidetrace.lock``, holding the owner's pid.
 
@@ -48,11 +53,25 @@ class DataDirLock:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise DataDirInUse(f"{self.path.parent} is in use by another sidetrace agent (pid {holder}); "
-                               "give each agent its own agent.data_dir") from None
+            raise DataDirInUse(in_use_message(self.path.parent, holder)) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+
+    def holder(self) -> str | None:
+        """The pid (as text) of the agent holding the lock, or None when none does; takes and drops a shared lock
+        for a moment, so the check itself leaves nothing behind (and never creates the lock file)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None  # no lock file: no agent has run here (one that holds the lock has the file open)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)  # drops the shared lock, when taken
+        return None
 
     def release(self) -> None:
         if self._fd is not None:

@@ -7,11 +7,13 @@ meaning: the loader validates against them, and README's key table is generated 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import ipaddress
 import json
 import os
+import pwd
 import re
 import ssl
 import sys
@@ -20,6 +22,8 @@ import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from sidetrace._files import DataDirLock, in_use_message, make_private_dirs
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -109,6 +113,54 @@ def _check_name(value: str) -> str:
     return value
 
 
+def _check_data_dir(value: str) -> str:
+    if not value.strip():
+        raise ValueError("expected a directory (an empty value would put the lock and the spool in whatever "
+                         "directory the agent was started in)")
+    return value
+
+
+_DATA_DIR_VARIABLE = re.compile(r"\$(?:\{([^}]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def resolve_data_dir(value: str, env: Mapping[str, str] | None = None) -> Path:
+    """``agent.data_dir`` with ``$VAR``/``${VAR}`` and a leading ``~`` or ``~user`` expanded.
+
+    Raises ValueError (one line) for an empty value, an unset variable (``os.path.expandvars`` would leave it in
+    the path literally) or a ``~`` with no home directory to stand for (``Path.expanduser`` raises RuntimeError).
+    """
+    env = os.environ if env is None else env
+    _check_data_dir(value)
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1) if match.group(1) is not None else match.group(2)
+        if name not in env:
+            raise ValueError(f"${name} is not set in the agent's environment; set it (systemd: Environment= or "
+                             "EnvironmentFile=) or take it out of the value")
+        return env[name]
+
+    expanded = _DATA_DIR_VARIABLE.sub(replace, value)
+    if not expanded.strip():
+        raise ValueError(f'"{value}" expands to an empty value')
+    if expanded.startswith("~"):
+        user, slash, rest = expanded[1:].partition("/")
+        if user:
+            try:
+                home = pwd.getpwnam(user).pw_dir
+            except KeyError:
+                raise ValueError(f'"~{user}" names no user of this host; use an absolute path') from None
+        else:
+            home = env.get("HOME", "")
+            if not home:
+                try:
+                    home = pwd.getpwuid(os.getuid()).pw_dir
+                except KeyError:
+                    raise ValueError(f'"~" has no home directory to stand for: HOME is not set and uid {os.getuid()} '
+                                     "has no passwd entry; use an absolute path") from None
+        expanded = home.rstrip("/") + "/" + rest if slash or rest else home
+    return Path(expanded)
+
+
 def _check_log_level(value: str) -> str:
     if value.lower() not in LOG_LEVELS:
         raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
@@ -160,7 +212,9 @@ class AgentSection:
 
     data_dir: str = _key(
         "Directory for the agent's state (spool, caches); created with mode 0700 at start. "
-        "`~` and `$VARS` are expanded; the shipped systemd unit sets `/var/lib/sidetrace`.",
+        "`~` and `$VARS` are expanded (an unset variable is an error); the shipped `sidetrace.toml` sets "
+        "`/var/lib/sidetrace`.",
+        _check_data_dir,
         default="~/.local/state/sidetrace",
     )
     log_level: str = _key(
@@ -569,7 +623,8 @@ class Config:
 
     @property
     def data_path(self) -> Path:
-        return Path(os.path.expandvars(self.agent.data_dir)).expanduser()
+        """agent.data_dir expanded (see resolve_data_dir; ``load(verify=True)`` has checked that it expands)."""
+        return resolve_data_dir(self.agent.data_dir)
 
 
 def _hints(cls: type) -> dict[str, typing.Any]:
@@ -897,6 +952,24 @@ def _data_dir_problem(path: Path) -> str | None:
         verb = "write in" if existing == path else "create"
         return (f"cannot {verb} {path}: {existing} is not writable by uid {os.geteuid()}; "
                 "give the agent's user that directory or choose another")
+    if existing != path:
+        # os.access says yes to root everywhere, and /proc or /sys refuse mkdir anyway: create the directories as
+        # run does, then take away what was created (check-config leaves the host as it found it).
+        created = next(p for p in (path, *path.parents) if p.parent == existing)
+        try:
+            make_private_dirs(path)
+        except OSError as exc:
+            return f"cannot create {path}: {exc.strerror or exc}"
+        finally:
+            for directory in (path, *path.parents):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+                if directory == created:
+                    break
+        return None
+    holder = DataDirLock(path).holder()
+    if holder is not None:
+        return in_use_message(path, holder)
     return None
 
 
@@ -927,7 +1000,10 @@ def _host_checks(config: Config, origins: Mapping[tuple[str, ...], str], origin:
     """What the running agent needs from this host besides a valid file: readable TLS and credential files, a
     writable data_dir, every ``${VAR}`` set. Only what an enabled component uses is checked, as ``run`` does."""
     problems = []
-    why = _data_dir_problem(Path(os.path.expandvars(config.agent.data_dir)).expanduser())
+    try:
+        why = _data_dir_problem(resolve_data_dir(config.agent.data_dir, env))
+    except ValueError as exc:
+        why = str(exc)
     if why is not None:
         problems.append(f"{origins.get(('agent', 'data_dir'), origin)}: agent.data_dir: {why}")
     tls: list[tuple[str, ListenerTlsSection | ClientTlsSection, bool]] = []

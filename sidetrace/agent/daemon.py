@@ -92,18 +92,25 @@ class Daemon:
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         try:
+            self.config.data_path  # noqa: B018 - load(verify=True) refuses what raises here; a bare load() does not
+        except ValueError as exc:
+            log.error("%s: agent.data_dir: %s", self.config_path or "defaults", exc)
+            return 2
+        try:
             make_private_dirs(self.config.data_path)
         except OSError as exc:
-            log.error("agent.data_dir: cannot create %s: %s", self.config.data_path, exc.strerror or exc)
+            log.error("%s: agent.data_dir: cannot create %s: %s", self.config_path or "defaults", self.config.data_path,
+                      exc.strerror or exc)
             return 2
         self._lock = DataDirLock(self.config.data_path)
         try:
             self._lock.acquire()
         except DataDirInUse as exc:
-            log.error("agent.data_dir: %s", exc)
+            log.error("%s: agent.data_dir: %s", self.config_path or "defaults", exc)
             return 2
         except OSError as exc:
-            log.error("agent.data_dir: cannot use %s: %s", self.config.data_path, exc.strerror or exc)
+            log.error("%s: agent.data_dir: cannot use %s: %s", self.config_path or "defaults", self.config.data_path,
+                      exc.strerror or exc)
             return 2
         try:
             self._components = await self._start(self.config, REGISTRY)

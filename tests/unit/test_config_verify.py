@@ -265,3 +265,82 @@ def test_check_config_refuses_a_capture_filter_the_sampler_cannot_compile(
         "expression 'port 99999' (illegal port number 99999 > 65535)\n")
     good = write(tmp_path, '[sources.netsample]\nenabled = true\ninterfaces = ["lo"]\nfilter = "udp port 53"\n')
     assert cli.main(["check-config", "--config", str(good)]) == 0
+
+
+@pytest.mark.parametrize("data_dir, why", [
+    ("/proc/sidetrace", "cannot create /proc/sidetrace: No such file or directory"),
+    ("/sys/sidetrace", "cannot create /sys/sidetrace: Operation not permitted"),
+])
+def test_data_dir_the_kernel_refuses_to_create_is_refused_as_run_refuses_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], data_dir: str, why: str) -> None:
+    path = write(tmp_path, "", data_dir=Path(data_dir))
+    assert problems(path) == [f"{path}: agent.data_dir: {why}"]
+    assert cli.main(["run", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == f"{path}: agent.data_dir: {why}\n"
+
+
+def test_data_dir_held_by_a_running_agent_is_refused_naming_its_pid(tmp_path: Path) -> None:
+    import fcntl
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "data").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys\n"
+        f"fd = os.open({str(tmp_path / 'data' / 'sidetrace.lock')!r}, os.O_RDWR | os.O_CREAT, 0o600)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\nos.write(fd, f'{os.getpid()}\\n'.encode())\n"
+        "print('held', flush=True)\nsys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        path = write(tmp_path, "")
+        assert problems(path) == [f"{path}: agent.data_dir: {tmp_path / 'data'} is in use by another sidetrace agent "
+                                  f"(pid {holder.pid}); give each agent its own agent.data_dir"]
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    load(path, {}, verify=True)  # the lock is free again, and the check took none that stays
+    fd = os.open(tmp_path / "data" / "sidetrace.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(fd)
+
+
+@pytest.mark.parametrize("data_dir, why", [
+    ("~nosuchuser/x", '"~nosuchuser" names no user of this host; use an absolute path'),
+    ("$NOPE_DIR/x", "$NOPE_DIR is not set in the agent's environment; set it (systemd: Environment= or "
+                    "EnvironmentFile=) or take it out of the value"),
+    ("${NOPE_DIR}/x", "$NOPE_DIR is not set in the agent's environment; set it (systemd: Environment= or "
+                      "EnvironmentFile=) or take it out of the value"),
+    ("", 'expected a directory (an empty value would put the lock and the spool in whatever directory the agent '
+         'was started in), got ""'),
+])
+def test_a_data_dir_that_does_not_expand_is_refused_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        data_dir: str, why: str) -> None:
+    monkeypatch.delenv("NOPE_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "sidetrace.toml"
+    path.write_text(f'[agent]\ndata_dir = "{data_dir}"\n')
+    assert problems(path) == [f"{path}: agent.data_dir: {why}"]
+    for command in ("check-config", "run"):
+        assert cli.main([command, "--config", str(path)]) == 2
+        assert capsys.readouterr().err == f"{path}: agent.data_dir: {why}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sidetrace.toml"]  # no "$NOPE_DIR", no lock in the cwd
+
+
+def test_data_dir_is_expanded_with_the_variables_and_home_given() -> None:
+    from sidetrace.config import resolve_data_dir
+    assert resolve_data_dir("$A/${B}/c", {"A": "/x", "B": "y"}) == Path("/x/y/c")
+    assert resolve_data_dir("~/s", {"HOME": "/home/h/"}) == Path("/home/h/s")
+    assert resolve_data_dir("~root/s", {}) == Path("/root/s")
+
+
+@needs_root
+def test_the_default_data_dir_without_a_home_is_refused_in_one_line() -> None:
+    import subprocess
+    import sys
+    env = {"PATH": "/usr/bin:/bin"}  # no HOME, and uid 54321 has no passwd entry
+    result = subprocess.run(["setpriv", "--reuid=54321", "--regid=54321", "--clear-groups", sys.executable, "-m",
+                             "sidetrace", "check-config"], env=env, capture_output=True, text=True, cwd="/")
+    assert (result.returncode, result.stderr) == (2, 'defaults: agent.data_dir: "~" has no home directory to stand '
+                                                     "for: HOME is not set and uid 54321 has no passwd entry; use an "
+                                                     "absolute path\n")
