@@ -88,6 +88,17 @@ def _refuse_other_scheme(value: str, allowed: tuple[str, ...]) -> None:
                          f"the {match.group(1)}:// scheme is not supported")
 
 
+def _check_url_port(authority: str) -> None:
+    """Raise ValueError unless the port of a URL's ``authority`` (HOST, HOST:PORT, [IPv6]:PORT, user@...) is absent
+    or from 1 to 65535: gRPC would take 99999 modulo 65536 and dial port 34463."""
+    match = re.fullmatch(r"(?:[^@]*@)?(\[[^\]]*\]|[^:\[\]]*)(?::(.*))?", authority)
+    if match is None:
+        raise ValueError(f'expected HOST or HOST:PORT in the URL ("{authority}" is not)')
+    port = match.group(2)
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f'expected a port from 1 to 65535 in the URL ("{port}" is not)')
+
+
 def _check_endpoint(value: str) -> str:
     _refuse_other_scheme(value, ("http", "https"))
     match = re.fullmatch(r"(?:(https?)://)?([^/\s]+?)(/.*)?", value)
@@ -95,6 +106,8 @@ def _check_endpoint(value: str) -> str:
         raise ValueError("expected an endpoint such as http://jaeger:4317 or https://jaeger:4318")
     if match.group(1) is None:
         parse_host_port(match.group(2))
+    else:
+        _check_url_port(match.group(2))
     return value
 
 
@@ -435,6 +448,7 @@ def _check_write_url(value: str) -> str:
     match = re.fullmatch(r"(https?)://([^/\s]+)(/\S*)?", value)
     if match is None:
         raise ValueError("expected an http:// or https:// URL such as http://prometheus:9090/api/v1/write")
+    _check_url_port(match.group(2))
     return value
 
 
@@ -544,6 +558,8 @@ def _check_nats_urls(values: tuple[str, ...]) -> tuple[str, ...]:
     for value in values:
         try:
             _refuse_other_scheme(value, ("nats", "tls", "ws", "wss"))
+            for authority in re.sub(r"^[A-Za-z][A-Za-z0-9+.-]*://", "", value).split("/")[0].split(","):
+                _check_url_port(authority)
         except ValueError as exc:
             raise ValueError(f'{exc} (in "{value}")') from None
     return values

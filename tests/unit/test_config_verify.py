@@ -344,3 +344,24 @@ def test_the_default_data_dir_without_a_home_is_refused_in_one_line() -> None:
     assert (result.returncode, result.stderr) == (2, 'defaults: agent.data_dir: "~" has no home directory to stand '
                                                      "for: HOME is not set and uid 54321 has no passwd entry; use an "
                                                      "absolute path\n")
+
+
+@pytest.mark.parametrize("table, key", [
+    ('[[exporters.otlp]]\nendpoint = "http://127.0.0.1:{port}"\n', "exporters.otlp[0].endpoint"),
+    ('[[exporters.otlp]]\nendpoint = "https://[::1]:{port}/"\n', "exporters.otlp[0].endpoint"),
+    ('[[exporters.remote_write]]\nurl = "http://127.0.0.1:{port}/api/v1/write"\n', "exporters.remote_write[0].url"),
+    ('[sources.nats_trace]\nservers = ["nats://u:p@127.0.0.1:{port}"]\n', "sources.nats_trace.servers"),
+    ('[[exporters.loadbalancing]]\nbackends = ["127.0.0.1:{port}"]\n', "exporters.loadbalancing[0].backends"),
+    ('[server]\nlisten = "127.0.0.1:{port}"\n', "server.listen"),
+])
+@pytest.mark.parametrize("port", ["99999", "65536", "0", "x"])
+def test_a_port_outside_1_to_65535_is_refused_wherever_an_address_is_taken(
+        tmp_path: Path, table: str, key: str, port: str) -> None:
+    lines = problems(write(tmp_path, table.format(port=port)), verify=False)
+    assert len(lines) == 1 and f": {key}: " in lines[0] and ("65535" in lines[0] or "HOST:PORT" in lines[0]), lines
+
+
+def test_a_url_port_in_range_or_absent_passes(tmp_path: Path) -> None:
+    load(write(tmp_path, '[[exporters.otlp]]\nendpoint = "http://jaeger"\n[[exporters.remote_write]]\n'
+                         'url = "https://127.0.0.1:65535/api/v1/write"\n[sources.nats_trace]\n'
+                         'servers = ["nats://u:p@127.0.0.1:1", "tls://[::1]:4222"]\n'), {})
