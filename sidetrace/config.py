@@ -882,9 +882,54 @@ def _cross_checks(config: Config, origin: str, reported: list[str]) -> list[str]
                                 f"{MAX_PROTOBUF_BYTES} (the largest protobuf message, and so "
                                 f"{'remote-write' if kind == 'remote_write' else 'OTLP'} request), "
                                 f"got {exporter.max_request_bytes}")
+    problems += _listener_overlaps(config, origin)
     for path, tls in (("server.tls", config.server.tls), ("receivers.otlp.tls", config.receivers.otlp.tls)):
         if bool(tls.cert_file) != bool(tls.key_file):
             problems.append(f"{origin}: {path}: expected both cert_file and key_file, or neither")
+    return problems
+
+
+def _hosts_overlap(first: str, second: str) -> bool:
+    """Whether binding ``first`` and ``second`` on one port would collide: the same address, or a wildcard that
+    covers the other (``::`` is dual-stack on Linux by default, so it covers IPv4 too; ``0.0.0.0`` covers IPv4 and
+    host names). Different host names are not resolved here."""
+    try:
+        a: ipaddress.IPv4Address | ipaddress.IPv6Address | str = ipaddress.ip_address(first)
+    except ValueError:
+        a = first
+    try:
+        b: ipaddress.IPv4Address | ipaddress.IPv6Address | str = ipaddress.ip_address(second)
+    except ValueError:
+        b = second
+    if a == b:
+        return True
+    for one, other in ((a, b), (b, a)):
+        if one == ipaddress.IPv6Address("::"):
+            return True
+        if one == ipaddress.IPv4Address("0.0.0.0") and not isinstance(other, ipaddress.IPv6Address):
+            return True
+    return False
+
+
+def _listener_overlaps(config: Config, origin: str) -> list[str]:
+    """One line per pair of listeners the agent would open on one port and overlapping addresses: the second bind
+    would fail at start (exit 1), so check-config refuses the pair naming both keys."""
+    listeners = [("server.listen", config.server.listen)]
+    if config.receivers.otlp.enabled:
+        listeners += [(f"receivers.otlp.{key}", getattr(config.receivers.otlp, key))
+                      for key in ("grpc_listen", "http_listen") if getattr(config.receivers.otlp, key)]
+    parsed = []
+    for key, value in listeners:
+        try:
+            parsed.append((key, value, *parse_host_port(value)))
+        except ValueError:
+            continue  # reported by the key's own check
+    problems = []
+    for index, (key, value, host, port) in enumerate(parsed):
+        for other_key, other_value, other_host, other_port in parsed[:index]:
+            if port == other_port and _hosts_overlap(host, other_host):
+                problems.append(f'{origin}: {key}: "{value}" takes port {port} that {other_key} ("{other_value}") '
+                                "already listens on; give each listener its own port")
     return problems
 
 

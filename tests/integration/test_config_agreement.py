@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import io
 import os
 import tempfile
@@ -26,13 +27,16 @@ from tests.certificates import make_certificate
 from tests.conftest import free_port
 
 SET_VARIABLE, UNSET_VARIABLE = "AGREEMENT_TEST_TOKEN", "AGREEMENT_TEST_NEVER_SET"
+HELD: list[int] = []  # lock files held for the "locked" data_dir while both judges look at it
 CERTIFICATES = make_certificate(Path(tempfile.mkdtemp(prefix="sidetrace-agreement-")))
 
 listener_tls = st.sampled_from(["none", "valid", "missing_cert", "key_is_a_directory"])
 client_tls = st.sampled_from(["none", "valid", "missing_ca", "ca_is_a_directory"])
 secret = st.sampled_from(["plain", "set_variable", "unset_variable"])
 configs = st.fixed_dictionaries({
-    "data_dir": st.sampled_from(["existing", "creatable", "a_file", "under_a_file"]),
+    "data_dir": st.sampled_from(["existing", "creatable", "a_file", "under_a_file", "in_proc", "in_sys", "locked",
+                                 "unset_variable", "no_such_user", "empty"]),
+    "receiver_port": st.sampled_from(["own", "server_port_same_address", "server_port_wildcard"]),
     "server_tls": listener_tls,
     "receiver_tls": listener_tls,
     "max_pending_bytes": st.sampled_from([1 << 20, 64 << 20]),
@@ -68,10 +72,21 @@ def render(choice: dict[str, Any], directory: Path) -> str:
     (directory / "existing").mkdir()
     (directory / "a_file").write_text("")
     data_dir = {"existing": directory / "existing", "creatable": directory / "new" / "state",
-                "a_file": directory / "a_file", "under_a_file": directory / "a_file" / "state"}[choice["data_dir"]]
+                "a_file": directory / "a_file", "under_a_file": directory / "a_file" / "state",
+                "in_proc": "/proc/sidetrace", "in_sys": "/sys/sidetrace", "locked": directory / "existing",
+                "unset_variable": f"${UNSET_VARIABLE}/state", "no_such_user": "~nosuchuser/state",
+                "empty": ""}[choice["data_dir"]]
+    if choice["data_dir"] == "locked":  # another agent holds the directory (flock is per open file, so this counts)
+        fd = os.open(directory / "existing" / "sidetrace.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, b"4242\n")
+        HELD.append(fd)
+    server_port = free_port()
+    grpc_listen = {"own": f"127.0.0.1:{free_port()}", "server_port_same_address": f"127.0.0.1:{server_port}",
+                   "server_port_wildcard": f"0.0.0.0:{server_port}"}[choice["receiver_port"]]
     text = (f'[agent]\ndata_dir = "{data_dir}"\n'
-            f'[server]\nlisten = "127.0.0.1:{free_port()}"\n{_listener_tls(choice["server_tls"], directory)}'
-            f'[receivers.otlp]\ngrpc_listen = "127.0.0.1:{free_port()}"\nhttp_listen = "127.0.0.1:{free_port()}"\n'
+            f'[server]\nlisten = "127.0.0.1:{server_port}"\n{_listener_tls(choice["server_tls"], directory)}'
+            f'[receivers.otlp]\ngrpc_listen = "{grpc_listen}"\nhttp_listen = "127.0.0.1:{free_port()}"\n'
             f'{_listener_tls(choice["receiver_tls"], directory)}'
             f'[spool]\nmax_pending_bytes = {choice["max_pending_bytes"]}\n')
     if (otlp := choice["otlp"]) is not None:
@@ -125,7 +140,11 @@ def test_check_config_and_a_dry_start_agree(choice: dict[str, Any]) -> None:
         directory = Path(name)
         path = directory / "sidetrace.toml"
         path.write_text(render(choice, directory))
-        checked, problems = check_config(path)
-        started, why = dry_start(path)
+        try:
+            checked, problems = check_config(path)
+            started, why = dry_start(path)
+        finally:
+            while HELD:
+                os.close(HELD.pop())
         assert checked == started, (f"check-config {'passed' if checked else 'failed'} ({problems.strip()}) but the "
                                     f"dry start {'started' if started else 'failed'} ({why}) on:\n{path.read_text()}")

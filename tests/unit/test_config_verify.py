@@ -365,3 +365,31 @@ def test_a_url_port_in_range_or_absent_passes(tmp_path: Path) -> None:
     load(write(tmp_path, '[[exporters.otlp]]\nendpoint = "http://jaeger"\n[[exporters.remote_write]]\n'
                          'url = "https://127.0.0.1:65535/api/v1/write"\n[sources.nats_trace]\n'
                          'servers = ["nats://u:p@127.0.0.1:1", "tls://[::1]:4222"]\n'), {})
+
+
+@pytest.mark.parametrize("server, receiver, overlap", [
+    ("127.0.0.1:19317", "127.0.0.1:19317", True),
+    ("0.0.0.0:19317", "127.0.0.1:19317", True),
+    ("127.0.0.1:19317", "[::]:19317", True),
+    ("[::1]:19317", "0.0.0.0:19317", False),
+    ("[::1]:19317", "[::]:19317", True),
+    ("127.0.0.1:19317", "127.0.0.2:19317", False),
+    ("127.0.0.1:19317", "127.0.0.1:19318", False),
+    ("localhost:19317", "0.0.0.0:19317", True),
+])
+def test_two_listeners_on_one_port_and_overlapping_addresses_are_refused_naming_both_keys(
+        tmp_path: Path, server: str, receiver: str, overlap: bool) -> None:
+    path = write(tmp_path, f'[server]\nlisten = "{server}"\n[receivers.otlp]\ngrpc_listen = "{receiver}"\n'
+                           'http_listen = ""\n')
+    if not overlap:
+        load(path, {})
+        return
+    port = server.rsplit(":", 1)[1]
+    assert problems(path, verify=False) == [
+        f'{path}: receivers.otlp.grpc_listen: "{receiver}" takes port {port} that server.listen ("{server}") already '
+        "listens on; give each listener its own port"]
+
+
+def test_a_disabled_receiver_may_share_the_server_port(tmp_path: Path) -> None:
+    load(write(tmp_path, '[server]\nlisten = "127.0.0.1:19317"\n[receivers.otlp]\nenabled = false\n'
+                         'grpc_listen = "127.0.0.1:19317"\n'), {})
