@@ -48,10 +48,38 @@ def _load_or_report(path: str | None, warnings: list[str]) -> Config | None:
         return None
 
 
+def _log_format_wanted(path: str | None) -> str:
+    """The [agent] log_format a config that failed to load asks for ($SIDETRACE_AGENT__LOG_FORMAT, else the file's
+    value when the file is readable TOML), so that its error lines reach a log shipper in that format; "text" when
+    neither says "json" (a file that cannot be read or parsed says nothing)."""
+    wanted = os.environ.get("SIDETRACE_AGENT__LOG_FORMAT")
+    if wanted is None and path is not None:
+        from sidetrace.config import tomllib
+        try:
+            with open(path, "rb") as handle:
+                agent = tomllib.load(handle).get("agent")
+            wanted = agent.get("log_format") if isinstance(agent, dict) else None
+        except (OSError, ValueError):
+            wanted = None
+    return "json" if wanted == "json" else "text"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     warnings: list[str] = []
-    config = _load_or_report(args.config, warnings)
-    if config is None:
+    try:
+        config = load(args.config, verify=True, warnings=warnings)
+    except ConfigError as exc:
+        if _log_format_wanted(args.config) == "json":
+            import logging
+
+            from sidetrace.agent.logs import JsonFormatter
+            formatter = JsonFormatter()
+            for line in exc.problems:
+                record = logging.LogRecord("sidetrace.config", logging.ERROR, __file__, 0, line, (), None)
+                print(formatter.format(record), file=sys.stderr)
+        else:
+            for line in exc.problems:
+                print(line, file=sys.stderr)
         return EXIT_CONFIG
     # Imported here so that `version` and `check-config` stay fast and need no agent extras.
     import asyncio
@@ -79,8 +107,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def _url_from_config(config: Config) -> str:
     host, _, port = config.server.listen.rpartition(":")
-    if host in ("0.0.0.0", "[::]"):
-        host = "127.0.0.1"
+    # A wildcard listener is asked on the loopback of its own family: `[::]` may be an IPv6-only socket.
+    host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
     return f"{'https' if config.server.tls.cert_file else 'http'}://{host}:{port}"
 
 
@@ -140,6 +168,10 @@ class AgentUnreachable(Exception):
     """The running agent could not be asked; the message says where and why."""
 
 
+class UsageError(Exception):
+    """An option the command cannot use (exit 2, as argparse's own usage errors); the message says which."""
+
+
 class AgentRefused(Exception):
     """The agent answered 401 or 403: the /debug token is missing or wrong."""
 
@@ -160,6 +192,13 @@ def _agent_address(args: argparse.Namespace) -> AgentAddress:
     url = args.url or (_url_from_config(config) if config else "")
     if "://" not in url:
         url = f"http://{url}"  # `--url 127.0.0.1:9464`, as server.listen is written
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
+    except ValueError as exc:
+        raise UsageError(f"--url {args.url or url}: not a URL or HOST:PORT the agent can be asked at: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--url {args.url or url}: expected http://HOST:PORT, https://HOST:PORT or HOST:PORT")
     token = args.token or (config.server.auth_token if config else None) or None
     context = None
     if url.startswith("https://"):
@@ -199,6 +238,9 @@ def _with_agent(command: Callable[[argparse.Namespace, AgentAddress], int]) -> C
             return command(args, _agent_address(args))
         except ConfigError as exc:
             print("\n".join(exc.problems), file=sys.stderr)
+            return EXIT_CONFIG
+        except UsageError as exc:
+            print(exc, file=sys.stderr)
             return EXIT_CONFIG
         except AgentRefused as exc:
             print(exc, file=sys.stderr)
@@ -414,8 +456,8 @@ def cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
-_EXIT_CODES = "Exit {ok}1 when the agent is unreachable, 2 when the config is invalid, 3 when it is not ready, 4 " \
-    "when it refuses the token."
+_EXIT_CODES = "Exit {ok}1 when the agent is unreachable or answers with another HTTP error (such as 404 or 503), 2 " \
+    "when the config or an option is invalid, {not_ready}4 when it refuses the token."
 
 
 def _add_agent_options(parser: argparse.ArgumentParser) -> None:
@@ -429,7 +471,7 @@ def _add_agent_options(parser: argparse.ArgumentParser) -> None:
     _add_config(parser)
 
 
-def _top_flows(text: str) -> int:
+def _one_to_1000(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -458,7 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="show a running agent's components",
                                  description="Show a running agent's version, readiness and components "
-                                 f"(from its /debug/status). {_EXIT_CODES.format(ok='0 when ready, ')}")
+                                 f"(from its /debug/status). "
+                                 f"{_EXIT_CODES.format(ok='0 when ready, ', not_ready='3 when it is not ready, ')}")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     _add_agent_options(status)
     status.set_defaults(func=cmd_status)
@@ -466,19 +509,19 @@ def build_parser() -> argparse.ArgumentParser:
     traces = commands.add_parser("traces", help="print recent traces as trees",
                                  description="Print the agent's recent traces (newest first) as trees with "
                                  "per-span durations and timeline bars; works without Jaeger. "
-                                 f"{_EXIT_CODES.format(ok='0 when answered, ')}")
+                                 f"{_EXIT_CODES.format(ok='0 when answered (ready or not), ', not_ready='')}")
     traces.add_argument("trace_id", nargs="?", help="print only this trace (32 hex digits)")
     traces.add_argument("--service", help="only traces with a span of this service")
     traces.add_argument("--min-duration-ms", type=float, help="only traces at least this long")
-    traces.add_argument("--limit", type=int, default=5, help="how many traces (default 5)")
+    traces.add_argument("--limit", type=_one_to_1000, default=5, help="how many traces, 1 to 1000 (default 5)")
     _add_agent_options(traces)
     traces.set_defaults(func=cmd_traces)
 
     flows = commands.add_parser("flows", help="live table of the top sampled flows",
                                 description="A live, refreshing table of the top flows the netsample source "
                                 "estimates: rates, packet and byte totals with their 95 % error bounds, processes. "
-                                f"{_EXIT_CODES.format(ok='0 when answered, ')}")
-    flows.add_argument("--top", type=_top_flows, default=20, help="how many flows, 1 to 1000 (default 20)")
+                                f"{_EXIT_CODES.format(ok='0 when answered (ready or not), ', not_ready='')}")
+    flows.add_argument("--top", type=_one_to_1000, default=20, help="how many flows, 1 to 1000 (default 20)")
     flows.add_argument("--once", action="store_true", help="print once and exit (no screen refresh)")
     flows.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
     _add_agent_options(flows)

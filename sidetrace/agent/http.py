@@ -37,7 +37,7 @@ class HttpServer:
         app.router.add_get("/debug/traces/{trace_id}", self._debug_trace)
         app.router.add_get("/debug/flows", self._debug_flows)
         self._app = app
-        self._expected_auth = f"Bearer {section.auth_token}".encode() if section.auth_token else None
+        self._expected_auth = section.auth_token.encode() if section.auth_token else None
 
     async def start(self) -> None:
         self._state = "starting"
@@ -97,8 +97,11 @@ class HttpServer:
     def _authorize(self, request: web.Request) -> None:
         if self._expected_auth is None:
             return
-        given = request.headers.get("Authorization", "").encode(errors="replace")
-        if not hmac.compare_digest(given, self._expected_auth):
+        # The scheme is case-insensitive (RFC 9110 section 11.1): "bearer" is "Bearer"; the token is compared in
+        # constant time.
+        scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+        given = token.strip().encode(errors="replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, self._expected_auth):
             raise web.HTTPUnauthorized(text="missing or wrong bearer token ([server] auth_token)\n")
 
     async def _debug_status(self, request: web.Request) -> web.Response:

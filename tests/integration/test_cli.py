@@ -7,11 +7,13 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import Agent, free_port, http_get
+from tests.conftest import Agent, free_port, http_get, wait_until
 
 EXIT_UNREACHABLE, EXIT_NOT_READY, EXIT_UNAUTHORIZED = 1, 3, 4
 
@@ -106,3 +108,27 @@ def test_json_logs_are_one_object_per_line_with_structured_fields(agent_factory:
     ready = next(line for line in lines if line["message"].startswith("sidetrace 0.1.0 ready: "))
     assert (ready["level"], ready["logger"], ready["version"]) == ("info", "sidetrace.daemon", "0.1.0")
     assert ready["components"] == ["server", "host", "app_metrics", "pipeline", "otlp"]
+
+
+def test_status_from_a_config_listening_on_the_ipv6_wildcard_asks_the_ipv6_loopback(
+        agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory()
+    agent.write_config(listen=f"[::]:{agent.port}")  # asyncio makes "::" an IPv6-only socket: 127.0.0.1 is refused
+    agent.start(wait_ready=False)
+    wait_until(lambda: agent.alive() and http_get(f"http://[::1]:{agent.port}/readyz", 1)[0] == 200, 20,
+               "agent ready on [::1]")
+    done = sidetrace("status", "--config", str(agent.config_path))
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_debug_token_scheme_is_case_insensitive(agent_factory: Callable[..., Agent]) -> None:
+    agent = with_server_token(agent_factory(), "s3cret").start()
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        request = urllib.request.Request(agent.url + "/debug/status", headers={"Authorization": f"{scheme} s3cret"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 200
+    for header in ("bearer s3cre", "Basic s3cret", "s3cret", "bearers3cret"):
+        request = urllib.request.Request(agent.url + "/debug/status", headers={"Authorization": header})
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=5)
+        assert info.value.code == 401, header

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import platform
+from pathlib import Path
 
 import pytest
 
@@ -28,8 +29,10 @@ def test_help_of_the_agent_commands_documents_every_exit_code(
         cli.main([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "%%" not in text
-    assert ("1 when the agent is unreachable, 2 when the config is invalid, 3 when it is not ready, 4 when it "
-            "refuses the token.") in text
+    not_ready = "3 when it is not ready, " if command == "status" else ""
+    assert ("1 when the agent is unreachable or answers with another HTTP error (such as 404 or 503), 2 when the "
+            f"config or an option is invalid, {not_ready}4 when it refuses the token.") in text
+    assert ("0 when ready," if command == "status" else "0 when answered (ready or not),") in text
 
 
 def test_flows_help_shows_a_single_percent_sign(capsys: pytest.CaptureFixture[str]) -> None:
@@ -88,3 +91,38 @@ def test_status_shows_each_backend_of_a_load_balancing_exporter_under_it() -> No
                                              ["backend", "10.0.0.2:4317", "failing", "sent"]]
     assert " ".join(rows[-1]).endswith("sent 5, oldest unsent 1m01s connection_refused: no")
     assert rows[-2][-1] == "-"  # a running backend shows no error
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "1001", "x"])
+def test_traces_limit_outside_1_to_1000_is_refused_as_flows_top_is(
+        limit: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["traces", "--limit", limit])
+    assert info.value.code == 2
+    assert f"argument --limit: expected an integer from 1 to 1000, got '{limit}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:notaport", "http://127.0.0.1:99999", "ftp://127.0.0.1:1", "http://"])
+@pytest.mark.parametrize("command", ["status", "traces", "flows"])
+def test_a_url_that_is_not_one_is_a_usage_error_in_one_line(
+        command: str, url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([command, "--url", url, "--token", "t"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"--url {url}: ") and err.count("\n") == 1, err
+
+
+def test_a_run_whose_config_asks_for_json_logs_reports_config_errors_as_json_lines(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SIDETRACE_AGENT__LOG_FORMAT", raising=False)
+    path = tmp_path / "sidetrace.toml"
+    path.write_text('[agent]\nlog_format = "json"\ndata_dir = "/proc/sidetrace"\n[server]\nlisten = "nope"\n')
+    assert cli.main(["run", "--config", str(path)]) == 2
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [(line["level"], line["logger"], line["message"]) for line in lines] == [
+        ("error", "sidetrace.config", f'{path}: server.listen: expected HOST:PORT, got "nope"')]
+    monkeypatch.setenv("SIDETRACE_AGENT__LOG_FORMAT", "text")  # the variable wins over the file, as in run
+    assert cli.main(["run", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == f'{path}: server.listen: expected HOST:PORT, got "nope"\n'
+    path.write_text('[agent]\nlog_format = "json"\n[server\n')  # not TOML: the format cannot be known, text it is
+    assert cli.main(["run", "--config", str(path)]) == 2
+    assert capsys.readouterr().err.startswith(f"{path}: TOML syntax error: ")
