@@ -1082,8 +1082,7 @@ def _host_checks(config: Config, origins: Mapping[tuple[str, ...], str], origin:
         if writer.url.startswith("https://"):
             tls.append((f"exporters.remote_write[{index}].tls", writer.tls, False))
     for key, section, server in tls:
-        key_origin = origins.get(tuple(key.split(".")) + ("cert_file",), origin)
-        problems += [f"{key_origin}: {line}" for line in _tls_problems(key, section, server)]
+        problems += [f"{origin}: {line}" for line in _tls_problems(key, section, server)]  # _attribute: by key
     nats = config.sources.nats_trace
     if nats.enabled and nats.credentials:
         why = _unreadable(nats.credentials)
@@ -1102,6 +1101,20 @@ def _host_checks(config: Config, origins: Mapping[tuple[str, ...], str], origin:
         except ValueError as exc:
             problems.append(f"{origin}: {key}: {exc}")
     return problems
+
+
+def _attribute(lines: list[str], origins: Mapping[tuple[str, ...], str], origin: str) -> list[str]:
+    """``lines`` (each "ORIGIN: KEY: ...") with ORIGIN, when it is the file, replaced by the environment variable
+    that set KEY: a problem a SIDETRACE_* override caused names the variable, as README promises."""
+    attributed = []
+    for line in lines:
+        if line.startswith(f"{origin}: "):
+            key = line[len(origin) + 2:].split(": ", 1)[0]
+            where = origins.get(tuple(key.split(".")))
+            if where is not None:
+                line = f"{where}: {line[len(origin) + 2:]}"
+        attributed.append(line)
+    return attributed
 
 
 def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None, *,
@@ -1133,9 +1146,10 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
     _apply_env(data, env, origins, env_problems)
     builder = _Builder(origins, origin)
     config = builder.build(Config, data, ())
-    problems = env_problems + builder.problems + _cross_checks(config, origin, builder.problems)
+    problems = env_problems + builder.problems + _attribute(_cross_checks(config, origin, builder.problems),
+                                                            origins, origin)
     if verify and not problems:
-        problems = _host_checks(config, origins, origin, env)
+        problems = _attribute(_host_checks(config, origins, origin, env), origins, origin)
     if problems:
         raise ConfigError(problems)
     if warnings is not None:

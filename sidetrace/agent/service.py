@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 
 UNIT_PATH = PurePosixPath("etc/systemd/system/sidetrace.service")
+DROP_IN_DIR = PurePosixPath("etc/systemd/system/sidetrace.service.d")  # `systemctl edit sidetrace` writes here
 WANTS_LINK = PurePosixPath("etc/systemd/system/multi-user.target.wants/sidetrace.service")
 CONFIG_PATH = PurePosixPath("etc/sidetrace/sidetrace.toml")
 # StateDirectory= with DynamicUser=yes keeps the data in /var/lib/private and links /var/lib/sidetrace to it.
@@ -142,7 +143,8 @@ def install(root: Path, python: str, dry_run: bool = False) -> Plan:
 
 def uninstall(root: Path, purge: bool = False, dry_run: bool = False) -> Plan:
     """Removes the unit and its enablement link, the config when unedited (or always with ``purge``), and with
-    ``purge`` the state directory too."""
+    ``purge`` the unit's drop-ins (``sidetrace.service.d/``, what ``systemctl edit`` writes) and the state
+    directory too."""
     plan = Plan()
     verb = "would remove" if dry_run else "removed"
     for path in (root / WANTS_LINK, root / UNIT_PATH):
@@ -150,6 +152,17 @@ def uninstall(root: Path, purge: bool = False, dry_run: bool = False) -> Plan:
             if not dry_run:
                 path.unlink()
             plan.actions.append(f"{verb} {path}")
+    drop_ins = root / DROP_IN_DIR
+    if drop_ins.is_symlink() or drop_ins.exists():
+        if not purge:
+            plan.actions.append(f"kept: {drop_ins} (your drop-ins; --purge removes it)")
+        else:
+            if not dry_run:
+                if drop_ins.is_symlink() or not drop_ins.is_dir():
+                    drop_ins.unlink()
+                else:
+                    shutil.rmtree(drop_ins)
+            plan.actions.append(f"{verb} {drop_ins}")
     config = root / CONFIG_PATH
     if config.exists():
         if purge or config.read_bytes() == packaged("sidetrace.toml"):

@@ -94,22 +94,29 @@ def test_install_service_writes_unit_and_config_once_and_uninstall_keeps_the_spo
     spool.mkdir(parents=True)
     (spool / "spool.db").write_bytes(b"unsent spans")
     (tmp_path / "var/lib/sidetrace").symlink_to("private/sidetrace")
+    # What `systemctl edit sidetrace` leaves: a drop-in, which install-service never rewrites.
+    drop_ins = tmp_path / "etc/systemd/system/sidetrace.service.d"
+    drop_ins.mkdir()
+    (drop_ins / "override.conf").write_text("[Service]\nEnvironment=JAEGER_TOKEN=t\n")
 
     removed = run(sidetrace, "uninstall-service", "--root", tmp_path)
     assert removed.returncode == 0, removed.stderr
     assert removed.stdout.splitlines() == [
-        f"removed {wants}", f"removed {unit}", f"removed {config}",
+        f"removed {wants}", f"removed {unit}", f"kept: {drop_ins} (your drop-ins; --purge removes it)",
+        f"removed {config}",
         f"kept: {tmp_path}/var/lib/sidetrace (the spool; --purge removes it)",
         f"kept: {spool} (the spool; --purge removes it)",
         "Then run:", "  systemctl stop sidetrace", "  systemctl daemon-reload"]
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
         "etc", "etc/systemd", "etc/systemd/system", "etc/systemd/system/multi-user.target.wants",
-        "var", "var/lib", "var/lib/private", "var/lib/private/sidetrace", "var/lib/private/sidetrace/spool.db",
+        "etc/systemd/system/sidetrace.service.d", "etc/systemd/system/sidetrace.service.d/override.conf", "var",
+        "var/lib", "var/lib/private", "var/lib/private/sidetrace", "var/lib/private/sidetrace/spool.db",
         "var/lib/sidetrace"]
 
     purged = run(sidetrace, "uninstall-service", "--root", tmp_path, "--purge")
     assert purged.returncode == 0, purged.stderr
     assert not spool.exists() and not (tmp_path / "var/lib/sidetrace").is_symlink()
+    assert f"removed {drop_ins}" in purged.stdout.splitlines() and not drop_ins.exists()
 
 
 @pytest.mark.slow

@@ -393,3 +393,17 @@ def test_two_listeners_on_one_port_and_overlapping_addresses_are_refused_naming_
 def test_a_disabled_receiver_may_share_the_server_port(tmp_path: Path) -> None:
     load(write(tmp_path, '[server]\nlisten = "127.0.0.1:19317"\n[receivers.otlp]\nenabled = false\n'
                          'grpc_listen = "127.0.0.1:19317"\n'), {})
+
+
+def test_problems_an_environment_override_causes_name_the_variable(tmp_path: Path) -> None:
+    path = write(tmp_path, "")
+    env = {"SIDETRACE_SERVER__LISTEN": "127.0.0.1:19317", "SIDETRACE_RECEIVERS__OTLP__GRPC_LISTEN": "127.0.0.1:19317",
+           "SIDETRACE_SPOOL__MAX_PENDING_BYTES": "10"}
+    assert [line.split(": ", 2)[:2] for line in problems(path, env, verify=False)] == [
+        ["environment SIDETRACE_SPOOL__MAX_PENDING_BYTES", "spool.max_pending_bytes"],
+        ["environment SIDETRACE_RECEIVERS__OTLP__GRPC_LISTEN", "receivers.otlp.grpc_listen"]]
+    env = {"SIDETRACE_SERVER__TLS__CERT_FILE": str(tmp_path / "c.pem"),
+           "SIDETRACE_SERVER__TLS__KEY_FILE": str(tmp_path / "k.pem")}
+    assert [line.split(": ", 2)[:2] for line in problems(path, env)] == [
+        ["environment SIDETRACE_SERVER__TLS__CERT_FILE", "server.tls.cert_file"],
+        ["environment SIDETRACE_SERVER__TLS__KEY_FILE", "server.tls.key_file"]]
