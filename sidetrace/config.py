@@ -1029,7 +1029,7 @@ def _data_dir_problem(path: Path) -> str | None:
                     break
         return None
     holder = DataDirLock(path).holder()
-    if holder is not None:
+    if holder is not None and holder != str(os.getpid()):  # a reload verifies while this agent holds the lock
         return in_use_message(path, holder)
     return None
 
