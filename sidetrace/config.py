@@ -15,6 +15,7 @@ import json
 import os
 import pwd
 import re
+import socket
 import ssl
 import sys
 import types
@@ -889,45 +890,50 @@ def _cross_checks(config: Config, origin: str, reported: list[str]) -> list[str]
     return problems
 
 
-def _hosts_overlap(first: str, second: str) -> bool:
-    """Whether binding ``first`` and ``second`` on one port would collide: the same address, or a wildcard that
-    covers the other (``::`` is dual-stack on Linux by default, so it covers IPv4 too; ``0.0.0.0`` covers IPv4 and
-    host names). Different host names are not resolved here."""
+_ANY = {4: ipaddress.IPv4Address("0.0.0.0"), 6: ipaddress.IPv6Address("::")}
+
+
+def _bound_addresses(host: str, grpc: bool) -> set[tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+    """The (IP version, address) pairs a listener on ``host`` takes, as the agent binds them: the HTTP listeners
+    (asyncio) make ``::`` an IPv6-only socket, gRPC makes it dual-stack (it takes IPv4's 0.0.0.0 too); a host name
+    takes every address it resolves to here (none when it does not resolve: the bind reports that itself)."""
     try:
-        a: ipaddress.IPv4Address | ipaddress.IPv6Address | str = ipaddress.ip_address(first)
+        addresses = {ipaddress.ip_address(host)}
     except ValueError:
-        a = first
-    try:
-        b: ipaddress.IPv4Address | ipaddress.IPv6Address | str = ipaddress.ip_address(second)
-    except ValueError:
-        b = second
-    if a == b:
-        return True
-    for one, other in ((a, b), (b, a)):
-        if one == ipaddress.IPv6Address("::"):
-            return True
-        if one == ipaddress.IPv4Address("0.0.0.0") and not isinstance(other, ipaddress.IPv6Address):
-            return True
-    return False
+        try:
+            addresses = {ipaddress.ip_address(info[4][0].split("%")[0])
+                         for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+        except (OSError, UnicodeError, ValueError):
+            return set()
+    taken = {(address.version, address) for address in addresses}
+    if grpc and (6, _ANY[6]) in taken:
+        taken.add((4, _ANY[4]))
+    return taken
+
+
+def _overlapping(first: set[tuple[int, typing.Any]], second: set[tuple[int, typing.Any]]) -> bool:
+    return any(version == other_version and (address == other or _ANY[version] in (address, other))
+               for version, address in first for other_version, other in second)
 
 
 def _listener_overlaps(config: Config, origin: str) -> list[str]:
     """One line per pair of listeners the agent would open on one port and overlapping addresses: the second bind
     would fail at start (exit 1), so check-config refuses the pair naming both keys."""
-    listeners = [("server.listen", config.server.listen)]
+    listeners = [("server.listen", config.server.listen, False)]
     if config.receivers.otlp.enabled:
-        listeners += [(f"receivers.otlp.{key}", getattr(config.receivers.otlp, key))
+        listeners += [(f"receivers.otlp.{key}", getattr(config.receivers.otlp, key), key == "grpc_listen")
                       for key in ("grpc_listen", "http_listen") if getattr(config.receivers.otlp, key)]
     parsed = []
-    for key, value in listeners:
+    for key, value, grpc in listeners:
         try:
-            parsed.append((key, value, *parse_host_port(value)))
+            host, port = parse_host_port(value)
         except ValueError:
             continue  # reported by the key's own check
+        parsed.append((key, value, port, _bound_addresses(host, grpc)))
     problems = []
-    for index, (key, value, host, port) in enumerate(parsed):
-        for other_key, other_value, other_host, other_port in parsed[:index]:
-            if port == other_port and _hosts_overlap(host, other_host):
+    for index, (key, value, port, taken) in enumerate(parsed):
+        for other_key, other_value, other_port, other_taken in parsed[:index]:
+            if port == other_port and _overlapping(taken, other_taken):
                 problems.append(f'{origin}: {key}: "{value}" takes port {port} that {other_key} ("{other_value}") '
                                 "already listens on; give each listener its own port")
     return problems

@@ -36,7 +36,9 @@ secret = st.sampled_from(["plain", "set_variable", "unset_variable"])
 configs = st.fixed_dictionaries({
     "data_dir": st.sampled_from(["existing", "creatable", "a_file", "under_a_file", "in_proc", "in_sys", "locked",
                                  "unset_variable", "no_such_user", "empty"]),
-    "receiver_port": st.sampled_from(["own", "server_port_same_address", "server_port_wildcard"]),
+    "server_listen": st.sampled_from(["127.0.0.1", "[::]", "localhost"]),
+    "receiver_port": st.sampled_from(["own", "server_port_same_address", "server_port_wildcard",
+                                      "server_port_ipv6_wildcard", "server_port_ipv6_loopback"]),
     "server_tls": listener_tls,
     "receiver_tls": listener_tls,
     "max_pending_bytes": st.sampled_from([1 << 20, 64 << 20]),
@@ -83,9 +85,11 @@ def render(choice: dict[str, Any], directory: Path) -> str:
         HELD.append(fd)
     server_port = free_port()
     grpc_listen = {"own": f"127.0.0.1:{free_port()}", "server_port_same_address": f"127.0.0.1:{server_port}",
-                   "server_port_wildcard": f"0.0.0.0:{server_port}"}[choice["receiver_port"]]
+                   "server_port_wildcard": f"0.0.0.0:{server_port}", "server_port_ipv6_wildcard": f"[::]:{server_port}",
+                   "server_port_ipv6_loopback": f"[::1]:{server_port}"}[choice["receiver_port"]]
     text = (f'[agent]\ndata_dir = "{data_dir}"\n'
-            f'[server]\nlisten = "127.0.0.1:{server_port}"\n{_listener_tls(choice["server_tls"], directory)}'
+            f'[server]\nlisten = "{choice["server_listen"]}:{server_port}"\n'
+            f'{_listener_tls(choice["server_tls"], directory)}'
             f'[receivers.otlp]\ngrpc_listen = "{grpc_listen}"\nhttp_listen = "127.0.0.1:{free_port()}"\n'
             f'{_listener_tls(choice["receiver_tls"], directory)}'
             f'[spool]\nmax_pending_bytes = {choice["max_pending_bytes"]}\n')
