@@ -135,7 +135,10 @@ def dry_start(path: Path) -> tuple[bool, str]:
     return code == 0, f"exit {code}"  # run() returns 0 only after it was ready and stopped on request
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 200, not 40: most generated configs hold several problems, and one that both judges refuse (a missing TLS file, a
+# small max_pending_bytes) masks the one under test; at 40 the landed code passed 3 runs in 4 with /proc data_dirs
+# and shared ports in the space. An example takes 5-110 ms.
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(choice=configs)
 def test_check_config_and_a_dry_start_agree(choice: dict[str, Any]) -> None:
     os.environ[SET_VARIABLE] = "from-the-environment"
