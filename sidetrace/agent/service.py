@@ -141,6 +141,21 @@ def install(root: Path, python: str, dry_run: bool = False) -> Plan:
     return plan
 
 
+
+def _remove_kept_unless_purged(path: Path, what: str, purge: bool, dry_run: bool, plan: Plan, verb: str) -> None:
+    """Remove ``path`` (a directory tree, a file or a link) with --purge; without it, say it is kept."""
+    if not (path.is_symlink() or path.exists()):
+        return
+    if not purge:
+        plan.actions.append(f"kept: {path} ({what}; --purge removes it)")
+        return
+    if not dry_run:
+        if path.is_symlink() or not path.is_dir():
+            path.unlink()
+        else:
+            shutil.rmtree(path)
+    plan.actions.append(f"{verb} {path}")
+
 def uninstall(root: Path, purge: bool = False, dry_run: bool = False) -> Plan:
     """Removes the unit and its enablement link, the config when unedited (or always with ``purge``), and with
     ``purge`` the unit's drop-ins (``sidetrace.service.d/``, what ``systemctl edit`` writes) and the state
@@ -152,17 +167,7 @@ def uninstall(root: Path, purge: bool = False, dry_run: bool = False) -> Plan:
             if not dry_run:
                 path.unlink()
             plan.actions.append(f"{verb} {path}")
-    drop_ins = root / DROP_IN_DIR
-    if drop_ins.is_symlink() or drop_ins.exists():
-        if not purge:
-            plan.actions.append(f"kept: {drop_ins} (your drop-ins; --purge removes it)")
-        else:
-            if not dry_run:
-                if drop_ins.is_symlink() or not drop_ins.is_dir():
-                    drop_ins.unlink()
-                else:
-                    shutil.rmtree(drop_ins)
-            plan.actions.append(f"{verb} {drop_ins}")
+    _remove_kept_unless_purged(root / DROP_IN_DIR, "your drop-ins", purge, dry_run, plan, verb)
     config = root / CONFIG_PATH
     if config.exists():
         if purge or config.read_bytes() == packaged("sidetrace.toml"):
@@ -177,18 +182,8 @@ def uninstall(root: Path, purge: bool = False, dry_run: bool = False) -> Plan:
             plan.actions.append(f"{verb} {config}")
         else:
             plan.actions.append(f"kept: {config} (edited; --purge removes it)")
-    for state in (root / path for path in STATE_PATHS):
-        if not (state.is_symlink() or state.exists()):
-            continue
-        if not purge:
-            plan.actions.append(f"kept: {state} (the spool; --purge removes it)")
-        else:
-            if not dry_run:
-                if state.is_symlink() or not state.is_dir():
-                    state.unlink()
-                else:
-                    shutil.rmtree(state)
-            plan.actions.append(f"{verb} {state}")
+    for path in STATE_PATHS:
+        _remove_kept_unless_purged(root / path, "the spool", purge, dry_run, plan, verb)
     plan.commands = ["systemctl stop sidetrace", "systemctl daemon-reload"]
     return plan
 
