@@ -3,6 +3,7 @@ handles, continuing the context the caller sent in the request's headers."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import temporalio.nexus
@@ -31,18 +32,18 @@ class _NexusOperationInbound(temporalio.worker.NexusOperationInboundInterceptor)
             self.root.guard.failed("nexus info", exc)
         return attributes
 
-    async def execute_nexus_operation_start(self, input: temporalio.worker.ExecuteNexusOperationStartInput) -> Any:
+    async def _handle(self, what: str, ctx: Any, handler: Awaitable[Any]) -> Any:
+        """Await ``handler`` in a ``{what}:{service}/{operation}`` server span continuing the caller's context."""
         if not is_instrumentation_enabled():
-            return await super().execute_nexus_operation_start(input)
-        ctx = input.ctx
-        with _span(self.root.tracer, self.root.guard, f"RunStartNexusOperationHandler:{ctx.service}/{ctx.operation}",
-                   SpanKind.SERVER, self._attributes(ctx), context_from_nexus_headers(ctx.headers, self.root.guard)):
-            return await super().execute_nexus_operation_start(input)
+            return await handler
+        with _span(self.root.tracer, self.root.guard, f"{what}:{ctx.service}/{ctx.operation}", SpanKind.SERVER,
+                   self._attributes(ctx), context_from_nexus_headers(ctx.headers, self.root.guard)):
+            return await handler
+
+    async def execute_nexus_operation_start(self, input: temporalio.worker.ExecuteNexusOperationStartInput) -> Any:
+        return await self._handle("RunStartNexusOperationHandler", input.ctx,
+                                  super().execute_nexus_operation_start(input))
 
     async def execute_nexus_operation_cancel(self, input: temporalio.worker.ExecuteNexusOperationCancelInput) -> None:
-        if not is_instrumentation_enabled():
-            return await super().execute_nexus_operation_cancel(input)
-        ctx = input.ctx
-        with _span(self.root.tracer, self.root.guard, f"RunCancelNexusOperationHandler:{ctx.service}/{ctx.operation}",
-                   SpanKind.SERVER, self._attributes(ctx), context_from_nexus_headers(ctx.headers, self.root.guard)):
-            return await super().execute_nexus_operation_cancel(input)
+        return await self._handle("RunCancelNexusOperationHandler", input.ctx,
+                                  super().execute_nexus_operation_cancel(input))
