@@ -1164,7 +1164,29 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
             if balancer.dns_server and not balancer.dns:
                 warnings.append(f"{origin}: exporters.loadbalancing[{index}].dns_server: set without dns, so it has "
                                 "no effect (static backends are not resolved); remove it, or set dns")
+        warnings.extend(_bound_warnings(config, origins, origin))
     return config
+
+
+def _bound_warnings(config: Config, origins: Mapping[tuple[str, ...], str], origin: str) -> list[str]:
+    """One line per bound that another bound makes unreachable. Warned, not refused: the agent runs correctly with
+    them (the smaller bound wins, and what it lets go is counted), so a config that ran before must not stop
+    starting after an upgrade; but the operator asked for something the agent cannot give."""
+    lines = []
+    netsample = config.sources.netsample
+    if netsample.enabled and netsample.top_flows > netsample.max_flows:
+        where = origins.get(("sources", "netsample", "top_flows"), origin)
+        lines.append(f"{where}: sources.netsample.top_flows: {netsample.top_flows} is more than "
+                     f"sources.netsample.max_flows ({netsample.max_flows}), so at most {netsample.max_flows} flows "
+                     "get their own series; lower top_flows to max_flows or less, or raise max_flows")
+    recent = config.recent_traces
+    if recent.max_spans_per_trace > recent.max_spans:
+        where = origins.get(("recent_traces", "max_spans_per_trace"), origin)
+        lines.append(f"{where}: recent_traces.max_spans_per_trace: {recent.max_spans_per_trace} is more than "
+                     f"recent_traces.max_spans ({recent.max_spans}), so no trace shows more than {recent.max_spans} "
+                     "spans, and a trace cut this way does not say it lost any; lower max_spans_per_trace to "
+                     "max_spans or less, or raise max_spans")
+    return lines
 
 
 def reference_markdown() -> str:

@@ -415,3 +415,35 @@ def test_problems_an_environment_override_causes_name_the_variable(tmp_path: Pat
     assert [line.split(": ", 2)[:2] for line in problems(path, env)] == [
         ["environment SIDETRACE_SERVER__TLS__CERT_FILE", "server.tls.cert_file"],
         ["environment SIDETRACE_SERVER__TLS__KEY_FILE", "server.tls.key_file"]]
+
+
+def test_check_config_warns_of_more_top_flows_than_max_flows_naming_both(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, '[sources.netsample]\nenabled = true\nmax_flows = 10\ntop_flows = 50\n')
+    assert cli.main(["check-config", "--config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{path}: OK\n"
+    assert captured.err == (
+        f"warning: {path}: sources.netsample.top_flows: 50 is more than sources.netsample.max_flows (10), so at most "
+        "10 flows get their own series; lower top_flows to max_flows or less, or raise max_flows\n")
+
+
+def test_check_config_warns_of_more_spans_per_trace_than_spans_naming_the_variable(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIDETRACE_RECENT_TRACES__MAX_SPANS_PER_TRACE", "2000")
+    path = write(tmp_path, "[recent_traces]\nmax_spans = 500\n")
+    assert cli.main(["check-config", "--config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{path}: OK\n"
+    assert captured.err == (
+        "warning: environment SIDETRACE_RECENT_TRACES__MAX_SPANS_PER_TRACE: recent_traces.max_spans_per_trace: 2000 "
+        "is more than recent_traces.max_spans (500), so no trace shows more than 500 spans, and a trace cut this way "
+        "does not say it lost any; lower max_spans_per_trace to max_spans or less, or raise max_spans\n")
+
+
+def test_bounds_that_are_equal_are_not_warned_of(tmp_path: Path) -> None:
+    warnings: list[str] = []
+    load(write(tmp_path, '[sources.netsample]\nenabled = true\nmax_flows = 20\ntop_flows = 20\n'
+                         "[recent_traces]\nmax_spans = 1000\nmax_spans_per_trace = 1000\n"), {}, verify=True,
+         warnings=warnings)
+    assert warnings == []
