@@ -102,13 +102,16 @@ def _check_url_port(authority: str) -> None:
 
 def _check_endpoint(value: str) -> str:
     _refuse_other_scheme(value, ("http", "https"))
-    match = re.fullmatch(r"(?:(https?)://)?([^/\s]+?)(/.*)?", value)
-    if not value or match is None:
+    match = re.fullmatch(r"(https?)://([^/\s]+?)(/.*)?", value)
+    if match is None:
+        if re.fullmatch(r"[^/\s]+", value):
+            # HOST:PORT alone means TLS to the Collector's otlp exporter and the SDKs' gRPC exporters (their
+            # `insecure` defaults to false), and meant plain text here before: refused rather than guessed.
+            raise ValueError(f"expected a scheme, http://{value} (plain text) or https://{value} (TLS): the "
+                             "OpenTelemetry Collector and SDKs take an endpoint without one as TLS, earlier sidetrace "
+                             "versions as plain text")
         raise ValueError("expected an endpoint such as http://jaeger:4317 or https://jaeger:4318")
-    if match.group(1) is None:
-        parse_host_port(match.group(2))
-    else:
-        _check_url_port(match.group(2))
+    _check_url_port(match.group(2))
     return value
 
 
@@ -341,7 +344,8 @@ class OtlpExporterSection:
 
     name: str = _key("Unique name; used in metrics and as the spool cursor's key.", _check_name, default="jaeger")
     endpoint: str = _key("`http://host:4317` (grpc) or `http://host:4318` (http, /v1/traces is added); "
-                         "`https://` turns TLS on.", _check_endpoint, default="http://127.0.0.1:4317")
+                         "`https://` turns TLS on. The scheme is required: `host:4317` alone is refused.",
+                         _check_endpoint, default="http://127.0.0.1:4317")
     protocol: str = _key("`grpc` or `http` (protobuf).", _check_choice("grpc", "http"), default="grpc")
     headers: dict[str, str] = _key("Extra request headers; `${VAR}` in a value is read from the environment "
                                    "(unset: an error).", default_factory=dict)

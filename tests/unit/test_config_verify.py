@@ -447,3 +447,14 @@ def test_bounds_that_are_equal_are_not_warned_of(tmp_path: Path) -> None:
                          "[recent_traces]\nmax_spans = 1000\nmax_spans_per_trace = 1000\n"), {}, verify=True,
          warnings=warnings)
     assert warnings == []
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_an_exporter_endpoint_without_a_scheme_is_refused_offering_both(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], protocol: str) -> None:
+    path = write(tmp_path, f'[[exporters.otlp]]\nendpoint = "localhost:4317"\nprotocol = "{protocol}"\n')
+    assert cli.main(["check-config", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"{path}: exporters.otlp[0].endpoint: expected a scheme, http://localhost:4317 (plain text) or "
+        "https://localhost:4317 (TLS): the OpenTelemetry Collector and SDKs take an endpoint without one as TLS, "
+        'earlier sidetrace versions as plain text, got "localhost:4317"\n')
