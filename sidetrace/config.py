@@ -798,25 +798,43 @@ def env_name(path: tuple[str, ...]) -> str:
     return ENV_PREFIX + ENV_SEPARATOR.join(part.upper() for part in path)
 
 
-def _unknown_env_reason(name: str, leaves: Mapping[str, tuple[tuple[str, ...], typing.Any]]) -> str:
-    """Why ``name`` sets nothing, with a suggestion from its own section only (a close name from another section,
-    such as a receiver's key for an exporter's, would send the operator the wrong way)."""
+_ARRAY_KEYS = ("whose keys have no environment variables; set them in the config file (a header or credential value "
+               "can read a variable with ${VAR})")
+
+
+def _unknown_env_reason(name: str) -> str:
+    """Why ``name`` sets nothing, with a suggestion only when each of its parts (section, subsection, key) is close
+    to a real one at its own level: matched on whole names, the shared prefix and a common key (ENABLED) would make
+    any two look alike, so SIDETRACE_BOGUS__X was offered SIDETRACE_HOST__ENABLED."""
     parts = tuple(name[len(ENV_PREFIX):].lower().split(ENV_SEPARATOR))
-    arrays = {tuple(p.removesuffix("[]") for p in path[: i + 1])
-              for path, _, _ in _walk(Config) for i, p in enumerate(path) if p.endswith("[]")}
-    for array in arrays:
-        if parts[: len(array)] == array:
-            return (f"[[{'.'.join(array)}]] is an array of tables, whose keys have no environment variables; set "
-                    f"them in the config file (a header or credential value can read a variable with ${{VAR}})")
-    same_section = {ENV_SEPARATOR.join(path[1:]).upper(): leaf for leaf, (path, _) in leaves.items()
-                    if path[0] == parts[0]}
-    if not same_section:
-        return f"unknown setting{_suggest(name, list(leaves))}"
-    # Matched on the part after the section: the shared prefix would make any two names look alike.
-    close = difflib.get_close_matches(ENV_SEPARATOR.join(parts[1:]).upper(), list(same_section), n=1, cutoff=0.6)
-    if close:
-        return f'unknown setting, did you mean "{same_section[close[0]]}"?'
-    return f"unknown setting (known: {', '.join(sorted(same_section.values()))})"
+    schema = [path for path, _, _ in _walk(Config)]
+    arrays = {tuple(p.removesuffix("[]") for p in path[: i + 1]) for path in schema
+              for i, p in enumerate(path) if p.endswith("[]")}
+    paths = [tuple(p.removesuffix("[]") for p in path) for path in schema]
+    matched: tuple[str, ...] = ()
+    for part in parts:
+        below = [path for path in paths if path[: len(matched)] == matched and len(path) > len(matched)]
+        if not below:
+            break
+        children = list(dict.fromkeys(path[len(matched)] for path in below))
+        close = part if part in children else next(iter(difflib.get_close_matches(part, children, n=1, cutoff=0.6)),
+                                                   None)
+        if close is None:
+            if not matched:
+                sections = ", ".join(child.upper() for child in children)
+                return f"unknown setting: no section {part.upper()} (sections: {sections})"
+            if all((*matched, child) in arrays for child in children):
+                tables = ", ".join(f"[[{'.'.join((*matched, child))}]]" for child in children)
+                return f"{tables} are arrays of tables, {_ARRAY_KEYS}"
+            if all((*matched, child) not in paths for child in children):  # only subsections here: name them
+                return f"unknown setting (known: {', '.join(env_name((*matched, c)) + '__*' for c in children)})"
+            return f"unknown setting (known: {', '.join(sorted(env_name(path) for path in below))})"
+        matched = (*matched, close)
+        if matched in arrays:
+            return f"[[{'.'.join(matched)}]] is an array of tables, {_ARRAY_KEYS}"
+    if matched in paths and len(matched) == len(parts):
+        return f'unknown setting, did you mean "{env_name(matched)}"?'
+    return f"unknown setting (known: {', '.join(sorted(env_name(p) for p in paths if p[: len(matched)] == matched))})"
 
 
 def _apply_env(
@@ -827,7 +845,7 @@ def _apply_env(
         if not name.startswith(ENV_PREFIX) or ENV_SEPARATOR not in name:
             continue
         if name not in leaves:
-            problems.append(f"environment {name}: {_unknown_env_reason(name, leaves)}")
+            problems.append(f"environment {name}: {_unknown_env_reason(name)}")
             continue
         path, kind = leaves[name]
         table = data

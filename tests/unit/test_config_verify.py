@@ -458,3 +458,35 @@ def test_an_exporter_endpoint_without_a_scheme_is_refused_offering_both(
         f"{path}: exporters.otlp[0].endpoint: expected a scheme, http://localhost:4317 (plain text) or "
         "https://localhost:4317 (TLS): the OpenTelemetry Collector and SDKs take an endpoint without one as TLS, "
         'earlier sidetrace versions as plain text, got "localhost:4317"\n')
+
+
+@pytest.mark.parametrize("name", ["SIDETRACE_BOGUS__X", "SIDETRACE_XYZZY__ENABLED"])
+def test_an_unknown_section_variable_gets_no_far_off_suggestion_but_the_sections(name: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(None, {name: "1"})
+    section = name.removeprefix("SIDETRACE_").split("__")[0]
+    assert info.value.problems == [
+        f"environment {name}: unknown setting: no section {section} (sections: AGENT, SERVER, HOST, SOURCES, "
+        "RECEIVERS, SPOOL, EXPORTERS, PROCESSORS, RECENT_TRACES, APP_METRICS)"]
+
+
+@pytest.mark.parametrize("name, meant", [
+    ("SIDETRACE_SERVR__LISTEN", "SIDETRACE_SERVER__LISTEN"),
+    ("SIDETRACE_SOURCES__NETSAMPL__TOP_FLOWS", "SIDETRACE_SOURCES__NETSAMPLE__TOP_FLOWS"),
+    ("SIDETRACE_PROCESSORS__SPANMETRICS__ENABLED", "SIDETRACE_PROCESSORS__SPAN_METRICS__ENABLED"),
+])
+def test_a_variable_close_at_every_level_is_suggested(name: str, meant: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(None, {name: "1"})
+    assert info.value.problems == [f'environment {name}: unknown setting, did you mean "{meant}"?']
+
+
+def test_an_unknown_subsection_variable_lists_the_subsections() -> None:
+    with pytest.raises(ConfigError) as info:
+        load(None, {"SIDETRACE_SOURCES__BOGUS__ENABLED": "true", "SIDETRACE_EXPORTERS__BOGUS": "x"})
+    assert info.value.problems == [
+        "environment SIDETRACE_EXPORTERS__BOGUS: [[exporters.otlp]], [[exporters.loadbalancing]], "
+        "[[exporters.remote_write]] are arrays of tables, whose keys have no environment variables; set them in the "
+        "config file (a header or credential value can read a variable with ${VAR})",
+        "environment SIDETRACE_SOURCES__BOGUS__ENABLED: unknown setting (known: SIDETRACE_SOURCES__NATS_TRACE__*, "
+        "SIDETRACE_SOURCES__NETSAMPLE__*)"]
