@@ -200,13 +200,34 @@ def _agent_address(args: argparse.Namespace) -> AgentAddress:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"--url {args.url or url}: expected http://HOST:PORT, https://HOST:PORT or HOST:PORT")
     token = args.token or (config.server.auth_token if config else None) or None
-    context = None
-    if url.startswith("https://"):
-        context = ssl.create_default_context()
-        if config is not None and config.server.tls.cert_file:
-            with contextlib.suppress(OSError, ssl.SSLError):  # a self-signed listener certificate is its own CA
-                context.load_verify_locations(cafile=config.server.tls.cert_file)
-    return AgentAddress(url.rstrip("/"), token, context)
+    return AgentAddress(url.rstrip("/"), token, _agent_tls(args, parts.scheme, config))
+
+
+def _agent_tls(args: argparse.Namespace, scheme: str, config: Config | None) -> ssl.SSLContext | None:
+    """How to trust an https:// agent: --insecure not at all; else the system's CAs, --cacert, and the config's own
+    server.tls.cert_file (a self-signed listener certificate is its own CA). Raises UsageError."""
+    if scheme != "https":
+        if args.cacert or args.insecure:
+            option = "--cacert" if args.cacert else "--insecure"
+            raise UsageError(f"{option}: the agent is asked over plain http:// here, so there is no certificate to "
+                             "verify; give an https:// --url, or leave the option out")
+        return None
+    context = ssl.create_default_context()
+    if args.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    if args.cacert:
+        try:
+            context.load_verify_locations(cafile=args.cacert)
+        except ssl.SSLError as exc:  # before OSError, which it is a kind of
+            raise UsageError(f"--cacert {args.cacert}: holds no PEM CA certificate: {exc.reason or exc}") from None
+        except OSError as exc:
+            raise UsageError(f"--cacert {args.cacert}: cannot read: {exc.strerror or exc}") from None
+    if config is not None and config.server.tls.cert_file:
+        with contextlib.suppress(OSError, ssl.SSLError):  # a self-signed listener certificate is its own CA
+            context.load_verify_locations(cafile=config.server.tls.cert_file)
+    return context
 
 
 def _ask(args: argparse.Namespace, agent: AgentAddress, path: str) -> Any:
@@ -224,7 +245,12 @@ def _ask(args: argparse.Namespace, agent: AgentAddress, path: str) -> Any:
                                "agent's config file (its [server] auth_token)") from None
         raise AgentUnreachable(f"{url}: HTTP {exc.code}: {exc.read().decode(errors='replace').strip()}") from None
     except (urllib.error.URLError, OSError) as exc:
-        raise AgentUnreachable(f"cannot reach the agent at {url}: {getattr(exc, 'reason', exc)} "
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            raise AgentUnreachable(f"{url}: the agent's certificate is not trusted here ({reason.verify_message}); "
+                                   "pass --cacert with the CA that signed it (the certificate itself when "
+                                   "self-signed), --config with the agent's config file, or --insecure") from None
+        raise AgentUnreachable(f"cannot reach the agent at {url}: {reason} "
                                "(is it running? pass --url, or --config with its config file)") from None
     except json.JSONDecodeError as exc:
         raise AgentUnreachable(f"{url} did not answer with the agent's JSON: {exc}") from None
@@ -468,6 +494,11 @@ def _add_agent_options(parser: argparse.ArgumentParser) -> None:
                         help="bearer token for /debug (default: $SIDETRACE_SERVER__AUTH_TOKEN, else --config's "
                         "[server] auth_token)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the agent (default 5)")
+    trust = parser.add_mutually_exclusive_group()
+    trust.add_argument("--cacert", metavar="FILE", help="PEM CA bundle that signs an https:// agent's certificate "
+                       "(added to the system's CAs; with --config, a self-signed server.tls.cert_file is trusted "
+                       "without it)")
+    trust.add_argument("--insecure", action="store_true", help="do not verify an https:// agent's certificate")
     _add_config(parser)
 
 

@@ -10,9 +10,11 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from tests.certificates import make_signed_certificate
 from tests.conftest import Agent, free_port, http_get, wait_until
 
 EXIT_UNREACHABLE, EXIT_NOT_READY, EXIT_UNAUTHORIZED = 1, 3, 4
@@ -132,3 +134,40 @@ def test_the_debug_token_scheme_is_case_insensitive(agent_factory: Callable[...,
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(request, timeout=5)
         assert info.value.code == 401, header
+
+
+def test_status_verifies_a_tls_agent_with_cacert_or_not_at_all_with_insecure(
+    agent_factory: Callable[..., Agent], tmp_path: Path
+) -> None:
+    ca, cert, key = make_signed_certificate(tmp_path)
+    agent = agent_factory(f'[server.tls]\ncert_file = "{cert}"\nkey_file = "{key}"\n').start(wait_ready=False)
+    url = f"https://127.0.0.1:{agent.port}"
+    wait_until(lambda: sidetrace("status", "--url", url, "--cacert", str(ca)).returncode == 0, 20,
+               "the TLS agent ready through --cacert")
+    untrusted = sidetrace("status", "--url", url)
+    assert (untrusted.returncode, untrusted.stderr) == (EXIT_UNREACHABLE, (
+        f"{url}/debug/status: the agent's certificate is not trusted here (unable to get local issuer certificate); "
+        "pass --cacert with the CA that signed it (the certificate itself when self-signed), --config with the "
+        "agent's config file, or --insecure\n"))
+    # The config's own certificate is not self-signed here, so --config alone cannot stand for its CA.
+    assert sidetrace("status", "--config", str(agent.config_path)).returncode == EXIT_UNREACHABLE
+    assert sidetrace("status", "--config", str(agent.config_path), "--cacert", str(ca)).returncode == 0
+    insecure = sidetrace("traces", "--url", url, "--insecure")
+    assert (insecure.returncode, insecure.stdout) == (0, "no recent traces match\n"), insecure.stderr
+
+
+def test_cacert_and_insecure_are_refused_where_they_cannot_apply(tmp_path: Path) -> None:
+    plain = sidetrace("status", "--url", "127.0.0.1:9", "--insecure")
+    assert (plain.returncode, plain.stderr) == (2, (
+        "--insecure: the agent is asked over plain http:// here, so there is no certificate to verify; give an "
+        "https:// --url, or leave the option out\n"))
+    missing = sidetrace("flows", "--once", "--url", "https://127.0.0.1:9", "--cacert", str(tmp_path / "nope.pem"))
+    assert (missing.returncode, missing.stderr) == (2, f"--cacert {tmp_path / 'nope.pem'}: cannot read: No such file "
+                                                       "or directory\n")
+    (tmp_path / "empty.pem").write_text("not a certificate\n")
+    empty = sidetrace("status", "--url", "https://127.0.0.1:9", "--cacert", str(tmp_path / "empty.pem"))
+    assert empty.returncode == 2
+    assert empty.stderr.startswith(f"--cacert {tmp_path / 'empty.pem'}: holds no PEM CA certificate: ")
+    both = sidetrace("status", "--url", "https://127.0.0.1:9", "--cacert", "x", "--insecure")
+    assert both.returncode == 2
+    assert "--insecure: not allowed with argument --cacert" in both.stderr
