@@ -588,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
         "reach (under /home, /root or /tmp). Exit 0 when done, 1 when a file cannot be written, 2 when refused.")
     install.add_argument("--root", default="/", metavar="DIR", help="install under DIR instead of / (for images)")
     install.add_argument("--python", default=sys.executable, metavar="PATH",
-                         help=f"the interpreter the service runs (default: this one, {sys.executable})")
+                         help=f"the interpreter the service runs (default: this one, {sys.executable}); with --root, "
+                         "looked for inside DIR and not run")
     install.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
     install.set_defaults(func=cmd_install_service)
 

@@ -73,23 +73,97 @@ def _probe(python: str) -> tuple[list[str], str | None]:
     return prefixes, None
 
 
-def check_interpreter(python: str) -> list[str]:
-    """Warnings about ``python`` as the service's interpreter; raises ServiceError when the service cannot reach it."""
+def _hidden_refusal(python: str, path: str) -> ServiceError | None:
+    reason = hidden_reason(path)
+    if reason is None:
+        return None
+    return ServiceError(
+        f"--python {python}: the service cannot reach {path}: {reason}. Install sidetrace with a system "
+        "Python outside those directories (python3 -m venv /opt/sidetrace, or pipx with PIPX_HOME=/opt/pipx) "
+        "and run install-service with it, or pass --python")
+
+
+def inside(root: Path, path: str) -> PurePosixPath:
+    """``path`` (absolute) as a system whose / is ``root`` resolves it: each symbolic link followed inside ``root``
+    (an absolute target starts again from ``root``, not from this host's /). Raises ServiceError on a loop."""
+    pending = list(PurePosixPath(path).parts[1:])
+    resolved = PurePosixPath("/")
+    links = 0
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            resolved = resolved.parent
+            continue
+        candidate = resolved / part
+        on_host = root / candidate.relative_to("/")
+        if not on_host.is_symlink():
+            resolved = candidate
+            continue
+        links += 1
+        if links > 40:  # the kernel's own limit (ELOOP)
+            raise ServiceError(f"{path}: too many levels of symbolic links under {root}")
+        target = PurePosixPath(os.readlink(on_host))
+        if target.is_absolute():
+            resolved = PurePosixPath("/")
+            pending = list(target.parts[1:]) + pending
+        else:
+            pending = list(target.parts) + pending
+    return resolved
+
+
+def _venv_home(root: Path, python: str) -> str | None:
+    """The base interpreter's directory a venv's ``pyvenv.cfg`` names (looked for where Python looks: beside the
+    interpreter and one level up), as it reads inside ``root``; None for an interpreter that is not a venv's."""
+    for directory in (PurePosixPath(python).parent, PurePosixPath(python).parent.parent):
+        config = root / inside(root, str(directory / "pyvenv.cfg")).relative_to("/")
+        try:
+            lines = config.read_text().splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue
+        for line in lines:
+            key, equals, value = line.partition("=")
+            if equals and key.strip() == "home":
+                return value.strip()
+    return None
+
+
+def check_interpreter(python: str, root: Path = Path("/")) -> list[str]:
+    """Warnings about ``python`` as the service's interpreter; raises ServiceError when the service cannot reach it.
+
+    With a ``root`` other than /, ``python`` is looked for inside it (where the service will run it), symbolic links
+    and a venv's base interpreter included, and it is not run: it may be built for another system, and the
+    check-config line install-service prints runs it there.
+    """
     if not os.path.isabs(python):
         raise ServiceError(f"--python {python}: give an absolute path (the unit's ExecStart needs one)")
     if any(ch.isspace() for ch in python) or "%" in python:
         raise ServiceError(f"--python {python}: the path has a space or '%', which ExecStart would split or expand; "
                            "install sidetrace under a path without them")
+    refusal = _hidden_refusal(python, python)
+    if refusal is not None:
+        raise refusal
+    if os.path.realpath(root) != "/":
+        resolved = inside(root, python)
+        found = root / resolved.relative_to("/")
+        if not (found.is_file() and os.access(found, os.X_OK)):
+            via = f", a link to {resolved} there," if resolved != PurePosixPath(python) else ""
+            raise ServiceError(f"--python {python}: no executable at {root / python.lstrip('/')}{via} (with --root, "
+                               f"the interpreter is looked for inside {root}, where the service will run it); "
+                               "install sidetrace there first")
+        for path in (str(resolved), _venv_home(root, python)):
+            refusal = _hidden_refusal(python, path) if path else None
+            if refusal is not None:
+                raise refusal
+        return []
     if not (os.path.isfile(python) and os.access(python, os.X_OK)):
         raise ServiceError(f"--python {python}: no executable there; give the interpreter sidetrace is installed in")
     prefixes, problem = _probe(python)
-    for path in dict.fromkeys([python, os.path.realpath(python), *prefixes]):
-        reason = hidden_reason(path)
-        if reason:
-            raise ServiceError(
-                f"--python {python}: the service cannot reach {path}: {reason}. Install sidetrace with a system "
-                "Python outside those directories (python3 -m venv /opt/sidetrace, or pipx with PIPX_HOME=/opt/pipx) "
-                "and run install-service with it, or pass --python")
+    for path in dict.fromkeys([os.path.realpath(python), *prefixes]):
+        refusal = _hidden_refusal(python, path)
+        if refusal is not None:
+            raise refusal
     if problem:
         return [f"{python}: {problem}; install it there ({python} -m pip install 'sidetrace[agent]') before "
                 "starting the service"]
@@ -118,7 +192,7 @@ def _write(target: Path, content: bytes, dry_run: bool) -> None:
 
 def install(root: Path, python: str, dry_run: bool = False) -> Plan:
     """Writes the unit (replacing an older one) and the default config (only when absent) under ``root``."""
-    plan = Plan(warnings=check_interpreter(python))
+    plan = Plan(warnings=check_interpreter(python, root))
     unit = root / UNIT_PATH
     content = render_unit(python).encode()
     previous = unit.read_bytes() if unit.exists() else None

@@ -23,6 +23,21 @@ def run(*command: str | Path, timeout: float = 300) -> subprocess.CompletedProce
     return subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=timeout)
 
 
+def interpreter_in(root: Path, path: str = "/usr/bin/python3") -> Path:
+    """A copy of this host's /usr/bin/python3 at ``path`` inside ``root``, as an image would have it."""
+    target = root / path.lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(Path("/usr/bin/python3").resolve(), target)
+    return target
+
+
+def venv_in(root: Path, home: str) -> None:
+    """The layout `python3 -m venv /opt/sidetrace` leaves inside ``root``, its interpreter a link to ``home``'s."""
+    (root / "opt/sidetrace/bin").mkdir(parents=True)
+    (root / "opt/sidetrace/bin/python").symlink_to(f"{home}/python3")
+    (root / "opt/sidetrace/pyvenv.cfg").write_text(f"home = {home}\ninclude-system-site-packages = false\n")
+
+
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory: pytest.TempPathFactory, sidetrace_wheel: Path) -> Path:
     """A fresh venv with only the built wheel in it (no dependencies: the service commands need none)."""
@@ -57,11 +72,12 @@ def test_install_service_writes_unit_and_config_once_and_uninstall_keeps_the_spo
     sidetrace = venv / "bin/sidetrace"
     unit = tmp_path / "etc/systemd/system/sidetrace.service"
     config = tmp_path / "etc/sidetrace/sidetrace.toml"
+    interpreter = interpreter_in(tmp_path)
 
     dry = run(sidetrace, "install-service", "--root", tmp_path, "--python", "/usr/bin/python3", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.splitlines()[:2] == [f"would write {unit}", f"would write {config}"]
-    assert list(tmp_path.iterdir()) == []
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [interpreter]
 
     first = run(sidetrace, "install-service", "--root", tmp_path, "--python", "/usr/bin/python3")
     assert first.returncode == 0, first.stderr
@@ -109,9 +125,9 @@ def test_install_service_writes_unit_and_config_once_and_uninstall_keeps_the_spo
         "Then run:", "  systemctl stop sidetrace", "  systemctl daemon-reload"]
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
         "etc", "etc/systemd", "etc/systemd/system", "etc/systemd/system/multi-user.target.wants",
-        "etc/systemd/system/sidetrace.service.d", "etc/systemd/system/sidetrace.service.d/override.conf", "var",
-        "var/lib", "var/lib/private", "var/lib/private/sidetrace", "var/lib/private/sidetrace/spool.db",
-        "var/lib/sidetrace"]
+        "etc/systemd/system/sidetrace.service.d", "etc/systemd/system/sidetrace.service.d/override.conf", "usr",
+        "usr/bin", "usr/bin/python3", "var", "var/lib", "var/lib/private", "var/lib/private/sidetrace",
+        "var/lib/private/sidetrace/spool.db", "var/lib/sidetrace"]
 
     purged = run(sidetrace, "uninstall-service", "--root", tmp_path, "--purge")
     assert purged.returncode == 0, purged.stderr
@@ -122,6 +138,7 @@ def test_install_service_writes_unit_and_config_once_and_uninstall_keeps_the_spo
 @pytest.mark.slow
 def test_uninstall_service_keeps_an_edited_config(venv: Path, tmp_path: Path) -> None:
     sidetrace = venv / "bin/sidetrace"
+    interpreter_in(tmp_path)
     assert run(sidetrace, "install-service", "--root", tmp_path, "--python", "/usr/bin/python3").returncode == 0
     config = tmp_path / "etc/sidetrace/sidetrace.toml"
     config.write_text(config.read_text().replace('log_level = "info"', 'log_level = "debug"'))
@@ -129,3 +146,48 @@ def test_uninstall_service_keeps_an_edited_config(venv: Path, tmp_path: Path) ->
     assert done.returncode == 0, done.stderr
     assert f"kept: {config} (edited; --purge removes it)" in done.stdout.splitlines()
     assert 'log_level = "debug"' in config.read_text()
+
+
+@pytest.mark.slow
+def test_install_service_with_root_looks_for_the_interpreter_inside_the_root(venv: Path, tmp_path: Path) -> None:
+    sidetrace = venv / "bin/sidetrace"
+    assert not Path("/opt/sidetrace/bin/python").exists()  # on this host: only the image has it
+    image = tmp_path / "image"
+    interpreter_in(image)
+    venv_in(image, "/usr/bin")
+    done = run(sidetrace, "install-service", "--root", image, "--python", "/opt/sidetrace/bin/python")
+    assert done.returncode == 0, done.stderr
+    assert "\nExecStart=/opt/sidetrace/bin/python -m sidetrace run --config /etc/sidetrace/sidetrace.toml\n" in (
+        image / "etc/systemd/system/sidetrace.service").read_text()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    missing = run(sidetrace, "install-service", "--root", empty, "--python", "/usr/bin/python3")  # the host has it
+    assert (missing.returncode, missing.stderr) == (2, (
+        f"sidetrace install-service: --python /usr/bin/python3: no executable at {empty}/usr/bin/python3 (with "
+        f"--root, the interpreter is looked for inside {empty}, where the service will run it); install sidetrace "
+        "there first\n"))
+    assert list(empty.iterdir()) == []
+
+    # The venv's link names /usr/bin/python3, which this host has and the image does not: looked up in the image.
+    dangling = tmp_path / "dangling"
+    venv_in(dangling, "/usr/bin")
+    refused = run(sidetrace, "install-service", "--root", dangling, "--python", "/opt/sidetrace/bin/python")
+    assert refused.returncode == 2
+    assert refused.stderr.startswith(f"sidetrace install-service: --python /opt/sidetrace/bin/python: no executable "
+                                     f"at {dangling}/opt/sidetrace/bin/python, a link to /usr/bin/python3 there, ")
+
+
+@pytest.mark.slow
+def test_install_service_with_root_refuses_a_venv_whose_base_the_service_cannot_reach(
+        venv: Path, tmp_path: Path) -> None:
+    pyenv = "/root/.pyenv/versions/3.12.7/bin"
+    interpreter_in(tmp_path, f"{pyenv}/python3")
+    venv_in(tmp_path, pyenv)
+    done = run(venv / "bin/sidetrace", "install-service", "--root", tmp_path, "--python", "/opt/sidetrace/bin/python")
+    assert (done.returncode, done.stderr) == (2, (
+        f"sidetrace install-service: --python /opt/sidetrace/bin/python: the service cannot reach {pyenv}/python3: "
+        "ProtectHome=yes hides /home, /root and /run/user from the service. Install sidetrace with a system Python "
+        "outside those directories (python3 -m venv /opt/sidetrace, or pipx with PIPX_HOME=/opt/pipx) and run "
+        "install-service with it, or pass --python\n"))
+    assert not (tmp_path / "etc").exists()
