@@ -39,9 +39,10 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_or_report(path: str | None, warnings: list[str]) -> Config | None:
-    """The config ``run`` would use, verified against this host; None after printing why not."""
+    """The config ``run`` would use, verified against this host (and, as root, against what the service's user can
+    read); None after printing why not."""
     try:
-        return load(path, verify=True, warnings=warnings)
+        return load(path, verify=True, warnings=warnings, as_service=True)
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)

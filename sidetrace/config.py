@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sidetrace._files import DataDirLock, in_use_message, make_private_dirs
+from sidetrace._sandbox import SERVICE_CONFIG, describe_owner, hidden_reason, service_ids, unreadable_by_service
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -1084,17 +1085,8 @@ def _capture_filter_problem(section: NetsampleSourceSection) -> str | None:
     return None
 
 
-def _host_checks(config: Config, origins: Mapping[tuple[str, ...], str], origin: str,
-                 env: Mapping[str, str]) -> list[str]:
-    """What the running agent needs from this host besides a valid file: readable TLS and credential files, a
-    writable data_dir, every ``${VAR}`` set. Only what an enabled component uses is checked, as ``run`` does."""
-    problems = []
-    try:
-        why = _data_dir_problem(resolve_data_dir(config.agent.data_dir, env))
-    except ValueError as exc:
-        why = str(exc)
-    if why is not None:
-        problems.append(f"{origins.get(('agent', 'data_dir'), origin)}: agent.data_dir: {why}")
+def _tls_in_use(config: Config) -> list[tuple[str, ListenerTlsSection | ClientTlsSection, bool]]:
+    """(key path, section, is a listener's) of each TLS section an enabled component loads, as ``run`` loads them."""
     tls: list[tuple[str, ListenerTlsSection | ClientTlsSection, bool]] = []
     if config.server.tls.cert_file:
         tls.append(("server.tls", config.server.tls, True))
@@ -1109,7 +1101,54 @@ def _host_checks(config: Config, origins: Mapping[tuple[str, ...], str], origin:
     for index, writer in enumerate(config.exporters.remote_write):
         if writer.url.startswith("https://"):
             tls.append((f"exporters.remote_write[{index}].tls", writer.tls, False))
-    for key, section, server in tls:
+    return tls
+
+
+def files_read(config: Config) -> list[tuple[str, str]]:
+    """(key path, file) of every file the running agent reads besides its config: the TLS files and NATS
+    credentials of enabled components."""
+    files = [(f"{key}.{name}", getattr(section, name)) for key, section, _ in _tls_in_use(config)
+             for name in ("ca_file", "cert_file", "key_file") if getattr(section, name, "")]
+    nats = config.sources.nats_trace
+    if nats.enabled and nats.credentials:
+        files.append(("sources.nats_trace.credentials", nats.credentials))
+    return files
+
+
+def _service_read_warnings(config: Config, path: str | os.PathLike[str] | None, origin: str) -> list[str]:
+    """One line per file the service's dynamic user could not read although this process (root) can: each of
+    ``files_read``, and ``path`` when it is the file the unit runs the agent with (a draft elsewhere is not)."""
+    unit_config = path is not None and os.path.realpath(path) == f"/{SERVICE_CONFIG}"
+    files = ([("", str(path))] if unit_config else []) + files_read(config)
+    why = unreadable_by_service([file for _, file in files])
+    lines = []
+    for key, file in files:
+        if file not in why:
+            continue
+        where = f'{origin}: {key}: "{file}"' if key else f"{origin}: this file"
+        if hidden_reason(file) is not None:
+            lines.append(f"{where} is out of the service's sight: {why[file]}; move it (under /etc/sidetrace, say)")
+            continue
+        owner = describe_owner(file)
+        lines.append(f"{where} can be read by root but not by the service's dynamic user (uid "
+                     f"{service_ids()[0]}): {why[file]}{f' ({owner})' if owner else ''}; give the service read access "
+                     "(a group it joins by SupplementaryGroups= in a drop-in, `systemctl edit sidetrace`), or the "
+                     "unit's check-config will refuse it")
+    return lines
+
+
+def _host_checks(config: Config, origins: Mapping[tuple[str, ...], str], origin: str,
+                 env: Mapping[str, str]) -> list[str]:
+    """What the running agent needs from this host besides a valid file: readable TLS and credential files, a
+    writable data_dir, every ``${VAR}`` set. Only what an enabled component uses is checked, as ``run`` does."""
+    problems = []
+    try:
+        why = _data_dir_problem(resolve_data_dir(config.agent.data_dir, env))
+    except ValueError as exc:
+        why = str(exc)
+    if why is not None:
+        problems.append(f"{origins.get(('agent', 'data_dir'), origin)}: agent.data_dir: {why}")
+    for key, section, server in _tls_in_use(config):
         problems += [f"{origin}: {line}" for line in _tls_problems(key, section, server)]  # _attribute: by key
     nats = config.sources.nats_trace
     if nats.enabled and nats.credentials:
@@ -1146,13 +1185,15 @@ def _attribute(lines: list[str], origins: Mapping[tuple[str, ...], str], origin:
 
 
 def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None, *,
-         verify: bool = False, warnings: list[str] | None = None) -> Config:
+         verify: bool = False, warnings: list[str] | None = None, as_service: bool = False) -> Config:
     """Read ``path`` (or only the built-in defaults when None) and apply environment overrides.
 
     Raises ConfigError with one line per problem, each naming the file or variable, the key
     path and what was expected. ``verify`` also checks what the running agent needs from this host
     (``run``, its reload and ``check-config`` all verify, so they judge alike). Lines about keys that
-    have no effect (a disabled section's) are appended to ``warnings`` when given.
+    have no effect (a disabled section's) are appended to ``warnings`` when given. ``as_service`` (check-config)
+    also warns, when this process is root, of each file (the config file, TLS files, credentials) the unit's
+    dynamic user could not read: root reads them all, so they would pass here and fail under the unit.
     """
     env = os.environ if env is None else env
     origin = "defaults" if path is None else str(path)
@@ -1187,6 +1228,8 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
                 warnings.append(f"{origin}: exporters.loadbalancing[{index}].dns_server: set without dns, so it has "
                                 "no effect (static backends are not resolved); remove it, or set dns")
         warnings.extend(_bound_warnings(config, origins, origin))
+        if verify and as_service and os.geteuid() == 0:
+            warnings.extend(_attribute(_service_read_warnings(config, path, origin), origins, origin))
     return config
 
 

@@ -14,20 +14,14 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path, PurePosixPath
 
-UNIT_PATH = PurePosixPath("etc/systemd/system/sidetrace.service")
-DROP_IN_DIR = PurePosixPath("etc/systemd/system/sidetrace.service.d")  # `systemctl edit sidetrace` writes here
+from sidetrace._sandbox import DROP_IN_DIR, SERVICE_CONFIG, UNIT_PATH, hidden_reason
+
 WANTS_LINK = PurePosixPath("etc/systemd/system/multi-user.target.wants/sidetrace.service")
-CONFIG_PATH = PurePosixPath("etc/sidetrace/sidetrace.toml")
+CONFIG_PATH = SERVICE_CONFIG
 # StateDirectory= with DynamicUser=yes keeps the data in /var/lib/private and links /var/lib/sidetrace to it.
 STATE_PATHS = (PurePosixPath("var/lib/sidetrace"), PurePosixPath("var/lib/private/sidetrace"))
 # The command the shipped unit runs (the README's old venv layout); install-service replaces it.
 SHIPPED_COMMAND = "/opt/sidetrace/bin/sidetrace "
-
-# What the shipped unit hides from the service, and the directive that does it.
-_HIDDEN = (
-    (("/home", "/root", "/run/user"), "ProtectHome=yes hides /home, /root and /run/user from the service"),
-    (("/tmp", "/var/tmp"), "PrivateTmp=yes gives the service an empty /tmp and /var/tmp of its own"),
-)
 
 
 class ServiceError(Exception):
@@ -46,16 +40,6 @@ class Plan:
 def packaged(name: str) -> bytes:
     """A file the wheel carries under sidetrace/_data/ (``sidetrace.service``, ``dashboards/grafana/...``)."""
     return resources.files("sidetrace").joinpath("_data", *name.split("/")).read_bytes()
-
-
-def hidden_reason(path: str) -> str | None:
-    """Why a service run by the shipped unit cannot reach ``path``, or None when it can."""
-    pure = PurePosixPath(os.path.normpath(path))
-    for roots, reason in _HIDDEN:
-        for root in roots:
-            if pure == PurePosixPath(root) or PurePosixPath(root) in pure.parents:
-                return reason
-    return None
 
 
 def _probe(python: str) -> tuple[list[str], str | None]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.certificates import make_signed_certificate
+from tests.certificates import make_certificate, make_signed_certificate
 from tests.conftest import Agent, free_port, http_get, wait_until
 
 EXIT_UNREACHABLE, EXIT_NOT_READY, EXIT_UNAUTHORIZED = 1, 3, 4
@@ -171,3 +171,68 @@ def test_cacert_and_insecure_are_refused_where_they_cannot_apply(tmp_path: Path)
     both = sidetrace("status", "--url", "https://127.0.0.1:9", "--cacert", "x", "--insecure")
     assert both.returncode == 2
     assert "--insecure: not allowed with argument --cacert" in both.stderr
+
+
+def check_config_under_etc_overlay(upper: Path, *commands: str) -> subprocess.CompletedProcess[str]:
+    """`sidetrace check-config --config /etc/sidetrace/sidetrace.toml` as root in a mount namespace of its own, where
+    /etc is this host's with ``upper`` laid over it (what the test put there, and ``commands``' changes, stay in
+    ``upper``): the unit's own config path and drop-in directory, without touching this host's /etc."""
+    work = upper.parent / f"{upper.name}-work"
+    upper.mkdir(exist_ok=True)
+    work.mkdir(exist_ok=True)
+    script = " && ".join([f"mount -t overlay overlay -o lowerdir=/etc,upperdir={upper},workdir={work} /etc",
+                          *commands, f"exec {sys.executable} -m sidetrace check-config --config "
+                          "/etc/sidetrace/sidetrace.toml"])
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SIDETRACE_")}
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=60, env=clean)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="check-config judges for the service's user only when run as root")
+def test_check_config_as_root_warns_of_files_the_service_user_cannot_read(tmp_path: Path) -> None:
+    upper = tmp_path / "etc"
+    (upper / "sidetrace").mkdir(parents=True)
+    cert, key = make_certificate(upper / "sidetrace")  # written as /etc/sidetrace/cert.pem and key.pem
+    key.chmod(0o600)
+    cert.chmod(0o644)
+    config = upper / "sidetrace/sidetrace.toml"
+    config.write_text(f'[agent]\ndata_dir = "{tmp_path / "data"}"\n[server.tls]\ncert_file = '
+                      '"/etc/sidetrace/cert.pem"\nkey_file = "/etc/sidetrace/key.pem"\n')
+    config.chmod(0o644)
+    advice = ("; give the service read access (a group it joins by SupplementaryGroups= in a drop-in, `systemctl "
+              "edit sidetrace`), or the unit's check-config will refuse it\n")
+    done = check_config_under_etc_overlay(upper)
+    assert (done.returncode, done.stdout) == (0, "/etc/sidetrace/sidetrace.toml: OK\n"), done.stderr
+    assert done.stderr == (
+        'warning: /etc/sidetrace/sidetrace.toml: server.tls.key_file: "/etc/sidetrace/key.pem" can be read by root '
+        f"but not by the service's dynamic user (uid 61184): Permission denied (0600 root:root){advice}")
+
+    # The fix the warning offers: a group for the key, which a drop-in gives the service.
+    drop_in = upper / "systemd/system/sidetrace.service.d/tls.conf"
+    drop_in.parent.mkdir(parents=True)
+    drop_in.write_text("[Service]\nSupplementaryGroups=sidetrace-tls\n")
+    done = check_config_under_etc_overlay(upper, "groupadd --system sidetrace-tls",
+                                          "chgrp sidetrace-tls /etc/sidetrace/key.pem",
+                                          "chmod 0640 /etc/sidetrace/key.pem")
+    assert (done.returncode, done.stderr) == (0, "")
+
+    # The config file itself, and a file the unit hides from the service however readable.
+    config.chmod(0o600)
+    outside, _ = make_certificate(tmp_path)
+    outside.chmod(0o644)
+    config.write_text(config.read_text() + f'[[exporters.otlp]]\nendpoint = "https://127.0.0.1:4317"\n'
+                                           f'tls = {{ ca_file = "{outside}" }}\n')
+    done = check_config_under_etc_overlay(upper)
+    assert done.returncode == 0
+    assert done.stderr == (
+        "warning: /etc/sidetrace/sidetrace.toml: this file can be read by root but not by the service's dynamic user "
+        f"(uid 61184): Permission denied (0600 root:root){advice}"
+        f'warning: /etc/sidetrace/sidetrace.toml: exporters.otlp[0].tls.ca_file: "{outside}" is out of the service\'s '
+        "sight: PrivateTmp=yes gives the service an empty /tmp and /var/tmp of its own; move it (under "
+        "/etc/sidetrace, say)\n")
+
+    # While the service runs, its dynamic user has a name (the unit's): that uid is the one judged by.
+    done = check_config_under_etc_overlay(upper, "useradd --no-create-home --uid 61190 sidetrace 2>/dev/null")
+    assert done.returncode == 0
+    assert done.stderr.startswith("warning: /etc/sidetrace/sidetrace.toml: this file can be read by root but not by "
+                                  "the service's dynamic user (uid 61190): Permission denied (0600 root:root)")
