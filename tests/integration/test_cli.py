@@ -215,6 +215,14 @@ def test_check_config_as_root_warns_of_files_the_service_user_cannot_read(tmp_pa
                                           "chgrp sidetrace-tls /etc/sidetrace/key.pem",
                                           "chmod 0640 /etc/sidetrace/key.pem")
     assert (done.returncode, done.stderr) == (0, "")
+    # Read as systemd reads drop-ins: in name order, an empty value taking back the groups set before it.
+    reset = drop_in.with_name("zz-reset.conf")
+    reset.write_text("[Service]\nSupplementaryGroups=\n")
+    done = check_config_under_etc_overlay(upper)
+    assert done.stderr.startswith('warning: /etc/sidetrace/sidetrace.toml: server.tls.key_file: "/etc/sidetrace/'
+                                  "key.pem\" can be read by root but not by the service's dynamic user (uid 61184): "
+                                  "Permission denied (0640 root:sidetrace-tls)")
+    reset.unlink()
 
     # The config file itself, and a file the unit hides from the service however readable.
     config.chmod(0o600)
