@@ -34,11 +34,11 @@ def hidden_reason(path: str) -> str | None:
     return None
 
 
-def supplementary_groups(root: Path = Path("/")) -> list[int]:
+def supplementary_groups() -> list[int]:
     """The group ids the installed unit and its drop-ins (``systemctl edit sidetrace``) give the service through
     ``SupplementaryGroups=``, read as systemd reads them (drop-ins in name order, an empty value resets); a name no
     group of this host has is left out (systemd would not start the service with it)."""
-    files = [root / UNIT_PATH, *sorted((root / DROP_IN_DIR).glob("*.conf"))]
+    files = [Path("/", UNIT_PATH), *sorted(Path("/", DROP_IN_DIR).glob("*.conf"))]
     names: list[str] = []
     for path in files:
         try:
@@ -70,7 +70,7 @@ def service_ids() -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-def unreadable_by_service(paths: list[str], root: Path = Path("/")) -> dict[str, str]:
+def unreadable_by_service(paths: list[str]) -> dict[str, str]:
     """Each of ``paths`` the unit's dynamic user could not read, with why: hidden by the sandbox, or refused when
     opened as that user (its uid and gid, the unit's supplementary groups, nothing else).
 
@@ -81,7 +81,7 @@ def unreadable_by_service(paths: list[str], root: Path = Path("/")) -> dict[str,
     if not rest:
         return why
     uid, gid = service_ids()
-    groups = supplementary_groups(root)
+    groups = supplementary_groups()
     reading, writing = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - measured through the parent's result

@@ -191,3 +191,13 @@ def test_install_service_with_root_refuses_a_venv_whose_base_the_service_cannot_
         "outside those directories (python3 -m venv /opt/sidetrace, or pipx with PIPX_HOME=/opt/pipx) and run "
         "install-service with it, or pass --python\n"))
     assert not (tmp_path / "etc").exists()
+
+
+@pytest.mark.slow
+def test_install_service_with_root_refuses_a_symbolic_link_loop(venv: Path, tmp_path: Path) -> None:
+    (tmp_path / "opt/sidetrace/bin").mkdir(parents=True)
+    (tmp_path / "opt/sidetrace/bin/python").symlink_to("/opt/sidetrace/bin/python3")
+    (tmp_path / "opt/sidetrace/bin/python3").symlink_to("python")
+    done = run(venv / "bin/sidetrace", "install-service", "--root", tmp_path, "--python", "/opt/sidetrace/bin/python")
+    assert (done.returncode, done.stderr) == (2, (
+        f"sidetrace install-service: /opt/sidetrace/bin/python: too many levels of symbolic links under {tmp_path}\n"))
