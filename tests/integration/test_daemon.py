@@ -184,6 +184,22 @@ def test_a_disabled_section_with_keys_is_named_in_a_warning_at_start(agent_facto
             "true to use it, or remove it") in agent.log()
 
 
+def test_a_bound_another_bound_makes_unreachable_is_warned_of_at_start_and_at_a_reload(
+        agent_factory: Callable[..., Agent]) -> None:
+    warning = (" recent_traces.max_spans_per_trace: 1000 is more than recent_traces.max_spans (100), so no trace shows "
+               "more than 100 spans")
+    agent = agent_factory("[recent_traces]\nmax_spans = 100\n").start()
+    assert f"{agent.config_path}:{warning}" in agent.log()
+    agent.write_config("[recent_traces]\nmax_spans = 200\nmax_spans_per_trace = 150\n")
+    agent.signal(signal.SIGHUP)
+    wait_until(lambda: metric_value(agent.url, "sidetrace_config_reloads_total") == 1.0, 10, "the reload")
+    assert agent.log().count(warning) == 1
+    agent.write_config("[recent_traces]\nmax_spans = 100\n")
+    agent.signal(signal.SIGHUP)
+    wait_until(lambda: metric_value(agent.url, "sidetrace_config_reloads_total") == 2.0, 10, "the second reload")
+    assert agent.log().count(warning) == 2
+
+
 def test_status_command_renders_components(agent_factory: Callable[..., Agent]) -> None:
     agent = agent_factory().start()
     done = subprocess.run([sys.executable, "-m", "sidetrace", "status", "--url", agent.url],
