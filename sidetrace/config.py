@@ -103,16 +103,13 @@ def _check_url_port(authority: str) -> None:
 
 def _check_endpoint(value: str) -> str:
     _refuse_other_scheme(value, ("http", "https"))
-    match = re.fullmatch(r"(https?)://([^/\s]+?)(/.*)?", value)
-    if match is None:
-        if re.fullmatch(r"[^/\s]+", value):
-            # HOST:PORT alone means TLS to the Collector's otlp exporter and the SDKs' gRPC exporters (their
-            # `insecure` defaults to false), and meant plain text here before: refused rather than guessed.
-            raise ValueError(f"expected a scheme, http://{value} (plain text) or https://{value} (TLS): the "
-                             "OpenTelemetry Collector and SDKs take an endpoint without one as TLS, earlier sidetrace "
-                             "versions as plain text")
+    match = re.fullmatch(r"(?:(https?)://)?([^/\s]+?)(/.*)?", value)
+    if not value or match is None:
         raise ValueError("expected an endpoint such as http://jaeger:4317 or https://jaeger:4318")
-    _check_url_port(match.group(2))
+    if match.group(1) is None:
+        parse_host_port(match.group(2))  # taken as http:// (plain text), and warned of: see _scheme_warnings
+    else:
+        _check_url_port(match.group(2))
     return value
 
 
@@ -345,7 +342,7 @@ class OtlpExporterSection:
 
     name: str = _key("Unique name; used in metrics and as the spool cursor's key.", _check_name, default="jaeger")
     endpoint: str = _key("`http://host:4317` (grpc) or `http://host:4318` (http, /v1/traces is added); "
-                         "`https://` turns TLS on. The scheme is required: `host:4317` alone is refused.",
+                         "`https://` turns TLS on. `host:4317` alone is taken as `http://` (plain text) and warned of.",
                          _check_endpoint, default="http://127.0.0.1:4317")
     protocol: str = _key("`grpc` or `http` (protobuf).", _check_choice("grpc", "http"), default="grpc")
     headers: dict[str, str] = _key("Extra request headers; `${VAR}` in a value is read from the environment "
@@ -1228,9 +1225,21 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
                 warnings.append(f"{origin}: exporters.loadbalancing[{index}].dns_server: set without dns, so it has "
                                 "no effect (static backends are not resolved); remove it, or set dns")
         warnings.extend(_bound_warnings(config, origins, origin))
+        warnings.extend(_scheme_warnings(config, origin))
         if verify and as_service and os.geteuid() == 0:
             warnings.extend(_attribute(_service_read_warnings(config, path, origin), origins, origin))
     return config
+
+
+def _scheme_warnings(config: Config, origin: str) -> list[str]:
+    """One line per exporter endpoint written without a scheme. Warned, not refused: earlier versions took
+    `HOST:PORT` as plain text and a config that ran before must not stop starting after an upgrade; but the
+    OpenTelemetry Collector's `otlp` exporter and the SDKs' gRPC exporters take it as TLS (their `insecure` defaults
+    to false), so an operator used to them may believe the connection is encrypted when it is not."""
+    return [f"{origin}: exporters.otlp[{index}].endpoint: \"{exporter.endpoint}\" has no scheme and is taken as "
+            f"http://{exporter.endpoint} (plain text, as earlier versions did), where the OpenTelemetry Collector and "
+            f"SDKs take it as TLS; write http://{exporter.endpoint} or https://{exporter.endpoint}"
+            for index, exporter in enumerate(config.exporters.otlp) if "://" not in exporter.endpoint]
 
 
 def _bound_warnings(config: Config, origins: Mapping[tuple[str, ...], str], origin: str) -> list[str]:

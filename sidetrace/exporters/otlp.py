@@ -131,7 +131,7 @@ class GrpcSender:
     """OTLP/gRPC: one unary Export call per request."""
 
     def __init__(self, section: OtlpExporterSection, headers: dict[str, str]) -> None:
-        parts = urlsplit(section.endpoint)
+        parts = urlsplit(section.endpoint if "://" in section.endpoint else f"http://{section.endpoint}")
         target = parts.netloc
         # No client-side size limit: the backend's limit decides, and a refusal splits the request. A backend
         # that refused connections is tried again as often as the delivery loop retries (gRPC's own default
@@ -170,7 +170,7 @@ class HttpSender:
     """OTLP/HTTP with protobuf bodies, POSTed to /v1/traces (or the endpoint's own path)."""
 
     def __init__(self, section: OtlpExporterSection, headers: dict[str, str]) -> None:
-        parts = urlsplit(section.endpoint)
+        parts = urlsplit(section.endpoint if "://" in section.endpoint else f"http://{section.endpoint}")
         path = parts.path if parts.path not in ("", "/") else "/v1/traces"
         self._gzip = section.compression == "gzip"
         request_headers = {"Content-Type": "application/x-protobuf", **headers}

@@ -450,14 +450,21 @@ def test_bounds_that_are_equal_are_not_warned_of(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_an_exporter_endpoint_without_a_scheme_is_refused_offering_both(
+def test_an_exporter_endpoint_without_a_scheme_is_taken_as_plain_text_and_warned_of_offering_both(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], protocol: str) -> None:
+    # Warned, not refused: earlier versions took it as plain text, and a config that ran must still start.
     path = write(tmp_path, f'[[exporters.otlp]]\nendpoint = "localhost:4317"\nprotocol = "{protocol}"\n')
-    assert cli.main(["check-config", "--config", str(path)]) == 2
-    assert capsys.readouterr().err == (
-        f"{path}: exporters.otlp[0].endpoint: expected a scheme, http://localhost:4317 (plain text) or "
-        "https://localhost:4317 (TLS): the OpenTelemetry Collector and SDKs take an endpoint without one as TLS, "
-        'earlier sidetrace versions as plain text, got "localhost:4317"\n')
+    assert cli.main(["check-config", "--config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{path}: OK\n"
+    assert captured.err == (
+        f'warning: {path}: exporters.otlp[0].endpoint: "localhost:4317" has no scheme and is taken as '
+        "http://localhost:4317 (plain text, as earlier versions did), where the OpenTelemetry Collector and SDKs take "
+        "it as TLS; write http://localhost:4317 or https://localhost:4317\n")
+    warnings: list[str] = []
+    load(write(tmp_path, '[[exporters.otlp]]\nendpoint = "http://localhost:4317"\n'), {}, verify=True,
+         warnings=warnings)
+    assert warnings == []
 
 
 @pytest.mark.parametrize("name", ["SIDETRACE_BOGUS__X", "SIDETRACE_XYZZY__ENABLED"])
