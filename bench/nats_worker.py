@@ -3,8 +3,11 @@
 Usage: python bench/nats_worker.py URL CONDITION MESSAGES [SIDETRACE_DIR]
 CONDITION: bare, sidetrace, sidetrace+metrics (with an SDK meter provider, whose reader is never
 collected: the cost of recording), peer, sdk (the reference: no NATS, only the two spans a pipelined
-message makes, started and ended with the same attributes, pipelined mode only) or by-hand (the same
-two spans made by the app around nats-py, with a traceparent header; pipelined mode only). SIDETRACE_DIR: a
+message makes, started and ended with the same attributes, pipelined mode only), by-hand (the same
+two spans made by the app around nats-py, with a traceparent header read by no one: the process span
+starts under a constant parent; pipelined mode only) or by-hand-parented (the same, but the handler
+reads the producer's context with ``propagate.extract``, starts the process span as its child and
+makes it current for the handler body, as any instrumentation that parents must). SIDETRACE_DIR: a
 directory whose `sidetrace` package is imported instead of the installed one (an older revision).
 Prints one JSON line: microseconds of wall and CPU time per message for each mode, and spans made.
 """
@@ -18,7 +21,7 @@ import time
 
 import nats
 from _sdk import Discard, discarding_provider
-from opentelemetry import trace
+from opentelemetry import context, propagate, trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind
 
@@ -120,11 +123,14 @@ def two_spans(provider: TracerProvider, messages: int) -> dict[str, dict[str, fl
                           "cpu_us": (time.process_time() - cpu) / messages * 1e6}}
 
 
-async def by_hand(url: str, provider: TracerProvider, messages: int) -> dict[str, dict[str, float]]:
+async def by_hand(url: str, provider: TracerProvider, messages: int, parented: bool
+                  ) -> dict[str, dict[str, float]]:
     """Pipelined publish-and-process with the same two spans made by the app around nats-py and a
-    traceparent header (the publish span's own) sent along, read by no one: what any instrumentation
-    making these spans and carrying the context pays at least, without a single propagation call or
-    attribute built."""
+    traceparent header (the publish span's own) sent along. Not ``parented``: the header is read by no
+    one and the process span starts under one constant parent, without a single propagation call or
+    attribute built. ``parented``: the handler reads the producer's context the standard way
+    (``propagate.extract``), starts the process span as its child and makes it current (in the
+    message's context) for the handler body: the least any instrumentation that parents pays."""
     tracer = provider.get_tracer("bench")
     producer = trace.set_span_in_context(trace.NonRecordingSpan(
         trace.SpanContext(0x1F, 0x2F, is_remote=True, trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED))))
@@ -139,7 +145,21 @@ async def by_hand(url: str, provider: TracerProvider, messages: int) -> dict[str
         if count >= messages:
             done.set()
 
-    await nc.subscribe("bench.pipe", cb=handler)
+    async def parented_handler(msg) -> None:  # noqa: ANN001
+        nonlocal count
+        message_context = propagate.extract(msg.headers)
+        span = tracer.start_span("process bench.pipe", context=message_context, kind=SpanKind.CONSUMER,
+                                 attributes=PROCESS)
+        token = context.attach(trace.set_span_in_context(span, message_context))
+        try:
+            count += 1
+            if count >= messages:
+                done.set()
+        finally:
+            context.detach(token)
+            span.end()
+
+    await nc.subscribe("bench.pipe", cb=parented_handler if parented else handler)
     await nc.flush()
 
     async def run() -> None:
@@ -170,9 +190,10 @@ def main() -> None:
     url, condition, messages = sys.argv[1], sys.argv[2], int(sys.argv[3])
     if len(sys.argv) > 4:
         sys.path.insert(0, sys.argv[4])
-    if condition in ("sdk", "by-hand"):
+    if condition in ("sdk", "by-hand", "by-hand-parented"):
         provider, exporter = discarding_provider()
-        results = two_spans(provider, messages) if condition == "sdk" else asyncio.run(by_hand(url, provider, messages))
+        results = two_spans(provider, messages) if condition == "sdk" else asyncio.run(
+            by_hand(url, provider, messages, parented=condition == "by-hand-parented"))
         provider.force_flush()
         print(json.dumps({"condition": condition, "modes": results, "spans": exporter.spans}))
         return
