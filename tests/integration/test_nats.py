@@ -15,6 +15,7 @@ import nats
 import nats.aio.client
 import nats.js.client
 import pytest
+import wrapt
 from nats.js.api import ConsumerConfig
 from opentelemetry import baggage, propagate, trace
 from opentelemetry.context import Context, attach, detach
@@ -556,6 +557,43 @@ async def test_uninstrument_restores_nats_and_instrumenting_twice_is_harmless(se
     await client.publish("twice", b"x")
     assert len(t.finished("publish twice")) == 1
     await client.close()
+
+
+async def test_uninstrument_takes_out_only_ours_beside_another_wrapper_of_publish(server: NatsServer) -> None:
+    """Another instrumentation's wrapt wrapper of Client.publish, put on before instrument() or after
+    it, sees every publish with its client bound, and keeps doing so after uninstrument(), which
+    stops our spans: put on before, it is what uninstrument puts back; put on after, it stays."""
+    client_class = nats.aio.client.Client
+    original = client_class.publish
+    calls: list[tuple[bool, str]] = []
+
+    async def theirs(wrapped, instance, args, kwargs):  # noqa: ANN001, ANN202
+        calls.append((instance is client, args[0]))
+        return await wrapped(*args, **kwargs)
+
+    t = Telemetry()
+    client = await nats.connect(server.url)
+    try:
+        wrapt.wrap_function_wrapper(client_class, "publish", theirs)
+        before = vars(client_class)["publish"]
+        NatsInstrumentor().instrument(tracer_provider=t.tracer_provider, meter_provider=t.meter_provider)
+        await client.publish("under", b"x")
+        NatsInstrumentor().uninstrument()
+        assert vars(client_class)["publish"] is before
+        await client.publish("under", b"x")
+        assert (calls, len(t.finished("publish under"))) == ([(True, "under")] * 2, 1)
+
+        client_class.publish = original
+        calls.clear()
+        NatsInstrumentor().instrument(tracer_provider=t.tracer_provider, meter_provider=t.meter_provider)
+        wrapt.wrap_function_wrapper(client_class, "publish", theirs)
+        await client.publish("over", b"x")
+        NatsInstrumentor().uninstrument()
+        await client.publish("over", b"x")
+        assert (calls, len(t.finished("publish over"))) == ([(True, "over")] * 2, 1)
+    finally:
+        client_class.publish = original
+        await client.close()
 
 
 SUBSCRIBER = textwrap.dedent('''

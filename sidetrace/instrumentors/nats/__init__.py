@@ -56,10 +56,11 @@ from sidetrace.instrumentors.nats._telemetry import Telemetry
 
 _INSTRUMENTS = ("nats-py >= 2.2",)
 _TELEMETRY: Telemetry | None = None
+# Client.publish as it was in the class (put back by uninstrument) and the function put in its place
+_PUBLISH: tuple[Any, Any] | None = None
 
-# (module, class attribute path, wrapper factory)
+# (module, class attribute path, wrapper factory); Client.publish is replaced apart (see traced_publish)
 _PATCHES = (
-    ("nats.aio.client", "Client.publish", _publish.publish_wrapper),
     ("nats.aio.client", "Client.request", _publish.request_wrapper),
     ("nats.aio.client", "Client.subscribe", _consume.subscribe_wrapper),
     ("nats.aio.subscription", "Subscription.next_msg", _consume.next_msg_wrapper),
@@ -86,7 +87,7 @@ class NatsInstrumentor(BaseInstrumentor):
         return _INSTRUMENTS
 
     def _instrument(self, **kwargs: Any) -> None:
-        global _TELEMETRY
+        global _TELEMETRY, _PUBLISH
         tracer = trace.get_tracer(__name__, __version__, tracer_provider=kwargs.get("tracer_provider"),
                                   schema_url="https://opentelemetry.io/schemas/1.27.0")
         meter = metrics.get_meter(__name__, __version__, meter_provider=kwargs.get("meter_provider"))
@@ -94,11 +95,31 @@ class NatsInstrumentor(BaseInstrumentor):
                               bool(kwargs.get("settle_spans", False)))
         for module, name, factory in _PATCHES:
             wrap_function_wrapper(module, name, factory(telemetry))
+        from nats.aio.client import Client
+
+        stored = vars(Client).get("publish")
+        # taken through the class, so that a wrapper someone put there earlier binds as it should
+        traced = _publish.traced_publish(telemetry, Client.publish)
+        Client.publish = traced
+        _PUBLISH = (stored, traced)
         _TELEMETRY = telemetry
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        global _TELEMETRY
+        global _TELEMETRY, _PUBLISH
         import importlib
+
+        from nats.aio.client import Client
+
+        if _TELEMETRY is not None:
+            _TELEMETRY.active = False  # our publish, if it stays under someone else's wrapper, passes through
+        if _PUBLISH is not None:
+            stored, traced = _PUBLISH
+            if vars(Client).get("publish") is traced:
+                if stored is None:
+                    del Client.publish
+                else:
+                    Client.publish = stored
+            _PUBLISH = None
 
         for module, name, _ in _PATCHES:
             owner_path, _, attribute = name.rpartition(".")

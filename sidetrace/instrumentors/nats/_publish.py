@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any
@@ -30,11 +31,6 @@ SUPPRESSED: contextvars.ContextVar[bool] = contextvars.ContextVar("sidetrace_nat
 JS_API_PREFIX = "$JS.API."
 
 Wrapper = Callable[[Callable[..., Awaitable[Any]], Any, tuple, dict], Awaitable[Any]]
-
-
-def _publish_args(subject: str, payload: bytes = b"", reply: str = "", headers: dict | None = None
-                  ) -> tuple[str, bytes, str, dict | None]:
-    return subject, payload, reply, headers
 
 
 def _request_args(subject: str, payload: bytes = b"", timeout: float = 0.5, old_style: bool = False,
@@ -110,31 +106,39 @@ def _start_send(telemetry: Telemetry, operation: str, kind: SpanKind, subject: s
     return span, destination, telemetry.inject(headers, len(payload), client, span), perf_counter()
 
 
-def publish_wrapper(telemetry: Telemetry) -> Wrapper:
-    """Client.publish: `publish {subject}` (PRODUCER), trace context into a copy of the headers."""
+def traced_publish(telemetry: Telemetry, original: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """Client.publish: `publish {subject}` (PRODUCER), trace context into a copy of the headers.
 
-    async def wrapper(wrapped: Callable[..., Awaitable[Any]], instance: Any, args: tuple, kwargs: dict) -> Any:
-        if SUPPRESSED.get() or not is_instrumentation_enabled():
-            return await wrapped(*args, **kwargs)
+    A plain function put on the class in place of ``original`` (nats-py's, called unbound), with its
+    signature: not a wrapt proxy, which on this hottest of calls binds a new wrapper object at every
+    attribute access and packs the arguments into a tuple and a dict again. Once ``telemetry`` is no
+    longer active (uninstrumented while another wrapper was put on top of this one, so that it could
+    not be taken out) it only calls ``original``.
+    """
+
+    async def publish(self: Any, subject: str, payload: bytes = b"", reply: str = "",
+                      headers: dict[str, str] | None = None) -> None:
+        if not telemetry.active or SUPPRESSED.get() or not is_instrumentation_enabled():
+            return await original(self, subject, payload, reply, headers)
         try:
-            subject, payload, reply, headers = _publish_args(*args, **kwargs)
             span, destination, new_headers, began = _start_send(telemetry, "publish", SpanKind.PRODUCER, subject,
-                                                                payload, headers, instance)
+                                                                payload, headers, self)
         except Exception as exc:
             telemetry.guard.failed("publish", exc)
-            return await wrapped(*args, **kwargs)
+            return await original(self, subject, payload, reply, headers)
         # The client's publish only queues the bytes (it calls nothing we wrap): the span need not be
         # current, nor suppression on, while it runs.
         error = None
         try:
-            return await wrapped(subject, payload, reply, new_headers)
+            return await original(self, subject, payload, reply, new_headers)
         except BaseException as exc:
             error = _safe_error(telemetry, span, exc)
             raise
         finally:
             _end_send(telemetry, span, destination, began, error, 1)
 
-    return wrapper
+    functools.update_wrapper(publish, original)
+    return publish
 
 
 def request_wrapper(telemetry: Telemetry) -> Wrapper:

@@ -65,6 +65,7 @@ class Telemetry:
 
     def __init__(self, tracer: Tracer, meter: Meter, guard: Guard, use_links: bool, settle_spans: bool) -> None:
         self.tracer = tracer
+        self.active = True  # until uninstrumented
         self.guard = guard
         self.use_links = use_links
         self.settle_spans = settle_spans
