@@ -105,6 +105,10 @@ def main() -> None:
         added = statistics.median(r["modes"]["pipelined"]["cpu_us"] for r in runs[c]) - bare
         print(f"pipelined, added by {c} / reference: {added / statistics.median(reference):.2f} "
               f"(the issue's goal, 45 us against 35 us, is 1.29); above the parented floor: {added - parented:.1f} us")
+    for c in measured:  # paired: each round's conditions ran one after another
+        ratios = [(now["modes"]["pipelined"]["cpu_us"] - bare) / (floor["modes"]["pipelined"]["cpu_us"] - bare)
+                  for now, floor in zip(runs[c], runs["by-hand-parented"], strict=True)]
+        print(f"pipelined, added by {c} / added by by-hand-parented, per round: {spread(ratios, 2)}")
     if args.before:  # paired: the two ran next to each other in every round
         for suffix in ("", "+metrics") if args.metrics else ("",):
             ratios = [(now["modes"]["pipelined"]["cpu_us"] - bare) / (then["modes"]["pipelined"]["cpu_us"] - bare)
