@@ -97,7 +97,7 @@ class NatsInstrumentor(BaseInstrumentor):
             wrap_function_wrapper(module, name, factory(telemetry))
         from nats.aio.client import Client
 
-        stored = vars(Client).get("publish")
+        stored = vars(Client)["publish"]
         # taken through the class, so that a wrapper someone put there earlier binds as it should
         traced = _publish.traced_publish(telemetry, Client.publish)
         Client.publish = traced
@@ -114,11 +114,8 @@ class NatsInstrumentor(BaseInstrumentor):
             _TELEMETRY.active = False  # our publish, if it stays under someone else's wrapper, passes through
         if _PUBLISH is not None:
             stored, traced = _PUBLISH
-            if vars(Client).get("publish") is traced:
-                if stored is None:
-                    del Client.publish
-                else:
-                    Client.publish = stored
+            if vars(Client)["publish"] is traced:
+                Client.publish = stored
             _PUBLISH = None
 
         for module, name, _ in _PATCHES:
