@@ -342,6 +342,41 @@ def test_beside_temporalios_own_plugin_or_interceptor_no_nexus_span_is_doubled(m
     assert [s["name"] for s in spans if any(key.startswith("temporal.") for key in s["attributes"])] == []
 
 
+@pytest.mark.parametrize("mode", ["nexus-worker-plugin-before", "nexus-worker-plugin-after",
+                                  "nexus-worker-interceptor-before", "nexus-worker-interceptor-after"])
+def test_workers_given_temporalios_own_plugin_or_interceptor_on_a_traced_client_make_each_span_once(mode: str) -> None:
+    """The official plugin or interceptor in each worker's own plugins= or interceptors=, on a client made
+    before or after instrument(): the handler worker's Nexus handlers, activity, workflows, and signal,
+    query and update handlers are the official's, each made once; the client's calls are ours when
+    instrument() traced the client, and the worker-side spans continue them."""
+    spans = run_app(mode)
+    assert_every_parent_exported(spans)
+    for trace_id in {s["trace"] for s in spans}:
+        names = [s["name"] for s in spans if s["trace"] == trace_id]
+        assert [n for n in set(names) if names.count(n) > 1] == []
+    names = [s["name"] for s in spans]
+    worker_side = ["RunActivity:ok", "StartActivity:ok", "HandleSignal:go", "HandleSignal:note", "HandleQuery:state",
+                   "ValidateUpdate:bump", "HandleUpdate:bump", "RunCancelNexusOperationHandler:Greeting/hold",
+                   *(f"RunWorkflow:{workflow}" for workflow in ("NexusCaller", "Everything", "Waiting", "Receiver")),
+                   *(f"{kind}:Greeting/{op}" for op in NEXUS_OPERATIONS
+                     for kind in ("StartNexusOperation", "RunStartNexusOperationHandler"))]
+    ours = {"StartWorkflow:NexusCaller", "StartWorkflow:Child", "StartWorkflow:Waiting", "StartWorkflow:Everything",
+            "QueryWorkflow:state", "StartWorkflowUpdate:bump", "SignalWorkflow:go"} if mode.endswith("after") else set()
+    assert {s["name"] for s in spans if any(key.startswith("temporal.") for key in s["attributes"])} == ours
+    assert sorted(n for n in names if n in ours) == sorted(ours)
+    if ours:  # every worker-side span once, the official's
+        assert {n: names.count(n) for n in worker_side} == dict.fromkeys(worker_side, 1)
+        assert names.count("RunWorkflow:Child") == 2  # one started by the reverse operation, one by Everything
+    else:  # the official's TracingInterceptor makes no workflow span without a caller's context
+        assert max(names.count(n) for n in worker_side) == 1 and names.count("RunWorkflow:Child") <= 2
+        assert names.count("RunStartNexusOperationHandler:Greeting/echo") == names.count("RunActivity:ok") == 1
+    if ours:  # the Nexus calls, the handlers and the workflows they start continue the client's StartWorkflow
+        caller = one(spans, "StartWorkflow:NexusCaller")["trace"]
+        assert {s["trace"] for s in spans if "Greeting/" in s["name"] or s["name"].endswith(("Waiting", "Receiver"))} \
+            == {caller}
+        assert len({s["trace"] for s in spans}) == 5  # and Everything, the query, the update and the signal
+
+
 @pytest.mark.parametrize("hooks", ["on_start+on_end", "on_end"])
 def test_a_failing_tracer_never_breaks_a_nexus_call_nor_the_workflows_on_either_side(hooks: str) -> None:
     """The four operations and the signal-with-start of the Nexus test under a SpanProcessor whose hooks

@@ -1,9 +1,10 @@
 """Temporal instrumentation for temporalio: clients, workflows, activities and handlers, wired automatically.
 
 ``TemporalInstrumentor().instrument()`` adds :class:`TracingInterceptor` to every client made with
-``temporalio.client.Client.connect`` (and so to every worker built on such a client) and to every
-``temporalio.worker.Worker`` whose client lacks it: no interceptors to pass by hand. A client or
-worker that already has temporalio's own OpenTelemetry interceptor is left to it (no double spans).
+``temporalio.client.Client.connect`` (its client half) and to every ``temporalio.worker.Worker``: no
+interceptors to pass by hand. A client or worker that already has temporalio's own OpenTelemetry
+interceptor or plugin is left to it (no double spans); a worker that has one in its own
+``interceptors=`` or ``plugins=`` makes its spans through it alone, even on a client we trace.
 What it traces:
 
 - client calls: ``StartWorkflow:{type}``, ``SignalWithStartWorkflow:{type}``,
@@ -94,6 +95,22 @@ def _official(thing: Any) -> bool:
     return type(thing).__module__.startswith("temporalio.contrib.opentelemetry")
 
 
+class _ClientSide(temporalio.client.Interceptor):
+    """The client half of a :class:`TracingInterceptor`: what ``instrument()`` adds to a client.
+
+    temporalio hands every client interceptor that is also a worker interceptor to each worker built on
+    the client, ahead of the worker's own. Ours is not one, so a worker whose own ``interceptors=`` or
+    ``plugins=`` carry temporalio's OpenTelemetry interceptor or plugin is left to it; any other worker
+    gets the worker half of the same interceptor from the ``Worker`` wrapper.
+    """
+
+    def __init__(self, interceptor: TracingInterceptor) -> None:
+        self.interceptor = interceptor
+
+    def intercept_client(self, next: temporalio.client.OutboundInterceptor) -> temporalio.client.OutboundInterceptor:
+        return self.interceptor.intercept_client(next)
+
+
 def _traced_already(interceptors: Any, plugins: Any = ()) -> bool:
     """Whether ours or temporalio's own OpenTelemetry interceptor is among ``interceptors``, or its
     ``OpenTelemetryPlugin`` among ``plugins`` (which adds its interceptor only inside connect)."""
@@ -103,29 +120,35 @@ def _traced_already(interceptors: Any, plugins: Any = ()) -> bool:
 
 def _connect_wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     interceptors = list(kwargs.get("interceptors") or [])
-    if not _traced_already(interceptors, kwargs.get("plugins")):
-        interceptors.append(TracingInterceptor(namespace=kwargs.get("namespace", "default"), **_PROVIDERS))
+    if not any(isinstance(i, _ClientSide) for i in interceptors) and \
+            not _traced_already(interceptors, kwargs.get("plugins")):
+        interceptors.append(_ClientSide(TracingInterceptor(namespace=kwargs.get("namespace", "default"),
+                                                           **_PROVIDERS)))
         kwargs = {**kwargs, "interceptors": interceptors}
     _BRIDGE.start()
     return wrapped(*args, **kwargs)
 
 
 def _worker_wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """Worker(...): trace it too when its client was not made by an instrumented Client.connect."""
+    """Worker(...): trace its side unless the worker or its client carries a tracing interceptor that
+    temporalio hands the worker (ours passed by hand, temporalio's own interceptor or plugin)."""
     try:
         client = args[0] if args else kwargs.get("client")
         config = client.config() if client is not None else {}
         if not _traced_already(config.get("interceptors"), config.get("plugins")) and \
                 not _traced_already(kwargs.get("interceptors"), kwargs.get("plugins")):
-            kwargs = {**kwargs, "interceptors": [*kwargs.get("interceptors", ()),
-                                                 TracingInterceptor(namespace=client.namespace, **_PROVIDERS)]}
+            own = list(kwargs.get("interceptors", ()))
+            side = next((i for i in config.get("interceptors") or () if isinstance(i, _ClientSide)), None)
+            # the client's half first, where temporalio puts the interceptors it takes from a client
+            kwargs = {**kwargs, "interceptors": [side.interceptor, *own] if side is not None else
+                      [*own, TracingInterceptor(namespace=client.namespace, **_PROVIDERS)]}
     except Exception as exc:  # never keep a worker from being built
         log.warning("sidetrace: could not add tracing to a Temporal worker: %s", exc)
     return wrapped(*args, **kwargs)
 
 
 class TemporalInstrumentor(BaseInstrumentor):
-    """Adds :class:`TracingInterceptor` to every ``Client.connect`` (and so to its workers).
+    """Adds :class:`TracingInterceptor` to every ``Client.connect`` and every ``Worker``.
 
     ``instrument(tracer_provider=..., meter_provider=...)`` sends every span and metric there
     instead of to the global providers. ``instrument(core_metrics=False)`` leaves the SDK core's

@@ -492,6 +492,7 @@ async def nexus_calls(target: str, namespace: str, mode: str) -> None:
         name=NEXUS_ENDPOINT, target=EndpointTarget(worker=EndpointTarget.Worker(namespace=namespace, task_queue="x")))))
     failing = None
     official: dict = {}
+    worker_official: dict = {}
     if mode.startswith("nexus-failing="):
         from tests.telemetry import FailingTelemetry
 
@@ -503,6 +504,12 @@ async def nexus_calls(target: str, namespace: str, mode: str) -> None:
     elif mode in ("nexus-official-handler", "nexus-official-caller"):
         TemporalInstrumentor().instrument(core_metrics=False)
         official = {"interceptors": [Official()]} if mode == "nexus-official-handler" else {}
+    elif mode.startswith("nexus-worker-"):  # the official one on each worker, none on the client
+        _, _, kind, order = mode.split("-")
+        worker_official = {"plugins": [OpenTelemetryPlugin(add_temporal_spans=True)]} if kind == "plugin" else \
+            {"interceptors": [Official()]}
+        if order == "after":
+            TemporalInstrumentor().instrument(core_metrics=False)
     else:
         _, kind, order = mode.split("-")
         official = {"plugins": [OpenTelemetryPlugin(add_temporal_spans=True)]} if kind == "plugin" else \
@@ -516,14 +523,21 @@ async def nexus_calls(target: str, namespace: str, mode: str) -> None:
     if mode in ("nexus-official-handler", "nexus-official-caller"):
         caller = await Client.connect(target, namespace=namespace,
                                       interceptors=[Official()] if mode == "nexus-official-caller" else [])
-    async with Worker(client, task_queue="x", workflows=[Child, Waiting, Receiver],
-                      nexus_service_handlers=[GreetingHandler()]), \
-            Worker(caller, task_queue="x-caller", workflows=[NexusCaller], max_cached_workflows=0):
+    async with Worker(client, task_queue="x", workflows=[Child, Waiting, Receiver, Everything], activities=[ok],
+                      nexus_service_handlers=[GreetingHandler()], **worker_official), \
+            Worker(caller, task_queue="x-caller", workflows=[NexusCaller], max_cached_workflows=0, **worker_official):
         assert await caller.execute_workflow(NexusCaller.run, "hi", id="wf-nexus", task_queue="x-caller") == "HIih"
+        if worker_official:  # and the activity, child and handlers of Everything on the same worker
+            handle = await client.start_workflow(Everything.run, "hi", id="wf-everything", task_queue="x")
+            assert await handle.query(Everything.state) == "waiting"
+            assert await handle.execute_update(Everything.bump, 41) == 42
+            await handle.signal(Everything.go)
+            assert await handle.result() == "HIih"
         held = client.get_workflow_handle("wf-nexus-hold")
         assert (await held.describe()).status == WorkflowExecutionStatus.CANCELED
         assert await client.get_workflow_handle("wf-nexus-receiver").result() == ["from the caller"]
-        for workflow_id in ("wf-nexus", "wf-nexus-reverse", "wf-nexus-hold", "wf-nexus-receiver"):
+        for workflow_id in ("wf-nexus", "wf-nexus-reverse", "wf-nexus-hold", "wf-nexus-receiver",
+                            *(["wf-everything"] if worker_official else [])):
             history = await client.get_workflow_handle(workflow_id).fetch_history()
             failed_tasks = [e for e in history.events if e.HasField("workflow_task_failed_event_attributes")]
             assert failed_tasks == [], (workflow_id, failed_tasks)
