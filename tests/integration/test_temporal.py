@@ -265,12 +265,15 @@ def test_signal_with_start_update_with_start_and_workflow_to_workflow_signals_co
 NEXUS_OPERATIONS = ("echo", "reverse", "hold", "refuse")
 
 
-def test_nexus_operations_continue_the_callers_trace_through_the_handler_and_the_workflows_it_starts() -> None:
+@pytest.mark.parametrize("mode", ["nexus", "nexus-handler-client-first"])
+def test_nexus_operations_continue_the_callers_trace_through_the_handler_and_the_workflows_it_starts(mode: str) -> None:
     """NexusCaller (on its own worker, without a workflow cache, so each of its tasks replays the history)
     calls a sync operation, two workflow-run operations (it cancels the second once started) and a sync
     operation that fails, through a Nexus endpoint of the dev server, then signal-with-starts Receiver
-    (temporalio's system Nexus operation): each span once, in one trace."""
-    spans = run_app("nexus")
+    (temporalio's system Nexus operation): each span once, in one trace. The same when the handler's
+    worker is built on a client made before instrument() (nexus-handler-client-first): the workflows
+    its operations start through that client continue the handler's span."""
+    spans = run_app(mode)
     assert_every_parent_exported(spans)
     assert {s["trace"] for s in spans} == {one(spans, "StartWorkflow:NexusCaller")["trace"]}
     assert sorted(s["name"] for s in spans) == sorted([
@@ -313,6 +316,31 @@ def test_nexus_operations_continue_the_callers_trace_through_the_handler_and_the
     receiver, handled = one(spans, "WorkflowStarted:Receiver"), one(spans, "HandleSignal:note")
     assert (receiver["parent"], handled["parent"], one(spans, "RunWorkflow:Receiver")["parent"]) == \
         (signal_start["id"], signal_start["id"], receiver["id"])
+
+
+def test_a_worker_on_a_client_made_before_instrument_continues_the_trace_through_its_client() -> None:
+    """An activity runs Child through activity.client() on workers built on clients made before instrument():
+    a Client and a subclass with Client's constructor are copied with our client half (the app checks the
+    activity sees the same class), so Child continues the attempt's trace; a subclass whose constructor
+    takes other arguments cannot be copied: its worker is traced, its Child begins its own trace, and the
+    miss is counted once."""
+    spans, metrics = run_app_with_metrics("client-first")
+    assert_every_parent_exported(spans)
+    for queue in ("plain", "copyable", "odd"):
+        on_queue = [s for s in spans if s["attributes"].get("temporal.task_queue") == queue]
+        attempt = one(on_queue, "RunActivity:start_from_activity")
+        assert attempt["trace"] == one(on_queue, "StartWorkflow:ViaActivity")["trace"]
+        child = [s for s in spans if s["attributes"].get("temporal.workflow.id") == f"wf-{queue}-child"]
+        started = one(child, "WorkflowStarted:Child")
+        if queue == "odd":
+            assert sorted(s["name"] for s in child) == ["RunWorkflow:Child", "WorkflowStarted:Child"]
+            assert started["parent"] is None and started["trace"] != attempt["trace"]
+        else:
+            start = one(child, "StartWorkflow:Child")
+            assert (start["parent"], started["parent"]) == (attempt["id"], start["id"])
+            assert {s["trace"] for s in child} == {attempt["trace"]}
+    assert metrics["sidetrace.instrumentation.errors"] == [
+        [{"instrumentation": "temporal", "where": "copying a worker's client made before instrument()"}, 1]]
 
 
 @pytest.mark.parametrize("ours", ["caller", "handler"])

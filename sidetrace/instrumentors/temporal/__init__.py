@@ -4,7 +4,9 @@
 ``temporalio.client.Client.connect`` (its client half) and to every ``temporalio.worker.Worker``: no
 interceptors to pass by hand. A client or worker that already has temporalio's own OpenTelemetry
 interceptor or plugin is left to it (no double spans); a worker that has one in its own
-``interceptors=`` or ``plugins=`` makes its spans through it alone, even on a client we trace.
+``interceptors=`` or ``plugins=`` makes its spans through it alone, even on a client we trace. A worker
+on a client made before ``instrument()`` works with a copy of that client that we trace, so what it
+starts through its client (``activity.client()``, ``nexus.client()``) continues its spans' traces.
 What it traces:
 
 - client calls: ``StartWorkflow:{type}``, ``SignalWithStartWorkflow:{type}``,
@@ -47,7 +49,7 @@ What it traces:
   ``RunStartNexusOperationHandler:{service}/{operation}`` and ``RunCancelNexusOperationHandler:{service}/{operation}``
   (SERVER), children of that call, with the same attributes and the worker's namespace and task queue;
   a workflow a workflow-run operation starts is a child of the handler's span (through the worker's
-  client, when that client is instrumented).
+  client, or the copy of it we trace).
 
 Metrics through the OpenTelemetry meter: ``temporal.activity.execution.duration``,
 ``temporal.activity.queue_time`` (the saturation signal of a task queue),
@@ -139,12 +141,30 @@ def _worker_wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> A
                 not _traced_already(kwargs.get("interceptors"), kwargs.get("plugins")):
             own = list(kwargs.get("interceptors", ()))
             side = next((i for i in config.get("interceptors") or () if isinstance(i, _ClientSide)), None)
-            # the client's half first, where temporalio puts the interceptors it takes from a client
-            kwargs = {**kwargs, "interceptors": [side.interceptor, *own] if side is not None else
-                      [*own, TracingInterceptor(namespace=client.namespace, **_PROVIDERS)]}
+            if side is not None:  # first, where temporalio puts the interceptors it takes from a client
+                kwargs = {**kwargs, "interceptors": [side.interceptor, *own]}
+            else:
+                interceptor = TracingInterceptor(namespace=client.namespace, **_PROVIDERS)
+                kwargs = {**kwargs, "interceptors": [*own, interceptor]}
+                args, kwargs = _with_traced_client(args, kwargs, client, config, interceptor)
     except Exception as exc:  # never keep a worker from being built
         log.warning("sidetrace: could not add tracing to a Temporal worker: %s", exc)
     return wrapped(*args, **kwargs)
+
+
+def _with_traced_client(args: tuple, kwargs: dict, client: Any, config: dict,
+                        interceptor: TracingInterceptor) -> tuple[tuple, dict]:
+    """The Worker's arguments with a copy of its untraced ``client`` (same class, connection and settings)
+    that carries ``interceptor``'s client half: what the worker starts through its client (a Nexus
+    workflow-run operation's workflow, calls through ``activity.client()`` or ``nexus.client()``)
+    continues the handler's or the attempt's trace. A client whose class cannot be made from its own
+    ``config()`` is kept as it is (counted and logged once)."""
+    try:
+        traced = type(client)(**{**config, "interceptors": [*config["interceptors"], _ClientSide(interceptor)]})
+    except Exception as exc:
+        interceptor.guard.failed("copying a worker's client made before instrument()", exc)
+        return args, kwargs
+    return ((traced, *args[1:]), kwargs) if args else (args, {**kwargs, "client": traced})
 
 
 class TemporalInstrumentor(BaseInstrumentor):

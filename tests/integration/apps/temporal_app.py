@@ -11,7 +11,11 @@ suppress_instrumentation()); plugin-before, plugin-after, interceptor-before, in
 a workflow-run and a cancelled Nexus operation); nexus-plugin-before, nexus-plugin-after,
 nexus-interceptor-before, nexus-interceptor-after (the same beside temporalio's own plugin or interceptor);
 nexus-failing=HOOKS (the same under a failing tracer); nexus-official-handler, nexus-official-caller
-(our caller and a handler worker on temporalio's own interceptor, or the reverse).
+(our caller and a handler worker on temporalio's own interceptor, or the reverse); nexus-handler-client-first
+(the handler's worker on a client made before instrument()); nexus-worker-plugin-before,
+nexus-worker-plugin-after, nexus-worker-interceptor-before, nexus-worker-interceptor-after (temporalio's own
+plugin or interceptor given to each worker, on a client made before or after instrument()); client-first
+(workers on clients made before instrument() start a workflow through their client from an activity).
 Prints the finished spans as one JSON line, then leaves with os._exit(0).
 """
 
@@ -501,6 +505,8 @@ async def nexus_calls(target: str, namespace: str, mode: str) -> None:
                                           meter_provider=failing.meter_provider)
     elif mode == "nexus":
         TemporalInstrumentor().instrument(core_metrics=False)
+    elif mode == "nexus-handler-client-first":
+        pass  # instrument() once the handler's client is made
     elif mode in ("nexus-official-handler", "nexus-official-caller"):
         TemporalInstrumentor().instrument(core_metrics=False)
         official = {"interceptors": [Official()]} if mode == "nexus-official-handler" else {}
@@ -517,12 +523,14 @@ async def nexus_calls(target: str, namespace: str, mode: str) -> None:
         if order == "after":
             TemporalInstrumentor().instrument(core_metrics=False)
     client = await Client.connect(target, namespace=namespace, **official)
-    if mode.endswith("-before"):
+    if mode.endswith("-before") or mode == "nexus-handler-client-first":
         TemporalInstrumentor().instrument(core_metrics=False)
     caller = client
     if mode in ("nexus-official-handler", "nexus-official-caller"):
         caller = await Client.connect(target, namespace=namespace,
                                       interceptors=[Official()] if mode == "nexus-official-caller" else [])
+    elif mode == "nexus-handler-client-first":  # the handler's worker on a client made before instrument()
+        caller = await Client.connect(target, namespace=namespace)
     async with Worker(client, task_queue="x", workflows=[Child, Waiting, Receiver, Everything], activities=[ok],
                       nexus_service_handlers=[GreetingHandler()], **worker_official), \
             Worker(caller, task_queue="x-caller", workflows=[NexusCaller], max_cached_workflows=0, **worker_official):
@@ -566,6 +574,48 @@ async def failing_tracer(target: str, namespace: str, hooks: str) -> None:
     assert failed_tasks == [], failed_tasks
     print("ERRORS " + json.dumps(failing.errors()), flush=True)
     print("EXPORTED", failing.exporter.spans, flush=True)
+
+
+class CopyableClient(Client):
+    """A Client subclass with Client's own constructor."""
+
+
+class OddClient(Client):
+    """A Client subclass whose constructor takes other arguments, so it cannot be made from its config()."""
+
+    def __init__(self, client: Client) -> None:
+        super().__init__(client.service_client, namespace=client.namespace)
+
+
+@activity.defn
+async def start_from_activity(workflow_id: str) -> str:
+    """Runs Child through the worker's client; says which class that client is."""
+    client = activity.client()
+    result = await client.execute_workflow(Child.run, "ab", id=workflow_id, task_queue=activity.info().task_queue)
+    return f"{type(client).__name__}:{result}"
+
+
+@workflow.defn
+class ViaActivity:
+    @workflow.run
+    async def run(self) -> str:
+        return await workflow.execute_activity(start_from_activity, f"{workflow.info().workflow_id}-child",
+                                               start_to_close_timeout=timedelta(seconds=30))
+
+
+async def client_first(target: str, namespace: str) -> None:
+    """Workers on clients made before instrument() (a Client, a subclass with Client's constructor, and
+    one with another constructor), each running ViaActivity, whose activity runs Child through the
+    worker's client; started by a client made after instrument()."""
+    plain = await Client.connect(target, namespace=namespace)
+    clients = {"plain": plain, "copyable": CopyableClient(plain.service_client, namespace=namespace),
+               "odd": OddClient(plain)}
+    TemporalInstrumentor().instrument(core_metrics=False)
+    starter = await Client.connect(target, namespace=namespace)
+    for queue, client in clients.items():
+        async with Worker(client, task_queue=queue, workflows=[ViaActivity, Child], activities=[start_from_activity]):
+            result = await starter.execute_workflow(ViaActivity.run, id=f"wf-{queue}", task_queue=queue)
+            assert result == f"{type(client).__name__}:ba", result
 
 
 async def worker_only() -> None:
@@ -703,6 +753,8 @@ async def main(mode: str):
             await nexus_calls(target, namespace, mode)
         elif mode == "messages":
             await messages(target, namespace)
+        elif mode == "client-first":
+            await client_first(target, namespace)
         elif mode == "no-context":
             await started_without_context(target, namespace)
         elif mode == "official-worker":  # the reverse: our client, a worker still on the official interceptor
