@@ -321,7 +321,8 @@ def test_nexus_operations_continue_the_callers_trace_through_the_handler_and_the
 def test_a_worker_on_a_client_made_before_instrument_continues_the_trace_through_its_client() -> None:
     """An activity runs Child through activity.client() on workers built on clients made before instrument():
     a Client and a subclass with Client's constructor are copied with our client half (the app checks the
-    activity sees the same class), so Child continues the attempt's trace; a subclass whose constructor
+    activity sees the same class, worker.client is the copy), so Child continues the attempt's trace, while
+    the app's own calls through the original stay untraced; a subclass whose constructor
     takes other arguments cannot be copied: its worker is traced, its Child begins its own trace, and the
     miss is counted once."""
     spans, metrics = run_app_with_metrics("client-first")
@@ -339,6 +340,9 @@ def test_a_worker_on_a_client_made_before_instrument_continues_the_trace_through
             start = one(child, "StartWorkflow:Child")
             assert (start["parent"], started["parent"]) == (attempt["id"], start["id"])
             assert {s["trace"] for s in child} == {attempt["trace"]}
+    untraced = [s for s in spans if s["attributes"].get("temporal.workflow.id") == "wf-untraced"]
+    assert sorted(s["name"] for s in untraced) == ["RunWorkflow:Child", "WorkflowStarted:Child"]
+    assert one(untraced, "WorkflowStarted:Child")["parent"] is None
     assert metrics["sidetrace.instrumentation.errors"] == [
         [{"instrumentation": "temporal", "where": "copying a worker's client made before instrument()"}, 1]]
 

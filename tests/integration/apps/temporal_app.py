@@ -613,9 +613,13 @@ async def client_first(target: str, namespace: str) -> None:
     TemporalInstrumentor().instrument(core_metrics=False)
     starter = await Client.connect(target, namespace=namespace)
     for queue, client in clients.items():
-        async with Worker(client, task_queue=queue, workflows=[ViaActivity, Child], activities=[start_from_activity]):
+        async with Worker(client, task_queue=queue, workflows=[ViaActivity, Child],
+                          activities=[start_from_activity]) as worker:
+            assert (worker.client is client) == (queue == "odd") and type(worker.client) is type(client)
             result = await starter.execute_workflow(ViaActivity.run, id=f"wf-{queue}", task_queue=queue)
             assert result == f"{type(client).__name__}:ba", result
+            if queue == "plain":  # the app's own calls through the original client stay untraced
+                assert await client.execute_workflow(Child.run, "cd", id="wf-untraced", task_queue=queue) == "dc"
 
 
 async def worker_only() -> None:
