@@ -22,7 +22,8 @@ sent twice, and are counted in ``sidetrace_exporter_resent_spans_total``). So ar
 in flight to a leaving backend that was not answered within the stop's grace (or whose last attempt
 timed out): it may still take them, and they are routed to the new owners too. A spool written before routing at
 accept time may still hold spans in the trace queue under this exporter's cursor (``NAME``): they
-are routed once at start, then that cursor is removed.
+are routed once, in the background from the start on (a large backlog does not delay the start), then
+that cursor is removed.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ from sidetrace.config import (
     expand_env,
     parse_host_port,
 )
-from sidetrace.exporters.delivery import Delivery, DeliveryStats, Policy
+from sidetrace.exporters.delivery import MAX_UNREACHABLE_BACKOFF, Delivery, DeliveryStats, Policy
 from sidetrace.exporters.otlp import GrpcSender, HttpSender, TracesPayload
-from sidetrace.exporters.spool import TRACES, Batch, Spool
+from sidetrace.exporters.spool import TRACES, Batch, Spool, SpoolError
 
 log = logging.getLogger("sidetrace.exporter")
 
@@ -252,6 +253,8 @@ class LoadBalancingExporter:
         self.deliveries: dict[str, Delivery] = {}
         self._changing = asyncio.Lock()  # one change of the backend set at a time
         self._resolver: asyncio.Task[None] | None = None
+        self._upgrade: asyncio.Task[None] | None = None  # routing a pre-upgrade trace-queue backlog
+        self._upgrade_through = 0  # the last trace-queue batch id of its current step
         self._stopping = False
         self.stats = stats_for(self.name)  # the router's: batches it could not decode, spans it may resend
         self.membership_changes = 0
@@ -315,14 +318,20 @@ class LoadBalancingExporter:
         if not len(self.ring):  # DNS not asked yet
             await self._wait_unrouted()
         self.stats.failing = not len(self.ring)
-        if self.name in self.spool.readers():
-            await self._route_legacy()
+        if self.name in self.spool.readers():  # in the background: a large old backlog must not hold up the start
+            self._upgrade = asyncio.create_task(self._route_legacy(), name=f"exporter-{self.name}-upgrade")
         if section.dns:  # resolved in the background: a slow DNS server must not hold up the agent's start
             self._resolver = asyncio.create_task(self._resolve_forever(), name=f"exporter-{self.name}-dns")
 
     async def stop(self) -> None:
         """Stop resolving and delivering; return once every request routed so far is committed or refused."""
         self._stopping = True
+        if self._upgrade is not None:  # ends after the step it is in, so nothing it routed is routed again
+            await asyncio.wait({self._upgrade}, timeout=5.0)
+            if not self._upgrade.done():
+                log.error("exporter %s: routing the trace queue's backlog did not stop within 5 s", self.name)
+                self.spool.mark_unsure(self.name, self._upgrade_through)
+                await finish(self._upgrade, 1.0)
         if self._resolver is not None:
             await finish(self._resolver, 5.0)
         await asyncio.gather(*(delivery.stop() for delivery in self.deliveries.values()))
@@ -337,14 +346,30 @@ class LoadBalancingExporter:
         await self.spool.add_reader(self._reader(UNROUTED), self._reader(UNROUTED))
 
     async def _route_legacy(self) -> None:
-        """Route what the trace queue still holds for this exporter (a spool from before routing at accept time:
-        the pipeline has not taken a request yet), then remove its cursor there, keeping the backends'."""
-        routed = 0
-        while batches := await self.spool.read(self.name, ROUTE_MAX_ITEMS, ROUTE_MAX_BYTES):
-            self.stats.resent += self.spool.possibly_resent(self.name, batches)
-            routed += await self._route_batches(self.name, batches)
-        await self.spool.remove_reader(self.name, keep_sub_readers=True)
-        log.info("exporter %s: routed %d spans the trace queue held from before the upgrade", self.name, routed)
+        """Route what the trace queue still holds for this exporter (a spool from before routing at accept time),
+        then remove its cursor there, keeping the backends'. Runs beside new requests, which go straight to the
+        backends' queues; a stop ends it between steps, and the next start goes on from the cursor."""
+        routed = failures = 0
+        while not self._stopping:
+            try:
+                # A change of the backend set waits for the step, so nothing is routed to a queue handed over.
+                async with self._changing:
+                    batches = await self.spool.read(self.name, ROUTE_MAX_ITEMS, ROUTE_MAX_BYTES)
+                    if not batches:
+                        await self.spool.remove_reader(self.name, keep_sub_readers=True)
+                        log.info("exporter %s: routed %d spans the trace queue held from before the upgrade",
+                                 self.name, routed)
+                        return
+                    self._upgrade_through = batches[-1].id
+                    self.stats.resent += self.spool.possibly_resent(self.name, batches)
+                    routed += await self._route_batches(self.name, batches)
+                    failures = 0
+            except Exception as exc:  # a full or failing disk (or a bug): the backlog waits under its cursor
+                if not failures:
+                    log.error("exporter %s: routing the trace queue's backlog: %s; retrying", self.name, exc,
+                              exc_info=not isinstance(exc, SpoolError))
+                failures += 1
+                await asyncio.sleep(min(MAX_UNREACHABLE_BACKOFF, 0.1 * 2 ** failures))
 
     # membership ----------------------------------------------------------------------------------
 
@@ -525,8 +550,9 @@ class LoadBalancingExporter:
         error = "; ".join(failing) or self.last_resolve_error or (None if backends else "no backend")
         sent = sum(stats.sent for reader, stats in self._known_stats())
         failed_at = [s["last_error_at"] for s in backends.values() if s["state"] == "failing" and s["last_error_at"]]
-        # Every queue of this exporter: the backends', requests waiting for one, a share waiting to be handed over.
-        queues = [reader for reader in self.spool.readers() if reader.startswith(f"{self.name}/")]
+        # Every queue of this exporter: the backends', requests waiting for one, a share waiting to be handed over,
+        # and a pre-upgrade backlog in the trace queue.
+        queues = [reader for reader in self.spool.readers() if reader.split("/", 1)[0] == self.name]
         return {"state": state if not self._stopping else "stopped", "sent": sent, "last_error": error,
                 "last_error_at": max(failed_at, default=None), "backends": backends,
                 "oldest_unsent_age_seconds": round(max([0.0, *map(self.spool.oldest_unsent_age, queues)]), 1),

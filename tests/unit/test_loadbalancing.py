@@ -18,7 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from sidetrace.config import LoadBalancingExporterSection
 from sidetrace.exporters.delivery import DeliveryStats, delivery_families
-from sidetrace.exporters.loadbalancing import HashRing, LoadBalancingExporter, route
+from sidetrace.exporters.loadbalancing import ROUTE_MAX_ITEMS, HashRing, LoadBalancingExporter, route
 from sidetrace.exporters.spool import TRACES, Spool
 from tests.backends import Backend, GrpcBackend
 from tests.conftest import until
@@ -378,7 +378,8 @@ async def test_a_spool_written_before_routing_at_accept_time_is_drained_from_the
     stats: dict[str, DeliveryStats] = {}
     lb = exporter(spool, [f"127.0.0.1:{b.port}" for b in backends], stats)
     await lb.start()
-    assert "lb" not in spool.readers()  # drained at start; its backends' cursors stay
+    assert "lb" in spool.readers()  # routed in the background: the start did not wait for the backlog
+    await until(lambda: "lb" not in spool.readers(), 20, "the backlog routed")  # its backends' cursors stay
     await until(lambda: sum(b.unique() for b in backends) == TRACES_SENT * SPANS_PER_TRACE, 20, "every span")
     await lb.stop()
     assert_whole_traces_on_one_backend_each(backends, TRACES_SENT)
@@ -391,6 +392,44 @@ async def test_a_spool_written_before_routing_at_accept_time_is_drained_from_the
     await lb.stop()
     assert sum(b.unique() for b in backends) == TRACES_SENT * SPANS_PER_TRACE
     await spool.close()
+
+
+async def test_a_stop_while_the_old_backlog_is_routed_loses_nothing_and_routes_nothing_twice(
+        tmp_path: Path, backends: list[GrpcBackend]) -> None:
+    # A backlog of several routing steps (16,384 spans each), with new requests accepted meanwhile.
+    traces = 200 * (3 * ROUTE_MAX_ITEMS // SPANS_PER_TRACE // 200 + 1)
+    old = Spool(tmp_path / "spool.db", max_bytes=1 << 30, sync="normal")
+    old.add_reader_at_open("lb")
+    await old.open()
+    for first in range(0, traces, 200):
+        await old.append(trace_request(first, 200), 200 * SPANS_PER_TRACE, TRACES)
+    await old.close()
+    stats: dict[str, DeliveryStats] = {}
+    addresses = [f"127.0.0.1:{b.port}" for b in backends]
+    restarts = 0
+    drained = False
+    while not drained:
+        assert restarts < 10
+        spool = await opened(tmp_path / "spool.db")
+        lb = exporter(spool, addresses, stats)
+        before = sum(b.unique() for b in backends)
+        await lb.start()
+        await accept(lb, trace_request(traces + restarts * 10, 10), 10 * SPANS_PER_TRACE)
+        await until(lambda: sum(b.unique() for b in backends) > before + 10 * SPANS_PER_TRACE, 20,  # noqa: B023
+                    "some of the backlog delivered")
+        await lb.stop()  # in the middle of the backlog, or after it
+        drained = "lb" not in spool.readers()
+        await spool.close()
+        restarts += 1
+    spool = await opened(tmp_path / "spool.db")
+    lb = exporter(spool, addresses, stats)
+    await lb.start()
+    total = traces + restarts * 10
+    await until(lambda: sum(b.unique() for b in backends) == total * SPANS_PER_TRACE, 30, "every span")
+    await lb.stop()
+    await spool.close()
+    assert_whole_traces_on_one_backend_each(backends, total)  # each span exactly once
+    assert sum(stats[r].resent for r in stats) == 0
 
 
 async def test_an_exporter_rebuilt_by_a_reload_takes_over_the_ring_queues_and_requests_in_flight(
