@@ -197,6 +197,7 @@ class TracePipeline:
             self._sections[section.name] = (kind, section)
         leaving = [n for n in self.exporters if n not in names or n in built]
         other_kind: list[Any] = []  # replaced by an exporter of another kind under the same name
+        removed: list[str] = []
         for name in leaving:
             # One being replaced keeps taking requests (into the queues its successor reads) until then.
             exporter = self.exporters[name] if name in built else self.exporters.pop(name)
@@ -207,13 +208,18 @@ class TracePipeline:
             if name not in names:
                 for reader, _ in exporter.readers():
                     self._stats.pop(reader, None)
-                await self.spool.remove_reader(name)  # with its sub-readers; what their queues held is counted
+                removed.append(name)
         if built and self.spool is None:
             await self._open(spool, built)
         else:
             for exporter in built.values():
                 for reader, queue in exporter.readers():
                     await spool.add_reader(reader, queue)
+        for name in removed:
+            # After the new readers are added, so one that replaces it (a rename) takes the trace queue over where
+            # it was; the rest goes now, counted as exporter_removed: with its sub-readers, what their queues held,
+            # and in the trace queue what it alone still needed (all it had not delivered, if it was the last).
+            await self.spool.remove_reader(name)
         await self._start_exporters(built, wanted)
         for exporter in other_kind:
             # Another kind by the same name (loadbalancing to otlp, say): once the old one routes nothing more,

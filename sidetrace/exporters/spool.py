@@ -11,7 +11,9 @@ sub-reader of ``owner`` (exporter names hold no "/"): registering ``owner`` at o
 ``sub_readers``) restores its sub-readers' cursors too, and removing ``owner`` removes them and discards
 their queues (what they held undelivered is counted as dropped with reason ``exporter_removed``); so
 does an open that finds a queue no configured reader reads any more (an exporter renamed or removed
-while the agent was down). Cursors
+while the agent was down; the trace queue waits at open for the next trace exporter). Removing a reader
+of the trace queue deletes the batches only it still needed, or all the queue holds if it was the last
+reader, and counts them the same way. Cursors
 live in a small preallocated file beside the database (``spool.db-cursors``) that is overwritten in
 place: acknowledging a delivered batch never needs new disk space, so a spool that filled its disk
 still drains. A batch is deleted once every reader of its queue has passed it.
@@ -504,8 +506,9 @@ class Spool:
 
     async def remove_reader(self, reader: str, keep_sub_readers: bool = False) -> None:
         """Forget ``reader`` (and its sub-readers, unless ``keep_sub_readers``): batches only it still needed
-        are freed, unless it was its queue's last reader (then the trace queue waits for the next reader,
-        and another queue is discarded, its items counted in ``discarded``)."""
+        are deleted, and so is what its queue holds when it was the queue's last reader (the trace queue's
+        included: add the readers that take over before removing the ones they replace). What it had not
+        delivered among them is counted in ``discarded``."""
         await self._run(self._remove_reader, reader, keep_sub_readers)
 
     def _remove_reader(self, reader: str, keep_sub_readers: bool = False) -> None:
@@ -518,27 +521,39 @@ class Spool:
         self._new.pop(reader, None)
         self._oldest_unsent.pop(reader, None)
         self._store_cursors(running=self._queue_of)
+        exporter = reader.split("/", 1)[0]
         if queue in self._queue_of.values():
-            self._free(queue, min(before, self._passed(queue)))
+            passed = self._passed(queue)
+            if before < passed:  # the batches only it still needed go: not delivered by it, so counted
+                self._count_discarded(exporter, queue, before, passed,
+                                      f"that only exporter {exporter} still needed; it was removed")
+            self._free(queue, min(before, passed))
         else:
-            self._discard_queue(queue, after=before)
+            self._discard_queue(queue, after=before, why=f"that exporter {exporter} had not delivered; it was removed",
+                                exporter=exporter, keep_traces=False)
 
-    def _discard_queue(self, queue: str, after: int, why: str = "whose exporter was removed") -> None:
-        """Delete what a queue no reader will read again still holds (a removed exporter's own queue; the
-        trace queue waits for the next trace exporter instead)."""
-        if queue == TRACES or queue in self._queue_of.values():
+    def _discard_queue(self, queue: str, after: int, why: str = "whose exporter was removed", exporter: str = "",
+                       keep_traces: bool = True) -> None:
+        """Delete what a queue no reader will read again still holds, counting its items after ``after`` for
+        ``exporter`` (the queue's owner by default). At open, the trace queue waits for the next trace exporter
+        instead (``keep_traces``): an upgrade's drain reads it."""
+        if (queue == TRACES and keep_traces) or queue in self._queue_of.values():
             return
-        db = self._db
-        assert db is not None
-        items = db.execute("SELECT COALESCE(SUM(items), 0) FROM batches WHERE queue = ? AND id > ?",
-                           (queue, after)).fetchone()[0]
-        db.execute("DELETE FROM batches WHERE queue = ?", (queue,))
+        self._count_discarded(exporter or queue.split("/", 1)[0], queue, after, None, why)
+        assert self._db is not None
+        self._db.execute("DELETE FROM batches WHERE queue = ?", (queue,))
         self._queue_bytes.pop(queue, None)
         self._prune.pop(queue, None)
+
+    def _count_discarded(self, exporter: str, queue: str, after: int, through: int | None, why: str) -> None:
+        """Count (and log) the items of ``queue``'s batches after ``after`` (through ``through``) as discarded."""
+        assert self._db is not None
+        items = self._db.execute(
+            "SELECT COALESCE(SUM(items), 0) FROM batches WHERE queue = ? AND id > ? AND id <= ?",
+            (queue, after, through if through is not None else 1 << 62)).fetchone()[0]
         if items:
-            exporter = queue.split("/", 1)[0]
             self.discarded[exporter] = self.discarded.get(exporter, 0) + items
-            log.warning("spool %s: discarded %d items of queue %s, %s", self.path, items, queue, why)
+            log.warning("spool %s: discarded %d items of queue %s %s", self.path, items, queue, why)
 
     def _passed(self, queue: str) -> int:
         """The highest id every reader of ``queue`` is done with (0 when it has no reader: it keeps everything)."""

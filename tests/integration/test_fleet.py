@@ -322,6 +322,48 @@ def test_a_reload_that_turns_the_balancer_into_an_otlp_exporter_counts_its_queue
     assert list(metric_lines(agent, "sidetrace_spool_oldest_unsent_age_seconds")) == ['exporter="tier"']
 
 
+def test_a_reload_that_removes_an_otlp_exporter_discards_and_counts_what_it_had_not_delivered_at_once(
+        agent_factory: Callable[..., Agent]) -> None:
+    sink = Sink()
+    away = f"127.0.0.1:{free_port()}"  # nothing listens there: what "a" should send waits in the trace queue
+    a = f'[[exporters.otlp]]\nname = "a"\nendpoint = "http://{away}"\n'
+    b = f'[[exporters.otlp]]\nname = "b"\nendpoint = "http://127.0.0.1:{sink.port}"\n'
+    c = a.replace('name = "a"', 'name = "c"')
+    agent = agent_factory(a + b).start()
+    send_traces(agent, 0, 50, processes=1)
+    wait_until(lambda: sink.collected.unique() == 50 * SPANS_PER_TRACE, 20, "b delivered every span")
+    reloads = 0
+
+    def reload(config: str) -> None:
+        nonlocal reloads
+        agent.write_config(config)
+        agent.signal(signal.SIGHUP)
+        reloads += 1
+        wait_until(lambda: metric(agent, "sidetrace_config_reloads_total") == reloads, 10, "the reload")
+
+    def removed() -> dict[str, float]:
+        return {k: v for k, v in metric_lines(agent, "sidetrace_spool_dropped_spans_total").items()
+                if "exporter_removed" in k}
+
+    reload(b)  # "a" removed: the batches only it still needed go at once, counted
+    assert removed() == {'exporter="a",reason="exporter_removed"': 50 * SPANS_PER_TRACE}
+    assert metric(agent, "sidetrace_spool_size_bytes") == 0
+    reload(a)  # "b" removed, a new "a" added: it starts where the queue's readers are, with nothing to send
+    send_traces(agent, 50, 20, processes=1)
+    assert metric(agent, "sidetrace_spool_size_bytes") > 0
+    reload(c)  # renamed: "c" takes over what "a" had not delivered, nothing is discarded
+    assert removed() == {'exporter="a",reason="exporter_removed"': 50 * SPANS_PER_TRACE}
+    wait_until(lambda: metric_lines(agent, "sidetrace_exporter_send_failed_spans_total").get('exporter="c"', 0)
+               == 20 * SPANS_PER_TRACE, 10, "c trying to send a's 20 traces")
+    reload("")  # the last trace exporter removed: the trace queue's rows go at once, counted
+    assert removed() == {'exporter="a",reason="exporter_removed"': 50 * SPANS_PER_TRACE,
+                         'exporter="c",reason="exporter_removed"': 20 * SPANS_PER_TRACE}
+    assert metric(agent, "sidetrace_spool_size_bytes") == 0
+    assert "discarded 200 items of queue traces that exporter c had not delivered; it was removed" in agent.log()
+    agent.stop()
+    sink.stop()
+
+
 def send_until(agent: Agent, stop: threading.Event) -> int:
     """Requests of 10 traces (numbered from 0) sent back to back until ``stop``, each retried until accepted;
     return the traces sent."""

@@ -458,6 +458,29 @@ async def test_removing_an_exporter_counts_what_its_own_queues_held_undelivered(
     await spool.close()
 
 
+async def test_removing_a_trace_queue_reader_discards_and_counts_what_it_alone_had_not_delivered(
+        tmp_path: Path) -> None:
+    spool = await opened(tmp_path / "spool.db", ("a", "b"))
+    for i in range(4):
+        await spool.append(bytes([i]) * 10, items=10)
+    batches = await spool.read("b", 20, 1000)  # b delivered two batches, a none
+    await spool.ack("b", batches[-1].id)
+    await spool.remove_reader("a")  # the two only a still needed go; the two b needs stay, uncounted
+    assert spool.discarded == {"a": 20} and spool.size_bytes == 20
+    await spool.add_reader("c")  # added before "b" is removed, as a reload renaming b to c does: c takes over
+    await spool.remove_reader("b")
+    assert spool.discarded == {"a": 20} and spool.size_bytes == 20
+    assert [b.body for b in await spool.read("c", 100, 1000)] == [bytes([2]) * 10, bytes([3]) * 10]
+    await spool.remove_reader("c")  # the last reader: the trace queue's rows go at once
+    assert spool.discarded == {"a": 20, "c": 20} and spool.size_bytes == 0
+    dropped = next(f for f in spool.families() if f.name == "sidetrace_spool_dropped_spans")
+    assert [(s.labels, s.value) for s in dropped.samples if s.labels["reason"] == "exporter_removed"] == [
+        ({"exporter": "a", "reason": "exporter_removed"}, 20), ({"exporter": "c", "reason": "exporter_removed"}, 20)]
+    await spool.add_reader("d")  # a later trace exporter starts with an empty queue
+    assert await spool.read("d", 100, 1000) == []
+    await spool.close()
+
+
 async def test_queues_whose_exporter_is_gone_at_open_are_discarded_and_counted(tmp_path: Path) -> None:
     # A restart after renaming a load-balancing exporter "lb" to "lb2": its backends' queues have no reader.
     path = tmp_path / "spool.db"
@@ -513,12 +536,13 @@ async def test_a_sub_readers_queue_whose_cursor_was_lost_is_read_from_its_start(
 
 
 async def test_making_room_deletes_rows_of_a_queue_without_reader_and_accounts_for_them(tmp_path: Path) -> None:
-    # The trace queue between trace exporters (the only one removed, the next not there yet) keeps its rows.
+    # A restart without the trace queue's only reader: its rows wait at open for the next trace exporter.
     spool = await opened(tmp_path / "spool.db", ("a",), max_bytes=300)
-    await spool.add_reader("lb/x", "lb/x")
     for i in range(3):
         await spool.append(bytes([i]) * 100, items=10)
-    await spool.remove_reader("a")
+    await spool.close()
+    spool = await opened(tmp_path / "spool.db", (), max_bytes=300)
+    await spool.add_reader("lb/x", "lb/x")
     assert spool.size_bytes == 300
     for i in range(3):
         await spool.append(bytes([i]) * 100, items=7, queue="lb/x")
