@@ -74,6 +74,9 @@ class Answer:
     retry_after: float | None = None  # Retry-After / RetryInfo, when the backend gave one
     rejected: int = 0  # items a partial success reports as rejected
     about_size: bool = False  # a refusal that names the request's size
+    # The request provably did not reach the backend whole (the connection failed while it was being written):
+    # sending it again cannot make a duplicate, whatever the reason.
+    incomplete: bool = False
 
 
 class Sender(Protocol):
@@ -297,7 +300,7 @@ class Delivery:
                 attempt = 0
                 continue
             self._failed(part, answer)
-            if answer.reason in UNKNOWN_OUTCOME_REASONS:
+            if answer.reason in UNKNOWN_OUTCOME_REASONS and not answer.incomplete:
                 self._unknown_through = max(self._unknown_through, part.batches[-1].id)
             if verdict in (Verdict.TOO_LARGE, Verdict.BAD_DATA):
                 pieces = await self._divide(part, body, below_batch=verdict is Verdict.TOO_LARGE)

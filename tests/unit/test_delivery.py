@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import http.server
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -16,7 +18,7 @@ from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from sidetrace.config import OtlpExporterSection
-from sidetrace.exporters.delivery import MAX_UNREACHABLE_BACKOFF, Delivery, DeliveryStats, Policy
+from sidetrace.exporters.delivery import MAX_UNREACHABLE_BACKOFF, Delivery, DeliveryStats, Policy, Verdict
 from sidetrace.exporters.otlp import GrpcSender, HttpSender, OtlpExporter, TracesPayload, retry_after_seconds
 from sidetrace.exporters.spool import TRACES, Spool
 from tests.backends import Backend, GrpcBackend, HttpBackend
@@ -513,4 +515,82 @@ async def test_a_stop_cut_short_counts_the_batches_in_flight_as_resent_by_the_ne
     await again.stop()
     assert backend.duplicates() == 3 * SPANS and again.stats.resent == 3 * SPANS
     assert "b" not in spool.interrupted  # counted once: the next run does not count them again
+    await spool.close()
+
+
+class _StdlibOtlpHandler(http.server.BaseHTTPRequestHandler):
+    """OTLP/HTTP served by the standard library's HTTP/1.1 server, which keeps connections alive and closes one
+    idle for ``timeout`` seconds; a request above the server's ``close_above`` bytes is cut: the connection is
+    closed without reading its body, as a server enforcing a size limit by closing does."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = 0.2
+
+    def do_POST(self) -> None:  # noqa: N802 - the http.server method name
+        server: _StdlibOtlpServer = self.server  # type: ignore[assignment]
+        length = int(self.headers["Content-Length"])
+        if length > server.close_above:
+            server.cut += 1
+            self.close_connection = True
+            return
+        server.bodies.append(self.rfile.read(length))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _StdlibOtlpServer(http.server.ThreadingHTTPServer):
+    def __init__(self, close_above: int = 1 << 40) -> None:
+        super().__init__(("127.0.0.1", 0), _StdlibOtlpHandler)
+        self.close_above = close_above
+        self.cut = 0
+        self.bodies: list[bytes] = []
+        self.port = self.server_address[1]
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def spans(self) -> list[bytes]:
+        return [span.span_id for body in self.bodies for r in ExportTraceServiceRequest.FromString(body).resource_spans
+                for s in r.scope_spans for span in s.spans]
+
+
+async def test_a_keep_alive_connection_the_backend_closed_while_the_loop_was_busy_is_not_written_to() -> None:
+    server = _StdlibOtlpServer()
+    sender = HttpSender(OtlpExporterSection(name="b", endpoint=f"http://127.0.0.1:{server.port}", protocol="http",
+                                            compression="none"), {})
+    try:
+        assert (await sender.send(request(1, SPANS))).verdict is Verdict.DELIVERED
+        time.sleep(0.6)  # the agent's loop busy elsewhere: the server closes the idle connection meanwhile
+        answer = await sender.send(request(SPANS + 1, SPANS))
+        assert (answer.verdict, answer.reason) == (Verdict.DELIVERED, "")  # on a new connection, not a failure
+        assert len(server.spans()) == 2 * SPANS
+    finally:
+        await sender.close()
+        server.shutdown()
+        server.server_close()
+
+
+async def test_a_request_cut_off_while_being_written_is_sent_again_without_counting_it_as_resent(
+        tmp_path: Path) -> None:
+    big = request(1, 4, attribute_bytes=8 * 1024 * 1024)  # 32 MiB: more than the socket buffers take
+    server = _StdlibOtlpServer(close_above=len(big) - 1)
+    spool = await queued(tmp_path, [(big, 4)])
+    loop = Delivery("b", spool, TRACES, HttpSender(OtlpExporterSection(
+        name="b", endpoint=f"http://127.0.0.1:{server.port}", protocol="http", compression="none",
+        max_request_bytes=64 * 1024 * 1024), {}), TracesPayload(), Policy(
+        max_items=8192, max_request_bytes=64 * 1024 * 1024, initial_backoff=0.01, max_backoff=0.05), DeliveryStats())
+    try:
+        await loop.start()
+        await until(lambda: server.cut == 1, 10, "the request cut off")
+        server.close_above = 1 << 40
+        await drained(spool)
+    finally:
+        await loop.stop()
+        server.shutdown()
+        server.server_close()
+    assert loop.stats.failures == {"connection_lost": 1}
+    assert len(server.spans()) == 4 and loop.stats.resent == 0
     await spool.close()
