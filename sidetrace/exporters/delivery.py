@@ -283,8 +283,9 @@ class Delivery:
                 if pieces:
                     work[0:1] = pieces
                     continue
-            if part.batches[0].id <= self._unknown_through:  # an earlier attempt may have delivered these
-                self.stats.resent += part.items if part.body is not None else \
+            again = 0  # items an earlier attempt with an unknown outcome may have delivered
+            if part.batches[0].id <= self._unknown_through:
+                again = part.items if part.body is not None else \
                     sum(b.items for b in part.batches if b.id <= self._unknown_through)
             # Only a request in flight may have reached the backend: a stop during a backoff wait sent nothing.
             self._sending = True
@@ -293,6 +294,11 @@ class Delivery:
             finally:
                 self._sending = False
             verdict = answer.verdict
+            if again and (verdict is Verdict.DELIVERED or (answer.reason in UNKNOWN_OUTCOME_REASONS
+                                                           and not answer.incomplete)):
+                # This attempt may have reached the backend too: a possible duplicate. One it refused (a refused
+                # connection, an error answer, a request cut off while written) cannot be.
+                self.stats.resent += again
             if verdict is Verdict.DELIVERED:
                 self._unacknowledged = True
                 self._delivered(part, answer, attempt)

@@ -5,8 +5,10 @@ how to read the backend's answer, as the OTLP specification classifies it, and h
 ExportTraceServiceRequest. Spooled batches are joined without decoding (concatenated
 ExportTraceServiceRequest bytes are one valid request).
 
-gRPC: UNAVAILABLE, CANCELLED, DEADLINE_EXCEEDED (counted as reason ``timeout``, as HTTP's is), ABORTED,
-OUT_OF_RANGE, DATA_LOSS, and RESOURCE_EXHAUSTED with a RetryInfo, are retried; RESOURCE_EXHAUSTED without
+gRPC: UNAVAILABLE (counted as reason ``connection_refused`` when the connection was refused, and
+``connection_lost``, as HTTP's is, when grpc core reports the call's connection lost under it), CANCELLED,
+DEADLINE_EXCEEDED (counted as reason ``timeout``, as HTTP's is), ABORTED, OUT_OF_RANGE, DATA_LOSS, and
+RESOURCE_EXHAUSTED with a RetryInfo, are retried; RESOURCE_EXHAUSTED without
 one means the request is too large; INVALID_ARGUMENT is bad data; every other code is the backend's or the
 config's fault.
 HTTP: 429, 502, 503, 504 (and 408) are retried; 413 is too large; 400 is bad data; any other status,
@@ -53,6 +55,11 @@ RETRYABLE_GRPC = frozenset({
     grpc.StatusCode.ABORTED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.DATA_LOSS,
 })
 RETRYABLE_HTTP = frozenset({408, 429, 502, 503, 504})
+# How grpc core words an UNAVAILABLE for a call that was under way on a connection: the connection lost ("Stream
+# removed (Socket closed)", "... (recvmsg:Connection reset by peer (104))"), or a grpc core server shut down with
+# the call in its hands ("Cancelling all calls"). The request may have been taken. A backend's own UNAVAILABLE (a
+# memory limiter's refusal) and a refused connection say otherwise, and mean it was not.
+LOST_MID_CALL = ("Stream removed", "Cancelling all calls")
 _TLS_WORDS = ("ssl", "tls", "certificate", "handshake")
 
 
@@ -81,6 +88,8 @@ def classify_grpc(code: grpc.StatusCode, details: str, retry_delay: float | None
     if code in RETRYABLE_GRPC:
         if code is grpc.StatusCode.UNAVAILABLE and ("connection refused" in lowered or "failed to connect" in lowered):
             reason = "connection_refused"
+        elif code is grpc.StatusCode.UNAVAILABLE and details.startswith(LOST_MID_CALL):
+            reason = "connection_lost"  # the backend may have taken the request before it went: as HTTP names it
         elif code is grpc.StatusCode.DEADLINE_EXCEEDED:  # no answer within timeout_seconds: as HTTP names it
             reason = "timeout"
         return Answer(Verdict.RETRY, reason, detail, retry_delay)

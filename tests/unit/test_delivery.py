@@ -7,6 +7,8 @@ import asyncio
 import email.utils
 import http.server
 import logging
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,8 +24,9 @@ from sidetrace.exporters.delivery import MAX_UNREACHABLE_BACKOFF, Delivery, Deli
 from sidetrace.exporters.otlp import GrpcSender, HttpSender, OtlpExporter, TracesPayload, retry_after_seconds
 from sidetrace.exporters.spool import TRACES, Spool
 from tests.backends import Backend, GrpcBackend, HttpBackend
-from tests.conftest import free_port, until
+from tests.conftest import free_port, port_open, stop_process, until
 
+ROOT = Path(__file__).resolve().parents[2]
 BATCHES = 300
 SPANS = 10
 FAST = Policy(max_items=8192, max_request_bytes=4 * 1024 * 1024, initial_backoff=0.01, max_backoff=0.05,
@@ -593,4 +596,37 @@ async def test_a_request_cut_off_while_being_written_is_sent_again_without_count
         server.server_close()
     assert loop.stats.failures == {"connection_lost": 1}
     assert len(server.spans()) == 4 and loop.stats.resent == 0
+    await spool.close()
+
+
+async def test_a_grpc_collector_that_crashes_after_taking_the_request_counts_the_retry_as_resent(
+        tmp_path: Path) -> None:
+    port, taken = free_port(), tmp_path / "taken"
+
+    def collector(mode: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "tests.integration.apps.crashing_collector", str(port),
+                                 str(taken), mode], cwd=ROOT)
+
+    crashing = collector("crash")
+    serving = None
+    await until(lambda: port_open(port), 20, "the collector listening")
+    spool = await queued(tmp_path, standard_batches()[:3])
+    exporter = OtlpExporterSection(name="b", endpoint=f"http://127.0.0.1:{port}", protocol="grpc",
+                                   compression="none", batch_timeout_seconds=0)
+    loop = Delivery("b", spool, TRACES, GrpcSender(exporter, {}), TracesPayload(), FAST, DeliveryStats())
+    try:
+        await loop.start()
+        await until(lambda: crashing.poll() is not None, 20, "the collector crashed with the request taken")
+        await until(lambda: loop.stats.failures, 20, "the failed attempt")
+        serving = collector("serve")
+        await drained(spool)
+    finally:
+        await loop.stop()
+        for process in (crashing, serving):
+            if process is not None:
+                stop_process(process)
+    ids = taken.read_text().split()
+    assert len(set(ids)) == 3 * SPANS and len(ids) == 6 * SPANS  # taken by both lives of the collector
+    assert loop.stats.failures["connection_lost"] == 1
+    assert loop.stats.resent == len(ids) - len(set(ids))
     await spool.close()
