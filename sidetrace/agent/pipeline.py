@@ -216,9 +216,9 @@ class TracePipeline:
                 for reader, queue in exporter.readers():
                     await spool.add_reader(reader, queue)
         for name in removed:
-            # After the new readers are added, so one that replaces it (a rename) takes the trace queue over where
-            # it was; the rest goes now, counted as exporter_removed: with its sub-readers, what their queues held,
-            # and in the trace queue what it alone still needed (all it had not delivered, if it was the last).
+            # After the new readers are added, so one that replaces it (a rename) starts in the trace queue no
+            # later than it was; the rest goes now, counted as exporter_removed: with its sub-readers, what their
+            # queues held, and in the trace queue what it alone still needed (all it had not delivered, if last).
             await self.spool.remove_reader(name)
         await self._start_exporters(built, wanted)
         for exporter in other_kind:
