@@ -35,10 +35,16 @@
   without ``start_time_unix_nano`` is judged by its time alone, and points without
   ``time_unix_nano`` (which OTLP requires) are added as they come until a timed one arrives. A
   histogram whose bounds change starts over from the point, as the Collector's does.
-  Cumulative points are taken as sent. Series not updated for ``stale_seconds`` are removed, so an
-  app that stopped sending does not live forever; but a delta series stays while its app (job and
-  instance, through its ``target_info``) sends anything, so that a sparse delta counter goes on from its
-  total instead of starting a new series (which ``increase()`` would not count).
+- Cumulative points (and gauges) replace what their series holds, but only with newer data: a point whose
+  ``time_unix_nano`` is older than the series' (a retry or a batch arriving after a newer one), or equal to it
+  with another value, is dropped and counted (``out_of_order``), as Prometheus refuses an out-of-order or
+  duplicate-timestamp sample; the same point sent again changes nothing and is not counted. Time alone orders
+  them: a reset (a newer ``start_time_unix_nano``, a lower value) is taken since its point is newer. Points
+  without ``time_unix_nano`` are taken as they come until a timed one arrives.
+- Series not updated for ``stale_seconds`` are removed, so an app that stopped sending does not live forever;
+  but a delta series stays while its app (job and instance, through its ``target_info``) sends anything, so
+  that a sparse delta counter goes on from its total instead of starting a new series (which ``increase()``
+  would not count).
 - Each dropped point is counted, and each reason logged (naming the metric) at most once a minute.
 - Exponential histograms are kept too (delta points merged into cumulative ones, ``sidetrace.agent.exponential``)
   and served as native histograms where the exposition can carry them: the protobuf one
@@ -53,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import re
 import threading
 import time
@@ -136,7 +143,8 @@ RESERVED_LABELS = frozenset({"job", "instance", "le", "quantile", *SCOPE_LABELS}
 SERVICE_KEYS = frozenset({"service.name", "service.namespace", "service.instance.id"})  # job and instance
 # Why a point is not served, each exported from the start so that an alert sees the first one.
 DROP_REASONS = ("max_series", "max_series_target_info", "reserved_name", "invalid_name", "type_conflict",
-                "name_clash", "exponential_histogram", "exponential_histogram_scale", "delta_overlap")
+                "name_clash", "exponential_histogram", "exponential_histogram_scale", "delta_overlap",
+                "out_of_order")
 
 _WHY = {
     "max_series": "[app_metrics] max_series reached",
@@ -148,6 +156,7 @@ _WHY = {
     "exponential_histogram": "exponential histograms need the protobuf exposition (native histograms)",
     "exponential_histogram_scale": "its scale is below -4, which no native histogram schema holds",
     "delta_overlap": "a delta point that ends no later than, or overlaps, what its series already counted",
+    "out_of_order": "a cumulative or gauge point older than its series' newest, or as old with another value",
 }
 
 
@@ -224,9 +233,28 @@ class _Series:
         self.buckets: list[int] = []
         self.bounds: tuple[float, ...] = ()
         self.updated = 0.0
-        self.last = 0  # time_unix_nano of the last delta point added; 0 before the first timed one
+        self.last = 0  # time_unix_nano of the last point taken; 0 before the first timed one
         self.exponential: ExponentialPoint | None = None
         self.target: tuple[str, str] | None = None  # a delta series' (job, instance): kept while that app sends
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _holds(kind: str, series: _Series, point: Any) -> bool:
+    """Whether ``series`` already holds what the cumulative or gauge ``point`` would set (the same point again)."""
+    if kind in ("gauge", "sum"):
+        return _same(series.value, point.as_double if point.WhichOneof("value") == "as_double" else float(point.as_int))
+    if kind == "histogram":
+        return (series.bounds == tuple(point.explicit_bounds) and series.count == point.count
+                and _same(series.sum, point.sum)
+                and series.buckets == (list(point.bucket_counts) or [0] * (len(point.explicit_bounds) + 1)))
+    if kind == "exponential_histogram":
+        return series.exponential == ExponentialPoint.from_otlp(point)
+    return (series.count == point.count and _same(series.sum, point.sum)
+            and series.bounds == tuple(q.quantile for q in point.quantile_values)
+            and series.buckets == [q.value for q in point.quantile_values])
 
 
 class AppMetrics:
@@ -395,6 +423,12 @@ class AppMetrics:
                     continue
                 series.last = end
                 series.target = (prefix[0][1], prefix[1][1])
+            else:
+                end = point.time_unix_nano
+                if end < series.last or (end == series.last and end and not _holds(kind, series, point)):
+                    self._drop("out_of_order", metric.name)
+                    continue
+                series.last = end
             series.updated = now
             taken += 1
             if kind in ("gauge", "sum"):
@@ -493,7 +527,7 @@ class AppMetrics:
         yield info
         points = CounterMetricFamily("sidetrace_app_metrics_dropped_points_total",
                                      "OTLP metric points not served, by reason (max_series, reserved_name, "
-                                     "invalid_name, type_conflict, name_clash, delta_overlap, "
+                                     "invalid_name, type_conflict, name_clash, delta_overlap, out_of_order, "
                                      "exponential_histogram_scale; "
                                      "exponential_histogram counts the exponential-histogram series each text scrape "
                                      "or remote-write collection left out, as only the protobuf exposition carries "

@@ -146,7 +146,7 @@ def test_delta_points_are_added_only_when_they_follow_on_so_none_counts_twice(
         agent_factory: Callable[..., Agent]) -> None:
     agent = agent_factory().start()
     reasons = ("max_series", "max_series_target_info", "reserved_name", "type_conflict", "name_clash",
-               "exponential_histogram", "exponential_histogram_scale", "delta_overlap")
+               "exponential_histogram", "exponential_histogram_scale", "delta_overlap", "out_of_order")
     assert {f'sidetrace_app_metrics_dropped_points_total{{reason="{reason}"}} 0.0' for reason in reasons} \
         <= scrape_clean(agent)  # every reason is there before its first drop, so increase() sees the first one
     t0 = time.time_ns() - 60 * 10**9
@@ -178,6 +178,60 @@ def test_delta_points_are_added_only_when_they_follow_on_so_none_counts_twice(
             f"job_duration_seconds_sum{{{labels}}} {total * 0.5}",
         }, (start, end, value)
         assert f'sidetrace_app_metrics_dropped_points_total{{reason="delta_overlap"}} {float(dropped)}' in lines
+
+
+def cumulative_request(start: int, end: int, value: int) -> bytes:
+    """A cumulative counter, a gauge, a cumulative histogram (``value`` observations of 0.5) and a summary, each
+    one point over [start, end] worth ``value``."""
+    request = ExportMetricsServiceRequest()
+    scope_metrics = request.resource_metrics.add().scope_metrics.add()
+    scope_metrics.scope.name = "lib"
+    total = scope_metrics.metrics.add(name="jobs.seen").sum
+    total.is_monotonic, total.aggregation_temporality = True, CUMULATIVE
+    total.data_points.add(start_time_unix_nano=start, time_unix_nano=end, as_int=value)
+    scope_metrics.metrics.add(name="queue.depth").gauge.data_points.add(time_unix_nano=end, as_double=value)
+    histogram = scope_metrics.metrics.add(name="job.wait", unit="s").histogram
+    histogram.aggregation_temporality = CUMULATIVE
+    histogram.data_points.add(start_time_unix_nano=start, time_unix_nano=end, count=value, sum=value * 0.5,
+                              explicit_bounds=[1.0], bucket_counts=[value, 0])
+    summary = scope_metrics.metrics.add(name="job.size").summary.data_points.add(
+        start_time_unix_nano=start, time_unix_nano=end, count=value, sum=value * 2.0)
+    summary.quantile_values.add(quantile=0.5, value=2.0)
+    return request.SerializeToString()
+
+
+def test_a_cumulative_or_gauge_point_older_than_its_series_never_replaces_it_and_a_reset_is_taken(
+        agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory().start()
+    t0 = time.time_ns() - 60 * 10**9
+
+    def at(seconds: int) -> int:
+        return t0 + seconds * 10**9
+
+    labels = 'instance="",job="unknown_service",otel_scope_name="lib",otel_scope_version=""'
+    bucket = 'job_wait_seconds_bucket{instance="",job="unknown_service",le="%s",otel_scope_name="lib",' \
+             'otel_scope_version=""} %s'
+    steps = [  # (start, end, value), then the value each of the four metrics shows and the out_of_order drops
+        ((at(0), at(20), 8), 8, 0),
+        ((at(0), at(10), 5), 8, 4),  # older (a retry or a batch arriving late): would go back to 5
+        ((at(0), at(20), 9), 8, 8),  # as old with another value: the first one stays, as in Prometheus
+        ((at(0), at(20), 8), 8, 8),  # the same point again: nothing changes, nothing is counted
+        ((at(25), at(30), 2), 2, 8),  # a reset (newer start, lower value) is newer: taken
+        ((at(0), at(28), 9), 2, 12),  # the stream before the reset, arriving late: dropped
+        ((at(25), 0, 7), 2, 16),  # no time, after timed points: it cannot be placed
+        ((at(25), at(40), 3), 3, 16),
+    ]
+    for (start, end, value), shown, dropped in steps:
+        assert post(agent.otlp_http + "/v1/metrics", cumulative_request(start, end, value))[0] == 200
+        lines = scrape_clean(agent)
+        assert of(lines, "jobs_seen", "queue_depth", "job_wait", "job_size") == {
+            f"jobs_seen_total{{{labels}}} {float(shown)}", f"queue_depth{{{labels}}} {float(shown)}",
+            bucket % ("1.0", float(shown)), bucket % ("+Inf", float(shown)),
+            f"job_wait_seconds_count{{{labels}}} {float(shown)}", f"job_wait_seconds_sum{{{labels}}} {shown * 0.5}",
+            f'job_size{{{labels},quantile="0.5"}} 2.0',
+            f"job_size_count{{{labels}}} {float(shown)}", f"job_size_sum{{{labels}}} {shown * 2.0}",
+        }, (start, end, value)
+        assert f'sidetrace_app_metrics_dropped_points_total{{reason="out_of_order"}} {float(dropped)}' in lines
 
 
 def test_a_delta_histogram_whose_bounds_change_starts_over_from_that_point(agent_factory: Callable[..., Agent]) -> None:

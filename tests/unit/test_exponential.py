@@ -133,6 +133,16 @@ def test_the_store_merges_delta_points_and_takes_cumulative_ones_as_sent() -> No
     assert native_sample(cumulative) == NativeHistogram(4, 10.0, 3, 0.0, 0, [BucketSpan(9, 2)], [], [2, 0], [])
 
 
+def test_a_cumulative_point_older_than_its_series_or_as_old_with_other_buckets_is_dropped() -> None:
+    store = AppMetrics(AppMetricsSection())
+    assert store.apply(exponential_request(3, 8, [2, 2], start=10, end=30)) == 1
+    assert store.apply(exponential_request(3, 8, [1, 2], start=10, end=20)) == 0  # older: would go back in time
+    assert store.apply(exponential_request(3, 8, [2, 3], start=10, end=30)) == 0  # as old, other buckets
+    assert store.apply(exponential_request(3, 8, [2, 2], start=10, end=30)) == 1  # the same point again: no change
+    assert store.dropped == {"out_of_order": 2}
+    assert native_sample(store) == NativeHistogram(4, 10.0, 3, 0.0, 0, [BucketSpan(9, 2)], [], [2, 0], [])
+
+
 def test_text_and_remote_write_leave_exponential_series_out_and_count_them_per_series_each_time() -> None:
     store = AppMetrics(AppMetricsSection())
     store.apply(exponential_request(3, 8, [1, 2]))
