@@ -14,9 +14,10 @@
 - Point attributes become labels; those named ``job``, ``instance``, ``le`` or ``quantile`` are left
   out (the agent's own labels win), and keys that sanitise alike have their values joined with ``;``
   in the order of the original keys. Label names are the translator's (``NormalizeLabel``): ``key_``
-  before a leading digit, ``key`` before a leading ``_``, and, where the translator keeps them, before a
-  leading ``__`` too (``__name__`` -> ``key__name__``): Prometheus reserves those names and fails the whole
-  scrape on a second ``__name__``. An attribute with an empty key (point, scope or resource) is left out.
+  before a leading digit, ``key`` before a leading ``_``; and, as the specification says and the translator
+  does not, runs of ``_`` become one (``a__b`` and ``a..b`` are ``a_b``, joined with ``a_b``'s value), so no
+  label can start with ``__``, which Prometheus reserves (``__name__`` -> ``key_name_``; a second ``__name__``
+  fails the whole scrape). An attribute with an empty key (point, scope or resource) is left out.
 - ``service.namespace``/``service.name`` become ``job`` and ``service.instance.id`` ``instance``; the
   other resource attributes go to one ``target_info`` series per job and instance, their labels made as a
   point's are (so a resource attribute ``job`` or ``le`` is left out and ``k8s.pod-name``/``k8s.pod.name`` are
@@ -93,6 +94,7 @@ PER_UNITS = {"s": "second", "m": "minute", "h": "hour", "d": "day", "w": "week",
 RESERVED_PREFIXES = ("sidetrace_", "process_", "system_", "traces_span_metrics_", "target_info")
 _INVALID = re.compile(r"[^a-zA-Z0-9_:]+")
 _INVALID_LABEL = re.compile(r"[^a-zA-Z0-9_]+")
+_UNDERSCORES = re.compile(r"__+")
 
 
 def unit_suffix(unit: str, gauge: bool) -> str:
@@ -106,13 +108,13 @@ def unit_suffix(unit: str, gauge: bool) -> str:
     words = [UNITS.get(main, _INVALID.sub("_", main).strip("_"))] if main else []  # "1/s": main "1" adds nothing
     if per:
         words.append("per_" + PER_UNITS.get(per, _INVALID.sub("_", per).strip("_")))
-    return "_".join(word for word in words if word)
+    return _UNDERSCORES.sub("_", "_".join(word for word in words if word))
 
 
 def metric_name(name: str, unit: str, gauge: bool, counter: bool = False) -> str:
     """The Prometheus family name (without ``_total``) for an OTLP metric name and unit; ``""`` when the name has
     no valid character at all (refused and counted as ``invalid_name``)."""
-    base = re.sub(r"_+", "_", _INVALID.sub("_", name)).strip("_")
+    base = _UNDERSCORES.sub("_", _INVALID.sub("_", name)).strip("_")
     if not base:
         return ""
     if counter and base.endswith("_total"):  # the exposition adds it back, once
@@ -195,9 +197,10 @@ def label_name(key: str) -> str:
 
 def _label_name(key: str) -> str:
     """As the translator's ``NormalizeLabel``: invalid characters become ``_``, ``key_`` goes before a leading digit
-    and ``key`` before a leading ``_``; unlike it, a leading ``__`` gets ``key`` too (it keeps ``__name__``, a name
-    Prometheus reserves, which would fail the whole scrape), so no attribute can make a reserved label."""
-    label = _INVALID_LABEL.sub("_", key)
+    and ``key`` before a leading ``_``; unlike it, and as the specification says ("Multiple consecutive ``_``
+    characters MUST be replaced with a single ``_`` character"), runs of ``_`` become one, so no attribute can make
+    a name Prometheus reserves (``__name__`` would fail the whole scrape)."""
+    label = _UNDERSCORES.sub("_", _INVALID_LABEL.sub("_", key))
     if label[:1].isdigit():
         return f"key_{label}"
     return f"key{label}" if label[:1] == "_" else label

@@ -260,8 +260,8 @@ def test_a_delta_histogram_whose_bounds_change_starts_over_from_that_point(agent
 def test_attributes_named_like_prometheus_reserved_labels_get_key_so_prometheus_keeps_the_target(
         agent_factory: Callable[..., Agent], tmp_path: Path) -> None:
     # The stock SDK accepts a point attribute named __name__: as a label it would be a second __name__, for which
-    # Prometheus fails the whole scrape (every series of the agent lost). A leading _ gets "key", as the translator
-    # gives one, and a leading __ too.
+    # Prometheus fails the whole scrape (every series of the agent lost). Runs of _ become one, and a leading _ gets
+    # "key", as the translator gives one.
     agent = agent_factory().start()
     prometheus = Prometheus(tmp_path, f"127.0.0.1:{agent.port}")
     provider = sdk(agent)
@@ -269,15 +269,38 @@ def test_attributes_named_like_prometheus_reserved_labels_get_key_so_prometheus_
         provider.get_meter("shop").create_counter("orders").add(3, {"__name__": "spoof", "__x": "b", "_tenant": "a"})
         assert provider.force_flush(10_000)
         assert of(scrape_clean(agent), "orders") == {
-            'orders_total{instance="cart-1",job="cart",key__name__="spoof",key__x="b",key_tenant="a",'
+            'orders_total{instance="cart-1",job="cart",key_name_="spoof",key_tenant="a",key_x="b",'
             'otel_scope_name="shop",otel_scope_version=""} 3.0'}
         (series,) = wait_until(lambda: prometheus.query("orders_total"), 30, "the app's counter in Prometheus")
-        assert (series["metric"]["__name__"], series["metric"]["key__name__"], series["value"][1]) == \
+        assert (series["metric"]["__name__"], series["metric"]["key_name_"], series["value"][1]) == \
             ("orders_total", "spoof", "3")
         assert [up["value"][1] for up in prometheus.query('up{job="sidetrace"}')] == ["1"]
     finally:
         provider.shutdown()
         prometheus.stop()
+
+
+def test_runs_of_underscores_become_one_in_metric_and_label_names_and_labels_that_then_clash_are_joined(
+        agent_factory: Callable[..., Agent]) -> None:
+    # The specification: "Multiple consecutive `_` characters MUST be replaced with a single `_` character", for
+    # metric names and attribute keys alike; keys that become one label have their values joined with ";" in the
+    # order of the original keys ("__x" before "_x", "a..b" before "a__b" before "a_b").
+    agent = agent_factory().start()
+    provider = sdk(agent)
+    meter = provider.get_meter("shop", attributes={"team__id": "t1"})
+    meter.create_counter("http..client__calls").add(2, {"a..b": "dots", "a__b": "unders", "a_b": "one",
+                                                          "__x": "x", "_x": "y", "rate__limit": "on"})
+    meter.create_gauge("disk", unit="io._ops").set(5)
+    try:
+        assert provider.force_flush(10_000)
+        scope = 'otel_scope_name="shop",otel_scope_team_id="t1",otel_scope_version=""'
+        assert of(scrape_clean(agent), "http_", "disk") == {
+            f'http_client_calls_total{{a_b="dots;unders;one",instance="cart-1",job="cart",key_x="x;y",{scope},'
+            f'rate_limit="on"}} 2.0',
+            f'disk_io_ops{{instance="cart-1",job="cart",{scope}}} 5.0',
+        }
+    finally:
+        provider.shutdown()
 
 
 def test_target_info_labels_follow_the_point_rules_and_empty_keys_are_left_out_everywhere(
@@ -298,7 +321,7 @@ def test_target_info_labels_follow_the_point_rules_and_empty_keys_are_left_out_e
     lines = scrape_clean(agent)
     assert of(lines, "queue", "target_info") == {
         'queue{instance="w-1",job="worker",otel_scope_name="lib",otel_scope_version="",region="eu"} 3.0',
-        'target_info{instance="w-1",job="worker",k8s_pod_name="a;b",key__meta="m"} 1.0',
+        'target_info{instance="w-1",job="worker",k8s_pod_name="a;b",key_meta="m"} 1.0',
     }
 
 

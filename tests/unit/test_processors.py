@@ -296,8 +296,8 @@ def test_unit_one_adds_ratio_to_gauges_only_and_nothing_before_a_per_unit() -> N
 
 
 def test_label_names_follow_the_translator_and_never_start_with_two_underscores() -> None:
-    assert [label_name(key) for key in ("http.method", "2xx", "_tenant", "__name__", "__", "")] == \
-        ["http_method", "key_2xx", "key_tenant", "key__name__", "key__", ""]
+    assert [label_name(key) for key in ("http.method", "2xx", "_tenant", "__name__", "__", "", "a__b..c", "2__x")] \
+        == ["http_method", "key_2xx", "key_tenant", "key_name_", "key_", "", "a_b_c", "key_2_x"]
 
 
 def test_a_family_claimed_by_one_metric_name_is_given_to_another_once_its_series_expire() -> None:
