@@ -8,9 +8,12 @@
   no valid character (``日本``), which the translator refuses too, is dropped and counted (``invalid_name``).
 - A metric whose family would produce a sample name another family already produces (a counter
   ``foo`` and a gauge ``foo_total``, a histogram ``lat`` and a gauge ``lat_count``) is dropped whole
-  and counted (``name_clash``): two TYPE lines for one name would fail the whole scrape. So is one whose
-  name differs from that of the metric that made its family (``req.count`` after ``req_count``): the first
-  name keeps the family until its series expire, the other would overwrite its series.
+  and counted (``name_clash``): two TYPE lines for one name would fail the whole scrape. Metrics of one type
+  whose names become one family (app A's counter ``jobs`` and app B's ``jobs.total``, both ``jobs_total``)
+  share it, as Prometheus would see them from two exporters: their series differ by ``job``, ``instance``,
+  scope or attributes. A point that would make a series another metric name already makes (``req_count``
+  after ``req.count``, same app, scope and attributes) is dropped and counted (``name_clash``): the first name
+  keeps the series until it expires, where the other would overwrite it.
 - Point attributes become labels; those named ``job``, ``instance``, ``le`` or ``quantile`` are left
   out (the agent's own labels win), and keys that sanitise alike have their values joined with ``;``
   in the order of the original keys. Label names are the translator's (``NormalizeLabel``): ``key_``
@@ -62,6 +65,7 @@ import functools
 import logging
 import math
 import re
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -154,7 +158,7 @@ _WHY = {
     "reserved_name": "its name is under a prefix the agent's own metrics use",
     "invalid_name": "its name has no character valid in a Prometheus name",
     "type_conflict": "another metric of another type has its name",
-    "name_clash": "its exposition would reuse a name another metric already uses",
+    "name_clash": "its exposition would reuse a name another family uses, or a series another metric name makes",
     "exponential_histogram": "exponential histograms need the protobuf exposition (native histograms)",
     "exponential_histogram_scale": "its scale is below -4, which no native histogram schema holds",
     "delta_overlap": "a delta point that ends no later than, or overlaps, what its series already counted",
@@ -227,7 +231,7 @@ def any_value(value: AnyValue) -> str:
 
 
 class _Series:
-    __slots__ = ("value", "sum", "count", "buckets", "bounds", "updated", "last", "exponential", "target")
+    __slots__ = ("value", "sum", "count", "buckets", "bounds", "updated", "last", "exponential", "target", "origin")
 
     def __init__(self) -> None:
         self.value = 0.0
@@ -239,6 +243,7 @@ class _Series:
         self.last = 0  # time_unix_nano of the last point taken; 0 before the first timed one
         self.exponential: ExponentialPoint | None = None
         self.target: tuple[str, str] | None = None  # a delta series' (job, instance): kept while that app sends
+        self.origin = ""  # the OTLP metric name that made the series
 
 
 def _same(a: float, b: float) -> bool:
@@ -277,7 +282,6 @@ class AppMetrics:
         self._help: dict[str, str] = {}
         self._types: dict[str, str] = {}
         self._claims: dict[str, str] = {}  # sample name -> the family name whose exposition uses it
-        self._origins: dict[str, str] = {}  # family name -> the OTLP metric name that claimed it
         self._logged_at: dict[str, float] = {}  # drop reason -> when it was last logged (monotonic)
         self._targets: dict[tuple[str, str], tuple[tuple[tuple[str, str], ...], float]] = {}
         self._count = 0
@@ -342,9 +346,9 @@ class AppMetrics:
                 by_labels = self._families[family] = {}
                 self._types[family[0]] = family[1]
                 self._help[family[0]] = help_text
-                self._origins[family[0]] = origin
                 self._claims.update(dict.fromkeys(sample_names(*family), family[0]))
             series = by_labels[labels] = _Series()
+            series.origin = origin
             series.updated = now
             self._count += 1
         return series
@@ -398,9 +402,6 @@ class AppMetrics:
             return 0
         prom_type = {"gauge": "gauge", "sum": "gauge" if gauge else "counter", "histogram": "histogram",
                      "summary": "summary", "exponential_histogram": "exponential"}[kind]
-        if self._origins.get(base, metric.name) != metric.name:  # another metric's name became this family's
-            self._drop("name_clash", metric.name, points)
-            return 0
         if self._types.get(base, prom_type) != prom_type:
             self._drop("type_conflict", metric.name, points)
             return 0
@@ -409,6 +410,7 @@ class AppMetrics:
             return 0
         family = (base, prom_type)
         help_text = metric.description or metric.name
+        origin = sys.intern(metric.name)  # one string for every series of the metric
         delta = getattr(data, "aggregation_temporality", 0) == DELTA
         taken = 0
         for point in data.data_points:
@@ -416,8 +418,11 @@ class AppMetrics:
                 self._drop("exponential_histogram_scale", metric.name)
                 continue
             labels = prefix + point_labels(point.attributes, reserved)
-            series = self._series(family, labels, now, help_text, metric.name)
+            series = self._series(family, labels, now, help_text, origin)
             if series is None:
+                continue
+            if series.origin != origin:  # another metric name makes this series: it would overwrite it
+                self._drop("name_clash", metric.name)
                 continue
             if delta:
                 start, end = point.start_time_unix_nano, point.time_unix_nano
@@ -474,7 +479,6 @@ class AppMetrics:
                         del self._claims[name]
                     del self._types[family[0]]
                     del self._help[family[0]]
-                    del self._origins[family[0]]
             for key, (_, updated) in list(self._targets.items()):
                 if updated < cutoff:
                     del self._targets[key]

@@ -371,6 +371,23 @@ def test_two_metric_names_that_become_one_family_keep_the_first_and_count_the_ot
     assert not of(lines, "unnamed")
 
 
+def test_two_apps_whose_metric_names_become_one_family_share_it_and_only_a_series_made_twice_is_refused(
+        agent_factory: Callable[..., Agent]) -> None:
+    # billing's counter "jobs" and mailer's "jobs.total" are both jobs_total: one family, one TYPE line, a series
+    # each (Prometheus sees the same from two exporters of their own). Only billing sending "jobs.total" as well
+    # would write one name's points over the other's series: those are refused.
+    agent = agent_factory().start()
+    assert post(agent.otlp_http + "/v1/metrics", raw_metrics(("jobs", "counter", 3), service="billing"))[0] == 200
+    assert post(agent.otlp_http + "/v1/metrics", raw_metrics(("jobs.total", "counter", 4), service="mailer"))[0] \
+        == 200
+    assert post(agent.otlp_http + "/v1/metrics", raw_metrics(("jobs.total", "counter", 9), service="billing"))[0] \
+        == 200
+    lines = scrape_clean(agent)
+    labels = 'instance="",job="%s",otel_scope_name="",otel_scope_version=""'
+    assert of(lines, "jobs") == {f"jobs_total{{{labels % 'billing'}}} 3.0", f"jobs_total{{{labels % 'mailer'}}} 4.0"}
+    assert 'sidetrace_app_metrics_dropped_points_total{reason="name_clash"} 1.0' in lines
+
+
 def test_unit_one_makes_ratio_on_gauges_only_and_per_unit_alone_gives_per(agent_factory: Callable[..., Agent]) -> None:
     agent = agent_factory().start()
     provider = sdk(agent)
