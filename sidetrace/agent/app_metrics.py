@@ -49,6 +49,13 @@
   but a delta series stays while its app (job and instance, through its ``target_info``) sends anything, so
   that a sparse delta counter goes on from its total instead of starting a new series (which ``increase()``
   would not count).
+- Start times: a counter's, histogram's or summary's ``start_time_unix_nano`` (an accumulated delta series': its
+  first point's) is the ``created_timestamp`` of its series in the protobuf exposition, as the Collector's
+  Prometheus exporter gives it (client_golang's ``NewConstMetricWithCreatedTimestamp``); gauges (up-down counters
+  included) and exponential histograms have none, as the specification says. The text formats carry no
+  ``_created`` samples: Prometheus stores each such line as a series of its own (twice the series of every counter,
+  histogram and summary), which is why client_golang leaves them out of OpenMetrics unless asked, and the text
+  format 0.0.4 has no place for them (prometheus_client's ``_created`` gauges there are its own convention).
 - Each dropped point is counted, and each reason logged (naming the metric) at most once a minute.
 - Exponential histograms are kept too (delta points merged into cumulative ones, ``sidetrace.agent.exponential``)
   and served as native histograms where the exposition can carry them: the protobuf one
@@ -231,7 +238,8 @@ def any_value(value: AnyValue) -> str:
 
 
 class _Series:
-    __slots__ = ("value", "sum", "count", "buckets", "bounds", "updated", "last", "exponential", "target", "origin")
+    __slots__ = ("value", "sum", "count", "buckets", "bounds", "updated", "last", "start", "exponential", "target",
+                 "origin")
 
     def __init__(self) -> None:
         self.value = 0.0
@@ -241,6 +249,7 @@ class _Series:
         self.bounds: tuple[float, ...] = ()
         self.updated = 0.0
         self.last = 0  # time_unix_nano of the last point taken; 0 before the first timed one
+        self.start = 0  # start_time_unix_nano of what the series holds (its first point's, for accumulated deltas)
         self.exponential: ExponentialPoint | None = None
         self.target: tuple[str, str] | None = None  # a delta series' (job, instance): kept while that app sends
         self.origin = ""  # the OTLP metric name that made the series
@@ -429,6 +438,8 @@ class AppMetrics:
                 if series.last and (end <= series.last or start and start < series.last):
                     self._drop("delta_overlap", metric.name)
                     continue
+                if not series.last:  # the first point starts the cumulative series
+                    series.start = start
                 series.last = end
                 series.target = (prefix[0][1], prefix[1][1])
             else:
@@ -436,7 +447,7 @@ class AppMetrics:
                 if end < series.last or (end == series.last and end and not _holds(kind, series, point)):
                     self._drop("out_of_order", metric.name)
                     continue
-                series.last = end
+                series.last, series.start = end, point.start_time_unix_nano
             series.updated = now
             taken += 1
             if kind in ("gauge", "sum"):
@@ -451,6 +462,7 @@ class AppMetrics:
                     series.count += point.count
                 else:
                     series.bounds, series.buckets, series.sum, series.count = bounds, counts, point.sum, point.count
+                    series.start = point.start_time_unix_nano  # a delta one starts over from this point
             elif kind == "exponential_histogram":
                 incoming = ExponentialPoint.from_otlp(point)
                 series.exponential = (series.exponential.merged(incoming) if delta and series.exponential
@@ -491,7 +503,7 @@ class AppMetrics:
         native = NATIVE_HISTOGRAMS.get()
         with self._lock:
             snapshot = [(family, [(labels, series.value, series.sum, series.count, list(series.buckets),
-                                   series.bounds) for labels, series in by_labels.items()])
+                                   series.bounds, series.start) for labels, series in by_labels.items()])
                         for family, by_labels in self._families.items() if family[1] != "exponential"]
             # Points are replaced, never changed in place, by a merge: they can be read after the lock.
             exponential = [(family, [(labels, series.exponential) for labels, series in by_labels.items()])
@@ -505,8 +517,10 @@ class AppMetrics:
         for (name, prom_type), rows in snapshot:
             # Series of one family may carry different label keys, so samples are added one by one.
             family = Metric(name, helps[name], prom_type)
-            for labels, value, total, count, buckets, bounds in rows:
+            for labels, value, total, count, buckets, bounds, start in rows:
                 base = dict(labels)
+                if native and start and prom_type != "gauge":  # the protobuf exposition's created_timestamp
+                    family.add_sample(name + "_created", base, start / 1e9)
                 if prom_type in ("gauge", "counter"):
                     family.add_sample(name + ("_total" if prom_type == "counter" else ""), base, value)
                     continue

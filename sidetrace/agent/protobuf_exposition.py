@@ -4,9 +4,14 @@ Prometheus asks for it (``Accept: application/vnd.google.protobuf;proto=io.prome
 encoding=delimited``) when native histograms are enabled, and it is the only exposition Prometheus 2.x reads
 native histograms from. Every family of the registry is encoded with the meaning the text format 0.0.4 gives it
 (prometheus_client's ``generate_latest``): counters named with ``_total``, info families as ``<name>_info`` gauges,
-state sets as gauges, and ``_created``/``_gsum``/``_gcount`` samples as gauge families of their own, so a scrape
-stores the same series either way. Native histogram samples (``Sample.native_histogram``) become native
-histograms; the text encoders never see them, as collectors yield them only while ``NATIVE_HISTOGRAMS`` is set.
+state sets as gauges, and ``_gsum``/``_gcount`` samples as gauge families of their own, so a scrape stores the same
+series either way. A ``_created`` sample of a counter, histogram or summary is the one exception: it becomes the
+``created_timestamp`` of its series (as client_golang writes it; Prometheus 2.50+ reads it from protobuf scrapes with
+``--enable-feature=created-timestamp-zero-ingestion``), not a series of its own, which is what the text format's
+``<name>_created`` gauges would store. The agent's collectors yield
+``_created`` samples only for this exposition (``NATIVE_HISTOGRAMS`` set), so the series stay the same either way.
+Native histogram samples (``Sample.native_histogram``) become native histograms; the text encoders never see them,
+as collectors yield them only while ``NATIVE_HISTOGRAMS`` is set.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, timestamp_pb2
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
@@ -26,6 +31,7 @@ CONTENT_TYPE = "application/vnd.google.protobuf; proto=io.prometheus.client.Metr
 NATIVE_HISTOGRAMS: ContextVar[bool] = ContextVar("native_histograms", default=False)
 
 COUNTER, GAUGE, SUMMARY, UNTYPED, HISTOGRAM, GAUGE_HISTOGRAM = range(6)
+TIMESTAMP = ".google.protobuf.Timestamp"
 
 
 def _metric_family() -> type:
@@ -33,7 +39,8 @@ def _metric_family() -> type:
     that ship it (prometheus-client-model, prometheus-metrics-proto) predate native histograms."""
     Field = descriptor_pb2.FieldDescriptorProto  # noqa: N806 - the protobuf class, named as protobuf names it
     proto = descriptor_pb2.FileDescriptorProto(name="sidetrace/io_prometheus_client_metrics.proto",
-                                               package="io.prometheus.client", syntax="proto2")
+                                               package="io.prometheus.client", syntax="proto2",
+                                               dependency=["google/protobuf/timestamp.proto"])
 
     def message(name: str, *fields: tuple[str, int, int, str | None, bool]) -> None:
         described = proto.message_type.add(name=name)
@@ -41,7 +48,7 @@ def _metric_family() -> type:
             added = described.field.add(name=field_name, number=number, type=kind,
                                         label=Field.LABEL_REPEATED if repeated else Field.LABEL_OPTIONAL)
             if type_name:
-                added.type_name = f".io.prometheus.client.{type_name}"
+                added.type_name = type_name if type_name.startswith(".") else f".io.prometheus.client.{type_name}"
 
     string, double, uint64, int64, sint32, sint64, uint32, nested, enum = (
         Field.TYPE_STRING, Field.TYPE_DOUBLE, Field.TYPE_UINT64, Field.TYPE_INT64, Field.TYPE_SINT32,
@@ -51,10 +58,10 @@ def _metric_family() -> type:
         metric_type.value.add(name=name, number=number)
     message("LabelPair", ("name", 1, string, None, False), ("value", 2, string, None, False))
     message("Gauge", ("value", 1, double, None, False))
-    message("Counter", ("value", 1, double, None, False))
+    message("Counter", ("value", 1, double, None, False), ("created_timestamp", 3, nested, TIMESTAMP, False))
     message("Quantile", ("quantile", 1, double, None, False), ("value", 2, double, None, False))
     message("Summary", ("sample_count", 1, uint64, None, False), ("sample_sum", 2, double, None, False),
-            ("quantile", 3, nested, "Quantile", True))
+            ("quantile", 3, nested, "Quantile", True), ("created_timestamp", 4, nested, TIMESTAMP, False))
     message("Untyped", ("value", 1, double, None, False))
     message("Bucket", ("cumulative_count", 1, uint64, None, False), ("upper_bound", 2, double, None, False),
             ("cumulative_count_float", 4, double, None, False))
@@ -64,7 +71,7 @@ def _metric_family() -> type:
             ("schema", 5, sint32, None, False), ("zero_threshold", 6, double, None, False),
             ("zero_count", 7, uint64, None, False), ("negative_span", 9, nested, "BucketSpan", True),
             ("negative_delta", 10, sint64, None, True), ("positive_span", 12, nested, "BucketSpan", True),
-            ("positive_delta", 13, sint64, None, True))
+            ("positive_delta", 13, sint64, None, True), ("created_timestamp", 15, nested, TIMESTAMP, False))
     message("Metric", ("label", 1, nested, "LabelPair", True), ("gauge", 2, nested, "Gauge", False),
             ("counter", 3, nested, "Counter", False), ("summary", 4, nested, "Summary", False),
             ("untyped", 5, nested, "Untyped", False), ("timestamp_ms", 6, int64, None, False),
@@ -72,6 +79,9 @@ def _metric_family() -> type:
     message("MetricFamily", ("name", 1, string, None, False), ("help", 2, string, None, False),
             ("type", 3, enum, "MetricType", False), ("metric", 4, nested, "Metric", True))
     pool = descriptor_pool.DescriptorPool()
+    timestamp = descriptor_pb2.FileDescriptorProto()
+    timestamp_pb2.DESCRIPTOR.CopyToProto(timestamp)
+    pool.Add(timestamp)
     pool.Add(proto)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("io.prometheus.client.MetricFamily"))
 
@@ -131,16 +141,26 @@ def _families(families: Iterable[Any]) -> Iterator[Any]:
             suffix = next((s for s in ("_created", "_gsum", "_gcount") if sample.name == name + s), None)
             (side.setdefault(suffix, []) if suffix else main).append(sample)
         if kind in ("histogram", "gaugehistogram", "summary"):
-            yield _grouped(name, help_text, kind, main)
+            message, metrics = _grouped(name, help_text, kind, main)
         else:
             proto_name, proto_type, field = {
                 "counter": (name + "_total", COUNTER, "counter"), "gauge": (name, GAUGE, "gauge"),
                 "info": (name + "_info", GAUGE, "gauge"), "stateset": (name, GAUGE, "gauge"),
             }.get(kind, (name, UNTYPED, "untyped"))
-            message = MetricFamily(name=proto_name, help=help_text, type=proto_type)
+            message, metrics = MetricFamily(name=proto_name, help=help_text, type=proto_type), {}
             for sample in main:
-                getattr(_metric(message, sample.labels, sample.timestamp), field).value = float(sample.value)
-            yield message
+                metric = metrics[_key(sample.labels)] = _metric(message, sample.labels, sample.timestamp)
+                getattr(metric, field).value = float(sample.value)
+        created = {"counter": "counter", "histogram": "histogram", "summary": "summary"}.get(kind)
+        for sample in side.pop("_created", []) if created else ():
+            metric = metrics.get(_key(sample.labels))
+            if metric is None:  # no series to carry it: kept as the text format would
+                side.setdefault("_created", []).append(sample)
+                continue
+            seconds, nanos = divmod(round(float(sample.value) * 1e6), 10**6)  # microseconds: what a double holds
+            stamp = getattr(metric, created).created_timestamp
+            stamp.seconds, stamp.nanos = seconds, nanos * 1000
+        yield message
         for suffix, samples in sorted(side.items()):
             message = MetricFamily(name=name + suffix, help=help_text, type=GAUGE)
             for sample in samples:
@@ -158,18 +178,22 @@ def _metric(family: Any, labels: dict[str, str], timestamp: Any) -> Any:
     return metric
 
 
-def _grouped(name: str, help_text: str, kind: str, samples: list[Sample]) -> Any:
-    """A histogram or summary family: its samples gathered into one Metric per label set (less ``le``/``quantile``)."""
+def _key(labels: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in labels.items() if k not in ("le", "quantile")))
+
+
+def _grouped(name: str, help_text: str, kind: str, samples: list[Sample]) -> tuple[Any, dict[Any, Any]]:
+    """A histogram or summary family: its samples gathered into one Metric per label set (less ``le``/``quantile``),
+    and those Metrics by label set."""
     histogram = kind != "summary"
     message = MetricFamily(name=name, help=help_text,
                            type={"histogram": HISTOGRAM, "gaugehistogram": GAUGE_HISTOGRAM}.get(kind, SUMMARY))
     metrics: dict[tuple[tuple[str, str], ...], Any] = {}
     for sample in samples:
-        labels = {k: v for k, v in sample.labels.items() if k not in ("le", "quantile")}
-        key = tuple(sorted(labels.items()))
+        key = _key(sample.labels)
         metric = metrics.get(key)
         if metric is None:
-            metric = metrics[key] = _metric(message, labels, sample.timestamp)
+            metric = metrics[key] = _metric(message, dict(key), sample.timestamp)
         data = metric.histogram if histogram else metric.summary
         if sample.native_histogram is not None:
             _native(metric.histogram, sample.native_histogram)
@@ -185,7 +209,7 @@ def _grouped(name: str, help_text: str, kind: str, samples: list[Sample]) -> Any
             _count(data, "sample_count", sample.value)
         elif sample.name == name + "_count":
             data.sample_count = int(sample.value)
-    return message
+    return message, metrics
 
 
 def _count(message: Any, field: str, value: float) -> None:

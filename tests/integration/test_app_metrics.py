@@ -5,10 +5,13 @@ by ``promtool check metrics``."""
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from google.protobuf.internal.decoder import _DecodeVarint32
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
@@ -17,7 +20,9 @@ from opentelemetry.sdk.metrics.export import AggregationTemporality as SdkTempor
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
-from tests.conftest import Agent, scrape_clean, wait_until
+from sidetrace.agent.protobuf_exposition import CONTENT_TYPE as PROTOBUF
+from sidetrace.agent.protobuf_exposition import GAUGE, MetricFamily
+from tests.conftest import Agent, http_get, scrape_clean, wait_until
 from tests.integration.test_otlp_input import post
 from tests.integration.test_prometheus import Prometheus
 
@@ -232,6 +237,60 @@ def test_a_cumulative_or_gauge_point_older_than_its_series_never_replaces_it_and
             f"job_size_count{{{labels}}} {float(shown)}", f"job_size_sum{{{labels}}} {shown * 2.0}",
         }, (start, end, value)
         assert f'sidetrace_app_metrics_dropped_points_total{{reason="out_of_order"}} {float(dropped)}' in lines
+
+
+def protobuf_families(agent: Agent) -> dict[str, Any]:
+    """The families of ``agent``'s protobuf exposition (what Prometheus asks for with native histograms or created
+    timestamps enabled), by name."""
+    request = urllib.request.Request(agent.url + "/metrics", headers={"Accept": PROTOBUF})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        body = response.read()
+    families, position = {}, 0
+    while position < len(body):
+        length, position = _DecodeVarint32(body, position)
+        family = MetricFamily.FromString(body[position:position + length])
+        families[family.name] = family
+        position += length
+    return families
+
+
+def test_start_times_of_counters_histograms_and_summaries_are_their_created_timestamp_in_protobuf_only(
+        agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory().start()
+    t0 = (time.time_ns() // 10**9 - 60) * 10**9
+
+    def at(seconds: float) -> int:
+        return t0 + int(seconds * 10**9)
+
+    for body in (cumulative_request(at(0.25), at(20), 8), delta_request(at(1.5), at(10), 2),
+                 delta_request(at(10), at(20), 3)):
+        assert post(agent.otlp_http + "/v1/metrics", body)[0] == 200
+
+    def created() -> dict[str, tuple[int, int]]:
+        families = protobuf_families(agent)
+        assert not [name for name in families if name.endswith("_created")]  # never a series of its own
+        stamps = {}
+        for name, field in (("jobs_seen_total", "counter"), ("job_wait_seconds", "histogram"),
+                            ("job_size", "summary"), ("jobs_done_total", "counter"),
+                            ("job_duration_seconds", "histogram")):
+            (metric,) = families[name].metric
+            stamp = getattr(metric, field).created_timestamp
+            stamps[name] = (stamp.seconds, stamp.nanos)
+        assert families["queue_depth"].type == GAUGE  # a gauge has none, though its point has a start time
+        return stamps
+
+    start = t0 // 10**9
+    # cumulative points: their own start; accumulated deltas: the first point's start, not the last one's
+    assert created() == {"jobs_seen_total": (start, 250_000_000), "job_wait_seconds": (start, 250_000_000),
+                         "job_size": (start, 250_000_000), "jobs_done_total": (start + 1, 500_000_000),
+                         "job_duration_seconds": (start + 1, 500_000_000)}
+    # a reset (a newer start) moves it
+    assert post(agent.otlp_http + "/v1/metrics", cumulative_request(at(25), at(30), 2))[0] == 200
+    assert created()["jobs_seen_total"] == (start + 25, 0)
+    # the text formats carry no _created samples (Prometheus would store each as a series of its own)
+    status, text = http_get(agent.url + "/metrics")
+    assert status == 200 and "_created" not in text
+    scrape_clean(agent)
 
 
 def test_a_delta_histogram_whose_bounds_change_starts_over_from_that_point(agent_factory: Callable[..., Agent]) -> None:

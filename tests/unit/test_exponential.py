@@ -223,34 +223,42 @@ class Fixed:
 def test_protobuf_families_carry_the_text_formats_names_types_and_values() -> None:
     counter = CounterMetricFamily("jobs", "Jobs.", labels=["queue"], created=1700000000.5)
     counter.add_metric(["a"], 3, created=1700000000.5)
+    counter.add_sample("jobs_created", {"queue": "lone"}, 1700000001.0)  # no series carries it: a gauge, as in text
     gauge = GaugeMetricFamily("depth", "Depth.", labels=["queue", "empty"])
     gauge.add_metric(["a", ""], 2.5)
     histogram = HistogramMetricFamily("lat", "Latency.", labels=["route"])
     histogram.add_metric(["/"], [("1.0", 1), ("+Inf", 3)], 4.5)
+    histogram.add_sample("lat_created", {"route": "/"}, 1700000002.25)
     info = InfoMetricFamily("build", "Build.", value={"version": "1"})
     summary = SummaryMetricFamily("wait", "Wait.", labels=["queue"])
     summary.add_sample("wait", {"queue": "a", "quantile": "0.5"}, 1.5)
     summary.add_sample("wait", {"queue": "a", "quantile": "0.99"}, 9.0)
     summary.add_sample("wait_sum", {"queue": "a"}, 30.0)
     summary.add_sample("wait_count", {"queue": "a"}, 12)
+    summary.add_sample("wait_created", {"queue": "a"}, 1700000003.0)
     body = protobuf_exposition.encode(Fixed(counter, gauge, histogram, info, summary))
     families = {family.name: family for family in decode(body)}
     assert sorted(families) == ["build_info", "depth", "jobs_created", "jobs_total", "lat", "wait"]
     (jobs,) = families["jobs_total"].metric
     assert (families["jobs_total"].type, [(p.name, p.value) for p in jobs.label], jobs.counter.value) == (
         protobuf_exposition.COUNTER, [("queue", "a")], 3.0)
-    assert families["jobs_created"].metric[0].gauge.value == 1700000000.5
+    # a counter's, histogram's or summary's _created is its created_timestamp (as client_golang writes it), not a series
+    assert (jobs.counter.created_timestamp.seconds, jobs.counter.created_timestamp.nanos) == (1700000000, 500_000_000)
+    (lone,) = families["jobs_created"].metric
+    assert [(p.name, p.value) for p in lone.label] == [("queue", "lone")] and lone.gauge.value == 1700000001.0
     (depth,) = families["depth"].metric
     assert [(p.name, p.value) for p in depth.label] == [("queue", "a")] and depth.gauge.value == 2.5
     (lat,) = families["lat"].metric
     assert (lat.histogram.sample_count, lat.histogram.sample_sum) == (3, 4.5)
     assert [(b.upper_bound, b.cumulative_count) for b in lat.histogram.bucket] == [(1.0, 1), (float("inf"), 3)]
     assert not lat.histogram.HasField("schema")  # a classic histogram stays classic
+    assert (lat.histogram.created_timestamp.seconds, lat.histogram.created_timestamp.nanos) == (1700000002, 250_000_000)
     (wait,) = families["wait"].metric
     assert families["wait"].type == protobuf_exposition.SUMMARY and [(p.name, p.value) for p in wait.label] == [
         ("queue", "a")]
     assert [(q.quantile, q.value) for q in wait.summary.quantile] == [(0.5, 1.5), (0.99, 9.0)]
     assert (wait.summary.sample_count, wait.summary.sample_sum) == (12, 30.0)
+    assert wait.summary.created_timestamp.seconds == 1700000003
     (build,) = families["build_info"].metric
     assert [(p.name, p.value) for p in build.label] == [("version", "1")] and build.gauge.value == 1.0
 
