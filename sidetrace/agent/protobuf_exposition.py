@@ -148,12 +148,15 @@ def _families(families: Iterable[Any]) -> Iterator[Any]:
                 "info": (name + "_info", GAUGE, "gauge"), "stateset": (name, GAUGE, "gauge"),
             }.get(kind, (name, UNTYPED, "untyped"))
             message, metrics = MetricFamily(name=proto_name, help=help_text, type=proto_type), {}
+            keyed = "_created" in side  # only then are the Metrics looked up by label set
             for sample in main:
-                metric = metrics[_key(sample.labels)] = _metric(message, sample.labels, sample.timestamp)
+                metric = _metric(message, sample.labels, sample.timestamp)
                 getattr(metric, field).value = float(sample.value)
+                if keyed:
+                    metrics[tuple(sorted(sample.labels.items()))] = metric
         created = {"counter": "counter", "histogram": "histogram", "summary": "summary"}.get(kind)
         for sample in side.pop("_created", []) if created else ():
-            metric = metrics.get(_key(sample.labels))
+            metric = metrics.get(tuple(sorted(sample.labels.items())))
             if metric is None:  # no series to carry it: kept as the text format would
                 side.setdefault("_created", []).append(sample)
                 continue
@@ -178,10 +181,6 @@ def _metric(family: Any, labels: dict[str, str], timestamp: Any) -> Any:
     return metric
 
 
-def _key(labels: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((k, v) for k, v in labels.items() if k not in ("le", "quantile")))
-
-
 def _grouped(name: str, help_text: str, kind: str, samples: list[Sample]) -> tuple[Any, dict[Any, Any]]:
     """A histogram or summary family: its samples gathered into one Metric per label set (less ``le``/``quantile``),
     and those Metrics by label set."""
@@ -190,10 +189,11 @@ def _grouped(name: str, help_text: str, kind: str, samples: list[Sample]) -> tup
                            type={"histogram": HISTOGRAM, "gaugehistogram": GAUGE_HISTOGRAM}.get(kind, SUMMARY))
     metrics: dict[tuple[tuple[str, str], ...], Any] = {}
     for sample in samples:
-        key = _key(sample.labels)
+        labels = {k: v for k, v in sample.labels.items() if k not in ("le", "quantile")}
+        key = tuple(sorted(labels.items()))
         metric = metrics.get(key)
         if metric is None:
-            metric = metrics[key] = _metric(message, dict(key), sample.timestamp)
+            metric = metrics[key] = _metric(message, labels, sample.timestamp)
         data = metric.histogram if histogram else metric.summary
         if sample.native_histogram is not None:
             _native(metric.histogram, sample.native_histogram)
