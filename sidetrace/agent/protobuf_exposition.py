@@ -137,8 +137,9 @@ def _families(families: Iterable[Any]) -> Iterator[Any]:
         name, kind, help_text = family.name, family.type, family.documentation
         side: dict[str, list[Sample]] = {}
         main: list[Sample] = []
+        suffixes = {name + suffix: suffix for suffix in ("_created", "_gsum", "_gcount")}
         for sample in family.samples:
-            suffix = next((s for s in ("_created", "_gsum", "_gcount") if sample.name == name + s), None)
+            suffix = suffixes.get(sample.name)
             (side.setdefault(suffix, []) if suffix else main).append(sample)
         if kind in ("histogram", "gaugehistogram", "summary"):
             message, metrics = _grouped(name, help_text, kind, main)
