@@ -183,8 +183,9 @@ def test_flow_table_bound_evicts_and_counts(netns: str, agent_factory: Callable[
     assert snapshot["evicted_flows"] >= 150
     _, text = http_get(agent.url + "/metrics")
     evicted = next(float(line.split()[-1]) for line in text.splitlines()
-                   if line.startswith("sidetrace_network_evicted_flows_total "))
+                   if line.startswith('sidetrace_network_evicted_flows_total{reason="max_flows"} '))
     assert evicted >= snapshot["evicted_flows"]  # the test's own requests keep opening new flows
+    assert 'sidetrace_network_evicted_flows_total{reason="interface_gone"} 0.0' in text
 
 
 def test_interface_deleted_while_sampled(netns: str, agent_factory: Callable[..., Agent]) -> None:
@@ -438,7 +439,8 @@ def test_per_process_series_add_up_to_the_device_totals(veth: str, agent_factory
                                              ("stv0", "receive", "unknown"): 50 * 100}
     # 60 ports in turn through a table of 20: each of st-gone's samples makes a flow (evicted before its
     # port comes round again); with st-kept's and the received one, all but the last 20 were evicted.
-    assert samples["sidetrace_network_evicted_flows_total"][()] == 1 + 120 + 1 - 20
+    assert samples["sidetrace_network_evicted_flows_total"] == {("max_flows",): 1 + 120 + 1 - 20,
+                                                               ("interface_gone",): 0}
     # Nothing moves once the traffic is over: the sums still hold at later scrapes.
     assert device_totals_disagree(scrape(agent)) == []
     assert per_process(scrape(agent)) == per_process(samples)
@@ -776,6 +778,33 @@ def test_series_of_a_deleted_interface_leave_metrics_after_the_grace(
         assert flows(agent)["flow_count"] == 0  # their flows are let go too
         sizes.append(len(http_get(agent.url + "/metrics")[1].splitlines()))
     assert sizes[0] == sizes[1] == sizes[2], sizes  # the same exposition after every round: nothing accumulates
+
+
+def test_flows_let_go_with_a_deleted_interface_are_counted_as_evicted(
+    netns: str, agent_factory: Callable[..., Agent]
+) -> None:
+    agent = agent_factory(config(rate=1, interfaces="[]", extra="gone_interface_grace_seconds = 1\n")).start()
+    make_veth()
+    wait_until(lambda: flows(agent)["interfaces"].get("stv0", {}).get("state") == "running", 15,
+               "stv0 found at a housekeeping tick (every 5 s)")
+    talker = Talker("st-gone-if", 30, seconds=0.3, ports=3)
+    try:
+        wait_until(lambda: agreeing(agent) if ("stv0", "transmit", "st-gone-if") in per_process(scrape(agent))
+                   else None, 20, "st-gone-if's traffic on /metrics, adding up")
+    finally:
+        talker.stop()
+    # Sent to 3 ports of the peer: 3 flows sent on stv0, the same 3 seen arriving on stv1 (the peer end).
+    kept = [(f["device"], f["direction"], f["remote_port"] if f["direction"] == "transmit" else f["local_port"])
+            for f in flows(agent)["flows"]]
+    assert sorted(kept) == [("stv0", "transmit", 9), ("stv0", "transmit", 10), ("stv0", "transmit", 11),
+                            ("stv1", "receive", 9), ("stv1", "receive", 10), ("stv1", "receive", 11)]
+    assert scrape(agent)["sidetrace_network_evicted_flows_total"] == {("max_flows",): 0, ("interface_gone",): 0}
+    ip("link", "delete", "stv0")  # both ends go; their flows are let go with their series after the grace
+    samples = wait_until(lambda: s if not device_series(s := scrape(agent)) else None, 20,
+                         "the series of stv0 and stv1 gone from /metrics")
+    assert samples["sidetrace_network_evicted_flows_total"] == {("max_flows",): 0, ("interface_gone",): 6}
+    snapshot = flows(agent)
+    assert (snapshot["flow_count"], snapshot["evicted_flows"]) == (0, 6)
 
 
 def test_series_of_interfaces_gone_within_the_grace_are_capped(

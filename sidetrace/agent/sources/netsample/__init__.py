@@ -21,7 +21,8 @@ of a device and direction add up exactly to its packet size histogram's ``_count
 With ``interfaces = []`` an interface that is gone has its sampler forgotten at the next look (every 5 s);
 its traffic, size, per-process and top-flow series and its flows are dropped together at the first
 housekeeping tick ``gone_interface_grace_seconds`` after that (or at once past MAX_GONE_DEVICES gone ones),
-so every device that keeps series keeps all of them and its sums still hold.
+so every device that keeps series keeps all of them and its sums still hold. The flows let go are counted
+as evicted with reason ``interface_gone`` (those evicted at ``max_flows`` have reason ``max_flows``).
 """
 
 from __future__ import annotations
@@ -255,6 +256,7 @@ class NetsampleSource:
         self.housekeeping_errors = 0
         # With interfaces = []: device -> monotonic time its sampler was forgotten, oldest first (see _drop_gone).
         self._gone: dict[str, float] = {}
+        self.gone_flows = 0  # flows let go with the series of their interface (see _drop_gone)
 
     # component -------------------------------------------------------------------------------
 
@@ -522,8 +524,10 @@ class NetsampleSource:
         if not dropped:
             return
         with self.lock:  # one pass for every device due: the flow table is walked once
-            for key in [key for key in self.flows.flows if key[0] in dropped]:
+            keys = [key for key in self.flows.flows if key[0] in dropped]
+            for key in keys:
                 del self.flows.flows[key]
+            self.gone_flows += len(keys)
             self._exported = {key: labels for key, labels in self._exported.items() if key[0] not in dropped}
             self._series = {labels: v for labels, v in self._series.items() if labels[0] not in dropped}
             self._sizes = {key: v for key, v in self._sizes.items() if key[0] not in dropped}
@@ -584,7 +588,7 @@ class NetsampleSource:
                            for s in self.samplers.values()},
             "flows": self.top_flows(count),
             "flow_count": len(self.flows.flows),
-            "evicted_flows": self.flows.evicted,
+            "evicted_flows": self.flows.evicted + self.gone_flows,
         }
 
     def collect(self) -> Iterator[Metric]:
@@ -593,7 +597,7 @@ class NetsampleSource:
             series = [(labels, list(values)) for labels, values in self._series.items()]
             sizes = [(key, list(buckets), self._size_sums.get(key, 0)) for key, buckets in self._sizes.items()]
             processes = [(key, list(values)) for key, values in self._process_series.items()]
-            evicted = self.flows.evicted
+            evicted, gone_flows = self.flows.evicted, self.gone_flows
         per_device = (
             ("sidetrace_network_sampled_packets_total", "Packets sampled (read by user space).", "samples", "counter"),
             ("sidetrace_network_sampling_rate", "N of the 1-in-N sampling in force.", "rate", "gauge"),
@@ -649,8 +653,13 @@ class NetsampleSource:
         yield CounterMetricFamily("sidetrace_network_process_overflow_samples_total",
                                   'Samples counted under process="other": their process came after '
                                   "[sources.netsample] max_processes others.", value=overflow)
-        yield CounterMetricFamily("sidetrace_network_evicted_flows_total", "Flows evicted at [sources.netsample] "
-                                  "max_flows.", value=evicted)
+        flows_evicted = CounterMetricFamily(
+            "sidetrace_network_evicted_flows_total", "Flows let go: reason max_flows (the table was full, the least "
+            "recently seen went) or interface_gone (their interface was gone for gone_interface_grace_seconds).",
+            labels=["reason"])
+        flows_evicted.add_metric(["max_flows"], evicted)
+        flows_evicted.add_metric(["interface_gone"], gone_flows)
+        yield flows_evicted
         yield CounterMetricFamily("sidetrace_network_housekeeping_errors_total",
                                   "Housekeeping steps (a rate change, a process table read) that failed; the "
                                   "others still ran.", value=self.housekeeping_errors)
