@@ -606,7 +606,8 @@ class NetsampleSourceSection:
                        _check_bpf_filter, default="")
     max_flows: int = _key("Flow table bound; the least recently seen flow is evicted and counted.",
                           _check_positive, default=10000)
-    top_flows: int = _key("Flows exported with their own labels; the rest are summed as remote=\"other\".",
+    top_flows: int = _key("Flows exported with their own labels, those with the most bytes in the last 5 s (chosen "
+                          "again every 5 s); the rest are summed as remote=\"other\".",
                           _check_positive, default=20)
     max_processes: int = _key("Process names with their own process label in the per-process traffic series; "
                               "the traffic of later ones is counted under process=\"other\" and its samples in "

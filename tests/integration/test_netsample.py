@@ -637,6 +637,39 @@ def test_top_flow_series_stay_bounded_and_add_up(netns: str, agent_factory: Call
                 samples["sidetrace_network_packet_size_bytes_sum"][("lo", "receive")]
 
 
+def test_a_flow_that_stopped_sending_gives_its_top_place_to_one_that_sends(
+    veth: str, agent_factory: Callable[..., Agent]
+) -> None:
+    agent = agent_factory(config(rate=1, interfaces='["stv0"]', extra='filter = "udp"\ntop_flows = 1\n')).start()
+    estimated = "sidetrace_network_estimated_packets_total"
+
+    def exported(samples: dict) -> set[str]:
+        """The peer ports with a top-flow series of their own (label values: device, direction, process, protocol,
+        remote, remote_port)."""
+        return {key[5] for key in samples.get(estimated, {}) if key[4] == PEER}
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        for _ in range(3000):  # 3000 x 142 bytes to port 9 (and one per probe below), then nothing more
+            sender.sendto(b"a" * 100, (PEER, 9))
+
+        def big_flow_on_top() -> bool:  # its series is made by its first sample after it enters the top set
+            sender.sendto(b"a" * 100, (PEER, 9))
+            return exported(scrape(agent)) == {"9"}
+        wait_until(big_flow_on_top, 20, "the big flow exported (every 5 s)", interval=0.5)
+        deadline = time.monotonic() + 20
+
+        def small_flow_on_top() -> dict | None:
+            for _ in range(5):  # 5 x 142 bytes to port 10 each time: 200 packets at most in 20 s, far below 3000
+                sender.sendto(b"b" * 100, (PEER, 10))
+            samples = scrape(agent)
+            return samples if exported(samples) == {"10"} else None
+        samples = wait_until(small_flow_on_top, deadline - time.monotonic(), "the sending flow on top", interval=0.5)
+    # The stopped flow's series went to "other" (every sum still holds), and its flow is still in the table.
+    assert device_totals_disagree(wait_until(lambda: agreeing(agent), 20, "the samples moved to their process")) == []
+    assert samples[estimated][("stv0", "transmit", "", "other", "other", "")] > 3000
+    assert [f["remote_port"] for f in flows(agent)["flows"]] == [9, 10]  # /debug/flows still ranks by total
+
+
 def test_a_reload_with_a_filter_that_does_not_compile_keeps_the_old_sampler(
     netns: str, agent_factory: Callable[..., Agent]
 ) -> None:

@@ -82,3 +82,19 @@ def test_the_ip_header_gives_the_length_of_a_frame_cut_short(frame: object, leng
     hatype = 65534 if isinstance(frame, IP) else 1
     packet = parse(raw(frame)[: bpf.SNAPLEN], hatype)
     assert packet is not None and packet.length == length
+
+
+def test_top_recent_ranks_by_the_bytes_since_the_last_choice() -> None:
+    table = FlowTable(max_flows=10)
+    big, small, idle = (("lo", "receive", "udp", "127.0.0.1", port, "127.0.0.1", 9) for port in (1, 2, 3))
+    for _ in range(100):
+        table.add(big, 1000, 1, 0, 1.0)
+    table.add(idle, 10, 1, 0, 1.0)
+    table.roll_rates(1.0)
+    assert [f.key for f in table.top_recent(2)] == [big, idle]
+    table.add(small, 100, 1, 0, 2.0)  # the big flow sends nothing more
+    table.roll_rates(1.0)
+    table.roll_rates(1.0)  # every window rolled since the last choice counts
+    assert [f.key for f in table.top_recent(2)] == [small, big]  # then by bytes since first seen
+    assert [f.key for f in table.top(1)] == [big]  # /debug/flows still ranks by bytes since first seen
+    assert [f.key for f in table.top_recent(3)] == [big, small, idle]  # a new window: nothing sent in it yet

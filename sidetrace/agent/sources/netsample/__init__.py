@@ -460,7 +460,7 @@ class NetsampleSource:
 
     def _refresh_exported(self) -> None:
         """The top set again (``lock`` held): flows that left it hand their series to "other"."""
-        top = [flow.key for flow in self.flows.top(self.section.top_flows)]
+        top = [flow.key for flow in self.flows.top_recent(self.section.top_flows)]
         previous = self._exported
         self._exported = {key: previous.get(key) or self._labels(key) for key in top}
         in_use = set(self._exported.values())

@@ -12,6 +12,7 @@ list of its process's series once its process is known, and until then the estim
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -30,8 +31,8 @@ def error_bound_percent(samples: int) -> float:
 
 class Flow:
     __slots__ = ("key", "samples", "packets", "bytes", "syn", "fin", "rst", "first_seen", "last_seen", "process",
-                 "window_bytes", "rate_bytes", "counter", "held_packets", "held_bytes", "held_samples", "held_epoch",
-                 "looked_up")
+                 "window_bytes", "rate_bytes", "recent_bytes", "counter", "held_packets", "held_bytes", "held_samples",
+                 "held_epoch", "looked_up")
 
     def __init__(self, key: FlowKey, now: float) -> None:
         self.key = key
@@ -43,6 +44,7 @@ class Flow:
         self.process = ""
         self.window_bytes = 0
         self.rate_bytes = 0.0
+        self.recent_bytes = 0  # bytes of the windows rolled since the last top_recent
         self.counter: list[int] | None = None
         self.held_packets = self.held_bytes = self.held_samples = self.held_epoch = 0
         self.looked_up = -1  # the version of the process table this flow's local end was last looked up in
@@ -95,8 +97,19 @@ class FlowTable:
         """Turn the bytes counted since the last call into a per-second rate."""
         for flow in self.flows.values():
             flow.rate_bytes = flow.window_bytes / seconds if seconds > 0 else 0.0
+            flow.recent_bytes += flow.window_bytes
             flow.window_bytes = 0
 
     def top(self, count: int) -> list[Flow]:
-        return sorted(self.flows.values(), key=lambda f: f.bytes, reverse=True)[:count]
+        """The ``count`` flows with the most bytes since they were first seen."""
+        return heapq.nlargest(count, self.flows.values(), key=lambda f: f.bytes)
+
+    def top_recent(self, count: int) -> list[Flow]:
+        """The ``count`` flows with the most bytes rolled since the last call (ties, such as flows that sent
+        nothing, by bytes since first seen), so a flow that stopped sending gives its place to one that sends;
+        starts the next window."""
+        top = heapq.nlargest(count, self.flows.values(), key=lambda f: (f.recent_bytes, f.bytes))
+        for flow in self.flows.values():
+            flow.recent_bytes = 0
+        return top
 
