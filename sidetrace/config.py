@@ -609,9 +609,14 @@ class NetsampleSourceSection:
     top_flows: int = _key("Flows exported with their own labels, those with the most bytes in the last 5 s (chosen "
                           "again every 5 s); the rest are summed as remote=\"other\".",
                           _check_positive, default=20)
-    max_processes: int = _key("Process names with their own process label in the per-process traffic series; "
-                              "the traffic of later ones is counted under process=\"other\" and its samples in "
+    max_processes: int = _key("Process names with their own process label in the per-process traffic series (a "
+                              "name idle for process_idle_seconds gives its place up); the traffic of later ones "
+                              "is counted under process=\"other\" and its samples in "
                               "sidetrace_network_process_overflow_samples_total.", _check_positive, default=100)
+    process_idle_seconds: float = _key(
+        "How long a process name's per-process series may go without traffic before they leave /metrics and its "
+        "place under max_processes is freed; a name that comes back carries on from its counts.",
+        _check_positive, default=600.0)
     receive_buffer_bytes: int = _key("Socket receive buffer per interface.", _check_positive,
                                      default=4 * 1024 * 1024)
     gone_interface_grace_seconds: float = _key(

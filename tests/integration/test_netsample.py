@@ -464,6 +464,51 @@ def test_processes_past_max_processes_are_counted_under_other(
     assert_promtool_clean(http_get(agent.url + "/metrics")[1])
 
 
+def test_idle_process_names_free_their_places_and_carry_on_from_their_counts_when_back(
+    veth: str, agent_factory: Callable[..., Agent]
+) -> None:
+    agent = agent_factory(config(rate=1, interfaces='["stv0"]', extra="max_processes = 1\nprocess_idle_seconds = 1\n")
+                          ).start()
+    me = psutil.Process().name()
+    with ExitStack() as stack:
+        sender = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        sender.bind(("10.77.0.1", 0))
+        sent = 0
+
+        def send(count: int) -> None:  # from the test's own process, all on one flow
+            nonlocal sent
+            for _ in range(count):
+                sender.sendto(b"m" * 100, (PEER, 9))
+            sent += count
+        send(20)
+        scrape_with(agent, ("stv0", "transmit", me))
+        stack.callback(Talker("st-two", 40, seconds=0.3).stop)  # the one place is taken (and in use): "other"
+
+        def counted_under_other() -> dict | None:
+            send(1)  # keeps the test's name from going idle
+            samples = scrape(agent)
+            return samples if per_process(samples).get(("stv0", "transmit", "other")) == 40 else None
+        wait_until(counted_under_other, 20, "st-two counted under other", interval=0.3)
+        # Idle for a second: its series leaves /metrics at a housekeeping tick (every 5 s); "other" stays.
+        wait_until(lambda: s if (s := agreeing(agent)) and per_process(s) == {
+            ("stv0", "transmit", me): sent, ("stv0", "transmit", "other"): 40} else None, 20,
+            "every sample counted for its process")
+        wait_until(lambda: set(per_process(scrape(agent))) == {("stv0", "transmit", "other")}, 20,
+                   "the idle name's series gone from /metrics")
+        stack.callback(Talker("st-three", 50, seconds=0.3).stop)  # its place is free: a series of its own
+        scrape_with(agent, ("stv0", "transmit", "st-three"))
+        wait_until(lambda: set(per_process(scrape(agent))) == {("stv0", "transmit", "other")}, 20,
+                   "st-three idle in turn, its series gone from /metrics")
+        send(20)  # the same flow as before: its name comes back with the counts it had
+        samples = wait_until(lambda: s if per_process(s := scrape(agent)).get(("stv0", "transmit", me)) == sent
+                             else None, 20, "the test's own name back, carrying on from its counts")
+    assert per_process(samples) == {("stv0", "transmit", me): sent, ("stv0", "transmit", "other"): 40}
+    assert samples["sidetrace_network_process_overflow_samples_total"] == {(): 40}
+    # st-three's 50 left /metrics with its series (kept, should it come back); every other sample is there.
+    assert samples["sidetrace_network_packet_size_bytes_count"] == {("stv0", "transmit"): sent + 40 + 50}
+    assert_promtool_clean(http_get(agent.url + "/metrics")[1])
+
+
 FLOOD = textwrap.dedent('''
     import ctypes, socket, sys, time
     ctypes.CDLL(None).prctl(15, b"st-flood", 0, 0, 0)

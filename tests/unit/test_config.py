@@ -128,6 +128,15 @@ def test_max_processes_is_a_positive_integer_100_by_default(tmp_path: Path) -> N
     assert load(write(tmp_path, "[sources.netsample]\nmax_processes = 2\n"), {}).sources.netsample.max_processes == 2
 
 
+def test_process_idle_seconds_is_positive_600_by_default(tmp_path: Path) -> None:
+    assert load(None, {}).sources.netsample.process_idle_seconds == 600
+    path = write(tmp_path, "[sources.netsample]\nenabled = true\nprocess_idle_seconds = 0\n")
+    assert problems(path) == [
+        f"{path}: sources.netsample.process_idle_seconds: expected a number greater than 0, got 0"]
+    env = {"SIDETRACE_SOURCES__NETSAMPLE__PROCESS_IDLE_SECONDS": "30"}
+    assert load(None, env).sources.netsample.process_idle_seconds == 30
+
+
 def test_section_given_as_value(tmp_path: Path) -> None:
     path = write(tmp_path, 'server = "127.0.0.1:9464"\n')
     assert problems(path) == [f'{path}: server: expected a table [server], got "127.0.0.1:9464"']

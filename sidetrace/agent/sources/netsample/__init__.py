@@ -16,7 +16,10 @@ Per-process series count every sample from the first one. A sample whose flow's 
 known yet is held on the flow; the next read of the process table started after it moves what the
 flow holds to the process's series, or to process="unknown" when the table has no socket for the
 flow's local end, or when the flow is evicted first. So once nothing is held, the per-process series
-of a device and direction add up exactly to its packet size histogram's ``_count`` and ``_sum``.
+of a device and direction add up exactly to its packet size histogram's ``_count`` and ``_sum``, less the
+counts of series retired while their name was idle: a name whose series have not grown for
+``process_idle_seconds`` gives its place under ``max_processes`` up and its series leave /metrics; their
+counts are kept (the last MAX_RETIRED_PROCESS_SERIES), so a name that comes back carries on from them.
 
 With ``interfaces = []`` an interface that is gone has its sampler forgotten at the next look (every 5 s);
 its traffic, size, per-process and top-flow series and its flows are dropped together at the first
@@ -34,7 +37,8 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
@@ -65,6 +69,9 @@ SIZE_BUCKETS = (64, 128, 256, 512, 1024, 1518, 4096, 9000)
 # Interfaces gone but still within [sources.netsample] gone_interface_grace_seconds: past this many, the series
 # of the one gone longest are dropped at once, so the devices with series are at most those present plus these.
 MAX_GONE_DEVICES = 16
+# Per-process series whose name went idle for [sources.netsample] process_idle_seconds leave /metrics; the counts
+# of at most this many are kept (the most recently retired), so a name that comes back carries on from them.
+MAX_RETIRED_PROCESS_SERIES = 4096
 UNKNOWN, OTHER = "unknown", "other"
 
 
@@ -251,9 +258,14 @@ class NetsampleSource:
         # Per-process series: (device, direction, process) -> [packets, bytes, samples]. Flows keep a
         # reference to theirs, so a sample of a known flow costs two additions (and a count).
         self._process_series: dict[tuple[str, str, str], list[int]] = {}
-        self._process_names: set[str] = set()
+        # Names with series of their own (at most max_processes) -> monotonic time one of their series last grew;
+        # a name idle for process_idle_seconds gives up its place (see _retire_idle_processes).
+        self._process_seen: dict[str, float] = {}
+        self._process_checked: dict[tuple[str, str, str], int] = {}  # series -> its samples when last looked at
+        self._retired_processes: OrderedDict[tuple[str, str, str], list[int]] = OrderedDict()
         self._unattributed = False
         self.housekeeping_errors = 0
+        self._failing: dict[str, str] = {}  # housekeeping step -> the reason it failed last, until it works again
         # With interfaces = []: device -> monotonic time its sampler was forgotten, oldest first (see _drop_gone).
         self._gone: dict[str, float] = {}
         self.gone_flows = 0  # flows let go with the series of their interface (see _drop_gone)
@@ -332,11 +344,14 @@ class NetsampleSource:
         key = (sampler.device, direction, packet.protocol, local, local_port, remote, remote_port)
         flow = self.flows.add(key, length, n, packet.tcp_flags, time.time())
         counter = flow.counter
-        if counter is None and flow.looked_up != self.processes.version:  # else: not found in this table already
-            flow.looked_up = self.processes.version
-            process = self.processes.lookup(packet.protocol, local, local_port)
-            if process:
-                counter = self._attribute(flow, process)
+        if counter is None:
+            if flow.process:  # its series was retired, or it was under "other" when places were freed
+                counter = flow.counter = self._process_counter(sampler.device, direction, flow.process)
+            elif flow.looked_up != self.processes.version:  # else: not found in this table already
+                flow.looked_up = self.processes.version
+                process = self.processes.lookup(packet.protocol, local, local_port)
+                if process:
+                    counter = self._attribute(flow, process)
         if counter is not None:
             counter[0] += n
             counter[1] += n * length
@@ -363,17 +378,49 @@ class NetsampleSource:
         self._size_sums[size_key] = self._size_sums.get(size_key, 0) + n * length
 
     def _process_counter(self, device: str, direction: str, process: str) -> list[int]:
-        """The series a flow's samples go to: its process's, or "other" past ``max_processes`` names."""
-        if process != UNKNOWN and process not in self._process_names:
-            if len(self._process_names) < self.section.max_processes:
-                self._process_names.add(process)
+        """The series a flow's samples go to: its process's, or "other" past ``max_processes`` names. A series
+        retired while its name was idle comes back with its counts."""
+        if process not in self._process_seen and process not in (UNKNOWN, OTHER):
+            if len(self._process_seen) < self.section.max_processes:
+                self._process_seen[process] = time.monotonic()
             else:
                 process = OTHER
         key = (device, direction, process)
         counter = self._process_series.get(key)
         if counter is None:
-            counter = self._process_series[key] = [0, 0, 0]
+            counter = self._process_series[key] = self._retired_processes.pop(key, None) or [0, 0, 0]
         return counter
+
+    def _retire_idle_processes(self) -> None:
+        """Free the places of names whose series have not grown for ``process_idle_seconds`` (every 5 s).
+
+        Their series leave /metrics but their counts are kept (up to MAX_RETIRED_PROCESS_SERIES series), so a name
+        that comes back carries on from where it was and Prometheus reads the increase, never a reset. Flows that
+        fed them, and flows counted under "other" for want of a place, find their series again at their next sample.
+        """
+        now = time.monotonic()
+        with self.lock:
+            seen, checked = self._process_seen, self._process_checked
+            for key, counter in self._process_series.items():
+                if key[2] in seen and checked.get(key) != counter[2]:
+                    checked[key] = counter[2]
+                    seen[key[2]] = now
+            idle = {name for name, at in seen.items() if now - at >= self.section.process_idle_seconds}
+            if not idle:
+                return
+            released = {id(counter) for key, counter in self._process_series.items() if key[2] == OTHER}
+            for key in [key for key in self._process_series if key[2] in idle]:
+                counter = self._process_series.pop(key)
+                checked.pop(key, None)
+                released.add(id(counter))
+                self._retired_processes[key] = counter
+            while len(self._retired_processes) > MAX_RETIRED_PROCESS_SERIES:
+                self._retired_processes.popitem(last=False)
+            for name in idle:
+                del seen[name]
+            for flow in self.flows.flows.values():
+                if flow.counter is not None and id(flow.counter) in released:
+                    flow.counter = None
 
     @staticmethod
     def _release(flow: Flow, counter: list[int]) -> None:
@@ -410,11 +457,15 @@ class NetsampleSource:
             last = now
 
     def _failed(self, step: str, exc: Exception) -> None:
-        """One housekeeping step failed: counted, logged, shown by status; the other steps still run."""
+        """One housekeeping step failed: counted, shown by status, and logged once while it fails the same way
+        (again when its reason changes, or after it has worked); the other steps still run."""
         self.housekeeping_errors += 1
-        self._last_error = f"housekeeping ({step}): {type(exc).__name__}: {exc}"
-        log.error("netsample housekeeping failed (%s): %s: %s (counted in "
-                  "sidetrace_network_housekeeping_errors_total)", step, type(exc).__name__, exc)
+        reason = f"{type(exc).__name__}: {exc}"
+        self._last_error = f"housekeeping ({step}): {reason}"
+        if self._failing.get(step) != reason:
+            self._failing[step] = reason
+            log.error("netsample housekeeping failed (%s): %s (counted in sidetrace_network_housekeeping_errors_total;"
+                      " logged again only if the reason changes or after it has worked)", step, reason)
 
     def _revive(self, sampler: Sampler) -> None:
         """Reopen a sampler whose interface went away, once an interface of that name is back."""
@@ -436,23 +487,26 @@ class NetsampleSource:
     def _tick(self, seconds: float, refresh_export: bool) -> None:
         """Each step on its own: a failing one (a rate change, a process table read) stops none of the others."""
         for sampler in list(self.samplers.values()):
-            try:
-                self._tick_sampler(sampler, seconds)
-            except Exception as exc:
-                self._failed(f"sampler {sampler.device}", exc)
-        try:
-            self._attribute_held()
-        except Exception as exc:
-            self._failed("process table", exc)
+            self._step(f"sampler {sampler.device}", lambda sampler=sampler: self._tick_sampler(sampler, seconds))
+        self._step("process table", self._attribute_held)
         if refresh_export and not self.section.interfaces and self._state == "running":
-            try:
-                self._discover()
-            except Exception as exc:
-                self._failed("interfaces", exc)
+            self._step("interfaces", self._discover)
+        self._step("gone interfaces", self._drop_gone)
+        self._step("flow rates and top flows", lambda: self._roll_flows(seconds, refresh_export))
+        if refresh_export:
+            self._step("idle process names", self._retire_idle_processes)
+
+    def _step(self, step: str, action: Callable[[], object]) -> None:
+        """Run one housekeeping step, failing alone (see _failed); it returns False when it had nothing to do."""
         try:
-            self._drop_gone()
+            done = action()
         except Exception as exc:
-            self._failed("gone interfaces", exc)
+            self._failed(step, exc)
+        else:
+            if done is not False:
+                self._failing.pop(step, None)
+
+    def _roll_flows(self, seconds: float, refresh_export: bool) -> None:
         with self.lock:
             self.flows.roll_rates(seconds)
             if refresh_export:
@@ -533,6 +587,9 @@ class NetsampleSource:
             self._sizes = {key: v for key, v in self._sizes.items() if key[0] not in dropped}
             self._size_sums = {key: v for key, v in self._size_sums.items() if key[0] not in dropped}
             self._process_series = {key: v for key, v in self._process_series.items() if key[0] not in dropped}
+            self._process_checked = {key: v for key, v in self._process_checked.items() if key[0] not in dropped}
+            self._retired_processes = OrderedDict((key, v) for key, v in self._retired_processes.items()
+                                                  if key[0] not in dropped)
         log.info("netsample: the series of %s (gone) are dropped", ", ".join(sorted(dropped)))
 
     def _tick_sampler(self, sampler: Sampler, seconds: float) -> None:
@@ -548,9 +605,10 @@ class NetsampleSource:
                 wanted = max(1, min(MAX_RATE, round(sampler.rate * max(observed, 1.0) / target)))
                 sampler.set_rate(wanted)
 
-    def _attribute_held(self) -> None:
+    def _attribute_held(self) -> bool:
+        """Read the process table if a flow waits for it and a read is due; False if not read."""
         if not (self._unattributed and self.processes.due()):
-            return
+            return False
         self._unattributed = False
         try:
             number = self.processes.refresh()
@@ -568,6 +626,7 @@ class NetsampleSource:
                     self._release(flow, self._process_counter(flow.key[0], flow.key[1], UNKNOWN))
                 else:  # sampled during the walk: the next read decides
                     self._unattributed = True
+        return True
 
     def _labels(self, key: tuple) -> tuple[str, ...]:
         flow = self.flows.flows.get(key)
