@@ -1075,7 +1075,10 @@ def _capture_filter_problem(section: NetsampleSourceSection) -> str | None:
         from sidetrace.agent.sources.netsample import bpf
     except ImportError as exc:  # pragma: no cover - an install without the agent extras cannot run netsample
         return f"cannot compile it here: {exc}"
-    present = psutil.net_if_stats()
+    try:
+        present = psutil.net_if_stats()
+    except OSError:  # no /proc/net (systemd's ProcSubset=pid): the interfaces are not known, compiled for lo
+        present = {}
     devices = [d for d in section.interfaces if d in present] if section.interfaces else \
         [name for name, stats in present.items() if stats.isup and name != "lo"]
     for device in devices or ["lo"]:

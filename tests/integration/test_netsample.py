@@ -566,6 +566,56 @@ def test_default_auto_rate_attributes_processes_and_scrapes_stay_quick(
     assert "housekeeping failed" not in agent.log()
 
 
+def test_a_housekeeping_step_that_fails_fails_alone(veth: str, agent_factory: Callable[..., Agent]) -> None:
+    # systemd's ProcSubset=pid (a hardening a drop-in can add) leaves /proc/net out of the agent's /proc, so
+    # psutil cannot read the process connection table: mounted here the same way, in the agent's own mount namespace.
+    proc_subset_pid = ("unshare", "--mount", "sh", "-c", 'mount -t proc -o subset=pid proc /proc && exec "$@"', "sh")
+    agent = agent_factory("[host]\nenabled = false\n[sources.netsample]\nenabled = true\ninterfaces = [\"stv0\"]\n"
+                          'filter = "udp"\n').start(prefix=proc_subset_pid)
+    errors = "sidetrace_network_housekeeping_errors_total"
+    # The rate step works (nothing crosses stv0: from 16 to 1); the table is not read while no flow waits for it.
+    wait_until(lambda: flows(agent)["interfaces"]["stv0"]["sampling_rate"] == 1, 10, "the auto rate to fall to 1")
+    assert scrape(agent)[errors] == {(): 0}
+    held = Talker("st-held", 100, seconds=0.5)
+    flood = None
+    try:
+        wait_until(lambda: scrape(agent)[errors][()] >= 1, 20, "a read of the process table to fail")
+        # Every later tick still changes rates, exports top flows and tries the table again (every 5 s).
+        flood = subprocess.Popen([sys.executable, "-c", FLOOD, PEER, "4", "400000"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+        rate = wait_until(lambda: r if (r := flows(agent)["interfaces"]["stv0"]["sampling_rate"]) > 1 else None, 20,
+                          "the auto rate to go up under the flood")
+        assert int(flood.stdout.readline()) > 0  # the flood is over (its own deadline bounds it)
+
+        def tried_again() -> dict | None:  # and a sample of the flood's flow after it entered the top set
+            sender.sendto(b"p" * 100, (PEER, 9))
+            samples = scrape(agent)
+            exported = {key[5] for key in samples["sidetrace_network_estimated_packets_total"] if key[4] == PEER}
+            return samples if samples[errors][()] >= 3 and exported else None
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            samples = wait_until(tried_again, 20, "the table read tried and failed again", interval=0.5)
+    finally:
+        held.stop()
+        if flood is not None:
+            flood.communicate("stop\n", timeout=20)
+    assert rate > 1
+    top = {key[5] for key in samples["sidetrace_network_estimated_packets_total"] if key[4] == PEER}
+    assert top == {"9"}  # flows to the peer's port 9 entered the top set and have top-flow series of their own
+    # Nothing is lost: every sample is in the device totals, and waits on its flow for a table that can be read.
+    assert per_process(samples) == {}
+    total = samples["sidetrace_network_packet_size_bytes_count"][("stv0", "transmit")]
+    assert sum(samples["sidetrace_network_estimated_packets_total"].values()) == total > 100
+    status = json.loads(http_get(agent.url + "/debug/status")[1])["components"]["netsample"]
+    assert status["last_error"] == ("housekeeping (process table): FileNotFoundError: [Errno 2] No such file or "
+                                    "directory: '/proc/net/tcp'")
+    # Logged once while it fails the same way, with what failed and where it is counted.
+    failures = [line for line in agent.log().splitlines() if "housekeeping failed" in line]
+    assert len(failures) == 1, failures
+    assert ("netsample housekeeping failed (process table): FileNotFoundError: [Errno 2] No such file or directory: "
+            "'/proc/net/tcp' (counted in sidetrace_network_housekeeping_errors_total; logged again only if the reason "
+            "changes or after it has worked)") in failures[0]
+
+
 def size_buckets(samples: dict, device: str, direction: str) -> dict[str, float]:
     """le -> cumulative count of sidetrace_network_packet_size_bytes for one device and direction."""
     return {key[2]: value for key, value in samples["sidetrace_network_packet_size_bytes_bucket"].items()
