@@ -327,8 +327,8 @@ class Talker:
     ports in turn), then keeps its socket open until stopped, or exits at once with ``stay=False``."""
 
     def __init__(self, name: str, count: int, seconds: float = 1.0, payload: int = 100, ports: int = 1,
-                 stay: bool = True) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", TALKER, name, str(count), str(seconds), str(payload),
+                 stay: bool = True, python: tuple[str, ...] = (sys.executable,)) -> None:
+        self.proc = subprocess.Popen([*python, "-c", TALKER, name, str(count), str(seconds), str(payload),
                                       PEER, str(ports), "stay" if stay else "exit"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         took = float(self.proc.stdout.readline())  # the script's own deadline bounds this read
@@ -444,6 +444,29 @@ def test_per_process_series_add_up_to_the_device_totals(veth: str, agent_factory
     # Nothing moves once the traffic is over: the sums still hold at later scrapes.
     assert device_totals_disagree(scrape(agent)) == []
     assert per_process(scrape(agent)) == per_process(samples)
+
+
+def test_another_users_process_is_named_only_with_cap_sys_ptrace_and_cap_dac_read_search(
+    veth: str, agent_factory: Callable[..., Agent]
+) -> None:
+    # The shipped unit's agent runs as its own (dynamic) user with CAP_NET_RAW alone: an app's /proc/PID/fd, where
+    # psutil finds which process owns a socket, is closed to it. Here root with only the unit's capability, and a
+    # sender of another uid (Debian's Python: the test's own interpreter may live where that uid cannot reach).
+    other_user = ("setpriv", "--reuid=61235", "--regid=61235", "--clear-groups", "/usr/bin/python3")
+    names = {}
+    for caps in ("-all,+net_raw", "-all,+net_raw,+sys_ptrace,+dac_read_search"):
+        agent = agent_factory(config(rate=1, interfaces='["stv0"]')).start(
+            prefix=("setpriv", "--bounding-set", caps, "--inh-caps", caps))
+        talker = Talker("st-other-user", 40, seconds=0.4, python=other_user)
+        try:
+            samples = wait_until(lambda agent=agent: s if (s := agreeing(agent)) and per_process(s) else None, 20,
+                                 "the talker's samples moved to a process")
+        finally:
+            talker.stop()
+            agent.stop()
+        (names[caps],) = per_process(samples).items()
+    assert names == {"-all,+net_raw": (("stv0", "transmit", "unknown"), 40),
+                     "-all,+net_raw,+sys_ptrace,+dac_read_search": (("stv0", "transmit", "st-other-user"), 40)}
 
 
 def test_processes_past_max_processes_are_counted_under_other(
