@@ -311,14 +311,21 @@ TALKER = textwrap.dedent('''
     name, count, seconds, payload = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
     ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)   # PR_SET_NAME: the name psutil reports
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    start = time.monotonic()
-    for index in range(count):
-        sock.sendto(b"t" * payload, (sys.argv[5], 9 + index % int(sys.argv[6])))
-        time.sleep(max(0.0, start + seconds * (index + 1) / count - time.monotonic()))
-    print(time.monotonic() - start, flush=True)
+
+    def talk():
+        start = time.monotonic()
+        for index in range(count):
+            sock.sendto(b"t" * payload, (sys.argv[5], 9 + index % int(sys.argv[6])))
+            time.sleep(max(0.0, start + seconds * (index + 1) / count - time.monotonic()))
+        print(time.monotonic() - start, flush=True)
+    talk()
     deadline = time.monotonic() + 60
-    while sys.argv[7] == "stay" and time.monotonic() < deadline and sys.stdin.readline().strip() != "stop":
-        pass
+    while sys.argv[7] == "stay" and time.monotonic() < deadline:
+        line = sys.stdin.readline().strip()
+        if line == "again":   # the same datagrams again, from the same socket
+            talk()
+        elif line in ("stop", ""):
+            break
 ''')
 
 
@@ -332,6 +339,13 @@ class Talker:
                                       PEER, str(ports), "stay" if stay else "exit"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         took = float(self.proc.stdout.readline())  # the script's own deadline bounds this read
+        assert took < seconds + 2, took
+
+    def again(self, seconds: float = 1.0) -> None:
+        """Send the same datagrams again, from the same socket (so on the same flows)."""
+        self.proc.stdin.write("again\n")
+        self.proc.stdin.flush()
+        took = float(self.proc.stdout.readline())
         assert took < seconds + 2, took
 
     def stop(self) -> None:
@@ -505,30 +519,32 @@ def test_idle_process_names_free_their_places_and_carry_on_from_their_counts_whe
             sent += count
         send(20)
         scrape_with(agent, ("stv0", "transmit", me))
-        stack.callback(Talker("st-two", 40, seconds=0.3).stop)  # the one place is taken (and in use): "other"
+        late = Talker("st-late", 40, seconds=0.3)  # the one place is taken (and in use): "other"
+        stack.callback(late.stop)
 
         def counted_under_other() -> dict | None:
             send(1)  # keeps the test's name from going idle
             samples = scrape(agent)
             return samples if per_process(samples).get(("stv0", "transmit", "other")) == 40 else None
-        wait_until(counted_under_other, 20, "st-two counted under other", interval=0.3)
-        # Idle for a second: its series leaves /metrics at a housekeeping tick (every 5 s); "other" stays.
+        wait_until(counted_under_other, 20, "st-late counted under other", interval=0.3)
         wait_until(lambda: s if (s := agreeing(agent)) and per_process(s) == {
             ("stv0", "transmit", me): sent, ("stv0", "transmit", "other"): 40} else None, 20,
             "every sample counted for its process")
+        # Idle for a second: its series leaves /metrics at a housekeeping tick (every 5 s); "other" stays.
         wait_until(lambda: set(per_process(scrape(agent))) == {("stv0", "transmit", "other")}, 20,
                    "the idle name's series gone from /metrics")
-        stack.callback(Talker("st-three", 50, seconds=0.3).stop)  # its place is free: a series of its own
-        scrape_with(agent, ("stv0", "transmit", "st-three"))
+        late.again(seconds=0.3)  # its flow, under "other" until now, takes the freed place
+        samples = scrape_with(agent, ("stv0", "transmit", "st-late"))
+        assert per_process(samples) == {("stv0", "transmit", "st-late"): 40, ("stv0", "transmit", "other"): 40}
         wait_until(lambda: set(per_process(scrape(agent))) == {("stv0", "transmit", "other")}, 20,
-                   "st-three idle in turn, its series gone from /metrics")
+                   "st-late idle in turn, its series gone from /metrics")
         send(20)  # the same flow as before: its name comes back with the counts it had
         samples = wait_until(lambda: s if per_process(s := scrape(agent)).get(("stv0", "transmit", me)) == sent
                              else None, 20, "the test's own name back, carrying on from its counts")
     assert per_process(samples) == {("stv0", "transmit", me): sent, ("stv0", "transmit", "other"): 40}
     assert samples["sidetrace_network_process_overflow_samples_total"] == {(): 40}
-    # st-three's 50 left /metrics with its series (kept, should it come back); every other sample is there.
-    assert samples["sidetrace_network_packet_size_bytes_count"] == {("stv0", "transmit"): sent + 40 + 50}
+    # st-late's second 40 left /metrics with its series (kept, should it come back); every other sample is there.
+    assert samples["sidetrace_network_packet_size_bytes_count"] == {("stv0", "transmit"): sent + 40 + 40}
     assert_promtool_clean(http_get(agent.url + "/metrics")[1])
 
 
