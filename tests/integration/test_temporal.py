@@ -320,14 +320,16 @@ def test_nexus_operations_continue_the_callers_trace_through_the_handler_and_the
 
 def test_a_worker_on_a_client_made_before_instrument_continues_the_trace_through_its_client() -> None:
     """An activity runs Child through activity.client() on workers built on clients made before instrument():
-    a Client and a subclass with Client's constructor are copied with our client half (the app checks the
-    activity sees the same class, worker.client is the copy), so Child continues the attempt's trace, while
+    a Client, a subclass with Client's constructor, and a Client whose plugin refuses a second
+    configure_client are copied with our client half (the app checks the activity sees the same class,
+    worker.client is the copy, and the plugin configured one client and one worker), so Child continues the
+    attempt's trace, while
     the app's own calls through the original stay untraced; a subclass whose constructor
     takes other arguments cannot be copied: its worker is traced, its Child begins its own trace, and the
     miss is counted once."""
     spans, metrics = run_app_with_metrics("client-first")
     assert_every_parent_exported(spans)
-    for queue in ("plain", "copyable", "odd"):
+    for queue in ("plain", "copyable", "odd", "oneshot"):
         on_queue = [s for s in spans if s["attributes"].get("temporal.task_queue") == queue]
         attempt = one(on_queue, "RunActivity:start_from_activity")
         assert attempt["trace"] == one(on_queue, "StartWorkflow:ViaActivity")["trace"]
@@ -345,6 +347,47 @@ def test_a_worker_on_a_client_made_before_instrument_continues_the_trace_through
     assert one(untraced, "WorkflowStarted:Child")["parent"] is None
     assert metrics["sidetrace.instrumentation.errors"] == [
         [{"instrumentation": "temporal", "where": "copying a worker's client made before instrument()"}, 1]]
+
+
+@pytest.mark.parametrize("mode", ["official-variants", "official-plugin-subclass"])
+def test_tracing_interceptors_added_by_plugins_or_subclassed_are_seen_and_no_span_is_doubled(mode: str) -> None:
+    """temporalio's TracingInterceptor in a SimplePlugin or subclassed, a subclass of OpenTelemetryPlugin
+    (on clients made before and after instrument()), ours in a SimplePlugin after instrument(), and the
+    official one in a SimplePlugin on a worker whose client was made before: one trace each, every span
+    once, the official's alone where it is there (ours only for the client instrument() traced)."""
+    lines = run_app_lines(mode)
+    cases = {line.split(" ", 2)[1]: json.loads(line.split(" ", 2)[2]) for line in lines if line.startswith("CASE ")}
+    kinds = ["simpleplugin-official", "subclass-official"] if mode == "official-variants" else ["subclass-plugin"]
+    expected = [f"{kind}-{order}" for kind in kinds for order in ("before", "after")]
+    if mode == "official-variants":
+        expected += ["worker-simpleplugin-official-before", "simpleplugin-ours-after"]
+    assert sorted(cases) == sorted(expected)
+    for case, spans in cases.items():
+        names = [s["name"] for s in spans]
+        assert [n for n in set(names) if names.count(n) > 1] == [], case
+        assert len({s["trace"] for s in spans}) == 1, case
+        assert_every_parent_exported(spans)
+        ours = sorted(s["name"] for s in spans if any(key.startswith("temporal.") for key in s["attributes"]))
+        if case == "simpleplugin-ours-after":
+            assert ours == sorted(names) and "WorkflowStarted:Child" in names, case
+        elif case == "worker-simpleplugin-official-before":  # our client started it; the copy stood aside
+            assert ours == ["StartWorkflow:ViaActivity"] and "RunActivity:start_from_activity" in names, case
+        else:
+            assert ours == [] and {"RunActivity:start_from_activity", "RunWorkflow:Child"} <= set(names), case
+
+
+def test_after_uninstrument_a_client_made_while_instrumented_traces_nothing_until_instrumented_again() -> None:
+    """A worker on a client made while instrumented, after uninstrument(): its run, its activity and the
+    Child the activity starts through the worker's client make no span and carry no trace header; once
+    instrument() is called again, the same client and a new worker on it trace the same runs in one trace."""
+    lines = run_app_lines("uninstrumented")
+    assert [line for line in lines if line.startswith("HEADERS ")] == ["HEADERS off [false, false]",
+                                                                      "HEADERS again [true, true]"]
+    spans = json.loads(lines[-1])
+    assert {s["attributes"]["temporal.workflow.id"] for s in spans if "temporal.workflow.id" in s["attributes"]} \
+        == {"wf-again", "wf-again-child"}
+    assert len({s["trace"] for s in spans}) == 1
+    assert_every_parent_exported(spans)
 
 
 @pytest.mark.parametrize("ours", ["caller", "handler"])

@@ -2,11 +2,13 @@
 
 ``TemporalInstrumentor().instrument()`` adds :class:`TracingInterceptor` to every client made with
 ``temporalio.client.Client.connect`` (its client half) and to every ``temporalio.worker.Worker``: no
-interceptors to pass by hand. A client or worker that already has temporalio's own OpenTelemetry
-interceptor or plugin is left to it (no double spans); a worker that has one in its own
-``interceptors=`` or ``plugins=`` makes its spans through it alone, even on a client we trace. A worker
-on a client made before ``instrument()`` works with a copy of that client that we trace, so what it
-starts through its client (``activity.client()``, ``nexus.client()``) continues its spans' traces.
+interceptors to pass by hand. A client or worker that already has a tracing interceptor (temporalio's
+own OpenTelemetry interceptor or plugin or a subclass, or ours, given directly or added by a plugin) is
+left to it (no double spans); a worker that has one in its own ``interceptors=`` or ``plugins=`` makes
+its spans through it alone, even on a client we trace. A worker on a client made before
+``instrument()`` works with a copy of that client that we trace (made without re-running the client's
+plugins), so what it starts through its client (``activity.client()``, ``nexus.client()``) continues
+its spans' traces. After ``uninstrument()`` the client halves it added pass every call through.
 What it traces:
 
 - client calls: ``StartWorkflow:{type}``, ``SignalWithStartWorkflow:{type}``,
@@ -72,6 +74,7 @@ import temporalio.worker
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from wrapt import wrap_function_wrapper
 
+from sidetrace.instrumentors.temporal._client import _ClientOutbound
 from sidetrace.instrumentors.temporal._core_metrics import CoreMetricsBridge as CoreMetricsBridge
 from sidetrace.instrumentors.temporal._interceptor import TracingInterceptor
 from sidetrace.instrumentors.temporal._telemetry import GUARD as GUARD
@@ -87,84 +90,170 @@ _INSTRUMENTS = ("temporalio >= 1.5",)
 _ORIGINALS: dict[str, Any] = {}
 # instrument()'s tracer_provider and meter_provider, given to every interceptor the wrappers add
 _PROVIDERS: dict[str, Any] = {}
+# whether instrument() is in force: the client halves it put on clients pass through while it is not
+_INSTRUMENTED = [False]
 
 
 _BRIDGE = CoreMetricsBridge()
 
 
 def _official(thing: Any) -> bool:
-    """Whether ``thing`` is temporalio's own OpenTelemetry interceptor or plugin (OpenTelemetryPlugin)."""
-    return type(thing).__module__.startswith("temporalio.contrib.opentelemetry")
+    """Whether ``thing`` is temporalio's own OpenTelemetry interceptor or plugin, or of a subclass of one."""
+    return any(cls.__module__.startswith("temporalio.contrib.opentelemetry") for cls in type(thing).__mro__)
+
+
+def _tracing(interceptor: Any) -> bool:
+    """Whether ``interceptor`` makes tracing spans of its own: ours or temporalio's (or a subclass)."""
+    return isinstance(interceptor, TracingInterceptor) or _official(interceptor)
 
 
 class _ClientSide(temporalio.client.Interceptor):
     """The client half of a :class:`TracingInterceptor`: what ``instrument()`` adds to a client.
 
     temporalio hands every client interceptor that is also a worker interceptor to each worker built on
-    the client, ahead of the worker's own. Ours is not one, so a worker whose own ``interceptors=`` or
-    ``plugins=`` carry temporalio's OpenTelemetry interceptor or plugin is left to it; any other worker
-    gets the worker half of the same interceptor from the ``Worker`` wrapper.
+    the client, ahead of the worker's own. Ours is not one: the ``Worker`` wrapper adds the worker half
+    (through :class:`_WorkerSide`) unless the worker's final interceptors already trace. It passes every
+    call through untouched (no span, no header) while uninstrumented, or once it is found ``aside``:
+    its client's plugins added another tracing interceptor.
     """
 
     def __init__(self, interceptor: TracingInterceptor) -> None:
         self.interceptor = interceptor
+        self.aside = False
+
+    @property
+    def active(self) -> bool:
+        return _INSTRUMENTED[0] and not self.aside
 
     def intercept_client(self, next: temporalio.client.OutboundInterceptor) -> temporalio.client.OutboundInterceptor:
-        return self.interceptor.intercept_client(next)
+        return _ClientOutbound(next, self.interceptor, self)
 
 
-def _traced_already(interceptors: Any, plugins: Any = ()) -> bool:
-    """Whether ours or temporalio's own OpenTelemetry interceptor is among ``interceptors``, or its
-    ``OpenTelemetryPlugin`` among ``plugins`` (which adds its interceptor only inside connect)."""
-    return any(isinstance(i, TracingInterceptor) or _official(i) for i in interceptors or ()) or \
-        any(_official(p) for p in plugins or ())
+# worker plugins came with temporalio 1.16 or so; before them, the Worker wrapper adds the worker half itself
+_WorkerPlugin: Any = getattr(temporalio.worker, "Plugin", None)
+
+
+class _WorkerSide(_WorkerPlugin or object):  # type: ignore[misc]
+    """Puts a :class:`TracingInterceptor`'s worker half on a worker, last among its plugins: it sees the
+    interceptors every plugin added (the client's and the worker's own) and the ones temporalio takes
+    from the client, and stands aside when one of them traces already."""
+
+    def __init__(self, interceptor: TracingInterceptor, first: bool, copied: _ClientSide | None) -> None:
+        self.interceptor = interceptor
+        self.first = first  # where temporalio puts the interceptors it takes from a client
+        self.copied = copied  # the client half of the copy of the worker's client we made, if any
+
+    def name(self) -> str:
+        return "sidetrace.TemporalInstrumentor"
+
+    def configure_worker(self, config: Any) -> Any:
+        try:
+            from_client = _active_config(config["client"])["interceptors"]
+            if any(_tracing(i) for i in (*from_client, *config.get("interceptors", ()))):
+                if self.copied is not None:
+                    self.copied.aside = True
+                return config
+            own = list(config.get("interceptors", ()))
+            config["interceptors"] = [self.interceptor, *own] if self.first else [*own, self.interceptor]
+        except Exception as exc:  # never keep a worker from being built
+            self.interceptor.guard.failed("adding tracing to a worker", exc)
+        return config
+
+    async def run_worker(self, worker: Any, next: Any) -> None:
+        await next(worker)
+
+    def configure_replayer(self, config: Any) -> Any:
+        return config
+
+    def run_replayer(self, replayer: Any, histories: Any, next: Any) -> Any:
+        return next(replayer, histories)
+
+
+def _active_config(client: Any) -> dict:
+    """The config ``client`` runs with: after its plugins added their interceptors (temporalio before
+    plugins has no ``active_config``: its config is the one it runs with)."""
+    return client.config(active_config=True) if _WorkerPlugin is not None else client.config()
 
 
 def _connect_wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     interceptors = list(kwargs.get("interceptors") or [])
+    side = None
     if not any(isinstance(i, _ClientSide) for i in interceptors) and \
-            not _traced_already(interceptors, kwargs.get("plugins")):
-        interceptors.append(_ClientSide(TracingInterceptor(namespace=kwargs.get("namespace", "default"),
-                                                           **_PROVIDERS)))
-        kwargs = {**kwargs, "interceptors": interceptors}
+            not any(_tracing(i) for i in interceptors) and not any(_official(p) for p in kwargs.get("plugins") or ()):
+        side = _ClientSide(TracingInterceptor(namespace=kwargs.get("namespace", "default"), **_PROVIDERS))
+        kwargs = {**kwargs, "interceptors": [*interceptors, side]}
     _BRIDGE.start()
-    return wrapped(*args, **kwargs)
+    if side is None:
+        return wrapped(*args, **kwargs)
+    return _connected(wrapped(*args, **kwargs), side)
+
+
+async def _connected(connecting: Any, side: _ClientSide) -> Any:
+    """The client ``connecting`` makes, with ``side`` set aside if one of its plugins added a tracing
+    interceptor of its own (temporalio's, a subclass, or ours in a ``SimplePlugin``)."""
+    client = await connecting
+    try:
+        side.aside = any(_tracing(i) for i in _active_config(client)["interceptors"])
+    except Exception as exc:
+        side.interceptor.guard.failed("reading a Temporal client's interceptors", exc)
+    return client
 
 
 def _worker_wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     """Worker(...): trace its side unless the worker or its client carries a tracing interceptor that
     temporalio hands the worker (ours passed by hand, temporalio's own interceptor or plugin)."""
     try:
-        client = args[0] if args else kwargs.get("client")
-        config = client.config() if client is not None else {}
-        if not _traced_already(config.get("interceptors"), config.get("plugins")) and \
-                not _traced_already(kwargs.get("interceptors"), kwargs.get("plugins")):
-            own = list(kwargs.get("interceptors", ()))
-            side = next((i for i in config.get("interceptors") or () if isinstance(i, _ClientSide)), None)
-            if side is not None:  # first, where temporalio puts the interceptors it takes from a client
-                kwargs = {**kwargs, "interceptors": [side.interceptor, *own]}
-            else:
-                interceptor = TracingInterceptor(namespace=client.namespace, **_PROVIDERS)
-                kwargs = {**kwargs, "interceptors": [*own, interceptor]}
-                args, kwargs = _with_traced_client(args, kwargs, client, config, interceptor)
+        args, kwargs = _traced_worker_arguments(args, kwargs)
     except Exception as exc:  # never keep a worker from being built
         log.warning("sidetrace: could not add tracing to a Temporal worker: %s", exc)
     return wrapped(*args, **kwargs)
 
 
-def _with_traced_client(args: tuple, kwargs: dict, client: Any, config: dict,
-                        interceptor: TracingInterceptor) -> tuple[tuple, dict]:
+def _traced_worker_arguments(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    client = args[0] if args else kwargs.get("client")
+    if client is None:
+        return args, kwargs
+    config = _active_config(client)
+    side = next((i for i in config["interceptors"] if isinstance(i, _ClientSide)), None)
+    if (side is not None and not side.active) or any(_tracing(i) for i in config["interceptors"]) or \
+            any(_tracing(i) for i in kwargs.get("interceptors") or ()) or \
+            any(_official(p) for p in kwargs.get("plugins") or ()):
+        return args, kwargs
+    copied = None
+    if side is not None:
+        interceptor = side.interceptor
+    else:
+        interceptor = TracingInterceptor(namespace=client.namespace, **_PROVIDERS)
+        args, kwargs, copied = _with_traced_client(args, kwargs, client, interceptor)
+    if _WorkerPlugin is None:
+        own = list(kwargs.get("interceptors", ()))
+        return args, {**kwargs, "interceptors": [interceptor, *own] if side is not None else [*own, interceptor]}
+    plugins = [*kwargs.get("plugins", ()), _WorkerSide(interceptor, side is not None, copied)]
+    return args, {**kwargs, "plugins": plugins}
+
+
+def _with_traced_client(args: tuple, kwargs: dict, client: Any,
+                        interceptor: TracingInterceptor) -> tuple[tuple, dict, _ClientSide | None]:
     """The Worker's arguments with a copy of its untraced ``client`` (same class, connection and settings)
     that carries ``interceptor``'s client half: what the worker starts through its client (a Nexus
     workflow-run operation's workflow, calls through ``activity.client()`` or ``nexus.client()``)
-    continues the handler's or the attempt's trace. A client whose class cannot be made from its own
-    ``config()`` is kept as it is (counted and logged once)."""
+    continues the handler's or the attempt's trace. The copy is made from the client's active config
+    (what its plugins made of it) without its plugins, so their ``configure_client`` is never called a
+    second time; those that are worker plugins too are given to the worker ahead of its own, as temporalio
+    would have taken them from the client. A client whose class cannot be made from its own ``config()``
+    is kept as it is (counted and logged once)."""
+    config = _active_config(client)
+    side = _ClientSide(interceptor)
     try:
-        traced = type(client)(**{**config, "interceptors": [*config["interceptors"], _ClientSide(interceptor)]})
+        unplugged = {"plugins": []} if "plugins" in config else {}
+        traced = type(client)(**{**config, **unplugged, "interceptors": [*config["interceptors"], side]})
     except Exception as exc:
         interceptor.guard.failed("copying a worker's client made before instrument()", exc)
-        return args, kwargs
-    return ((traced, *args[1:]), kwargs) if args else (args, {**kwargs, "client": traced})
+        return args, kwargs, None
+    if config.get("plugins"):
+        from_client = [p for p in config["plugins"] if isinstance(p, _WorkerPlugin)]
+        kwargs = {**kwargs, "plugins": [*from_client, *kwargs.get("plugins", ())]}
+    return ((traced, *args[1:]), kwargs, side) if args else (args, {**kwargs, "client": traced}, side)
 
 
 class TemporalInstrumentor(BaseInstrumentor):
@@ -180,6 +269,7 @@ class TemporalInstrumentor(BaseInstrumentor):
         return _INSTRUMENTS
 
     def _instrument(self, **kwargs: Any) -> None:
+        _INSTRUMENTED[0] = True
         _PROVIDERS.update(tracer_provider=kwargs.get("tracer_provider"), meter_provider=kwargs.get("meter_provider"))
         if kwargs.get("core_metrics", True):
             _BRIDGE.install(kwargs.get("meter_provider"))
@@ -191,6 +281,7 @@ class TemporalInstrumentor(BaseInstrumentor):
         wrap_function_wrapper("temporalio.worker", "Worker.__init__", _worker_wrapper)
 
     def _uninstrument(self, **kwargs: Any) -> None:
+        _INSTRUMENTED[0] = False
         _PROVIDERS.clear()
         original = _ORIGINALS.pop("connect", None)
         if original is not None:

@@ -15,9 +15,11 @@ if TYPE_CHECKING:
 
 
 class _ClientOutbound(temporalio.client.OutboundInterceptor):
-    def __init__(self, next: temporalio.client.OutboundInterceptor, root: TracingInterceptor) -> None:
+    def __init__(self, next: temporalio.client.OutboundInterceptor, root: TracingInterceptor,
+                 side: Any = None) -> None:
         super().__init__(next)
         self.root = root
+        self.side = side  # the _ClientSide instrument() added, whose ``active`` says whether to trace
 
     def _attributes(self, workflow_id: str, **extra: Any) -> dict[str, Any]:
         attributes = {"temporal.workflow.id": workflow_id, **{k: v for k, v in extra.items() if v}}
@@ -29,7 +31,7 @@ class _ClientOutbound(temporalio.client.OutboundInterceptor):
                     carriers: tuple[Any, ...] = ()) -> Any:
         """``call(input)`` inside a CLIENT span whose context ``input.headers`` (or each of ``carriers``'
         headers) carries."""
-        if not is_instrumentation_enabled():
+        if (self.side is not None and not self.side.active) or not is_instrumentation_enabled():
             return await call(input)
         with _span(self.root.tracer, self.root.guard, name, SpanKind.CLIENT, attributes):
             for carrier in carriers or (input,):

@@ -40,6 +40,7 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureEr
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ApplicationError, CancelledError, NexusOperationError
 from temporalio.nexus.system.workflow_service.operations.signal_with_start_workflow import signal_with_start_workflow
+from temporalio.plugin import SimplePlugin
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -603,13 +604,34 @@ class ViaActivity:
                                                start_to_close_timeout=timedelta(seconds=30))
 
 
+class OneShot(SimplePlugin):
+    """A client and worker plugin whose configure_client refuses a second call (it registers something
+    once), and which counts the workers it configured."""
+
+    def __init__(self) -> None:
+        super().__init__("OneShot")
+        self.clients = self.workers = 0
+
+    def configure_client(self, config):  # noqa: ANN001, ANN201
+        self.clients += 1
+        if self.clients > 1:
+            raise RuntimeError("OneShot configured a second client")
+        return super().configure_client(config)
+
+    def configure_worker(self, config):  # noqa: ANN001, ANN201
+        self.workers += 1
+        return super().configure_worker(config)
+
+
 async def client_first(target: str, namespace: str) -> None:
-    """Workers on clients made before instrument() (a Client, a subclass with Client's constructor, and
-    one with another constructor), each running ViaActivity, whose activity runs Child through the
-    worker's client; started by a client made after instrument()."""
+    """Workers on clients made before instrument() (a Client, a subclass with Client's constructor, one
+    with another constructor, and one with a plugin that refuses a second configure_client), each running
+    ViaActivity, whose activity runs Child through the worker's client; started by a client made after
+    instrument()."""
     plain = await Client.connect(target, namespace=namespace)
+    oneshot = OneShot()
     clients = {"plain": plain, "copyable": CopyableClient(plain.service_client, namespace=namespace),
-               "odd": OddClient(plain)}
+               "odd": OddClient(plain), "oneshot": await Client.connect(target, namespace=namespace, plugins=[oneshot])}
     TemporalInstrumentor().instrument(core_metrics=False)
     starter = await Client.connect(target, namespace=namespace)
     for queue, client in clients.items():
@@ -620,6 +642,79 @@ async def client_first(target: str, namespace: str) -> None:
             assert result == f"{type(client).__name__}:ba", result
             if queue == "plain":  # the app's own calls through the original client stay untraced
                 assert await client.execute_workflow(Child.run, "cd", id="wf-untraced", task_queue=queue) == "dc"
+    assert (oneshot.clients, oneshot.workers) == (1, 1)  # the copy's worker was configured by it, once
+
+
+async def official_variants(target: str, namespace: str, mode: str) -> None:
+    """Tracing interceptors instrument() cannot see in the arguments, on clients made before and after
+    instrument(): in mode official-variants, temporalio's TracingInterceptor in a SimplePlugin or subclassed,
+    ours in a SimplePlugin (after only), and the official one in a SimplePlugin on a worker whose client
+    was made before; in mode official-plugin-subclass, a subclass of OpenTelemetryPlugin. Each runs
+    ViaActivity (an activity, and Child started through the worker's client), started by its own client
+    (by one instrument() traced for the worker's SimplePlugin); prints each case's spans as a line
+    "CASE name json"."""
+    from temporalio.contrib.opentelemetry import OpenTelemetryPlugin
+    from temporalio.contrib.opentelemetry import TracingInterceptor as Official
+
+    from sidetrace.instrumentors.temporal import TracingInterceptor
+
+    class MyOfficial(Official):
+        pass
+
+    class MyPlugin(OpenTelemetryPlugin):
+        pass
+
+    def client_kwargs(kind: str) -> dict:
+        return {"simpleplugin-official": {"plugins": [SimplePlugin("mine", interceptors=[Official()])]},
+                "subclass-official": {"interceptors": [MyOfficial()]},
+                "subclass-plugin": {"plugins": [MyPlugin(add_temporal_spans=True)]},
+                "simpleplugin-ours": {"plugins": [SimplePlugin("mine", interceptors=[TracingInterceptor()])]},
+                "worker-simpleplugin-official": {}}[kind]
+
+    kinds = ["simpleplugin-official", "subclass-official"] if mode == "official-variants" else ["subclass-plugin"]
+    before = [*kinds, "worker-simpleplugin-official"] if mode == "official-variants" else kinds
+    cases = {f"{kind}-before": await Client.connect(target, namespace=namespace, **client_kwargs(kind))
+             for kind in before}
+    TemporalInstrumentor().instrument(core_metrics=False)
+    after = [*kinds, "simpleplugin-ours"] if mode == "official-variants" else kinds
+    cases.update({f"{kind}-after": await Client.connect(target, namespace=namespace, **client_kwargs(kind))
+                  for kind in after})
+    traced = await Client.connect(target, namespace=namespace)
+    for case, client in cases.items():
+        on_worker = case.startswith("worker-")
+        worker_kwargs = {"plugins": [SimplePlugin("theirs", interceptors=[Official()])]} if on_worker else {}
+        async with Worker(client, task_queue=case, workflows=[ViaActivity, Child], activities=[start_from_activity],
+                          **worker_kwargs) as worker:
+            assert (worker.client is client) != on_worker  # a copy only for the worker's own SimplePlugin
+            starter = traced if on_worker else client
+            assert await starter.execute_workflow(ViaActivity.run, id=f"wf-{case}", task_queue=case) == \
+                f"{type(client).__name__}:ba"
+        print("CASE", case, end=" ")
+        print_spans()
+        exporter.clear()
+
+
+async def uninstrumented(target: str, namespace: str) -> None:
+    """A client made while instrumented, used after uninstrument() (a worker on it runs ViaActivity, which
+    starts Child through the worker's client): no span, and no trace header in the started runs; then
+    instrumented again, the same client traces. Prints "HEADERS" with the header fields of the runs."""
+    from sidetrace.instrumentors.temporal import HEADER
+
+    instrumentor = TemporalInstrumentor()
+    instrumentor.instrument(core_metrics=False)
+    during = await Client.connect(target, namespace=namespace)
+    instrumentor.uninstrument()
+    for queue in ("off", "again"):
+        if queue == "again":
+            instrumentor.instrument(core_metrics=False)
+        async with Worker(during, task_queue=queue, workflows=[ViaActivity, Child],
+                          activities=[start_from_activity]):
+            assert await during.execute_workflow(ViaActivity.run, id=f"wf-{queue}", task_queue=queue) == "Client:ba"
+        carried = []
+        for workflow_id in (f"wf-{queue}", f"wf-{queue}-child"):
+            history = await during.get_workflow_handle(workflow_id).fetch_history()
+            carried.append(HEADER in history.events[0].workflow_execution_started_event_attributes.header.fields)
+        print("HEADERS", queue, json.dumps(carried), flush=True)
 
 
 async def worker_only() -> None:
@@ -759,6 +854,11 @@ async def main(mode: str):
             await messages(target, namespace)
         elif mode == "client-first":
             await client_first(target, namespace)
+        elif mode in ("official-variants", "official-plugin-subclass"):
+            await official_variants(target, namespace, mode)
+            return
+        elif mode == "uninstrumented":
+            await uninstrumented(target, namespace)
         elif mode == "no-context":
             await started_without_context(target, namespace)
         elif mode == "official-worker":  # the reverse: our client, a worker still on the official interceptor
