@@ -39,6 +39,8 @@ class Telemetry:
 
     def metric_points(self, name: str) -> list:
         data = self.metrics.get_metrics_data()
+        if data is None:  # nothing was ever recorded
+            return []
         return [point for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
                 if m.name == name for point in m.data.data_points]
 

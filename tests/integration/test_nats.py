@@ -20,7 +20,7 @@ from nats.js.api import ConsumerConfig
 from opentelemetry import baggage, propagate, trace
 from opentelemetry.context import Context, attach, detach
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.instrumentation.utils import suppress_instrumentation, unwrap
 from opentelemetry.propagators.textmap import TextMapPropagator, default_getter, default_setter
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -317,6 +317,26 @@ async def test_pull_fetch_receive_links_process_and_redelivery(nc, telemetry: Te
     await js.delete_stream("JOBS")
 
 
+async def test_an_ack_outside_a_process_span_is_its_own_span_linked_to_the_producer(nc, telemetry: Telemetry) -> None:
+    """settle_spans left off: a fetched message acked outside process(msg) has no process span to carry
+    the event, so the ack is an `ack {subject}` CLIENT span of its own, a child of the current span (here
+    none: a root), linked to the message's producer."""
+    js = nc.jetstream()
+    await js.add_stream(name="LOOSE", subjects=["loose.>"])
+    try:
+        psub = await js.pull_subscribe("loose.>", durable="loose")
+        await js.publish("loose.a", b"1")
+        (msg,) = await psub.fetch(1, timeout=5)
+        await msg.ack()
+        publish = telemetry.one("publish loose.a")
+        (ack,) = [s for s in telemetry.finished() if s.name.startswith("ack ")]
+        assert (ack.kind, ack.parent) == (SpanKind.CLIENT, None)
+        assert [link.context.span_id for link in ack.links] == [publish.context.span_id]
+        assert telemetry.finished("process loose.>") == []
+    finally:
+        await js.delete_stream("LOOSE")
+
+
 @pytest.mark.parametrize("telemetry", [{"settle_spans": True, "use_links": True}], indirect=True)
 async def test_settle_spans_and_links_options(nc, telemetry: Telemetry) -> None:
     js = nc.jetstream()
@@ -562,7 +582,8 @@ async def test_uninstrument_restores_nats_and_instrumenting_twice_is_harmless(se
 async def test_uninstrument_takes_out_only_ours_beside_another_wrapper_of_publish(server: NatsServer) -> None:
     """Another instrumentation's wrapt wrapper of Client.publish, put on before instrument() or after
     it, sees every publish with its client bound, and keeps doing so after uninstrument(), which
-    stops our spans: put on before, it is what uninstrument puts back; put on after, it stays."""
+    stops our spans: put on before, it is what uninstrument puts back; put on after, it stays. Its
+    unwrap() works once ours is out, not while ours is on top of it."""
     client_class = nats.aio.client.Client
     original = client_class.publish
     calls: list[tuple[bool, str]] = []
@@ -591,9 +612,94 @@ async def test_uninstrument_takes_out_only_ours_beside_another_wrapper_of_publis
         NatsInstrumentor().uninstrument()
         await client.publish("over", b"x")
         assert (calls, len(t.finished("publish over"))) == ([(True, "over")] * 2, 1)
+
+        # put on before ours, and taken out with OpenTelemetry's unwrap() while ours is on top: the unwrap
+        # does nothing (it takes out wrapt proxies only); taken out after our uninstrument(), it works
+        client_class.publish = original
+        calls.clear()
+        wrapt.wrap_function_wrapper(client_class, "publish", theirs)
+        NatsInstrumentor().instrument(tracer_provider=t.tracer_provider, meter_provider=t.meter_provider)
+        ours = vars(client_class)["publish"]
+        unwrap(client_class, "publish")
+        assert vars(client_class)["publish"] is ours
+        await client.publish("unwrapped", b"x")
+        NatsInstrumentor().uninstrument()
+        unwrap(client_class, "publish")
+        assert vars(client_class)["publish"] is vars(nats.aio.client.Client)["publish"] is original
+        await client.publish("unwrapped", b"x")
+        assert (calls, len(t.finished("publish unwrapped"))) == ([(True, "unwrapped")], 1)
     finally:
         client_class.publish = original
         await client.close()
+
+
+async def test_a_wrapper_under_our_publish_gets_the_apps_arguments_as_given(server: NatsServer) -> None:
+    """Put on before instrument(): a wrapt wrapper sees the app's keywords as keywords and its positional
+    arguments as positional, with only the headers replaced by the copy carrying the context; a publish
+    replaced by one with an extra keyword (put there before instrument()) gets that keyword; a keyword
+    nobody takes fails in nats-py's publish, named as such, as it does uninstrumented."""
+    client_class = nats.aio.client.Client
+    original = vars(client_class)["publish"]
+    seen: list[tuple[tuple, dict]] = []
+
+    async def theirs(wrapped, instance, args, kwargs):  # noqa: ANN001, ANN202
+        seen.append((args, kwargs))
+        return await wrapped(*args, **kwargs)
+
+    async def extended(self, subject, payload=b"", reply="", headers=None, *, priority=0):  # noqa: ANN001, ANN202
+        seen.append(((subject, payload), {"priority": priority, "headers": headers}))
+        return await original(self, subject, payload, reply, headers)
+
+    t = Telemetry()
+    client = await nats.connect(server.url)
+    try:
+        with pytest.raises(TypeError, match=r"^Client\.publish\(\) got an unexpected keyword argument 'priority'"):
+            await client.publish("kw", b"x", priority=1)
+        wrapt.wrap_function_wrapper(client_class, "publish", theirs)
+        NatsInstrumentor().instrument(tracer_provider=t.tracer_provider, meter_provider=t.meter_provider)
+        user = {"k": "v"}
+        await client.publish("kw", payload=b"x", headers=user)
+        await client.publish("pos", b"x", "", user)
+        await client.publish("bare", b"x")
+        with pytest.raises(TypeError, match=r"^Client\.publish\(\) got an unexpected keyword argument 'priority'"):
+            await client.publish("kw", b"x", priority=1)
+        (kw_args, kw_kwargs), (pos_args, pos_kwargs), (bare_args, bare_kwargs) = seen[:3]
+        assert (kw_args, sorted(kw_kwargs), kw_kwargs["payload"]) == (("kw",), ["headers", "payload"], b"x")
+        assert (pos_args[:3], len(pos_args), pos_kwargs) == (("pos", b"x", ""), 4, {})
+        assert (bare_args, sorted(bare_kwargs)) == (("bare", b"x"), ["headers"])
+        for headers in (kw_kwargs["headers"], pos_args[3], bare_kwargs["headers"]):
+            assert "traceparent" in headers
+        assert user == {"k": "v"} and kw_kwargs["headers"]["k"] == pos_args[3]["k"] == "v"
+        NatsInstrumentor().uninstrument()
+
+        client_class.publish = extended
+        seen.clear()
+        NatsInstrumentor().instrument(tracer_provider=t.tracer_provider, meter_provider=t.meter_provider)
+        await client.publish("extended", b"x", priority=3)
+        NatsInstrumentor().uninstrument()
+        ((_, extra),) = seen
+        assert extra["priority"] == 3 and "traceparent" in extra["headers"]
+        assert len(t.finished("publish extended")) == 1
+        assert [s.attributes.get("error.type") for s in t.finished("publish kw")] == [None, "TypeError"]
+        assert t.metric_points("sidetrace.instrumentation.errors") == []
+    finally:
+        client_class.publish = original
+        await client.close()
+
+
+@pytest.mark.parametrize(("args", "kwargs", "raised"), [
+    (("mistake.none", None), {}, TypeError), ((42, b"x"), {}, TypeError), ((), {"payload": b"x"}, TypeError),
+    (("mistake.header", b"x"), {"headers": {"n": 1}}, AttributeError)],
+    ids=["None payload", "int subject", "no subject", "int header value"])
+async def test_the_apps_mistaken_publish_reaches_nats_py_untouched_and_is_not_counted_as_ours(
+        nc, telemetry: Telemetry, args: tuple, kwargs: dict, raised: type) -> None:
+    """nats-py raises what it raises uninstrumented; no sidetrace.instrumentation.errors point."""
+    with pytest.raises(raised) as uninstrumented, suppress_instrumentation():
+        await nc.publish(*args, **kwargs)
+    with pytest.raises(raised) as instrumented:
+        await nc.publish(*args, **kwargs)
+    assert str(instrumented.value) == str(uninstrumented.value)
+    assert telemetry.metric_points("sidetrace.instrumentation.errors") == []
 
 
 SUBSCRIBER = textwrap.dedent('''

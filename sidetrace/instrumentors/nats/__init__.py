@@ -20,8 +20,9 @@ OpenTelemetry messaging conventions.
               await handle(msg)
               await msg.ack()
 
-- ``ack``, ``nak``, ``term``, ``in_progress``: events on the message's process span, or
-  ``ack {subject}``-style CLIENT spans with ``settle_spans=True``.
+- ``ack``, ``nak``, ``term``, ``in_progress``: events on the message's process span; without one (a
+  fetched message settled outside :func:`process`), and always with ``settle_spans=True``,
+  ``ack {subject}``-style CLIENT spans linked to the message's producer.
 
 Span names never contain a random token: inbox and ``$JS.ACK`` subjects are named by template
 and marked ``messaging.destination.temporary``; wildcard subscriptions are named by their subject.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextvars
-import functools
 from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any
@@ -109,35 +108,57 @@ def _start_send(telemetry: Telemetry, operation: str, kind: SpanKind, subject: s
 def traced_publish(telemetry: Telemetry, original: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
     """Client.publish: `publish {subject}` (PRODUCER), trace context into a copy of the headers.
 
-    A plain function put on the class in place of ``original`` (nats-py's, called unbound), with its
-    signature: not a wrapt proxy, which on this hottest of calls binds a new wrapper object at every
-    attribute access and packs the arguments into a tuple and a dict again. Once ``telemetry`` is no
+    A plain function put on the class in place of ``original`` (nats-py's, or a wrapper someone put
+    there before, called unbound): not a wrapt proxy, which on this hottest of calls binds a new
+    wrapper object at every attribute access and packs the arguments into a tuple and a dict again. It
+    takes any arguments and hands ``original`` the same ones, positional or keyword as the app gave
+    them (a keyword nats-py does not know is for a wrapper under ours, or nats-py's own error), with
+    only the headers replaced by the copy carrying the context. Arguments it cannot read as nats-py's
+    (no subject, a subject that is not a str, a payload without a length) are the app's mistake: they
+    go to ``original`` untouched, to fail there, and are not counted as ours. Once ``telemetry`` is no
     longer active (uninstrumented while another wrapper was put on top of this one, so that it could
     not be taken out) it only calls ``original``.
     """
 
-    async def publish(self: Any, subject: str, payload: bytes = b"", reply: str = "",
-                      headers: dict[str, str] | None = None) -> None:
+    async def publish(self: Any, *args: Any, **kwargs: Any) -> None:
         if not telemetry.active or SUPPRESSED.get() or not is_instrumentation_enabled():
-            return await original(self, subject, payload, reply, headers)
+            return await original(self, *args, **kwargs)
+        count = len(args)
+        try:
+            subject = args[0] if count else kwargs["subject"]
+            payload = args[1] if count > 1 else kwargs.get("payload", b"")
+            headers = args[3] if count > 3 else kwargs.get("headers")
+            len(payload)
+            readable = isinstance(subject, str)
+        except Exception:
+            readable = False
+        if not readable:  # the app's mistake, for nats-py to report
+            return await original(self, *args, **kwargs)
         try:
             span, destination, new_headers, began = _start_send(telemetry, "publish", SpanKind.PRODUCER, subject,
                                                                 payload, headers, self)
         except Exception as exc:
             telemetry.guard.failed("publish", exc)
-            return await original(self, subject, payload, reply, headers)
+            return await original(self, *args, **kwargs)
+        if count > 3:
+            args = (*args[:3], new_headers, *args[4:])
+        elif new_headers is not None or "headers" in kwargs:
+            kwargs["headers"] = new_headers
         # The client's publish only queues the bytes (it calls nothing we wrap): the span need not be
         # current, nor suppression on, while it runs.
         error = None
         try:
-            return await original(self, subject, payload, reply, new_headers)
+            return await original(self, *args, **kwargs)
         except BaseException as exc:
             error = _safe_error(telemetry, span, exc)
             raise
         finally:
             _end_send(telemetry, span, destination, began, error, 1)
 
-    functools.update_wrapper(publish, original)
+    # inspect.signature() and help() show the original's; the name stays ours, so that no error is
+    # blamed on the wrong function
+    publish.__wrapped__ = original  # type: ignore[attr-defined]
+    publish.__doc__ = original.__doc__
     return publish
 
 

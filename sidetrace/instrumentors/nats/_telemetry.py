@@ -173,8 +173,11 @@ class Telemetry:
         server_info = getattr(client, "_server_info", None) or {}
         max_payload = getattr(client, "_max_payload", None) or 1024 * 1024
         size = payload_size + HEADER_LINES
-        for key, value in merged.items():
-            size += len(key) + len(value) + 4
+        try:
+            for key, value in merged.items():
+                size += len(key) + len(value) + 4
+        except TypeError:  # a header that is not a str: the app's mistake, for nats-py to refuse
+            return dict(headers) if headers is not None and not owned else headers
         if not server_info.get("headers", True) or size > max_payload:
             self.injection_misses += 1
             self.misses.add(1, {"messaging.system": SYSTEM})
