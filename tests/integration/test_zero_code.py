@@ -8,14 +8,19 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from importlib import metadata
 from pathlib import Path
 
+import grpc
 import pytest
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until
 from tests.integration.otlp_servers import Rotel, Sink
 
 APPS = Path(__file__).with_name("apps") / "zero_code.py"
@@ -44,6 +49,62 @@ def collector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Collector]:
     c = Collector(tmp_path_factory.mktemp("collector"))
     yield c
     c.stop()
+
+
+class SlowAgent(trace_service_pb2_grpc.TraceServiceServicer, metrics_service_pb2_grpc.MetricsServiceServicer):
+    """A real OTLP/gRPC receiver (traces and metrics) that answers every export ``answer_after`` seconds after it
+    arrived, as an agent on a loaded host would, or never (``None``: it stalls until stopped). It keeps the span
+    names of the trace exports whose caller was still waiting when the answer went out: an export the app gave
+    up on (its exporter stopped, its channel closed) is not counted as delivered."""
+
+    def __init__(self, answer_after: float | None) -> None:
+        self.answer_after = answer_after
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.lock = threading.Lock()
+        self.arrived: list[str] = []  # "traces" or "metrics", in arrival order
+        self.delivered: list[str] = []  # span names
+        self.stopping = threading.Event()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(self, self.server)
+        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        self.server.start()
+
+    def _answer(self, signal: str, context: grpc.ServicerContext) -> bool:
+        with self.lock:
+            self.arrived.append(signal)
+        self.stopping.wait(self.answer_after)
+        return context.is_active()
+
+    def Export(self, request, context):  # noqa: N802 - the gRPC method name, shared by both services
+        if isinstance(request, metrics_service_pb2.ExportMetricsServiceRequest):
+            self._answer("metrics", context)
+            return metrics_service_pb2.ExportMetricsServiceResponse()
+        if self._answer("traces", context):
+            with self.lock:
+                self.delivered += [span.name for resource in request.resource_spans for scope in resource.scope_spans
+                                   for span in scope.spans]
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.server.stop(grace=None)
+
+
+def exit_times(endpoint: str) -> tuple[float, float, str]:
+    """Run the last_spans app toward ``endpoint``, its spans and metrics left for the exit to send; return the
+    seconds from its last line to the end of the SDK's final export, and to the end of the process, and its
+    stderr."""
+    env = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "60000", "OTEL_METRIC_EXPORT_INTERVAL": "60000"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidetrace", "instrument", "--endpoint", endpoint, "--",
+         sys.executable, str(APPS), "last_spans"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    stdout, stderr = proc.communicate(timeout=60)
+    exited = time.time()
+    assert proc.returncode == 0
+    marks = dict(line.split() for line in stdout.splitlines())
+    return float(marks["flushed"]) - float(marks["last"]), exited - float(marks["last"]), stderr
 
 
 def launch(kind: str, service: str, endpoint: str, env: dict[str, str] | None = None) -> None:
@@ -119,12 +180,14 @@ def test_spans_made_in_child_processes_arrive_before_the_children_exit(collector
                      "work in forkserver Process", "work in spawn Process"]
 
 
-def test_a_child_process_spends_at_most_a_second_sending_its_spans_when_the_agent_is_down() -> None:
+def child_exit_seconds(endpoint: str, *methods: str) -> dict[str, float]:
+    """Run the child_exit app toward ``endpoint``; return, per start method, the seconds from the end of the
+    child's work to its exit (as its parent saw it)."""
     # Spans wait in the batch processor until the child leaves (no scheduled export first).
     env = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "60000"}
     done = subprocess.run(
-        [sys.executable, "-m", "sidetrace", "instrument", "--endpoint", "http://127.0.0.1:9", "--",
-         sys.executable, str(APPS), "child_exit"], capture_output=True, text=True, timeout=120, env=env)
+        [sys.executable, "-m", "sidetrace", "instrument", "--endpoint", endpoint, "--",
+         sys.executable, str(APPS), "child_exit", *methods], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     ended: dict[str, float] = {}
     exit_seconds: dict[str, float] = {}
@@ -134,10 +197,35 @@ def test_a_child_process_spends_at_most_a_second_sending_its_spans_when_the_agen
             ended[method] = float(when)
         else:
             exit_seconds[method] = float(when) - ended[method]
+    return exit_seconds
+
+
+def test_a_child_process_spends_at_most_a_second_sending_its_spans_when_the_agent_is_down() -> None:
+    exit_seconds = child_exit_seconds("http://127.0.0.1:9")
     assert sorted(exit_seconds) == ["fork", "forkserver", "spawn"]
     # CHILD_FLUSH_MILLIS is 1 s; the rest of the margin is the child's interpreter shutting down on a busy
     # machine. Without the bound, a child would wait out the exporter's 10 s timeout.
     assert max(exit_seconds.values()) < 2.5, exit_seconds
+
+
+def test_a_child_process_waits_for_an_agent_answering_slowly_and_3_seconds_at_most_for_one_that_never_does() -> None:
+    # A child's flush gets a second, then up to 3 s in all while no export problem shows (the exit budget): an
+    # export answered after 1.5 s is waited for; one never answered is cut off at 3 s, not at the exporter's 10 s.
+    slow = SlowAgent(answer_after=1.5)
+    try:
+        (slow_exit,) = child_exit_seconds(slow.endpoint, "fork").values()
+    finally:
+        slow.stop()
+    assert slow.delivered == ["work in fork"]
+    stalled = SlowAgent(answer_after=None)
+    try:
+        (stalled_exit,) = child_exit_seconds(stalled.endpoint, "fork").values()
+    finally:
+        stalled.stop()
+    assert (stalled.arrived, stalled.delivered) == (["traces"], [])
+    # A child leaves through os._exit: no interpreter teardown follows, so the margins are small.
+    assert 1.5 <= slow_exit < 3.0
+    assert 3.0 <= stalled_exit < 3.0 + 1.0
 
 
 def test_agent_down_slows_the_app_by_under_5_percent_and_exit_by_under_a_second(tmp_path: Path) -> None:
@@ -151,13 +239,52 @@ def test_agent_down_slows_the_app_by_under_5_percent_and_exit_by_under_a_second(
     stdout, stderr = proc.communicate(timeout=60)
     exited = time.time()
     plain_seconds = float(plain.stdout.split()[0])
-    seconds, last_line = (float(field) for field in stdout.split())
+    timing, flushed = stdout.splitlines()
+    seconds, last_line = (float(field) for field in timing.split())
     assert proc.returncode == 0
     assert seconds < plain_seconds * 1.05
-    assert exited - last_line < 1.0
+    # What the exit budget bounds: from the app's last line to the end of the SDK's final export (0.3 s, as an
+    # export problem was seen). Without the budget the exporters would retry for their 10 s timeout.
+    assert float(flushed.split()[1]) - last_line < 1.0
+    # The whole exit adds the interpreter's teardown of every library the instrumentations imported, which is
+    # not ours and which a loaded machine stretches (0.8-1.2 s at load 5 with no exporter at all, 2 s at load 11).
+    assert exited - last_line < 5.0
     (warning,) = stderr.splitlines()
     assert warning.startswith("sidetrace: Transient error StatusCode.UNAVAILABLE encountered while exporting")
     assert warning.endswith("(further export problems are not printed)")
+
+
+def test_an_agent_answering_slowly_still_gets_the_last_spans_at_exit() -> None:
+    # Each export is answered 1 s after it arrives: the exit's metric export and span export, one after the
+    # other, take 2 s of the 3 s an agent that answers gets (LIVE_AGENT_BUDGET_SECONDS). With the 0.3 s of an
+    # agent that is down, the span export would be cut off and its spans lost.
+    agent = SlowAgent(answer_after=1.0)
+    try:
+        flushed, exited, stderr = exit_times(agent.endpoint)
+    finally:
+        agent.stop()
+    assert stderr == ""
+    assert agent.arrived == ["metrics", "traces"]
+    assert sorted(agent.delivered) == [f"request {number}" for number in range(5)]
+    assert 2.0 <= flushed < 3.0
+    # The rest is the interpreter's own teardown, which a loaded machine stretches (about 1 s at load 5).
+    assert exited < 3.0 + 3.0
+
+
+def test_an_agent_that_never_answers_holds_the_exit_for_the_3_second_budget_only() -> None:
+    # No error comes back, so nothing says the agent is down: the exporters get the whole 3 s and are then
+    # stopped, where the stock exporters would wait out their 10 s timeout, once for metrics and once for spans.
+    agent = SlowAgent(answer_after=None)
+    try:
+        flushed, exited, stderr = exit_times(agent.endpoint)
+    finally:
+        agent.stop()
+    assert stderr == (f"sidetrace: Failed to export metrics to 127.0.0.1:{agent.port}, error code: StatusCode."
+                      "CANCELLED, error details: Channel closed! (further export problems are not printed)\n")
+    assert agent.arrived == ["metrics"]  # the span export found its exporter already stopped
+    assert agent.delivered == []
+    assert 3.0 <= flushed < 3.0 + 1.0
+    assert exited < 3.0 + 3.0
 
 
 def test_spans_dropped_with_the_agent_down_are_counted_where_the_app_sees_them() -> None:

@@ -121,12 +121,12 @@ def _timed_child_work(name: str) -> None:
     print("done", name, time.time(), flush=True)
 
 
-def child_exit_app() -> None:
-    """A child Process of each start method; prints when each child's work ended and when the parent saw it
-    exit, so the time a child spends sending its spans on the way out can be read."""
+def child_exit_app(*methods: str) -> None:
+    """A child Process of each start method (or of those named); prints when each child's work ended and when the
+    parent saw it exit, so the time a child spends sending its spans on the way out can be read."""
     import multiprocessing
 
-    for method in ("fork", "spawn", "forkserver"):
+    for method in methods or ("fork", "spawn", "forkserver"):
         child = multiprocessing.get_context(method).Process(target=_timed_child_work, args=(method,))
         child.start()
         child.join(60)
@@ -134,9 +134,26 @@ def child_exit_app() -> None:
         assert child.exitcode == 0
 
 
+def _mark_exit_flushed() -> None:
+    """Print ``flushed TIME`` when the tracer provider's exit shutdown is over: a span processor added after the
+    launcher's export processor is shut down after it, so its shutdown marks the end of the final export (the
+    SDK's exit handlers run the MeterProvider's shutdown before the TracerProvider's, which is registered first)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    class ExitMarker(SpanProcessor):
+        def shutdown(self) -> None:
+            print("flushed", time.time(), flush=True)
+
+    add_span_processor = getattr(trace.get_tracer_provider(), "add_span_processor", None)
+    if add_span_processor is not None:  # run without the launcher, the app has no SDK provider to mark
+        add_span_processor(ExitMarker())
+
+
 def timed_app() -> None:
     """Forty requests' worth of waiting, each in a span and counted in a metric (as web frameworks' own
-    instrumentations do); prints how long they took and when its last line ran."""
+    instrumentations do); prints how long they took and when its last line ran, then, at exit, when the SDK's
+    final export was over."""
     from opentelemetry import metrics, trace
 
     tracer = trace.get_tracer("zero_code")
@@ -146,7 +163,22 @@ def timed_app() -> None:
         with tracer.start_as_current_span("request"):
             requests.add(1)
             time.sleep(0.025)
+    _mark_exit_flushed()
     print(time.perf_counter() - start, time.time(), flush=True)
+
+
+def last_spans_app() -> None:
+    """Five requests' spans and metric points left for the exit to send (the test sets a long batch delay); prints
+    when its last line ran, and at exit when the SDK's final export was over."""
+    from opentelemetry import metrics, trace
+
+    tracer = trace.get_tracer("zero_code")
+    requests = metrics.get_meter("zero_code").create_counter("requests")
+    for number in range(5):
+        with tracer.start_as_current_span(f"request {number}"):
+            requests.add(1)
+    _mark_exit_flushed()
+    print("last", time.time(), flush=True)
 
 
 def dropping_app() -> None:
@@ -165,5 +197,5 @@ def dropping_app() -> None:
 
 if __name__ == "__main__":
     {"flask": flask_app, "fastapi": fastapi_app, "grpc": grpc_app, "threads": threads_app,
-     "timed": timed_app, "dropping": dropping_app, "processes": processes_app,
-     "child_exit": child_exit_app}[sys.argv[1]]()
+     "timed": timed_app, "last_spans": last_spans_app, "dropping": dropping_app, "processes": processes_app,
+     "child_exit": child_exit_app}[sys.argv[1]](*sys.argv[2:])
