@@ -200,6 +200,27 @@ def child_exit_seconds(endpoint: str, *methods: str) -> dict[str, float]:
     return exit_seconds
 
 
+def test_spans_made_in_pool_workers_arrive_when_the_pool_is_terminated(collector: Collector) -> None:
+    # A `with Pool()` block ends with terminate(): SIGTERM to every worker, at once. Each worker sends its spans
+    # first, then dies of the signal.
+    launch("pool", "zc-pool", collector.endpoint)
+    names = sorted(span.name for span in wait_until(
+        lambda: len(collector.spans("zc-pool")) == 12 and collector.spans("zc-pool"), 20, "a span per task"))
+    assert names == sorted(f"work in {method} Pool {number}" for method in ("fork", "spawn", "forkserver")
+                           for number in (1, 2, 3, 4))
+
+
+def test_a_terminated_pool_ends_within_a_second_and_a_half_when_the_agent_is_down() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "sidetrace", "instrument", "--endpoint", "http://127.0.0.1:9", "--",
+         sys.executable, str(APPS), "pool"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    ending_seconds = {method: float(seconds) for method, seconds in (line.split() for line in done.stdout.splitlines())}
+    assert sorted(ending_seconds) == ["fork", "forkserver", "spawn"]
+    # The workers flush at once, side by side, each stopped after CHILD_FLUSH_MILLIS (1 s) with the agent down.
+    assert max(ending_seconds.values()) < 2.5, ending_seconds
+
+
 def test_a_child_process_spends_at_most_a_second_sending_its_spans_when_the_agent_is_down() -> None:
     exit_seconds = child_exit_seconds("http://127.0.0.1:9")
     assert sorted(exit_seconds) == ["fork", "forkserver", "spawn"]

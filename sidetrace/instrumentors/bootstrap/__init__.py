@@ -227,11 +227,17 @@ def _track_metric_exporters() -> None:
 
 
 CHILD_FLUSH_MILLIS = 1000  # what a child process may spend sending its last spans and metrics before it exits
+# How long a terminated Pool worker waits for its flush before it dies of the signal: the exit budget has stopped
+# the exporters by then, so only a flush stuck on a lock the interrupted code held is cut short.
+TERMINATED_FLUSH_SECONDS = LIVE_AGENT_BUDGET_SECONDS + 0.5
+_CHILD_FLUSHING = threading.Event()  # set once this child has begun its last flush
 
 
 def _flush_child_processes() -> None:
     """Make a multiprocessing child (Process, Pool and ProcessPoolExecutor workers, any start method) flush its
-    spans and metrics before it exits: it leaves through os._exit, so no exit handler of the SDK ever runs."""
+    spans and metrics before it exits: it leaves through os._exit, so no exit handler of the SDK ever runs. A Pool
+    worker also flushes when its pool terminates it (as the end of a ``with Pool()`` block does), then dies of
+    the SIGTERM as it would have."""
     import multiprocessing.process
 
     bootstrap = multiprocessing.process.BaseProcess._bootstrap
@@ -239,16 +245,56 @@ def _flush_child_processes() -> None:
         return
 
     def flushing_bootstrap(self: Any, *args: Any, **kwargs: Any) -> int:
+        if _is_pool_worker(self):
+            _flush_when_terminated()
         try:
             return bootstrap(self, *args, **kwargs)
         finally:
-            # A flush's timeout does not bound an export already retrying toward an agent that is down (the
-            # stock exporters give up only after their own timeout, 10 s): stopping the exporters does.
-            EXIT_BUDGET._start_clock(CHILD_FLUSH_MILLIS / 1000)
-            _flush_providers(CHILD_FLUSH_MILLIS)
+            _flush_child()
 
     flushing_bootstrap._sidetrace_flushes = True  # type: ignore[attr-defined]
     multiprocessing.process.BaseProcess._bootstrap = flushing_bootstrap  # type: ignore[method-assign]
+
+
+def _is_pool_worker(process: Any) -> bool:
+    target = getattr(process, "_target", None)
+    return (getattr(target, "__module__", ""), getattr(target, "__name__", "")) == ("multiprocessing.pool", "worker")
+
+
+def _flush_child() -> None:
+    if _CHILD_FLUSHING.is_set():
+        return
+    _CHILD_FLUSHING.set()
+    # A flush's timeout does not bound an export already retrying toward an agent that is down (the stock
+    # exporters give up only after their own timeout, 10 s): stopping the exporters does.
+    EXIT_BUDGET._start_clock(CHILD_FLUSH_MILLIS / 1000)
+    _flush_providers(CHILD_FLUSH_MILLIS)
+
+
+def _flush_when_terminated() -> None:
+    """Flush a Pool worker's spans and metrics when SIGTERM comes, then let the signal end it. The flush runs in a
+    thread the handler waits for, bounded, so a lock held by the code the signal interrupted cannot keep the
+    worker alive; a second SIGTERM, or one during the worker's own last flush, is handled as Python would."""
+    import signal
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if _CHILD_FLUSHING.is_set():  # already on its way out through the flush at its end
+            return
+        try:
+            flusher = threading.Thread(target=_flush_child, name="sidetrace-terminated-flush", daemon=True)
+            flusher.start()
+            flusher.join(TERMINATED_FLUSH_SECONDS)
+        except Exception as exc:  # noqa: BLE001 - the worker must still die of the signal it was sent
+            log.warning("sidetrace: could not flush a terminated pool worker's spans: %s", exc)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:  # the app's own handler stays
+        return
+    try:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    except (ValueError, OSError) as exc:  # not the main thread, or no such signal here
+        log.debug("sidetrace: a pool worker will not flush when terminated: %s", exc)
 
 
 def _flush_providers(timeout_millis: int) -> None:

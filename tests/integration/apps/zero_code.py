@@ -116,6 +116,20 @@ def processes_app() -> None:
             ["ProcessPoolExecutor 1", "ProcessPoolExecutor 2"]
 
 
+def pool_app() -> None:
+    """A multiprocessing Pool of each start method used as people use it, in a ``with`` block, which ends the
+    pool with terminate(): its workers are killed the moment the block ends. Prints how long each block's end
+    took."""
+    import multiprocessing
+
+    for method in ("fork", "spawn", "forkserver"):
+        with multiprocessing.get_context(method).Pool(2) as pool:
+            names = [f"{method} Pool {number}" for number in (1, 2, 3, 4)]
+            assert pool.map(_child_work, names, chunksize=1) == names
+            ending = time.monotonic()
+        print(method, time.monotonic() - ending, flush=True)
+
+
 def _timed_child_work(name: str) -> None:
     _child_work(name)
     print("done", name, time.time(), flush=True)
@@ -198,4 +212,5 @@ def dropping_app() -> None:
 if __name__ == "__main__":
     {"flask": flask_app, "fastapi": fastapi_app, "grpc": grpc_app, "threads": threads_app,
      "timed": timed_app, "last_spans": last_spans_app, "dropping": dropping_app, "processes": processes_app,
+     "pool": pool_app,
      "child_exit": child_exit_app}[sys.argv[1]](*sys.argv[2:])
