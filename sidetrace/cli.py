@@ -437,8 +437,18 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         return 0
     if not wanted:
         return 0
-    done = subprocess.run([sys.executable, "-m", "pip", "install", *wanted], check=False)
-    return done.returncode
+    if subprocess.run([sys.executable, "-m", "pip", "install", *wanted], check=False).returncode == 0:
+        return 0
+    # One pin pip cannot install (not on the index, not built for this Python) fails the whole call: each is then
+    # installed alone, so the others still go in, and each that did not is named.
+    print("sidetrace bootstrap: pip could not install them together; installing each alone", file=sys.stderr)
+    failed = [package for package in wanted
+              if subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", package], check=False).returncode]
+    for package in failed:
+        print(f"sidetrace bootstrap: not installed: {package} (pip's reason is above)", file=sys.stderr)
+    if failed:
+        print(f"sidetrace bootstrap: {len(wanted) - len(failed)} of {len(wanted)} installed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _print_plan(plan: Any, intro: str) -> None:

@@ -8,8 +8,10 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from concurrent import futures
 from importlib import metadata
@@ -372,3 +374,56 @@ def test_bootstrap_prints_the_contrib_packages_for_the_installed_libraries() -> 
     for package in ("flask", "fastapi", "grpc", "requests", "httpx", "threading"):
         assert f"opentelemetry-instrumentation-{package}=={version}" in wanted
     assert "opentelemetry-instrumentation-django" not in " ".join(wanted)  # django is not installed
+
+
+def fake_wheel(directory: Path, name: str, version: str) -> None:
+    """A wheel of ``name`` holding nothing but its metadata."""
+    dist_info = f"{name.replace('-', '_')}-{version}.dist-info"
+    files = {f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{dist_info}/RECORD"] = "".join(f"{path},,\n" for path in files) + f"{dist_info}/RECORD,,\n"
+    with zipfile.ZipFile(directory / f"{name.replace('-', '_')}-{version}-py3-none-any.whl", "w") as wheel:
+        for path, text in files.items():
+            wheel.writestr(path, text)
+
+
+def test_bootstrap_install_installs_what_it_can_and_names_each_pin_pip_could_not_install(tmp_path: Path) -> None:
+    # A venv that sees this one's packages (through a .pth) but installs into its own site-packages, offline:
+    # pip finds only the wheels in `wheels`. It has redis and pika (their metadata only): redis's instrumentation
+    # is among the wheels, pika's is not, so that one pin fails; the pins already installed here are satisfied.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True, timeout=60)
+    python = tmp_path / "venv" / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True, timeout=60).stdout.strip())
+    (site / "outer.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    for library, version in (("redis", "5.0.0"), ("pika", "1.3.2")):
+        (site / f"{library}-{version}.dist-info").mkdir()
+        (site / f"{library}-{version}.dist-info" / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: {library}\nVersion: {version}\n")
+    pin = f"=={metadata.version('opentelemetry-instrumentation')}"
+    (tmp_path / "wheels").mkdir()
+    fake_wheel(tmp_path / "wheels", "opentelemetry-instrumentation-redis", pin[2:])
+    env = {**{key: value for key, value in os.environ.items() if not key.startswith("PIP_")},
+           "PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path / "wheels"),
+           "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    wanted = subprocess.run([str(python), "-m", "sidetrace", "bootstrap"], capture_output=True, text=True,
+                            check=True, timeout=60, env=env).stdout.split()
+    assert {"opentelemetry-instrumentation-redis" + pin, "opentelemetry-instrumentation-pika" + pin} <= set(wanted)
+
+    def installed(requirement: str) -> bool:
+        name, version = requirement.split("==")
+        try:
+            return metadata.version(name) == version
+        except metadata.PackageNotFoundError:
+            return False
+
+    unavailable = [requirement for requirement in wanted
+                   if not installed(requirement) and requirement != "opentelemetry-instrumentation-redis" + pin]
+    done = subprocess.run([str(python), "-m", "sidetrace", "bootstrap", "--install"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 1
+    ours = [line for line in done.stderr.splitlines() if line.startswith("sidetrace bootstrap:")]
+    assert ours == ["sidetrace bootstrap: pip could not install them together; installing each alone"] + [
+        f"sidetrace bootstrap: not installed: {requirement} (pip's reason is above)" for requirement in unavailable] + [
+        f"sidetrace bootstrap: {len(wanted) - len(unavailable)} of {len(wanted)} installed"]
+    assert (site / f"opentelemetry_instrumentation_redis-{pin[2:]}.dist-info").is_dir()
