@@ -165,11 +165,11 @@ def test_disabled_instrumentation_is_left_off(collector: Collector) -> None:
 
 def test_trace_continues_into_threads_executors_and_to_thread(collector: Collector) -> None:
     launch("threads", "zc-threads", collector.endpoint)
-    spans = by_name(wait_until(lambda: len(collector.spans("zc-threads")) == 5 and collector.spans("zc-threads"),
-                               20, "the caller's span and four spans made in threads"))
+    spans = by_name(wait_until(lambda: len(collector.spans("zc-threads")) == 6 and collector.spans("zc-threads"),
+                               20, "the caller's span and five spans made in threads"))
     caller = spans.pop("caller")
-    assert sorted(spans) == ["work in Thread", "work in ThreadPoolExecutor", "work in run_in_executor",
-                             "work in to_thread"]
+    assert sorted(spans) == ["work in Thread", "work in Thread subclass", "work in ThreadPoolExecutor",
+                             "work in run_in_executor", "work in to_thread"]
     assert {(span.trace_id, span.parent_span_id) for span in spans.values()} == {(caller.trace_id, caller.span_id)}
 
 

@@ -381,6 +381,38 @@ def start() -> None:
         log.warning("sidetrace: could not configure the OpenTelemetry SDK: %s", exc)
     _flush_child_processes()
     _load_instrumentors(distro)
+    try:
+        _carry_context_into_run_overrides()
+    except Exception as exc:  # the threading instrumentation's own coverage stands
+        log.warning("sidetrace: Thread subclasses that override run() will not continue the caller's trace: %s", exc)
+
+
+def _carry_context_into_run_overrides() -> None:
+    """The threading instrumentation keeps the caller's context at ``Thread.start()`` and attaches it in
+    ``Thread.run``, which a subclass that overrides ``run()`` never calls: attach that kept context around the
+    thread's whole body instead, which every thread goes through. Threads it did not see start (the
+    instrumentation disabled) are left as they are."""
+    from opentelemetry import context
+
+    bootstrap_inner = threading.Thread._bootstrap_inner  # type: ignore[attr-defined]
+    if getattr(bootstrap_inner, "_sidetrace_context", False):
+        return
+
+    def bootstrap_inner_in_context(self: threading.Thread) -> None:
+        kept = getattr(self, "_otel_context", None)
+        if kept is None:
+            return bootstrap_inner(self)
+        try:
+            token = context.attach(kept)
+        except Exception:  # noqa: BLE001 - the thread runs whatever our part does
+            return bootstrap_inner(self)
+        try:
+            return bootstrap_inner(self)
+        finally:
+            context.detach(token)
+
+    bootstrap_inner_in_context._sidetrace_context = True  # type: ignore[attr-defined]
+    threading.Thread._bootstrap_inner = bootstrap_inner_in_context  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

@@ -86,10 +86,17 @@ def threads_app() -> None:
         await loop.run_in_executor(None, work, "run_in_executor")
         await asyncio.to_thread(work, "to_thread")
 
+    class Worker(threading.Thread):
+        def run(self) -> None:
+            work("Thread subclass")
+
     with tracer.start_as_current_span("caller"):
         thread = threading.Thread(target=work, args=("Thread",))
         thread.start()
         thread.join()
+        subclassed = Worker()
+        subclassed.start()
+        subclassed.join()
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
             pool.submit(work, "ThreadPoolExecutor").result()
         asyncio.run(main())
