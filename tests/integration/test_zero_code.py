@@ -226,9 +226,12 @@ def test_a_terminated_pool_ends_within_a_second_and_a_half_when_the_agent_is_dow
 def test_a_child_process_spends_at_most_a_second_sending_its_spans_when_the_agent_is_down() -> None:
     exit_seconds = child_exit_seconds("http://127.0.0.1:9")
     assert sorted(exit_seconds) == ["fork", "forkserver", "spawn"]
-    # CHILD_FLUSH_MILLIS is 1 s; the rest of the margin is the child's interpreter shutting down on a busy
-    # machine. Without the bound, a child would wait out the exporter's 10 s timeout.
-    assert max(exit_seconds.values()) < 2.5, exit_seconds
+    # CHILD_FLUSH_MILLIS is 1 s; the rest of the margin is a busy machine. Without the bound, a child would wait
+    # out the exporter's 10 s timeout. Fork and forkserver children leave through os._exit right after the flush.
+    assert max(exit_seconds["fork"], exit_seconds["forkserver"]) < 2.5, exit_seconds
+    # A spawn child leaves through sys.exit, so the interpreter's teardown of every library the instrumentations
+    # imported follows the flush: 0.4-0.8 s more at load 7, 1.5 s more seen once at load 10 (not ours).
+    assert exit_seconds["spawn"] < 5.0, exit_seconds
 
 
 def test_a_child_process_waits_for_an_agent_answering_slowly_and_3_seconds_at_most_for_one_that_never_does() -> None:

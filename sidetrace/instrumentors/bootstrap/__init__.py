@@ -235,7 +235,8 @@ _CHILD_FLUSHING = threading.Event()  # set once this child has begun its last fl
 
 def _flush_child_processes() -> None:
     """Make a multiprocessing child (Process, Pool and ProcessPoolExecutor workers, any start method) flush its
-    spans and metrics before it exits: it leaves through os._exit, so no exit handler of the SDK ever runs. A Pool
+    spans and metrics before it exits: a fork or forkserver child leaves through os._exit, so no exit handler of
+    the SDK ever runs (a spawn child runs them after this flush, with nothing left to send). A Pool
     worker also flushes when its pool terminates it (as the end of a ``with Pool()`` block does), then dies of
     the SIGTERM as it would have."""
     import multiprocessing.process
