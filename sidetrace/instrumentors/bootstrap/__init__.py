@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -231,6 +232,8 @@ CHILD_FLUSH_MILLIS = 1000  # what a child process may spend sending its last spa
 # the exporters by then, so only a flush stuck on a lock the interrupted code held is cut short.
 TERMINATED_FLUSH_SECONDS = LIVE_AGENT_BUDGET_SECONDS + 0.5
 _CHILD_FLUSHING = threading.Event()  # set once this child has begun its last flush
+_CHILD_FLUSHED = threading.Event()  # set once that flush is over
+_TERMINATED = threading.Event()  # a SIGTERM came during that flush: the child dies of it once the flush is over
 
 
 def _flush_child_processes() -> None:
@@ -252,6 +255,8 @@ def _flush_child_processes() -> None:
             return bootstrap(self, *args, **kwargs)
         finally:
             _flush_child()
+            if _TERMINATED.is_set():
+                os.kill(os.getpid(), signal.SIGTERM)
 
     flushing_bootstrap._sidetrace_flushes = True  # type: ignore[attr-defined]
     multiprocessing.process.BaseProcess._bootstrap = flushing_bootstrap  # type: ignore[method-assign]
@@ -266,22 +271,28 @@ def _flush_child() -> None:
     if _CHILD_FLUSHING.is_set():
         return
     _CHILD_FLUSHING.set()
-    # A flush's timeout does not bound an export already retrying toward an agent that is down (the stock
-    # exporters give up only after their own timeout, 10 s): stopping the exporters does.
-    EXIT_BUDGET._start_clock(CHILD_FLUSH_MILLIS / 1000)
-    _flush_providers(CHILD_FLUSH_MILLIS)
+    try:
+        # A flush's timeout does not bound an export already retrying toward an agent that is down (the stock
+        # exporters give up only after their own timeout, 10 s): stopping the exporters does.
+        EXIT_BUDGET._start_clock(CHILD_FLUSH_MILLIS / 1000)
+        _flush_providers(CHILD_FLUSH_MILLIS)
+    finally:
+        _CHILD_FLUSHED.set()
 
 
 def _flush_when_terminated() -> None:
     """Flush a Pool worker's spans and metrics when SIGTERM comes, then let the signal end it. The flush runs in a
     thread the handler waits for, bounded, so a lock held by the code the signal interrupted cannot keep the
-    worker alive; a second SIGTERM, or one during the worker's own last flush, is handled as Python would."""
-    import signal
+    worker alive. A worker already leaving (its pool's sentinel came first) dies of the SIGTERM once its own last
+    flush is over, rather than going on to the interpreter's teardown; a second SIGTERM ends it at once."""
 
     def on_sigterm(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if _CHILD_FLUSHING.is_set():  # already on its way out through the flush at its end
-            return
+            if not _CHILD_FLUSHED.is_set():
+                _TERMINATED.set()  # handlers run in the main thread, which is flushing: it dies when done
+                return
+            os.kill(os.getpid(), signal.SIGTERM)
         try:
             flusher = threading.Thread(target=_flush_child, name="sidetrace-terminated-flush", daemon=True)
             flusher.start()
