@@ -173,6 +173,14 @@ def test_trace_continues_into_threads_executors_and_to_thread(collector: Collect
     assert {(span.trace_id, span.parent_span_id) for span in spans.values()} == {(caller.trace_id, caller.span_id)}
 
 
+def test_with_the_threading_instrumentation_off_threads_start_new_traces(collector: Collector) -> None:
+    launch("threads", "zc-nothreads", collector.endpoint,
+           env={**os.environ, "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "threading"})
+    spans = by_name(wait_until(lambda: len(collector.spans("zc-nothreads")) == 6 and collector.spans("zc-nothreads"),
+                               20, "the caller's span and five spans made in threads"))
+    assert (spans["work in Thread"].parent_span_id, spans["work in Thread subclass"].parent_span_id) == (b"", b"")
+
+
 def test_spans_made_in_child_processes_arrive_before_the_children_exit(collector: Collector) -> None:
     launch("processes", "zc-processes", collector.endpoint)
     names = sorted(span.name for span in wait_until(
@@ -221,6 +229,13 @@ def test_a_terminated_pool_ends_within_a_second_and_a_half_when_the_agent_is_dow
     assert sorted(ending_seconds) == ["fork", "forkserver", "spawn"]
     # The workers flush at once, side by side, each stopped after CHILD_FLUSH_MILLIS (1 s) with the agent down.
     assert max(ending_seconds.values()) < 2.5, ending_seconds
+
+
+def test_a_pool_worker_keeps_the_sigterm_handler_the_app_gave_it() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "sidetrace", "instrument", "--endpoint", "http://127.0.0.1:9", "--",
+         sys.executable, str(APPS), "pool_own_handler"], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "apps_own_handler\n"), done.stderr
 
 
 def test_a_child_process_spends_at_most_a_second_sending_its_spans_when_the_agent_is_down() -> None:

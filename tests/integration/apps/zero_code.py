@@ -137,6 +137,27 @@ def pool_app() -> None:
         print(method, time.monotonic() - ending, flush=True)
 
 
+def _sigterm_handler_name(_: object) -> str:
+    import signal
+
+    handler = signal.getsignal(signal.SIGTERM)
+    return getattr(handler, "__name__", repr(handler))
+
+
+def pool_own_handler_app() -> None:
+    """An app with its own SIGTERM handler, which its fork Pool's workers inherit; prints the name of the handler
+    a worker has."""
+    import multiprocessing
+    import signal
+
+    def apps_own_handler(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, apps_own_handler)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        print(pool.apply(_sigterm_handler_name, (None,)), flush=True)
+
+
 def _timed_child_work(name: str) -> None:
     _child_work(name)
     print("done", name, time.time(), flush=True)
@@ -219,5 +240,5 @@ def dropping_app() -> None:
 if __name__ == "__main__":
     {"flask": flask_app, "fastapi": fastapi_app, "grpc": grpc_app, "threads": threads_app,
      "timed": timed_app, "last_spans": last_spans_app, "dropping": dropping_app, "processes": processes_app,
-     "pool": pool_app,
+     "pool": pool_app, "pool_own_handler": pool_own_handler_app,
      "child_exit": child_exit_app}[sys.argv[1]](*sys.argv[2:])
