@@ -11,6 +11,9 @@ entry points is switched on after the same dependency check, minus
 - an agent that is down costs the app at most :data:`SHUTDOWN_BUDGET_SECONDS` at exit (the stock
   exporters keep retrying for their whole timeout, 10 s by default) and one printed warning;
 - one instrumentation failing keeps neither the others nor the app from starting;
+- a multiprocessing child sends its last spans and metrics before it exits, and a Pool worker also when its
+  pool terminates it (the end of a ``with Pool()`` block), within the same exit budget;
+- a ``threading.Thread`` subclass that overrides ``run()`` continues the caller's trace, as ``Thread`` does;
 - spans the exporter could not deliver are counted where the app can see them: :func:`dropped_spans`, and
   the ``sidetrace.exporter.dropped_spans`` counter on the app's own MeterProvider.
 
