@@ -238,6 +238,43 @@ def test_a_failing_tracer_never_reaches_the_app_nor_fails_a_workflow_task(hooks:
         assert (errors, exported) == ({"span end": 5, "handler span end": 4, "workflow span": 6}, "EXPORTED 15")
 
 
+def test_on_a_tracer_that_cannot_make_workflow_spans_every_span_points_at_an_exported_parent() -> None:
+    """temporalio's replay-safe provider (create_tracer_provider()) cannot preset ids, so our workflow spans
+    are skipped: attempts, a grandchild's attempts, a continue-as-new chain's attempts and the handlers of
+    signals sent by workflows continue the client's call that started the workflow, the nearest span
+    exported, in its trace; a run started without trace context sends none; outcomes are still counted."""
+    spans, metrics = run_app_with_metrics("replay-safe")
+    assert_every_parent_exported(spans)
+    assert not [s for s in spans if s["name"].startswith(("WorkflowStarted", "RunWorkflow", "StartActivity"))]
+    for workflow_id, workflow_type, below in [("wf-safe", "Flow", ["wf-safe"]),
+                                              ("wf-nested", "Nested", ["wf-nested-flow"]),
+                                              ("wf-loop", "Looping", ["wf-loop"]),
+                                              ("wf-sender", "Sender", ["wf-sender-child", "wf-receiver"])]:
+        start = one(spans, f"StartWorkflow:{workflow_type}")
+        mine = [s for s in spans if s["attributes"].get("temporal.workflow.id") in below
+                and s["name"].startswith(("RunActivity", "HandleSignal"))]
+        assert len(mine) == {"Flow": 4, "Nested": 4, "Looping": 3, "Sender": 2}[workflow_type]
+        assert {(s["parent"], s["trace"]) for s in mine} == {(start["id"], start["trace"])}, workflow_id
+    bare = [s for s in spans if s["attributes"].get("temporal.workflow.id") == "wf-bare"]  # no context sent
+    assert [(s["name"], s["parent"]) for s in bare] == [("RunActivity:ok", None)] + [("RunActivity:flaky", None)] * 3
+    outcomes = {(p[0]["temporal.workflow.type"], p[0]["temporal.outcome"]): p[1]
+                for p in metrics["temporal.workflow.outcomes"]}
+    assert outcomes == {("Flow", "completed"): 3, ("Child", "completed"): 3, ("Nested", "completed"): 1,
+                        ("Looping", "continued_as_new"): 2, ("Looping", "completed"): 1,
+                        ("Receiver", "completed"): 2, ("Sender", "completed"): 1}
+
+
+def test_on_a_tracer_that_cannot_make_workflow_spans_nexus_handlers_point_at_an_exported_parent() -> None:
+    spans = run_app("nexus-replay-safe")
+    assert_every_parent_exported(spans)
+    caller = one(spans, "StartWorkflow:NexusCaller")
+    handlers = [s for s in spans if s["name"].startswith(("RunStartNexus", "RunCancelNexus", "HandleSignal"))]
+    assert sorted(s["name"] for s in handlers) == [
+        "HandleSignal:note", "RunCancelNexusOperationHandler:Greeting/hold",
+        *(f"RunStartNexusOperationHandler:Greeting/{op}" for op in ("echo", "hold", "refuse", "reverse"))]
+    assert {(s["parent"], s["trace"]) for s in handlers} == {(caller["id"], caller["trace"])}
+
+
 def test_signal_with_start_update_with_start_and_workflow_to_workflow_signals_continue_the_senders_trace() -> None:
     spans = run_app("messages")
     assert_every_parent_exported(spans)

@@ -95,7 +95,8 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
     are derived from the run id, and that span is made at the run's first workflow task, so whatever
     points at it is never orphaned; the RunWorkflow span is made once, when the workflow completes
     outside replay, with the run's start time, so it has its real duration however many workers and
-    replays the run went through. Handler spans are made only outside replay."""
+    replays the run went through. Handler spans are made only outside replay. On a tracer that cannot
+    make workflow spans (not the SDK's), calls carry the context the run was given instead."""
 
     interceptor: TracingInterceptor
 
@@ -113,10 +114,10 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
         reproduces them; it is made at scheduling, outside replay, and ended at once, so it is exported
         before any attempt or child run that points at it, whether or not the run ever ends here.
         """
-        workflow_context = self._workflow_context
-        if workflow_context is None:
-            return None
         self._calls += 1  # counted before anything can fail, so replays number calls alike
+        workflow_context = self._workflow_context
+        if workflow_context is None:  # no span can be made: the caller sends the run's own parent
+            return None
         try:
             return self._client_call(name, attributes, workflow_context)
         except Exception as exc:  # never break the workflow: the call goes on untraced
@@ -174,16 +175,26 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
     async def execute_workflow(self, input: temporalio.worker.ExecuteWorkflowInput) -> Any:
         info = temporalio.workflow.info()
         parent = context_from_headers(input.headers, self.interceptor.guard)
-        self._workflow_context = workflow_span_context(info.run_id, parent)
-        workflow_parent = trace.set_span_in_context(NonRecordingSpan(self._workflow_context))
-        self._outbound.parent = workflow_parent
-        self._outbound.header = context_to_headers({}, workflow_parent, self.interceptor.guard).get(HEADER)
-        # What the next run of a continue-as-new chain is given as its parent: the span that started the
-        # chain (its client's call), or this run's WorkflowStarted span when nothing did, so the runs stay
-        # siblings in one trace (a chain that continues thousands of times must not nest thousands deep).
         has_parent = parent is not None and trace.get_current_span(parent).get_span_context().is_valid
-        self._outbound.chain_parent = parent if has_parent else workflow_parent
-        if not temporalio.workflow.unsafe.is_replaying():  # the run's first workflow task, on its first worker
+        if self._spans_can_be_made():
+            self._workflow_context = workflow_span_context(info.run_id, parent)
+            workflow_parent: otel_context.Context | None = trace.set_span_in_context(
+                NonRecordingSpan(self._workflow_context))
+            # What the next run of a continue-as-new chain is given as its parent: the span that started
+            # the chain (its client's call), or this run's WorkflowStarted span when nothing did, so the runs
+            # stay siblings in one trace (a chain that continues thousands of times must not nest deep).
+            self._outbound.chain_parent = parent if has_parent else workflow_parent
+        else:
+            # No workflow span can be made on this tracer (not the SDK's: temporalio's replay-safe provider,
+            # say), so no call's span either: what the run sends carries the context it was given, the
+            # nearest ancestor that is exported, never the id of a span that will never be.
+            self._workflow_context = None
+            workflow_parent = self._outbound.chain_parent = parent if has_parent else None
+        self._outbound.parent = workflow_parent
+        self._outbound.header = None if workflow_parent is None else context_to_headers(
+            {}, workflow_parent, self.interceptor.guard).get(HEADER)
+        if self._workflow_context is not None and not temporalio.workflow.unsafe.is_replaying():
+            # the run's first workflow task, on its first worker
             self._make_span(f"WorkflowStarted:{info.workflow_type}", SpanKind.INTERNAL, self._workflow_context,
                             parent, _run_attributes(info), int(info.start_time.timestamp() * 1e9), None)
         try:
@@ -202,23 +213,33 @@ class _WorkflowInbound(temporalio.worker.WorkflowInboundInterceptor):
         self._emit(info, "completed", None)
         return result
 
+    def _spans_can_be_made(self) -> bool:
+        """Whether our tracer can make workflow spans (their ids are preset: the SDK's tracer only)."""
+        with temporalio.workflow.unsafe.sandbox_unrestricted():
+            try:
+                return self.interceptor.workflow_tracer() is not None
+            except Exception as exc:
+                self.interceptor.guard.failed("workflow tracer", exc)
+                return False
+
     def _emit(self, info: temporalio.workflow.Info, outcome: str, error: BaseException | None) -> None:
         """The run's RunWorkflow span and outcome, for a run this worker saw end (never in replay or eviction)."""
-        started = self._workflow_context
-        if temporalio.workflow.unsafe.is_replaying() or started is None:
+        if temporalio.workflow.unsafe.is_replaying():
             return
-        attributes = {**_run_attributes(info), "temporal.outcome": outcome}
-        links = []
-        if info.continued_run_id:  # the previous run's RunWorkflow span: its span id derives from its run id
-            links.append(Link(SpanContext(started.trace_id, run_span_id(info.continued_run_id), is_remote=True,
-                                          trace_flags=started.trace_flags), {"temporal.link": "continued_from"}))
         with temporalio.workflow.unsafe.sandbox_unrestricted():
             events = self.interceptor.task_failures(info.run_id)
-        context = SpanContext(started.trace_id, run_span_id(info.run_id), is_remote=True,
-                              trace_flags=started.trace_flags, trace_state=started.trace_state)
-        self._make_span(f"RunWorkflow:{info.workflow_type}", SpanKind.SERVER, context,
-                        trace.set_span_in_context(NonRecordingSpan(started)), attributes,
-                        int(info.start_time.timestamp() * 1e9), error, links, events)
+        started = self._workflow_context
+        if started is not None:  # None: no workflow span can be made, but the outcome is counted
+            attributes = {**_run_attributes(info), "temporal.outcome": outcome}
+            links = []
+            if info.continued_run_id:  # the previous run's RunWorkflow span: its id derives from its run id
+                links.append(Link(SpanContext(started.trace_id, run_span_id(info.continued_run_id), is_remote=True,
+                                              trace_flags=started.trace_flags), {"temporal.link": "continued_from"}))
+            context = SpanContext(started.trace_id, run_span_id(info.run_id), is_remote=True,
+                                  trace_flags=started.trace_flags, trace_state=started.trace_state)
+            self._make_span(f"RunWorkflow:{info.workflow_type}", SpanKind.SERVER, context,
+                            trace.set_span_in_context(NonRecordingSpan(started)), attributes,
+                            int(info.start_time.timestamp() * 1e9), error, links, events)
         with temporalio.workflow.unsafe.sandbox_unrestricted():
             try:
                 self.interceptor.workflow_outcomes.add(1, {"temporal.namespace": info.namespace,

@@ -15,7 +15,9 @@ nexus-failing=HOOKS (the same under a failing tracer); nexus-official-handler, n
 (the handler's worker on a client made before instrument()); nexus-worker-plugin-before,
 nexus-worker-plugin-after, nexus-worker-interceptor-before, nexus-worker-interceptor-after (temporalio's own
 plugin or interceptor given to each worker, on a client made before or after instrument()); client-first
-(workers on clients made before instrument() start a workflow through their client from an activity).
+(workers on clients made before instrument() start a workflow through their client from an activity);
+replay-safe, nexus-replay-safe (temporalio's replay-safe tracer provider, on which our workflow spans are
+skipped: activities, children, continue-as-new, workflow-to-workflow signals and Nexus calls).
 Prints the finished spans as one JSON line, then leaves with os._exit(0).
 """
 
@@ -50,7 +52,7 @@ exporter = InMemorySpanExporter()
 metric_reader = InMemoryMetricReader()
 if __name__ == "__main__":
     provider = TracerProvider()
-    if "plugin-" in sys.argv[1]:  # OpenTelemetryPlugin insists on its replay-safe provider
+    if "plugin-" in sys.argv[1] or "replay-safe" in sys.argv[1]:  # OpenTelemetryPlugin insists on this one
         from temporalio.contrib.opentelemetry import create_tracer_provider
 
         provider = create_tracer_provider()
@@ -401,6 +403,36 @@ class Sender:
         return await child
 
 
+@workflow.defn
+class Nested:
+    """Runs Flow (activities, and a child of its own) as its child."""
+
+    @workflow.run
+    async def run(self, x: str) -> str:
+        return await workflow.execute_child_workflow(Flow.run, x, id=f"{workflow.info().workflow_id}-flow")
+
+
+async def replay_safe(target: str, namespace: str) -> None:
+    """Under temporalio's replay-safe tracer provider (create_tracer_provider(), set globally), whose tracer
+    cannot preset ids, so our workflow spans are skipped: a run with activities and a child, the same as a
+    grandchild, a continue-as-new chain, and workflow-to-workflow signals, from an instrumented client; then a
+    run with activities from a client made before instrument(), which sends no trace context."""
+    bare = await Client.connect(target, namespace=namespace)
+    TemporalInstrumentor().instrument(core_metrics=False)
+    client = await Client.connect(target, namespace=namespace)
+    async with Worker(client, task_queue="r", workflows=[Flow, Child, Nested, Looping, Receiver, Sender],
+                      activities=[ok, flaky]):
+        assert await client.execute_workflow(Flow.run, "hi", id="wf-safe", task_queue="r") == "HIhiih"
+        attempts["n"] = 0
+        assert await client.execute_workflow(Nested.run, "hi", id="wf-nested", task_queue="r") == "HIhiih"
+        assert await client.execute_workflow(Looping.run, 3, id="wf-loop", task_queue="r") == "done"
+        receiver = await client.start_workflow(Receiver.run, 1, id="wf-receiver", task_queue="r")
+        assert await client.execute_workflow(Sender.run, id="wf-sender", task_queue="r") == ["from parent"]
+        assert await receiver.result() == ["from sender"]
+        attempts["n"] = 0
+        assert await bare.execute_workflow(Flow.run, "hi", id="wf-bare", task_queue="r") == "HIhiih"
+
+
 async def messages(target: str, namespace: str) -> None:
     """Signal-with-start, update-with-start (with a validator), and workflow-to-workflow signals."""
     from temporalio.client import WithStartWorkflowOperation, WorkflowUpdateStage
@@ -504,7 +536,7 @@ async def nexus_calls(target: str, namespace: str, mode: str) -> None:
         failing = FailingTelemetry(mode.split("=", 1)[1].split("+"))
         TemporalInstrumentor().instrument(tracer_provider=failing.tracer_provider, core_metrics=False,
                                           meter_provider=failing.meter_provider)
-    elif mode == "nexus":
+    elif mode in ("nexus", "nexus-replay-safe"):  # the second on the replay-safe provider (see the top)
         TemporalInstrumentor().instrument(core_metrics=False)
     elif mode == "nexus-handler-client-first":
         pass  # instrument() once the handler's client is made
@@ -852,6 +884,8 @@ async def main(mode: str):
             await nexus_calls(target, namespace, mode)
         elif mode == "messages":
             await messages(target, namespace)
+        elif mode == "replay-safe":
+            await replay_safe(target, namespace)
         elif mode == "client-first":
             await client_first(target, namespace)
         elif mode in ("official-variants", "official-plugin-subclass"):
