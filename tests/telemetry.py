@@ -37,6 +37,10 @@ class Telemetry:
         wait_until(lambda: [s for s in self.finished(name) if kind is None or s.kind is kind], 10, name)
         return self.one(name, kind)
 
+    def errors(self) -> dict[str, int]:
+        """``sidetrace.instrumentation.errors`` by the place that failed."""
+        return {p.attributes["where"]: p.value for p in self.metric_points("sidetrace.instrumentation.errors")}
+
     def metric_points(self, name: str) -> list:
         data = self.metrics.get_metrics_data()
         if data is None:  # nothing was ever recorded
@@ -86,6 +90,3 @@ class FailingTelemetry(Telemetry):
         self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.exporter))
         self.tracer_provider.add_span_processor(FailingSpanProcessor(hooks))
 
-    def errors(self) -> dict[str, int]:
-        """``sidetrace.instrumentation.errors`` by the place that failed."""
-        return {p.attributes["where"]: p.value for p in self.metric_points("sidetrace.instrumentation.errors")}

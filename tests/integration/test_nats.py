@@ -22,10 +22,11 @@ from opentelemetry.context import Context, attach, detach
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.instrumentation.utils import suppress_instrumentation, unwrap
 from opentelemetry.propagators.textmap import TextMapPropagator, default_getter, default_setter
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Sampler, SamplingResult
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TraceFlags, TraceState
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import Attributes
 
 from sidetrace.agent.processors.span_metrics import SpanMetricsProcessor
@@ -154,6 +155,62 @@ async def test_a_configured_propagator_carries_the_context(nc, telemetry: Teleme
     processed = telemetry.finished("process tenant")[1]
     assert got[1].headers["x-tenant-trace"] == f"{publish.context.trace_id:x}:{publish.context.span_id:x}"
     assert processed.parent.span_id == publish.context.span_id
+
+
+class InjectRaises(TraceContextTextMapPropagator):
+    """A broken propagator of the app's: its inject raises; it reads a context as W3C's does."""
+
+    def inject(self, carrier, context=None, setter=default_setter) -> None:  # noqa: ANN001
+        raise RuntimeError("propagator inject failed")
+
+
+class OpenSpans(SpanProcessor):
+    """The spans started and not yet ended, by span id."""
+
+    def __init__(self) -> None:
+        self.open: dict[int, str] = {}
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        self.open[span.context.span_id] = span.name
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.open.pop(span.context.span_id, None)
+
+
+async def test_a_propagator_whose_inject_raises_ends_every_span_and_the_app_goes_on(
+    server: NatsServer, telemetry: Telemetry, global_propagator: None
+) -> None:
+    """publish, request, respond and JetStream publish: each message goes with the app's own headers (a
+    reply without the request's trace fields), every span started ends, and each failure counts once."""
+    opened = OpenSpans()
+    telemetry.tracer_provider.add_span_processor(opened)
+    propagate.set_global_textmap(InjectRaises())
+    client = await nats.connect(server.url)
+    try:
+        got: list = []
+
+        async def respond(msg) -> None:  # noqa: ANN001
+            await msg.respond(b"pong:" + msg.data)
+
+        await client.subscribe("inject.sub", cb=collector(got))
+        await client.subscribe("inject.svc", cb=respond)
+        await client.publish("inject.sub", b"pushed", headers={"X-Key": "v"})
+        foreign = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"  # the app's own, on its request
+        reply = await client.request("inject.svc", b"ping", timeout=5, headers={"traceparent": foreign})
+        assert reply.data == b"pong:ping" and "traceparent" not in (reply.headers or {})
+        js = client.jetstream()
+        await js.add_stream(name="INJECT", subjects=["inject.js.>"])
+        assert (await js.publish("inject.js.a", b"stored")).seq == 1
+        await js.delete_stream("INJECT")
+        await wait_for(lambda: [(m.data, m.headers) for m in got] == [(b"pushed", {"X-Key": "v"})])
+        await wait_for(lambda: len(telemetry.finished("process inject.sub")) == 1)
+    finally:
+        await client.close()
+    assert opened.open == {}
+    assert sorted(s.name for s in telemetry.finished()) == ["process inject.sub", "process inject.svc",
+                                                           "publish inject.js.a", "publish inject.sub",
+                                                           "request inject.svc"]
+    assert telemetry.errors() == {"inject": 4}  # publish, request, respond and JetStream publish
 
 
 async def test_tracestate_and_baggage_travel_with_the_default_propagator(nc, telemetry: Telemetry) -> None:

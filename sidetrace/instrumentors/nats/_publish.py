@@ -94,7 +94,11 @@ def _safe_error(telemetry: Telemetry, span: Span, exc: BaseException) -> str | N
 
 def _start_send(telemetry: Telemetry, operation: str, kind: SpanKind, subject: str, payload: bytes,
                 headers: dict | None, client: Any) -> tuple[Span, Destination, dict | None, float]:
-    """Start the span of a publish or request; return it with a copy of the headers carrying it."""
+    """Start the span of a publish or request; return it with a copy of the headers carrying it.
+
+    Once the span has started nothing here raises: if its context cannot be written (a propagator
+    whose inject raises), the failure is counted and the message goes with the app's own headers,
+    under the span all the same, which the caller ends."""
     destination = telemetry.destination(operation, "send", subject, client)
     attributes = {**destination.attributes, BODY_SIZE: len(payload)}
     if headers and MSG_ID_HEADER in headers:
@@ -102,7 +106,12 @@ def _start_send(telemetry: Telemetry, operation: str, kind: SpanKind, subject: s
     # started with the current context as parent, and never made current: nothing in the client's
     # publish needs it, and the headers get its context directly
     span = telemetry.tracer.start_span(destination.name, kind=kind, attributes=attributes)
-    return span, destination, telemetry.inject(headers, len(payload), client, span), perf_counter()
+    try:
+        new_headers = telemetry.inject(headers, len(payload), client, span)
+    except Exception as exc:
+        telemetry.guard.failed("inject", exc)
+        new_headers = headers
+    return span, destination, new_headers, perf_counter()
 
 
 def traced_publish(telemetry: Telemetry, original: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
@@ -230,7 +239,8 @@ def respond_wrapper(telemetry: Telemetry) -> Wrapper:
     """Msg.respond: the reply carries the responder's context, never the request's echoed back.
 
     nats-py sends the request's headers with the reply; the trace fields among them are replaced by
-    the current (process span's) context. The message object is left as it was.
+    the current (process span's) context, or dropped when it cannot be written (a propagator whose
+    inject raises: counted). The message object is left as it was.
     """
 
     async def wrapper(wrapped: Callable[..., Awaitable[Any]], instance: Any, args: tuple, kwargs: dict) -> Any:
@@ -239,7 +249,12 @@ def respond_wrapper(telemetry: Telemetry) -> Wrapper:
         try:
             original = instance.headers
             data = args[0] if args else kwargs.get("data", b"")
-            injected = telemetry.inject(without_trace_headers(original), len(data), instance._client, owned=True)
+            stripped = without_trace_headers(original)
+            try:
+                injected = telemetry.inject(stripped, len(data), instance._client, owned=True)
+            except Exception as exc:
+                telemetry.guard.failed("inject", exc)
+                injected = stripped
             instance.headers = injected or (None if original is None else {})
         except Exception as exc:
             telemetry.guard.failed("respond", exc)
