@@ -213,6 +213,43 @@ async def test_a_propagator_whose_inject_raises_ends_every_span_and_the_app_goes
     assert telemetry.errors() == {"inject": 4}  # publish, request, respond and JetStream publish
 
 
+class ExtractRaises(TraceContextTextMapPropagator):
+    """A broken propagator of the app's: it writes a context as W3C's does; its extract raises."""
+
+    def extract(self, carrier, context=None, getter=default_getter) -> Context:  # noqa: ANN001
+        raise RuntimeError("propagator extract failed")
+
+
+async def test_a_propagator_whose_extract_raises_costs_consumers_their_parent_not_their_spans(
+    nc, telemetry: Telemetry, global_propagator: None
+) -> None:
+    """A callback's process, a fetch's receive, process(msg) and an ack outside it: each span is made,
+    without the producer as parent or link, and each failed read counts once."""
+    propagate.set_global_textmap(ExtractRaises())
+    got: list = []
+    await nc.subscribe("extract.sub", cb=collector(got))
+    await nc.publish("extract.sub", b"pushed")
+    js = nc.jetstream()
+    await js.add_stream(name="EXTRACT", subjects=["extract.js.>"])
+    try:
+        psub = await js.pull_subscribe("extract.js.>", durable="extract")
+        await js.publish("extract.js.a", b"1")
+        await js.publish("extract.js.b", b"2")
+        msgs = await psub.fetch(2, timeout=5)
+        with process(msgs[0]):
+            await msgs[0].ack()
+        await msgs[1].ack()
+        await wait_for(lambda: telemetry.finished("process extract.sub"))
+    finally:
+        await js.delete_stream("EXTRACT")
+    assert [m.data for m in got] == [b"pushed"]
+    consumers = [s for s in telemetry.finished() if not s.name.startswith("publish ")]
+    assert sorted(s.name for s in consumers) == ["ack extract.js.>", "process extract.js.>", "process extract.sub",
+                                                 "receive extract.js.>"]
+    assert [(s.name, s.links) for s in consumers if s.parent is not None or s.links] == []
+    assert telemetry.errors() == {"extract": 5}  # process, two messages received, process(msg), the lone ack
+
+
 async def test_tracestate_and_baggage_travel_with_the_default_propagator(nc, telemetry: Telemetry) -> None:
     got, seen = [], []
 

@@ -153,7 +153,13 @@ class Telemetry:
     # context -----------------------------------------------------------------------------------
 
     def extract(self, headers: Mapping[str, str] | None) -> otel_context.Context | None:
-        return self.headers.extract(headers)
+        """The producer's context in ``headers``; None when they carry none, or when the propagator's
+        extract raises (counted once as ``extract``: the span is made all the same, without it)."""
+        try:
+            return self.headers.extract(headers)
+        except Exception as exc:
+            self.guard.failed("extract", exc)
+            return None
 
     def inject(self, headers: Mapping[str, str] | None, payload_size: int, client: Any, span: Span | None = None,
                owned: bool = False) -> dict[str, str] | None:
@@ -191,7 +197,11 @@ class Telemetry:
     def consumer_context(self, headers: Mapping[str, str] | None) -> tuple[otel_context.Context | None, list[Link]]:
         """The context a consumer span starts in (the message's: its baggage, and the producer as
         parent, or none with the producer as a link if asked), or None when the message carries none."""
-        producer = self.headers.extract(headers)
+        try:  # inline, not through extract(): this runs for every message processed
+            producer = self.headers.extract(headers)
+        except Exception as exc:
+            self.guard.failed("extract", exc)
+            return None, []
         if producer is None:
             return None, []
         if self.use_links:
