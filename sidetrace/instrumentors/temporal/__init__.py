@@ -61,7 +61,9 @@ Metrics through the OpenTelemetry meter: ``temporal.activity.execution.duration`
 Context crosses the Temporal server in the ``_tracer-data`` header in the format of
 ``temporalio.contrib.opentelemetry.TracingInterceptor``, so services still using that interceptor
 join the same traces. Workflow spans need the OpenTelemetry SDK's tracer (their ids are preset
-through its id generator); with another tracer implementation they are skipped.
+through its id generator); with another tracer implementation (temporalio's replay-safe provider
+included) they are skipped, and what a run sends carries the context the run was given, so no span
+exported points at a workflow span never made.
 """
 
 from __future__ import annotations
