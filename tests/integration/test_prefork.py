@@ -23,6 +23,9 @@ BIN = Path(sys.executable).parent
 MAX_REQUESTS = 3  # each worker is recycled after 3 requests
 WORKERS_SEEN = 3  # requests go on until this many workers have answered: at least one was recycled
 SEND_SECONDS = 30.0  # uWSGI's master checks max_requests about once a second, so recycling may take a while
+# uWSGI recycles no worker younger than its min-worker-lifetime (10 s unless set): 1 s, so the requests
+# sent until a worker is recycled are a few hundred, not thousands over 10 s.
+UWSGI_MIN_WORKER_LIFETIME = 1
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +92,8 @@ def test_uwsgi_workers_each_export_and_recycled_ones_flush(collector: Collector,
     port = free_port()
     service = f"pf-uwsgi-{'lazy' if lazy else 'preloaded'}"
     answered = serve([str(BIN / "uwsgi"), "--master", "--processes", "2", "--http-socket", f"127.0.0.1:{port}",
-                      "--module", "prefork_app:app", "--max-requests", str(MAX_REQUESTS), "--die-on-term",
+                      "--module", "prefork_app:app", "--max-requests", str(MAX_REQUESTS),
+                      "--min-worker-lifetime", str(UWSGI_MIN_WORKER_LIFETIME), "--die-on-term",
                       "--virtualenv", sys.prefix, *(["--lazy-apps"] if lazy else [])],
                      service, collector, port, tmp_path)
     assert_every_worker_exported_each_span_once(collector, service, answered)
