@@ -821,7 +821,10 @@ async def killable_worker(target: str, span_file: str) -> None:
     trace.get_tracer_provider().add_span_processor(SimpleSpanProcessor(FileExporter(span_file)))
     TemporalInstrumentor().instrument(core_metrics=False)
     client = await Client.connect(target)
-    async with Worker(client, task_queue="g", workflows=[Gated], activities=[ok]):
+    # The workflow task after the kill waits on the dead worker's sticky queue until this timeout (10 s unless
+    # set), then goes to the task queue, where the replacement replays the history: the path under test.
+    async with Worker(client, task_queue="g", workflows=[Gated], activities=[ok],
+                      sticky_queue_schedule_to_start_timeout=timedelta(seconds=1)):
         print("READY", flush=True)
         await asyncio.Event().wait()
 
