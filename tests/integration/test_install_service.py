@@ -42,9 +42,11 @@ def venv_in(root: Path, home: str) -> None:
 def venv(tmp_path_factory: pytest.TempPathFactory, sidetrace_wheel: Path) -> Path:
     """A fresh venv with only the built wheel in it (no dependencies: the service commands need none)."""
     work = tmp_path_factory.mktemp("venv")
-    made = run(sys.executable, "-m", "venv", work / "venv")
+    # Without pip of its own (ensurepip took seconds): this process's pip installs into it.
+    made = run(sys.executable, "-m", "venv", "--without-pip", work / "venv")
     assert made.returncode == 0, made.stderr
-    installed = run(work / "venv/bin/python", "-m", "pip", "install", "-q", "--no-deps", "--no-index", sidetrace_wheel)
+    installed = run(sys.executable, "-m", "pip", "--python", work / "venv/bin/python", "install", "-q", "--no-deps",
+                    "--no-index", sidetrace_wheel)
     assert installed.returncode == 0, installed.stderr
     return work / "venv"
 
