@@ -133,10 +133,11 @@ def system_install(sidetrace_wheel: Path) -> Iterator[Path]:
     read (as /opt/sidetrace is): a pyenv interpreter lives under /root, which ProtectHome= hides."""
     work = Path(tempfile.mkdtemp(prefix="sidetrace-unit-"))
     work.chmod(0o755)
-    made = subprocess.run(["/usr/bin/python3", "-m", "venv", str(work / "venv")], capture_output=True, text=True,
-                          timeout=120)
+    # Without pip of its own (ensurepip took seconds): this process's pip installs into it.
+    made = subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(work / "venv")], capture_output=True,
+                          text=True, timeout=120)
     assert made.returncode == 0, made.stderr
-    installed = subprocess.run([str(work / "venv/bin/python"), "-m", "pip", "install", "-q",
+    installed = subprocess.run([sys.executable, "-m", "pip", "--python", str(work / "venv/bin/python"), "install", "-q",
                                 f"{sidetrace_wheel}[agent]"], capture_output=True, text=True, timeout=600)
     assert installed.returncode == 0, installed.stderr
     yield work / "venv"
