@@ -17,6 +17,11 @@ from tests.integration.test_prometheus import Prometheus
 
 pytestmark = pytest.mark.slow
 
+# Long enough for the retry backoff to reach its cap for a refused connection (3 s) several times, and for the
+# queued collections (about 300 samples each, one a second) to outgrow one request's max_samples_per_request
+# (5,000), so the backlog is sent as several joined requests. It was 30 s; 20 s keeps both.
+OUTAGE_SECONDS = 20
+
 STABLE = ("sidetrace_build_info", "sidetrace_spool_capacity_bytes", "sidetrace_config_reloads_total",
           "system_memory_limit_bytes")
 
@@ -53,7 +58,7 @@ def test_every_series_arrives_with_its_value_and_an_outage_loses_no_sample(
 
         prometheus.stop()
         stopped = time.time()
-        wait_until(lambda: time.time() - stopped >= 30, 35, "30 s of outage")
+        wait_until(lambda: time.time() - stopped >= OUTAGE_SECONDS, OUTAGE_SECONDS + 5, f"{OUTAGE_SECONDS} s of outage")
         prometheus.start()
         restarted = time.time()
 
