@@ -26,6 +26,9 @@ SEND_SECONDS = 30.0  # uWSGI's master checks max_requests about once a second, s
 # uWSGI recycles no worker younger than its min-worker-lifetime (10 s unless set): 1 s, so the requests
 # sent until a worker is recycled are a few hundred, not thousands over 10 s.
 UWSGI_MIN_WORKER_LIFETIME = 1
+# The live workers' spans leave on the SDK's schedule (5 s unless set), which the last wait sat out. 1 s still
+# needs the exit flush: a worker answers until it is recycled, so its spans of its last second leave only then.
+EXPORT_DELAY_MILLIS = "1000"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,8 @@ def serve(server: list[str], service: str, collector: Collector, port: int, tmp:
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "sidetrace", "instrument", "--service", service, "--endpoint", collector.endpoint,
-             "--", *server], cwd=APPS, stdout=out, stderr=subprocess.STDOUT)
+             "--", *server], cwd=APPS, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "OTEL_BSP_SCHEDULE_DELAY": EXPORT_DELAY_MILLIS})
     try:
         wait_until(lambda: proc.poll() is None and port_open(port), 30, f"{server[0]} listening")
         answered: dict[str, int] = {}
