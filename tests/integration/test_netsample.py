@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -18,6 +20,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidetrace.agent.sources.netsample import UNKNOWN
 from sidetrace.agent.sources.netsample.flows import error_bound_percent
 from tests.conftest import Agent, assert_promtool_clean, http_get, wait_until
 from tests.integration.netns import inside_new_netns, ip
@@ -479,8 +482,156 @@ def test_another_users_process_is_named_only_with_cap_sys_ptrace_and_cap_dac_rea
             talker.stop()
             agent.stop()
         (names[caps],) = per_process(samples).items()
-    assert names == {"-all,+net_raw": (("stv0", "transmit", "unknown"), 40),
+    # Without them its socket's owner, from the kernel's socket table, stands for it: uid 61235 has no passwd entry.
+    assert names == {"-all,+net_raw": (("stv0", "transmit", "user:61235"), 40),
                      "-all,+net_raw,+sys_ptrace,+dac_read_search": (("stv0", "transmit", "st-other-user"), 40)}
+
+
+def as_uid(uid: int, caps: str = "-all") -> tuple[str, ...]:
+    """Run as ``uid`` (no groups) with ``caps`` alone, under Debian's Python: the test's own interpreter lives under
+    /root, closed to other uids, but is the same 3.11, so the venv's packages load in it."""
+    return ("setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", f"--inh-caps={caps}",
+            f"--ambient-caps={caps}", f"--bounding-set={caps}", "/usr/bin/python3")
+
+
+# For Agent.start's prefix: drops the interpreter path Agent.start passes, loads the venv's packages, runs sidetrace.
+AGENT_UNDER_DEBIAN_PYTHON = ("-c", "import runpy, site, sys; site.addsitedir(sys.argv[1]); "
+                                   "sys.argv = ['sidetrace', *sys.argv[5:]]; "
+                                   "runpy.run_module('sidetrace', run_name='__main__', alter_sys=True)",
+                             str(next(Path(sys.prefix).glob("lib/python3*/site-packages"))))
+
+
+@pytest.fixture
+def readable_tmp() -> Iterator[Path]:
+    """A temporary directory every uid can enter (pytest's own are root's alone)."""
+    base = Path(tempfile.mkdtemp(prefix="sidetrace-netsample-"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_under_the_units_user_other_users_traffic_is_their_users_not_unknown(veth: str, readable_tmp: Path) -> None:
+    # As the shipped unit runs it: a uid of its own (DynamicUser's range, no passwd entry) with CAP_NET_RAW alone.
+    # Its own uid's processes are named; another user's /proc/PID/fd is closed to it, and the kernel's socket table
+    # names the user instead: "user:" and the passwd name, or the uid when it has none. Users count towards
+    # max_processes like names (the fourth goes to "other") and give their places up when idle like names.
+    agent = Agent(readable_tmp / "agent", config(rate=1, interfaces='["stv0"]', extra="max_processes = 3\n"
+                                                 "process_idle_seconds = 10\n"), env={"HOME": "/"})
+    agent.data_dir.mkdir(mode=0o700)
+    os.chown(agent.data_dir, 61236, 61236)
+    agent.start(prefix=(*as_uid(61236, "-all,+net_raw"), *AGENT_UNDER_DEBIAN_PYTHON))
+    with ExitStack() as stack:
+        stack.callback(agent.stop)
+        status = dict(line.split(":\t", 1) for line in
+                      Path(f"/proc/{agent.proc.pid}/status").read_text().splitlines() if ":\t" in line)
+        assert (status["Uid"].split(), status["CapEff"].strip()) == (["61236"] * 4, f"{1 << 13:016x}")  # CAP_NET_RAW
+        talkers = {}
+        for name, uid, count in (("st-own", 61236, 30), ("st-nobody", 65534, 40), ("st-dynamic", 61235, 50),
+                                 ("st-fourth", 61237, 60)):  # one after the other: their flows are found in order
+            talkers[name] = Talker(name, count, seconds=0.3, python=as_uid(uid))
+            stack.callback(talkers[name].stop)
+        expected = {("stv0", "transmit", "st-own"): 30, ("stv0", "transmit", "user:nobody"): 40,
+                    ("stv0", "transmit", "user:61235"): 50, ("stv0", "transmit", "other"): 60}
+        # Once the last talker's samples are in (at most two table reads, 5 s apart) and before the first names are
+        # found idle (10 s after the tick that saw them grow).
+        samples = wait_until(lambda: s if (s := agreeing(agent)) and per_process(s) == expected else None, 20,
+                             "every talker's samples under its process, its user, or other")
+        assert samples["sidetrace_network_process_overflow_samples_total"] == {(): 60}
+        assert {f["process"] for f in flows(agent)["flows"] if f["remote"] == PEER} == {
+            "st-own", "user:nobody", "user:61235", "user:61237"}
+        # Idle: their series leave /metrics; nobody's comes back with its counts when it sends again.
+        wait_until(lambda: set(per_process(scrape(agent))) == {("stv0", "transmit", "other")}, 30,
+                   "the idle names' and users' series gone from /metrics")
+        talkers["st-nobody"].again(seconds=0.3)
+        samples = wait_until(lambda: s if per_process(s := scrape(agent)).get(("stv0", "transmit", "user:nobody"))
+                             == 80 else None, 20, "nobody's series back, carrying on from its counts")
+        assert per_process(samples) == {("stv0", "transmit", "user:nobody"): 80, ("stv0", "transmit", "other"): 60}
+        assert_promtool_clean(http_get(agent.url + "/metrics")[1])
+
+
+HANDED = textwrap.dedent('''
+    import os, socket, sys, time
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # made by root
+    os.setgroups([])
+    os.setgid(61235)
+    os.setuid(61235)  # then used by another user, as a daemon's workers use what it bound as root
+    for _ in range(20):
+        sock.sendto(b"h" * 100, (sys.argv[1], 9))
+        time.sleep(0.01)
+    print(os.getuid(), flush=True)
+    sys.stdin.readline()
+''')
+
+
+def test_a_socket_counts_for_the_user_that_made_it_and_a_process_named_like_a_user_shares_its_series(
+    veth: str, agent_factory: Callable[..., Agent]
+) -> None:
+    caps = "-all,+net_raw"  # the shipped unit's: another user's /proc/PID/fd is closed to the agent
+    agent = agent_factory(config(rate=1, interfaces='["stv0"]')).start(
+        prefix=("setpriv", "--bounding-set", caps, "--inh-caps", caps))
+    handed = subprocess.Popen(["/usr/bin/python3", "-c", HANDED, PEER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    with ExitStack() as stack:
+        stack.callback(handed.communicate, "", 20)
+        assert handed.stdout.readline() == "61235\n"
+        # Root's, without capabilities (so the agent may read its descriptors), named like nobody's label.
+        stack.callback(Talker("user:nobody", 20, seconds=0.2, python=(
+            "setpriv", "--inh-caps=-all", "--bounding-set=-all", "/usr/bin/python3")).stop)
+        stack.callback(Talker("st-nobody", 30, seconds=0.2, python=as_uid(65534)).stop)
+        samples = wait_until(lambda: s if (s := agreeing(agent)) and per_process(s) else None, 20,
+                             "the samples moved at a table read")
+    assert per_process(samples) == {("stv0", "transmit", "user:root"): 20, ("stv0", "transmit", "user:nobody"): 50}
+
+
+def test_a_users_name_is_looked_up_again_at_each_table_read(
+    veth: str, agent_factory: Callable[..., Agent], tmp_path: Path
+) -> None:
+    # A dynamic user's uid is given to another service once the first stops: a later read names the new user.
+    # The agent sees its own copy of the user database (bind-mounted in its mount namespace), rewritten in place.
+    passwd = tmp_path / "passwd"
+    system = Path("/etc/passwd").read_text()
+    passwd.write_text(system + "st-first:x:61235:61235::/:/usr/sbin/nologin\n")
+    own_passwd = ("unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/passwd && exec "$@"', str(passwd))
+    caps = "-all,+net_raw"
+    agent = agent_factory(config(rate=1, interfaces='["stv0"]')).start(
+        prefix=(*own_passwd, "setpriv", "--bounding-set", caps, "--inh-caps", caps))
+    with ExitStack() as stack:
+        stack.callback(Talker("st-a", 20, seconds=0.2, python=as_uid(61235)).stop)
+        scrape_with(agent, ("stv0", "transmit", "user:st-first"))
+        passwd.write_text(system + "st-second:x:61235:61235::/:/usr/sbin/nologin\n")
+        stack.callback(Talker("st-b", 30, seconds=0.2, python=as_uid(61235)).stop)  # a new socket: a new flow
+        samples = scrape_with(agent, ("stv0", "transmit", "user:st-second"))
+    assert per_process(samples) == {("stv0", "transmit", "user:st-first"): 20,
+                                    ("stv0", "transmit", "user:st-second"): 30}
+
+
+def test_a_tcp_end_closed_before_the_table_read_is_unknown_not_roots(
+    netns: str, agent_factory: Callable[..., Agent]
+) -> None:
+    # The kernel's socket table keeps a TCP end its process closed (TIME_WAIT, or FIN_WAIT2 with no process) with
+    # inode 0, and TIME_WAIT's with uid 0 whoever made it: no user owns it now, so it is "unknown", not "user:root".
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        agent = agent_factory(config(rate=1, extra=f'filter = "tcp port {port}"\n')).start()
+        me = psutil.Process().name()
+        with socket.create_connection(("127.0.0.1", port)) as warm, server.accept()[0]:
+            warm.sendall(b"w")
+            scrape_with(agent, ("lo", "receive", me))  # a table read has just run: the next is 5 s away
+            client = subprocess.run([*as_uid(61235), "-c", "import socket, sys; c = socket.create_connection(("
+                                     "'127.0.0.1', int(sys.argv[1]))); c.sendall(b'x' * 100); "
+                                     "print(c.getsockname()[1]); c.close()", str(port)],
+                                    capture_output=True, text=True, timeout=20, check=True)
+            accepted, _ = server.accept()
+            with accepted:
+                while accepted.recv(4096):
+                    pass
+            gone = int(client.stdout)
+            samples = wait_until(lambda: s if (s := agreeing(agent)) and len(per_process(s)) == 2 else None, 20,
+                                 "the closed end's samples moved at the next table read")
+    assert set(per_process(samples)) == {("lo", "receive", me), ("lo", "receive", UNKNOWN)}
+    assert {f["process"] for f in flows(agent)["flows"] if f["local_port"] == gone} == {UNKNOWN}
 
 
 def test_processes_past_max_processes_are_counted_under_other(

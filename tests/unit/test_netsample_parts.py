@@ -98,3 +98,30 @@ def test_top_recent_ranks_by_the_bytes_since_the_last_choice() -> None:
     assert [f.key for f in table.top_recent(2)] == [small, big]  # then by bytes since first seen
     assert [f.key for f in table.top(1)] == [big]  # /debug/flows still ranks by bytes since first seen
     assert [f.key for f in table.top_recent(3)] == [big, small, idle]  # a new window: nothing sent in it yet
+
+
+def test_socket_owners_reads_each_open_ends_address_as_psutil_writes_it_and_its_uid() -> None:
+    import os
+    import socket
+    from contextlib import ExitStack
+
+    import psutil
+
+    from sidetrace.agent.sources.netsample import socket_owners
+
+    ends = (("udp", socket.AF_INET6, socket.SOCK_DGRAM, "::1"), ("tcp", socket.AF_INET6, socket.SOCK_STREAM,
+            "::ffff:127.0.0.1"), ("udp", socket.AF_INET, socket.SOCK_DGRAM, "127.0.0.1"),
+            ("tcp", socket.AF_INET, socket.SOCK_STREAM, "0.0.0.0"))
+    with ExitStack() as stack:
+        bound = []
+        for protocol, family, kind, address in ends:
+            sock = stack.enter_context(socket.socket(family, kind))
+            sock.bind((address, 0))
+            if kind == socket.SOCK_STREAM:
+                sock.listen()  # a TCP socket only bound is in no table
+            bound.append((protocol, address, sock.getsockname()[1]))
+        owners = socket_owners()
+        listed = {("tcp" if c.type == socket.SOCK_STREAM else "udp", c.laddr.ip, c.laddr.port)
+                  for c in psutil.net_connections(kind="inet") if c.laddr}
+    assert {end: owners.get(end) for end in bound} == {end: os.getuid() for end in bound}
+    assert set(bound) <= listed  # written as psutil writes them (the keys the process names are looked up by)

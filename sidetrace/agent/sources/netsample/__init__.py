@@ -12,12 +12,13 @@ kept counts the length its IP header states. Kernel drops
 come from PACKET_STATISTICS. Needs CAP_NET_RAW only; without it the source says so once and every
 other source keeps working.
 
-Per-process series count every sample from the first one. A sample whose flow's process is not
-known yet is held on the flow; the next read of the process table started after it moves what the
-flow holds to the process's series, or to process="unknown" when the table has no socket for the
-flow's local end, or when the flow is evicted first. So once nothing is held, the per-process series
-of a device and direction add up exactly to its packet size histogram's ``_count`` and ``_sum``, less the
-counts of series retired while their name was idle: a name whose series have not grown for
+Per-process series count every sample from the first one. A sample whose flow's process is not known yet is
+held on the flow; the next read of the process table started after it moves what the flow holds to the
+process's series, or to its owner's ("user:NAME", see ProcessMap) when the socket is there but its process
+cannot be found (another user's, to an agent without CAP_SYS_PTRACE), or to process="unknown" when the table
+has no socket for the flow's local end, or when the flow is evicted first. So once nothing is held, the
+per-process series of a device and direction add up exactly to its packet size histogram's ``_count`` and
+``_sum``, less the counts of series retired while their name was idle: a name whose series have not grown for
 ``process_idle_seconds`` gives its place under ``max_processes`` up and its series leave /metrics; their
 counts are kept (the last MAX_RETIRED_PROCESS_SERIES), so a name that comes back carries on from them.
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import pwd
 import socket
 import struct
 import threading
@@ -73,13 +75,64 @@ MAX_GONE_DEVICES = 16
 # of at most this many are kept (the most recently retired), so a name that comes back carries on from them.
 MAX_RETIRED_PROCESS_SERIES = 4096
 UNKNOWN, OTHER = "unknown", "other"
+USER_PREFIX = "user:"  # a socket's owner, where its process cannot be found
+
+
+# The kernel's socket tables of the agent's network namespace: /proc/net is a link to /proc/self/net, which
+# stays visible where systemd's ProcSubset=pid hides /proc/net. (file, protocol, address family)
+SOCKET_TABLES = (("tcp", "tcp", socket.AF_INET), ("tcp6", "tcp", socket.AF_INET6), ("udp", "udp", socket.AF_INET),
+                 ("udp6", "udp", socket.AF_INET6))
+SOCKET_TABLES_DIR = "/proc/self/net"
+
+
+def socket_owners() -> dict[tuple[str, str, int], int]:
+    """Local (protocol, address, port) -> the uid owning a socket bound there, from the kernel's socket tables.
+
+    A line with inode 0 belongs to no open socket (TCP's TIME_WAIT, a socket closed before its connection
+    ended): it has no owner, so its end is left out, as psutil leaves it out. A table the kernel does not
+    have (no IPv6) is skipped."""
+    owners: dict[tuple[str, str, int], int] = {}
+    for name, protocol, family in SOCKET_TABLES:
+        try:
+            with open(f"{SOCKET_TABLES_DIR}/{name}", encoding="ascii") as table:
+                lines = table.read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        words = "=I" if family == socket.AF_INET else "=4I"
+        for line in lines:
+            fields = line.split()
+            if fields[9] == "0":
+                continue
+            address, _, port = fields[1].partition(":")
+            # The kernel prints each 32-bit word of the address as a number in host byte order.
+            raw = struct.pack(words, *(int(address[i:i + 8], 16) for i in range(0, len(address), 8)))
+            owners[(protocol, socket.inet_ntop(family, raw), int(port, 16))] = int(fields[7])
+    return owners
+
+
+def user_labels(owners: dict[tuple[str, str, int], int]) -> dict[tuple[str, str, int], str]:
+    """Each end's owner as ``user:NAME``, or ``user:UID`` for a uid with no passwd entry. Names are looked up at
+    each read (once per uid), as a dynamic user's uid can belong to another service later."""
+    labels: dict[int, str] = {}
+    for uid in set(owners.values()):
+        try:
+            labels[uid] = USER_PREFIX + pwd.getpwuid(uid).pw_name
+        except KeyError:
+            labels[uid] = f"{USER_PREFIX}{uid}"
+    return {endpoint: labels[uid] for endpoint, uid in owners.items()}
 
 
 class ProcessMap:
-    """Local (protocol, address, port) -> process name, from psutil's connection table.
+    """Local (protocol, address, port) -> process name, from psutil's connection table; or, for a socket whose
+    process cannot be found, ``user:NAME`` (``user:UID`` without a passwd entry) of its owner, from the kernel's
+    socket tables.
 
     The table walks every process's descriptors, so it is refreshed at most every few seconds and only
-    when a flow is still unattributed.
+    when a flow is still unattributed. Another user's descriptors are closed to an agent without
+    CAP_SYS_PTRACE (the shipped unit's), so psutil finds no pid for their sockets; the kernel's socket tables
+    (world-readable) still give each socket's owner uid: that of the process that created the socket, which is
+    not the uid of a process that took it over (one made by root, or by systemd for socket activation, and
+    used after a change of user, is root's).
     """
 
     def __init__(self) -> None:
@@ -95,7 +148,8 @@ class ProcessMap:
         self.refreshes += 1
         number = self.refreshes
         self._refreshed = time.monotonic()  # a walk that fails is tried again no sooner than a good one
-        by_endpoint: dict[tuple[str, str, int], str] = {}
+        # Users first, so that a process found for the same end replaces its user's label.
+        by_endpoint = user_labels(socket_owners())
         for conn in psutil.net_connections(kind="inet"):
             if not conn.laddr or conn.pid is None:
                 continue
@@ -696,7 +750,8 @@ class NetsampleSource:
         yield histogram
         process_packets = CounterMetricFamily(
             "sidetrace_network_process_packets_total",
-            "Packets estimated from samples (samples x N) by local process; unknown: no local socket found.",
+            "Packets estimated from samples (samples x N) by local process; user:NAME: the socket's owner, its "
+            "process not found; unknown: no local socket found.",
             labels=["device", "direction", "process"])
         process_bytes = CounterMetricFamily("sidetrace_network_process_bytes_total",
                                             "Bytes estimated from samples by local process.",
