@@ -15,7 +15,9 @@ With ``--compare-with DIR`` (a tree holding another version's ``sidetrace`` pack
 version and in this checkout, alternating round by round in fresh processes: the CPU of
 ``NetsampleSource.record`` per sample in-process (flows whose process is known, and flows whose
 process is not), and the whole agent's CPU per sample at ``sampling_rate = 1`` with
-``--compare-pps`` packets/s offered.
+``--compare-pps`` packets/s offered; and the CPU of one read of the process table
+(``ProcessMap.refresh``, in housekeeping at most every 5 s while a flow waits), with 1,000 UDP sockets
+of the reader's own and 200 of each of two other users (uids 61235 and 65534) in the namespace.
 """
 
 from __future__ import annotations
@@ -212,6 +214,26 @@ print(json.dumps({"us_per_sample": used / samples * 1e6, "package": sidetrace.__
 """
 
 
+READ_COST = r"""
+import json, socket, sys, time
+from sidetrace.agent.sources.netsample import ProcessMap
+own = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(int(sys.argv[1]))]
+for sock in own:
+    sock.bind(("127.0.0.1", 0))
+table = ProcessMap()
+table.refresh()
+reads = int(sys.argv[2])
+started = time.process_time()
+for _ in range(reads):
+    table.refresh()
+used = time.process_time() - started
+import sidetrace
+print(json.dumps({"ms_per_read": used / reads * 1e3, "ends": len(table._by_endpoint), "package": sidetrace.__file__}))
+"""
+HOLDER = "import socket, sys; s = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(200)]; " \
+         "[x.bind(('127.0.0.1', 0)) for x in s]; print(len(s), flush=True); sys.stdin.read()"
+
+
 def compare(tree: str, rounds: int, pps: float, seconds: float) -> None:
     """One sample's cost in ``tree``'s sidetrace against this checkout's, alternating round by round."""
     here = str(Path(__file__).resolve().parents[1])
@@ -230,6 +252,17 @@ def compare(tree: str, rounds: int, pps: float, seconds: float) -> None:
         record[known] = {c: [r["us_per_sample"] for r in rs] for c, rs in runs.items()}
     agent: dict[str, list[dict]] = {c: [] for c in trees}
     with inside_new_netns():
+        holders = [subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                                     "/usr/bin/python3", "-c", HOLDER], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True) for uid in (61235, 65534)]
+        try:
+            assert [int(h.stdout.readline()) for h in holders] == [200, 200]
+            reads = alternating_runs(tuple(trees), rounds, lambda c: [
+                "env", f"PYTHONPATH={trees[c]}", sys.executable, "-c", READ_COST, "1000", "20"])
+        finally:
+            for holder in holders:
+                holder.communicate("", timeout=20)
+        assert all(r["package"].startswith(trees[c] + "/") for c, rs in reads.items() for r in rs)
         for round_number in range(rounds):
             for condition in trees if round_number % 2 == 0 else tuple(reversed(trees)):
                 agent[condition] += run_sidetrace(tmp / f"{condition}{round_number}", [pps], seconds, 1,
@@ -245,6 +278,8 @@ def compare(tree: str, rounds: int, pps: float, seconds: float) -> None:
     print(line("record(), flows of unknown processes", record["unknown"]))
     print(line(f"agent at 1:1, {pps:.0f} pps offered on lo", {c: [r["cpu_us_per_sample"] for r in rows]
                                                             for c, rows in agent.items()}))
+    print(line("process table read (ms of CPU)", {c: [r["ms_per_read"] for r in rs] for c, rs in reads.items()}))
+    print("ends in the table, before/after: " + " / ".join(str(reads[c][0]["ends"]) for c in trees))
     for condition, rows in agent.items():
         print(f"agent kernel drops % by round, {condition}: " + " ".join(f"{r['loss_percent']:.2f}" for r in rows))
 

@@ -92,6 +92,7 @@ def socket_owners() -> dict[tuple[str, str, int], int]:
     ended): it has no owner, so its end is left out, as psutil leaves it out. A table the kernel does not
     have (no IPv6) is skipped."""
     owners: dict[tuple[str, str, int], int] = {}
+    addresses: dict[str, str] = {}  # most ends share a few addresses: each is converted once
     for name, protocol, family in SOCKET_TABLES:
         try:
             with open(f"{SOCKET_TABLES_DIR}/{name}", encoding="ascii") as table:
@@ -100,13 +101,15 @@ def socket_owners() -> dict[tuple[str, str, int], int]:
             continue
         words = "=I" if family == socket.AF_INET else "=4I"
         for line in lines:
-            fields = line.split()
+            fields = line.split(maxsplit=10)
             if fields[9] == "0":
                 continue
-            address, _, port = fields[1].partition(":")
-            # The kernel prints each 32-bit word of the address as a number in host byte order.
-            raw = struct.pack(words, *(int(address[i:i + 8], 16) for i in range(0, len(address), 8)))
-            owners[(protocol, socket.inet_ntop(family, raw), int(port, 16))] = int(fields[7])
+            address, port = fields[1].split(":")
+            text = addresses.get(address)
+            if text is None:  # the kernel prints each 32-bit word of the address as a number in host byte order
+                raw = struct.pack(words, *(int(address[i:i + 8], 16) for i in range(0, len(address), 8)))
+                text = addresses[address] = socket.inet_ntop(family, raw)
+            owners[(protocol, text, int(port, 16))] = int(fields[7])
     return owners
 
 
