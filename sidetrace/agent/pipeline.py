@@ -6,12 +6,15 @@ write, so a request the spool refused (and the app will retry) is not counted tw
 once to the trace queue when an exporter reads it (``[[exporters.otlp]]``), and split by each
 load-balancing exporter into its backends' queues, all in one spool transaction. With no trace
 exporter (none configured, or the last one removed by a reload) nothing is written: requests are
-kept only in the recent traces, and the log says so. The exporters read the spool on their own
-(``sidetrace.exporters``).
+kept only in the recent traces, counted as dropped (reason ``no_exporter``), and the log says so. The
+exporters read the spool on their own (``sidetrace.exporters``).
 
 A reload changes only what changed: processors are swapped between two requests, the spool's
 bounds are applied in place, and only the exporters whose tables changed are restarted, so traffic
-is never refused, other exports are never cut, and no counter starts over.
+is never refused, other exports are never cut, and no counter starts over. What a request is queued
+for changes only once the new exporters' readers are registered, and a leaving exporter's readers go
+only after the requests queued for it are committed, so a request is never acknowledged with nobody
+to read it.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from sidetrace.agent.recent import RecentTraces
 from sidetrace.config import Config
 from sidetrace.exporters import configured, exporter_class
 from sidetrace.exporters.delivery import DeliveryStats, delivery_families
-from sidetrace.exporters.spool import TRACES, Spool, SpoolBusy, SpoolError, SpoolFull
+from sidetrace.exporters.spool import TRACES, Spool, SpoolBusy, SpoolError, SpoolFull, dropped_spans_family
 
 log = logging.getLogger("sidetrace.pipeline")
 
@@ -45,6 +48,10 @@ class SinkBusy(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+def _reads_traces(exporter: Any) -> bool:
+    return any(queue == TRACES for _, queue in exporter.readers())
 
 
 def span_count(request: ExportTraceServiceRequest) -> int:
@@ -93,6 +100,11 @@ class TracePipeline:
         self.exporters: dict[str, Any] = {}
         self._sections: dict[str, tuple[str, Any]] = {}
         self._stats: dict[str, DeliveryStats] = {}
+        # What accept_traces queues a request for: changed by a reload only once the new readers are registered
+        # and before the leaving ones are removed, so a request is never acknowledged with nobody to read it.
+        self._routers: dict[str, Any] = {}  # load-balancing exporters: each splits a request into its queues
+        self._trace_readers: set[str] = set()  # exporters reading the trace queue
+        self.unspooled = 0  # spans accepted while no exporter took spans: kept in the recent traces only
         self._state = "created"
 
     # lifecycle --------------------------------------------------------------------------------
@@ -105,12 +117,14 @@ class TracePipeline:
             built = self._build(wanted, spool)  # before anything starts: a missing CA file fails here
             await self._open(spool, built)
             await self._start_exporters(built, wanted)
+            self._accept_for(self.exporters)
             log.info("spool %s holds %d bytes; exporting to %s", self.spool.path, self.spool.size_bytes,
                      ", ".join(f"{name} ({exporter.status()['endpoint']})"
                                for name, exporter in self.exporters.items()))
         if not self._trace_exporters():
             log.info("no trace exporter configured: traces are kept in memory only (/debug/traces, "
-                     "`sidetrace traces`), nothing is spooled or sent")
+                     "`sidetrace traces`), nothing is spooled or sent (counted in "
+                     "sidetrace_spool_dropped_spans_total{reason=\"no_exporter\"})")
         self._links.traces.bind(self)
         self._links.recent.bind(self.recent)
         self._state = "running"
@@ -166,6 +180,28 @@ class TracePipeline:
             self.exporters[name] = exporter
             self._sections[name] = sections[name]
 
+    def _accept_for(self, exporters: dict[str, Any]) -> None:
+        """Make ``exporters`` the ones accepted requests are queued for: the trace queue's readers, the routers."""
+        self._routers = {name: e for name, e in exporters.items() if hasattr(e, "routing")}
+        self._trace_readers = {name for name, e in exporters.items() if _reads_traces(e)}
+
+    def _forget_stats(self, exporter: Any) -> None:
+        for reader, _ in exporter.readers():
+            self._stats.pop(reader, None)
+
+    async def _remove(self, removed: list[str]) -> None:
+        """Forget the readers of the ``removed`` exporters (stopped), once nothing is queued for them any more: what
+        they had not delivered goes, counted as exporter_removed (with their sub-readers, what their queues held; in
+        the trace queue what they alone still needed, or all it holds if they were its last readers)."""
+        for name in removed:
+            self._routers.pop(name, None)
+            self._trace_readers.discard(name)
+        if not removed or self.spool is None:
+            return
+        await self.spool.committed()  # appends already queued for them are on disk: counted below, not stranded
+        for name in removed:
+            await self.spool.remove_reader(name)
+
     async def reconfigure(self, section: Any, context: Context) -> None:
         """Apply a reload's config, restarting only the exporters whose tables changed (see module doc)."""
         new = context.config
@@ -196,9 +232,15 @@ class TracePipeline:
             await self.exporters[section.name].reconfigure(section)
             self._sections[section.name] = (kind, section)
         leaving = [n for n in self.exporters if n not in names or n in built]
+        removed = [n for n in leaving if n not in names]
+        new_readers = {n for n, exporter in built.items() if _reads_traces(exporter)}
+        # Whether the trace queue keeps a reader other than the removed ones: then those go before the new exporters
+        # start, so one that replaces it (a rename) starts in the trace queue no later than it was and never sends
+        # beside it; if not, they keep taking requests until the new ones (a load-balancing exporter, say) do.
+        handed_over = bool((self._trace_readers | new_readers) - set(removed))
         other_kind: list[Any] = []  # replaced by an exporter of another kind under the same name
-        removed: list[str] = []
-        for name in leaving:
+        stopping = [n for n in leaving if n in built or handed_over]
+        for name in stopping:
             # One being replaced keeps taking requests (into the queues its successor reads) until then.
             exporter = self.exporters[name] if name in built else self.exporters.pop(name)
             await exporter.stop()
@@ -206,21 +248,25 @@ class TracePipeline:
             if name in names and old_kind != kinds[name]:
                 other_kind.append(exporter)
             if name not in names:
-                for reader, _ in exporter.readers():
-                    self._stats.pop(reader, None)
-                removed.append(name)
+                self._forget_stats(exporter)
         if built and self.spool is None:
             await self._open(spool, built)
         else:
             for exporter in built.values():
                 for reader, queue in exporter.readers():
                     await spool.add_reader(reader, queue)
-        for name in removed:
-            # After the new readers are added, so one that replaces it (a rename) starts in the trace queue no
-            # later than it was; the rest goes now, counted as exporter_removed: with its sub-readers, what their
-            # queues held, and in the trace queue what it alone still needed (all it had not delivered, if last).
-            await self.spool.remove_reader(name)
+        self._trace_readers |= new_readers  # they read what is queued for them once started
+        if handed_over:
+            await self._remove(removed)
         await self._start_exporters(built, wanted)
+        self._accept_for({name: e for name, e in self.exporters.items() if name not in removed})
+        if not handed_over:
+            for name in removed:
+                exporter = self.exporters.pop(name)
+                await exporter.stop()
+                self._sections.pop(name)
+                self._forget_stats(exporter)
+            await self._remove(removed)
         for exporter in other_kind:
             # Another kind by the same name (loadbalancing to otlp, say): once the old one routes nothing more,
             # its own queues have no reader, so they go as a removed exporter's do (counted). The name's cursor on
@@ -236,7 +282,8 @@ class TracePipeline:
                      ", ".join(self.exporters) or "nothing")
         if (built or leaving) and not self._trace_exporters():
             log.info("no trace exporter left: traces are kept in memory only (/debug/traces, `sidetrace traces`), "
-                     "nothing is spooled or sent")
+                     "nothing is spooled or sent (counted in "
+                     "sidetrace_spool_dropped_spans_total{reason=\"no_exporter\"})")
         if changed_in_place:
             log.info("exporters reconfigured in place: %s", ", ".join(s.name for _, s in changed_in_place))
 
@@ -253,27 +300,24 @@ class TracePipeline:
         if not spans:
             return 0
         body = self._processors.apply(request, raw)
-        if self.spool is not None:
+        routers, read = list(self._routers.values()), bool(self._trace_readers)
+        if self.spool is not None and (routers or read):
             with ExitStack() as routed:
                 parts: list[tuple[str, bytes, int]] = []
-                read = False  # whether an exporter reads the trace queue
-                for exporter in list(self.exporters.values()):
-                    routing = getattr(exporter, "routing", None)
-                    if routing is not None:
-                        parts += routed.enter_context(routing(body, spans))
-                    else:
-                        read = read or any(queue == TRACES for _, queue in exporter.readers())
+                for exporter in routers:
+                    parts += routed.enter_context(exporter.routing(body, spans))
                 if read:
                     parts.append((TRACES, body, spans))
-                if parts:
-                    try:
-                        await self.spool.append_all(parts)
-                    except SpoolBusy as exc:
-                        raise SinkBusy("busy", str(exc)) from None
-                    except SpoolFull as exc:
-                        raise SinkBusy("disk_full", str(exc)) from None
-                    except SpoolError as exc:
-                        raise SinkBusy("spool_error", str(exc)) from None
+                try:
+                    await self.spool.append_all(parts)
+                except SpoolBusy as exc:
+                    raise SinkBusy("busy", str(exc)) from None
+                except SpoolFull as exc:
+                    raise SinkBusy("disk_full", str(exc)) from None
+                except SpoolError as exc:
+                    raise SinkBusy("spool_error", str(exc)) from None
+        else:
+            self.unspooled += spans
         if self.span_metrics is not None:
             self.span_metrics.apply(request)
         self.recent.add(body, spans)
@@ -281,8 +325,7 @@ class TracePipeline:
 
     def _trace_exporters(self) -> list[str]:
         """The exporters that take spans: those reading the trace queue, and the load-balancing ones."""
-        return [name for name, exporter in self.exporters.items() if hasattr(exporter, "routing")
-                or any(queue == TRACES for _, queue in exporter.readers())]
+        return [*self._routers, *self._trace_readers]
 
     # observability -------------------------------------------------------------------------------
 
@@ -300,10 +343,18 @@ class TracePipeline:
         if self.span_metrics is not None:
             yield from self.span_metrics.families()
         yield from self.recent.families()
+        unspooled = self.unspooled or not self._trace_exporters()  # pre-exported while nothing takes spans
         if self.spool is not None:
-            yield from self.spool.families()
+            for family in self.spool.families():
+                if family.name == "sidetrace_spool_dropped_spans" and unspooled:
+                    family.add_metric([TRACES, "no_exporter"], self.unspooled)
+                yield family
             yield from delivery_families(list(self._stats.items()))
             for exporter in list(self.exporters.values()):
                 if hasattr(exporter, "families"):
                     yield from exporter.families()
+        else:
+            dropped = dropped_spans_family()  # sidetrace_spool_dropped_spans_total
+            dropped.add_metric([TRACES, "no_exporter"], self.unspooled)
+            yield dropped
 

@@ -261,6 +261,7 @@ class Spool:
         self._pruned_at = 0.0
         self._pending: list[tuple[str, bytes, int, float, asyncio.Future[None]]] = []
         self._pending_bytes = 0
+        self._writing: list[tuple[str, bytes, int, float, asyncio.Future[None]]] = []  # the group being committed
         self._writer: asyncio.Task[None] | None = None
         self._new: dict[str, asyncio.Event] = {}  # reader -> set when its queue grows
         # reader -> highest batch id that may have been in flight when the last run died
@@ -603,6 +604,7 @@ class Spool:
     async def _write_pending(self) -> None:
         while self._pending:
             group, self._pending = self._pending, []
+            self._writing = group
             try:
                 await self._run(self._write, [(queue, body, items, at) for queue, body, items, at, _ in group])
             except Exception as exc:  # every request in the group gets the error
@@ -619,7 +621,14 @@ class Spool:
                     if self._queue_of.get(reader) in written:
                         event.set()
             finally:
+                self._writing = []
                 self._pending_bytes -= sum(len(body) for _, body, *_ in group)
+
+    async def committed(self) -> None:
+        """Return once every append made so far is committed or refused (later ones are not waited for)."""
+        waiting = {future for *_, future in self._writing + self._pending}
+        if waiting:
+            await asyncio.wait(waiting)
 
     def _refusal(self, exc: Exception) -> SpoolError:
         cause = sqlite_cause(exc) if isinstance(exc, sqlite3.Error) else "other"
@@ -1006,8 +1015,7 @@ class Spool:
         oldest = GaugeMetricFamily("sidetrace_spool_oldest_unsent_age_seconds",
                                    "Age of the oldest batch an exporter has not delivered yet.",
                                    labels=["exporter"], unit="seconds")
-        dropped = CounterMetricFamily("sidetrace_spool_dropped_spans_total", "Items dropped by the spool before an "
-                                      "exporter delivered them, by exporter and reason.", labels=["exporter", "reason"])
+        dropped = dropped_spans_family()
         aside = CounterMetricFamily("sidetrace_spool_set_aside_spans_total",
                                     "Items set aside for an exporter and never retried, by reason (corrupt: failed "
                                     "its checksum; rejected: the backend called it invalid; too_large: one item "
@@ -1032,6 +1040,13 @@ class Spool:
         yield failed
         yield CounterMetricFamily("sidetrace_spool_replaced_files_total",
                                   "Corrupt spool files moved aside and replaced.", value=self.replaced_files)
+
+
+def dropped_spans_family() -> CounterMetricFamily:
+    """``sidetrace_spool_dropped_spans_total``, empty: the spool adds its drops, the pipeline what it never spooled."""
+    return CounterMetricFamily("sidetrace_spool_dropped_spans_total", "Items dropped by the spool before an exporter "
+                               "delivered them, or accepted while no exporter took spans (reason no_exporter), by "
+                               "exporter and reason.", labels=["exporter", "reason"])
 
 
 def _pack(body: bytes) -> tuple[bytes | cramjam.Buffer, int, int]:

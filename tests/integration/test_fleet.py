@@ -276,13 +276,27 @@ def test_a_reload_that_removes_the_balancer_counts_what_it_held_and_then_nothing
     agent.signal(signal.SIGHUP)
     wait_until(lambda: metric(agent, "sidetrace_config_reloads_total") == 1, 10, "the reload")
     assert metric_lines(agent, "sidetrace_spool_dropped_spans_total") == {
-        'exporter="tier",reason="exporter_removed"': 100 * SPANS_PER_TRACE}
+        'exporter="tier",reason="exporter_removed"': 100 * SPANS_PER_TRACE,
+        'exporter="traces",reason="no_exporter"': 0}  # pre-exported while nothing takes spans
     assert metric(agent, "sidetrace_spool_size_bytes") == 0
     assert "no trace exporter left: traces are kept in memory only" in agent.log()
     before = metric(agent, "sidetrace_recent_traces_spans")
-    send_traces(agent, 100, 10, processes=1)  # accepted, and kept only in the recent traces
+    send_traces(agent, 100, 10, processes=1)  # accepted, kept only in the recent traces, and counted
     assert metric(agent, "sidetrace_recent_traces_spans") == before + 10 * SPANS_PER_TRACE
     assert metric(agent, "sidetrace_spool_size_bytes") == 0
+    assert metric_lines(agent, "sidetrace_spool_dropped_spans_total")[
+        'exporter="traces",reason="no_exporter"'] == 10 * SPANS_PER_TRACE
+
+
+def test_with_no_exporter_configured_accepted_spans_are_counted_as_not_spooled(
+        agent_factory: Callable[..., Agent]) -> None:
+    agent = agent_factory("").start()
+    assert metric_lines(agent, "sidetrace_spool_dropped_spans_total") == {
+        'exporter="traces",reason="no_exporter"': 0}
+    send_traces(agent, 0, 10, processes=1)
+    assert metric_lines(agent, "sidetrace_spool_dropped_spans_total") == {
+        'exporter="traces",reason="no_exporter"': 10 * SPANS_PER_TRACE}
+    assert 'counted in sidetrace_spool_dropped_spans_total{reason="no_exporter"}' in agent.log()
 
 
 def wait_for_refused_sends(agent: Agent) -> None:
@@ -417,6 +431,52 @@ def test_a_reload_that_rebuilds_the_balancer_under_traffic_loses_no_span_and_sen
     spans = Counter(number for c in tier for number in c.traces().elements())  # per trace, over every collector
     assert set(spans) == set(range(traces)) and set(spans.values()) == {SPANS_PER_TRACE}
     assert all(c.sink.collected.duplicates() == 0 for c in tier)
+
+
+def test_renames_and_changes_of_kind_under_traffic_deliver_or_count_every_accepted_span(
+        agent_factory: Callable[..., Agent]) -> None:
+    sink = Sink()
+
+    def otlp(name: str) -> str:
+        return (f'[[exporters.otlp]]\nname = "{name}"\nendpoint = "http://127.0.0.1:{sink.port}"\n'
+                'batch_timeout_seconds = 0\n')
+
+    def accepted() -> float:
+        return metric_lines(agent, "sidetrace_receiver_accepted_spans_total")['transport="grpc"']
+
+    agent = agent_factory(otlp("x1")).start()
+    stop = threading.Event()
+    sent: list[int] = []
+    sending = threading.Thread(target=lambda: sent.append(send_until(agent, stop)))
+    sending.start()
+    try:
+        wait_until(lambda: sink.collected.unique() > 0, 30, "traffic flowing")
+        # renamed twice, turned into a balancer over the same sink and back, removed, then added again
+        for reloads, config in enumerate([otlp("x2"), otlp("x3"), lb_config([f"127.0.0.1:{sink.port}"]),
+                                          otlp("x4"), "", otlp("x5")], 1):
+            before = accepted()
+            agent.write_config(config)
+            agent.signal(signal.SIGHUP)
+            wait_until(lambda n=reloads: metric(agent, "sidetrace_config_reloads_total") == n, 10, "the reload")
+            wait_until(lambda b=before: accepted() > b + 500, 10, "traffic after the reload")
+    finally:
+        stop.set()
+        sending.join(30)
+    spans = sent[0] * SPANS_PER_TRACE
+    assert accepted() == spans
+
+    def counted() -> dict[str, float]:
+        return {k: v for k, v in metric_lines(agent, "sidetrace_spool_dropped_spans_total").items() if v}
+
+    # Every accepted span arrives, or is counted: what a removed exporter had not sent, what came while none was left.
+    wait_until(lambda: sink.collected.unique() + sum(counted().values()) == spans, 30,
+               "every span delivered or counted")
+    assert {k.split(",")[1] for k in counted()} <= {'reason="exporter_removed"', 'reason="no_exporter"'}
+    assert counted()['exporter="traces",reason="no_exporter"'] > 0
+    resent = sum(metric_lines(agent, "sidetrace_exporter_resent_spans_total").values())
+    assert sink.collected.duplicates() <= resent
+    agent.stop()
+    sink.stop()
 
 
 def unread_bytes(port: int) -> int:
