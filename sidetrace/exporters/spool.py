@@ -11,9 +11,9 @@ sub-reader of ``owner`` (exporter names hold no "/"): registering ``owner`` at o
 ``sub_readers``) restores its sub-readers' cursors too, and removing ``owner`` removes them and discards
 their queues (what they held undelivered is counted as dropped with reason ``exporter_removed``); so
 does an open that finds a queue no configured reader reads any more (an exporter renamed or removed
-while the agent was down; the trace queue waits at open for the next trace exporter). Removing a reader
-of the trace queue deletes the batches only it still needed, or all the queue holds if it was the last
-reader, and counts them the same way. Cursors
+while the agent was down). Removing a reader of the trace queue, by a reload or while the agent was
+down, deletes the batches only it still needed, or all the queue holds if it was the last reader, and
+counts them the same way (a reader new at open starts where the slowest was, so a rename loses nothing). Cursors
 live in a small preallocated file beside the database (``spool.db-cursors``) that is overwritten in
 place: acknowledging a delivered batch never needs new disk space, so a spool that filled its disk
 still drains. A batch is deleted once every reader of its queue has passed it.
@@ -289,8 +289,8 @@ class Spool:
         ``resume_only``: restored when the cursor file has it, never created. ``sub_readers``: its
         sub-readers (``reader/part``) come back with it, whether it does or not. At open, a queue that no
         registered reader (nor sub-reader brought back) reads any more is discarded as a removed exporter's
-        is (its items counted with reason ``exporter_removed``), except the trace queue, which waits for the
-        next trace exporter.
+        is (its items counted with reason ``exporter_removed``); in the trace queue, a reader no longer
+        registered loses what it alone still needed, counted the same way.
         """
         self._open_readers.append((reader, queue, resume_only, sub_readers))
 
@@ -451,8 +451,25 @@ class Spool:
             log.info("spool %s: readers no longer configured, cursors removed: %s", self.path, ", ".join(gone))
         # The queues of readers no longer configured (an exporter renamed, removed or of another kind since the
         # last run), and rows no cursor accounts for: nothing will read them again. Discarded and counted as a
-        # reload's removal is; the trace queue stays for the next trace exporter (an upgrade's drain reads it).
+        # reload's removal is. In the trace queue, a reader no longer configured loses what it alone still needed
+        # (a new reader starts where the slowest was, so a rename loses nothing), or all it had not delivered when
+        # the queue has no reader left.
         read = set(self._queue_of.values())
+        left_traces = [r for r in gone if saved_queues.get(r, TRACES) == TRACES]
+        if TRACES in read:
+            passed = self._passed(TRACES)
+            for reader in left_traces:
+                if saved[reader] < passed:  # deleted by the prune below
+                    self._count_discarded(reader, TRACES, saved[reader], passed,
+                                          f"that only exporter {reader} still needed; it is no longer configured")
+        elif TRACES in newest:
+            for reader in left_traces:
+                self._count_discarded(reader, TRACES, saved[reader], None,
+                                      f"that exporter {reader} had not delivered; it is no longer configured")
+            after = min((saved[r] for r in left_traces), default=0)
+            self._discard_queue(TRACES, after, why="that no configured exporter reads", keep_traces=False,
+                                count=not left_traces)
+            newest.pop(TRACES, None)
         for queue in sorted((set(newest) | {saved_queues.get(r, TRACES) for r in gone}) - read - {TRACES}):
             after = min((saved[r] for r in gone if saved_queues.get(r, TRACES) == queue), default=0)
             self._discard_queue(queue, after, why="whose exporter is no longer configured")
@@ -534,13 +551,14 @@ class Spool:
                                 exporter=exporter, keep_traces=False)
 
     def _discard_queue(self, queue: str, after: int, why: str = "whose exporter was removed", exporter: str = "",
-                       keep_traces: bool = True) -> None:
-        """Delete what a queue no reader will read again still holds, counting its items after ``after`` for
-        ``exporter`` (the queue's owner by default). At open, the trace queue waits for the next trace exporter
-        instead (``keep_traces``): an upgrade's drain reads it."""
+                       keep_traces: bool = True, count: bool = True) -> None:
+        """Delete what a queue no reader will read again still holds, counting (unless not ``count``) its items
+        after ``after`` for ``exporter`` (the queue's owner by default). The trace queue is kept if
+        ``keep_traces``."""
         if (queue == TRACES and keep_traces) or queue in self._queue_of.values():
             return
-        self._count_discarded(exporter or queue.split("/", 1)[0], queue, after, None, why)
+        if count:
+            self._count_discarded(exporter or queue.split("/", 1)[0], queue, after, None, why)
         assert self._db is not None
         self._db.execute("DELETE FROM batches WHERE queue = ?", (queue,))
         self._queue_bytes.pop(queue, None)

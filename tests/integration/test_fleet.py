@@ -321,6 +321,34 @@ def test_a_restart_that_renames_the_balancer_discards_and_counts_its_queues(
     assert not [k for k in metric_lines(agent, "sidetrace_spool_oldest_unsent_age_seconds") if 'exporter="tier/' in k]
 
 
+def test_a_restart_without_the_trace_queue_reader_discards_and_counts_its_backlog_as_a_reload_does(
+        agent_factory: Callable[..., Agent]) -> None:
+    away = f"127.0.0.1:{free_port()}"  # nothing listens there: what "f" should send waits in the trace queue
+    sink, later = Sink(), Sink()
+    otlp = '[[exporters.otlp]]\nname = "{}"\nendpoint = "http://{}"\n'
+    agent = agent_factory(otlp.format("f", away)).start()
+    send_traces(agent, 0, 100, processes=1)
+    wait_until(lambda: metric_lines(agent, "sidetrace_exporter_send_failed_spans_total").get('exporter="f"', 0) > 0,
+               10, "a refused send")
+    agent.stop()
+    agent.write_config(lb_config([f"127.0.0.1:{sink.port}"]))  # nothing reads the trace queue any more
+    agent.start()
+    assert metric_lines(agent, "sidetrace_spool_dropped_spans_total").get(
+        'exporter="f",reason="exporter_removed"') == 100 * SPANS_PER_TRACE
+    assert metric(agent, "sidetrace_spool_size_bytes") == 0  # nothing left counting against the bound
+    assert "discarded 1000 items of queue traces that exporter f had not delivered" in agent.log()
+    agent.write_config(lb_config([f"127.0.0.1:{sink.port}"]) + otlp.format("g", f"127.0.0.1:{later.port}"))
+    agent.signal(signal.SIGHUP)
+    wait_until(lambda: metric(agent, "sidetrace_config_reloads_total") == 1, 10, "the reload")
+    send_traces(agent, 100, 1, processes=1)
+    wait_until(lambda: later.collected.unique() == SPANS_PER_TRACE, 10, "g delivering the new trace")
+    assert sink.collected.unique() == SPANS_PER_TRACE  # the balancer has only the new one too
+    agent.stop()
+    assert later.collected.unique() == SPANS_PER_TRACE  # and none of what "f" had left
+    sink.stop()
+    later.stop()
+
+
 def test_a_reload_that_turns_the_balancer_into_an_otlp_exporter_counts_its_queues(
         agent_factory: Callable[..., Agent]) -> None:
     away = f"127.0.0.1:{free_port()}"
