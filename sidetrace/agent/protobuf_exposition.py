@@ -175,8 +175,10 @@ def _families(families: Iterable[Any]) -> Iterator[Any]:
 def _metric(family: Any, labels: dict[str, str], timestamp: Any) -> Any:
     metric = family.metric.add()
     for label, value in sorted(labels.items()):
-        if value:  # an empty value is no label, as in the text format
-            metric.label.add(name=label, value=value)
+        # Written even when empty, as the text formats write it: Prometheus stores no label for an empty value, but
+        # with honor_labels an empty instance or job (an app without service.instance.id) still keeps the target's
+        # out, as it does in a text scrape.
+        metric.label.add(name=label, value=value)
     if timestamp is not None:
         metric.timestamp_ms = int(float(timestamp) * 1000)
     return metric

@@ -252,3 +252,33 @@ def test_raw_otlp_points_the_sdk_does_not_make_reach_prometheus_exactly(
         assert 'sidetrace_app_metrics_dropped_points_total{reason="exponential_histogram_scale"} 1.0' in text
     finally:
         prometheus.stop()
+
+
+def test_an_app_without_an_instance_id_makes_the_same_series_in_both_formats_with_honor_labels(
+    agent_factory: Callable[..., Agent], tmp_path: Path
+) -> None:
+    # As the OTel Prometheus compatibility spec says, an app without service.instance.id gets instance="": with
+    # honor_labels (as dashboards/prometheus/scrape.yml sets) its series have no instance, whichever the format.
+    agent = agent_factory().start()
+    target = f"127.0.0.1:{agent.port}"
+    scrape = ("scrape_configs:\n  - job_name: sidetrace\n    honor_labels: true\n    static_configs:\n"
+              f"      - targets: ['{target}']\n")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "protobuf").mkdir()
+    text = Prometheus(tmp_path / "text", target, scrape)
+    protobuf = Prometheus(tmp_path / "protobuf", target, scrape, features="native-histograms")
+    provider = MeterProvider(resource=Resource({"service.name": "cart"}), metric_readers=[  # no detectors
+        PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=f"127.0.0.1:{agent.grpc_port}", insecure=True),
+                                      export_interval_millis=600_000)])
+    try:
+        provider.get_meter("cart").create_counter("orders").add(3)
+        assert provider.force_flush(10_000)
+        stored = [wait_until(lambda p=p: p.query("orders_total"), 30, "the app's counter") for p in (text, protobuf)]
+        assert [[sample["metric"] for sample in samples] for samples in stored] == [
+            [{"__name__": "orders_total", "job": "cart", "otel_scope_name": "cart"}]] * 2
+        own = [p.query("sidetrace_build_info")[0]["metric"] for p in (text, protobuf)]
+        assert [(labels["job"], labels["instance"]) for labels in own] == [("sidetrace", target)] * 2
+    finally:
+        provider.shutdown()
+        text.stop()
+        protobuf.stop()
