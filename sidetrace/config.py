@@ -34,6 +34,8 @@ else:  # pragma: no cover - exercised only on Python 3.10
 
 ENV_PREFIX = "SIDETRACE_"
 ENV_SEPARATOR = "__"
+# SIDETRACE_* variables that are not settings: the CLI's config path, the instrumented apps' agent endpoint.
+OTHER_VARIABLES = frozenset({"SIDETRACE_CONFIG", "SIDETRACE_AGENT_ENDPOINT"})
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Protobuf refuses to encode or decode a message of 2 GiB or more, so no OTLP or remote-write request can be larger.
 MAX_PROTOBUF_BYTES = 2**31 - 1
@@ -1235,9 +1237,28 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
                                 "no effect (static backends are not resolved); remove it, or set dns")
         warnings.extend(_bound_warnings(config, origins, origin))
         warnings.extend(_scheme_warnings(config, origin))
+        warnings.extend(_env_warnings(env))
         if verify and as_service and os.geteuid() == 0:
             warnings.extend(_attribute(_service_read_warnings(config, path, origin), origins, origin))
     return config
+
+
+def _env_warnings(env: Mapping[str, str]) -> list[str]:
+    """One line per SIDETRACE_* variable with no "__" (so not read as a setting), naming the setting it most likely
+    meant. Warned, not refused: an unrelated variable of that shape must not stop the agent starting."""
+    meant: dict[str, str] = {}  # a setting's variable with "__" written "_" -> the variable
+    for path, _, _ in _walk(Config):
+        if not any("[" in p for p in path):
+            meant.setdefault(env_name(path).replace(ENV_SEPARATOR, "_"), env_name(path))
+    lines = []
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or ENV_SEPARATOR in name or name in OTHER_VARIABLES:
+            continue
+        close = meant.get(name) or next(iter(difflib.get_close_matches(name, meant, n=1, cutoff=0.8)), None)
+        hint = f'did you mean {meant.get(close, close)}?' if close else \
+            "a setting's variable is SIDETRACE_<SECTION>__<KEY>, with two underscores between the parts"
+        lines.append(f"environment {name}: ignored, not a setting (no \"__\" between section and key); {hint}")
+    return lines
 
 
 def _scheme_warnings(config: Config, origin: str) -> list[str]:

@@ -497,3 +497,21 @@ def test_an_unknown_subsection_variable_lists_the_subsections() -> None:
         "config file (a header or credential value can read a variable with ${VAR})",
         "environment SIDETRACE_SOURCES__BOGUS__ENABLED: unknown setting (known: SIDETRACE_SOURCES__NATS_TRACE__*, "
         "SIDETRACE_SOURCES__NETSAMPLE__*)"]
+
+
+def test_a_variable_without_a_double_underscore_is_warned_of_with_the_setting_it_likely_meant(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIDETRACE_SERVER_LISTEN", "127.0.0.1:9500")
+    monkeypatch.setenv("SIDETRACE_LOG_LEVEL", "debug")
+    monkeypatch.setenv("SIDETRACE_FROB", "1")
+    monkeypatch.setenv("SIDETRACE_CONFIG", str(tmp_path / "x.toml"))  # the CLI's, and the apps': not settings
+    monkeypatch.setenv("SIDETRACE_AGENT_ENDPOINT", "http://127.0.0.1:4317")
+    path = write(tmp_path, "")
+    assert cli.main(["check-config", "--config", str(path)]) == 0
+    assert capsys.readouterr().err == (
+        'warning: environment SIDETRACE_FROB: ignored, not a setting (no "__" between section and key); a '
+        "setting's variable is SIDETRACE_<SECTION>__<KEY>, with two underscores between the parts\n"
+        'warning: environment SIDETRACE_LOG_LEVEL: ignored, not a setting (no "__" between section and key); did '
+        "you mean SIDETRACE_AGENT__LOG_LEVEL?\n"
+        'warning: environment SIDETRACE_SERVER_LISTEN: ignored, not a setting (no "__" between section and key); '
+        "did you mean SIDETRACE_SERVER__LISTEN?\n")
