@@ -344,7 +344,8 @@ class OtlpExporterSection:
 
     name: str = _key("Unique name; used in metrics and as the spool cursor's key.", _check_name, default="jaeger")
     endpoint: str = _key("`http://host:4317` (grpc) or `http://host:4318` (http, /v1/traces is added); "
-                         "`https://` turns TLS on. `host:4317` alone is taken as `http://` (plain text) and warned of.",
+                         "`https://` turns TLS on (tls.* apply only then; set otherwise, they are warned of). "
+                         "`host:4317` alone is taken as `http://` (plain text) and warned of.",
                          _check_endpoint, default="http://127.0.0.1:4317")
     protocol: str = _key("`grpc` or `http` (protobuf).", _check_choice("grpc", "http"), default="grpc")
     headers: dict[str, str] = _key("Extra request headers; `${VAR}` in a value is read from the environment "
@@ -1262,14 +1263,25 @@ def _env_warnings(env: Mapping[str, str]) -> list[str]:
 
 
 def _scheme_warnings(config: Config, origin: str) -> list[str]:
-    """One line per exporter endpoint written without a scheme. Warned, not refused: earlier versions took
-    `HOST:PORT` as plain text and a config that ran before must not stop starting after an upgrade; but the
-    OpenTelemetry Collector's `otlp` exporter and the SDKs' gRPC exporters take it as TLS (their `insecure` defaults
-    to false), so an operator used to them may believe the connection is encrypted when it is not."""
-    return [f"{origin}: exporters.otlp[{index}].endpoint: \"{exporter.endpoint}\" has no scheme and is taken as "
-            f"http://{exporter.endpoint} (plain text, as earlier versions did), where the OpenTelemetry Collector and "
-            f"SDKs take it as TLS; write http://{exporter.endpoint} or https://{exporter.endpoint}"
-            for index, exporter in enumerate(config.exporters.otlp) if "://" not in exporter.endpoint]
+    """One line per exporter endpoint written without a scheme, and per exporter whose tls.* settings a plain-text
+    endpoint leaves unused. Warned, not refused: earlier versions took `HOST:PORT` as plain text and ignored tls.*
+    there, and a config that ran before must not stop starting after an upgrade; but the OpenTelemetry Collector's
+    `otlp` exporter and the SDKs' gRPC exporters take `HOST:PORT` as TLS (their `insecure` defaults to false), so an
+    operator used to them may believe the connection is encrypted when it is not."""
+    lines = []
+    for index, exporter in enumerate(config.exporters.otlp):
+        endpoint = exporter.endpoint
+        if "://" not in endpoint:
+            usual = ("where the OpenTelemetry Collector and SDKs take it as TLS" if exporter.protocol == "grpc" else
+                     "where the OpenTelemetry Collector and SDKs expect a URL with its scheme")
+            lines.append(f"{origin}: exporters.otlp[{index}].endpoint: \"{endpoint}\" has no scheme and is taken as "
+                         f"http://{endpoint} (plain text, as earlier versions did), {usual}; write "
+                         f"http://{endpoint} or https://{endpoint}")
+        if exporter.tls != ClientTlsSection() and not endpoint.startswith("https://"):
+            lines.append(f"{origin}: exporters.otlp[{index}].tls: files or options are set but the endpoint "
+                         f"\"{endpoint}\" is not https://, so they are not used and the backend is reached in plain "
+                         "text; write the endpoint with https://, or remove them")
+    return lines
 
 
 def _bound_warnings(config: Config, origins: Mapping[tuple[str, ...], str], origin: str) -> list[str]:

@@ -457,10 +457,11 @@ def test_an_exporter_endpoint_without_a_scheme_is_taken_as_plain_text_and_warned
     assert cli.main(["check-config", "--config", str(path)]) == 0
     captured = capsys.readouterr()
     assert captured.out == f"{path}: OK\n"
+    usual = {"grpc": "take it as TLS", "http": "expect a URL with its scheme"}[protocol]  # gRPC's is TLS
     assert captured.err == (
         f'warning: {path}: exporters.otlp[0].endpoint: "localhost:4317" has no scheme and is taken as '
-        "http://localhost:4317 (plain text, as earlier versions did), where the OpenTelemetry Collector and SDKs take "
-        "it as TLS; write http://localhost:4317 or https://localhost:4317\n")
+        f"http://localhost:4317 (plain text, as earlier versions did), where the OpenTelemetry Collector and SDKs "
+        f"{usual}; write http://localhost:4317 or https://localhost:4317\n")
     warnings: list[str] = []
     load(write(tmp_path, '[[exporters.otlp]]\nendpoint = "http://localhost:4317"\n'), {}, verify=True,
          warnings=warnings)
@@ -515,3 +516,20 @@ def test_a_variable_without_a_double_underscore_is_warned_of_with_the_setting_it
         "you mean SIDETRACE_AGENT__LOG_LEVEL?\n"
         'warning: environment SIDETRACE_SERVER_LISTEN: ignored, not a setting (no "__" between section and key); '
         "did you mean SIDETRACE_SERVER__LISTEN?\n")
+
+
+@pytest.mark.parametrize("endpoint", ["http://collector:4317", "collector:4317"])
+def test_tls_settings_on_a_plain_text_otlp_endpoint_are_warned_of(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], endpoint: str) -> None:
+    # Warned, not refused (unlike loadbalancing's tls.* without tls.enabled): such a config started before.
+    path = write(tmp_path, f'[[exporters.otlp]]\nendpoint = "{endpoint}"\n[exporters.otlp.tls]\n'
+                           "insecure_skip_verify = true\n")
+    assert cli.main(["check-config", "--config", str(path)]) == 0
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f'warning: {path}: exporters.otlp[0].tls: files or options are set but the endpoint "{endpoint}" is not '
+        "https://, so they are not used and the backend is reached in plain text; write the endpoint with https://, "
+        "or remove them")
+    warnings: list[str] = []
+    load(write(tmp_path, '[[exporters.otlp]]\nendpoint = "https://collector:4317"\n[exporters.otlp.tls]\n'
+                         "insecure_skip_verify = true\n"), {}, verify=True, warnings=warnings)
+    assert warnings == []
