@@ -136,8 +136,19 @@ def check_interpreter(python: str, root: Path = Path("/")) -> list[str]:
             raise ServiceError(f"--python {python}: no executable at {root / python.lstrip('/')}{via} (with --root, "
                                f"the interpreter is looked for inside {root}, where the service will run it); "
                                "install sidetrace there first")
-        for path in (str(resolved), _venv_home(root, python)):
-            refusal = _hidden_refusal(python, path) if path else None
+        paths = [str(resolved)]
+        home = _venv_home(root, python)
+        if home is not None:
+            home_inside = inside(root, home) if home.startswith("/") else None
+            if home_inside is None or not (root / home_inside.relative_to("/")).is_dir():
+                link = f", a link to {home_inside} there," if home_inside not in (None, PurePosixPath(home)) else ""
+                raise ServiceError(f"--python {python}: its venv's base interpreter directory (pyvenv.cfg's home = "
+                                   f"{home}) is missing at {root / home.lstrip('/')}{link} (with --root, it is looked "
+                                   f"for inside {root}, where the service will run it); install that Python there "
+                                   "first, or make the venv inside the image")
+            paths += [home, str(home_inside)]
+        for path in paths:
+            refusal = _hidden_refusal(python, path)
             if refusal is not None:
                 raise refusal
         return []

@@ -196,6 +196,33 @@ def test_install_service_with_root_refuses_a_venv_whose_base_the_service_cannot_
 
 
 @pytest.mark.slow
+def test_install_service_with_root_follows_the_venv_home_inside_the_root(venv: Path, tmp_path: Path) -> None:
+    def copied_venv(root: Path, home: str) -> None:  # `python3 -m venv --copies`: no link to follow to the base
+        interpreter_in(root, "/opt/sidetrace/bin/python")
+        (root / "opt/sidetrace/pyvenv.cfg").write_text(f"home = {home}\n")
+
+    missing = tmp_path / "missing"
+    copied_venv(missing, "/usr/local/python/bin")  # absent from the image
+    done = run(venv / "bin/sidetrace", "install-service", "--root", missing, "--python", "/opt/sidetrace/bin/python")
+    assert (done.returncode, done.stderr) == (2, (
+        "sidetrace install-service: --python /opt/sidetrace/bin/python: its venv's base interpreter directory "
+        f"(pyvenv.cfg's home = /usr/local/python/bin) is missing at {missing}/usr/local/python/bin (with --root, it "
+        f"is looked for inside {missing}, where the service will run it); install that Python there first, or make "
+        "the venv inside the image\n"))
+    assert not (missing / "etc").exists()
+
+    linked = tmp_path / "linked"
+    copied_venv(linked, "/opt/python/bin")
+    (linked / "root/.pyenv/bin").mkdir(parents=True)
+    (linked / "opt/python").symlink_to("/root/.pyenv")  # absolute: followed inside the image, not on this host
+    done = run(venv / "bin/sidetrace", "install-service", "--root", linked, "--python", "/opt/sidetrace/bin/python")
+    assert done.returncode == 2
+    assert done.stderr.startswith("sidetrace install-service: --python /opt/sidetrace/bin/python: the service cannot "
+                                  "reach /root/.pyenv/bin: ProtectHome=yes hides ")
+    assert not (linked / "etc").exists()
+
+
+@pytest.mark.slow
 def test_install_service_with_root_refuses_a_symbolic_link_loop(venv: Path, tmp_path: Path) -> None:
     (tmp_path / "opt/sidetrace/bin").mkdir(parents=True)
     (tmp_path / "opt/sidetrace/bin/python").symlink_to("/opt/sidetrace/bin/python3")
