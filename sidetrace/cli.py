@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import os
 import platform
@@ -248,13 +249,29 @@ def _ask(args: argparse.Namespace, agent: AgentAddress, path: str) -> Any:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         if isinstance(reason, ssl.SSLCertVerificationError):
-            raise AgentUnreachable(f"{url}: the agent's certificate is not trusted here ({reason.verify_message}); "
-                                   "pass --cacert with the CA that signed it (the certificate itself when "
-                                   "self-signed), --config with the agent's config file, or --insecure") from None
+            raise AgentUnreachable(_untrusted(args, url, reason)) from None
+        if url.startswith("http://") and isinstance(reason, (ConnectionResetError, http.client.BadStatusLine)):
+            # A TLS listener drops a plain-text request without an answer.
+            raise AgentUnreachable(f"cannot reach the agent at {url}: {reason} (if it serves https, as with "
+                                   f"[server.tls], ask {agent.base.replace('http://', 'https://', 1)})") from None
         raise AgentUnreachable(f"cannot reach the agent at {url}: {reason} "
                                "(is it running? pass --url, or --config with its config file)") from None
     except json.JSONDecodeError as exc:
         raise AgentUnreachable(f"{url} did not answer with the agent's JSON: {exc}") from None
+
+
+def _untrusted(args: argparse.Namespace, url: str, error: ssl.SSLCertVerificationError) -> str:
+    """Why an https:// agent's certificate was refused, suggesting only what was not tried already."""
+    if error.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+        return (f"{url}: the agent's certificate does not hold the name asked for ({error.verify_message}); ask it "
+                "by a name or address its certificate holds (--url), or pass --insecure")
+    cacert = getattr(args, "cacert", None)
+    hints = [f"--cacert with the CA that signed it ({cacert} does not hold it)" if cacert else
+             "--cacert with the CA that signed it (the certificate itself when self-signed)"]
+    if not getattr(args, "config", None):
+        hints.append("--config with the agent's config file")
+    return (f"{url}: the agent's certificate is not trusted here ({error.verify_message}); pass {', '.join(hints)}, "
+            "or --insecure")
 
 
 def _with_agent(command: Callable[[argparse.Namespace, AgentAddress], int]) -> Callable[[argparse.Namespace], int]:

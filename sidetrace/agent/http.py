@@ -57,7 +57,7 @@ class HttpServer:
             raise RuntimeError(f"server.listen: {self._last_error}") from None
         self._runner = runner
         self._state = "running"
-        log.info("serving /metrics on http://%s/metrics", self.section.listen)
+        log.info("serving /metrics on %s://%s/metrics", "https" if ssl_context else "http", self.section.listen)
 
     async def stop(self) -> None:
         self._state = "stopping"

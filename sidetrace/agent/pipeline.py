@@ -224,6 +224,7 @@ class TracePipeline:
             self.spool.max_pending_bytes = new.spool.max_pending_bytes
             if new.spool.sync != old.spool.sync:
                 self.spool.set_sync(new.spool.sync)
+        before = set(self.exporters)
         names = {s.name for _, s in wanted}
         kinds = {s.name: kind for kind, s in wanted}
         changed_in_place = [(kind, s) for kind, s in wanted if (kind, s) != self._sections.get(s.name)
@@ -278,7 +279,10 @@ class TracePipeline:
                 await self.spool.remove_reader(reader)
         self._config = new
         if built or leaving:
-            log.info("exporters restarted: %s; exporting to %s", ", ".join(sorted({*built, *leaving})),
+            changes = [(what, sorted(names_)) for what, names_ in (
+                ("added", [n for n in built if n not in before]), ("restarted", [n for n in built if n in before]),
+                ("removed", removed)) if names_]
+            log.info("%s; exporting to %s", "; ".join(f"exporters {what}: {', '.join(n)}" for what, n in changes),
                      ", ".join(self.exporters) or "nothing")
         if (built or leaving) and not self._trace_exporters():
             log.info("no trace exporter left: traces are kept in memory only (/debug/traces, `sidetrace traces`), "

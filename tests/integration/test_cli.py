@@ -149,8 +149,22 @@ def test_status_verifies_a_tls_agent_with_cacert_or_not_at_all_with_insecure(
         f"{url}/debug/status: the agent's certificate is not trusted here (unable to get local issuer certificate); "
         "pass --cacert with the CA that signed it (the certificate itself when self-signed), --config with the "
         "agent's config file, or --insecure\n"))
-    # The config's own certificate is not self-signed here, so --config alone cannot stand for its CA.
+    # The config's own certificate is not self-signed here, so --config alone cannot stand for its CA: not offered
+    # again, and a --cacert that does not hold the CA is named.
+    by_config = sidetrace("status", "--config", str(agent.config_path), "--cacert", str(cert))
+    assert (by_config.returncode, by_config.stderr) == (EXIT_UNREACHABLE, (
+        f"{url}/debug/status: the agent's certificate is not trusted here (unable to get local issuer certificate); "
+        f"pass --cacert with the CA that signed it ({cert} does not hold it), or "
+        "--insecure\n"))
     assert sidetrace("status", "--config", str(agent.config_path)).returncode == EXIT_UNREACHABLE
+    by_name = sidetrace("status", "--url", f"https://localhost:{agent.port}", "--cacert", str(ca))
+    assert (by_name.returncode, by_name.stderr) == (EXIT_UNREACHABLE, (
+        f"https://localhost:{agent.port}/debug/status: the agent's certificate does not hold the name asked for "
+        "(Hostname mismatch, certificate is not valid for 'localhost'.); ask it by a name or address its certificate "
+        "holds (--url), or pass --insecure\n"))
+    plain = sidetrace("status", "--url", f"http://127.0.0.1:{agent.port}")
+    assert plain.returncode == EXIT_UNREACHABLE
+    assert plain.stderr.endswith(f"(if it serves https, as with [server.tls], ask https://127.0.0.1:{agent.port})\n")
     assert sidetrace("status", "--config", str(agent.config_path), "--cacert", str(ca)).returncode == 0
     insecure = sidetrace("traces", "--url", url, "--insecure")
     assert (insecure.returncode, insecure.stdout) == (0, "no recent traces match\n"), insecure.stderr

@@ -349,6 +349,11 @@ def test_a_reload_restarts_only_the_exporter_that_changed(agent_factory: Callabl
     assert agent.log().count("exporters restarted:") == 1
     assert "exporters restarted: changed; exporting to kept, changed" in agent.log()
     assert metric_total(agent.url, "sidetrace_receiver_refused_spans_total") == 0
+    # An exporter added and one removed are said to be, not "restarted".
+    agent.write_config(changed_exporter.replace('name = "changed"', 'name = "renamed"'))
+    agent.signal(signal.SIGHUP)
+    wait_until(lambda: metric_value(agent.url, "sidetrace_config_reloads_total") == 3.0, 10, "the third reload")
+    assert "exporters added: renamed; exporters removed: changed; exporting to kept, renamed" in agent.log()
     agent.stop()
     kept.stop()
     changed.stop()

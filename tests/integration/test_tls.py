@@ -45,5 +45,6 @@ def test_http_endpoint_serves_tls(agent_factory: Callable[..., Agent], tmp_path:
             return r.status == 200
 
     wait_until(ready, 20, "the agent ready over https")
+    assert f"serving /metrics on https://127.0.0.1:{agent.port}/metrics" in agent.log()
     with pytest.raises(OSError):  # plaintext to the TLS endpoint gets no HTTP answer
         http_get(f"{agent.url}/readyz", 2)
