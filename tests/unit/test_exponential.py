@@ -247,7 +247,8 @@ def test_protobuf_families_carry_the_text_formats_names_types_and_values() -> No
     (lone,) = families["jobs_created"].metric
     assert [(p.name, p.value) for p in lone.label] == [("queue", "lone")] and lone.gauge.value == 1700000001.0
     (depth,) = families["depth"].metric
-    assert [(p.name, p.value) for p in depth.label] == [("queue", "a")] and depth.gauge.value == 2.5
+    # an empty label is written, as the text format writes it (with honor_labels, instance="" keeps the target's out)
+    assert [(p.name, p.value) for p in depth.label] == [("empty", ""), ("queue", "a")] and depth.gauge.value == 2.5
     (lat,) = families["lat"].metric
     assert (lat.histogram.sample_count, lat.histogram.sample_sum) == (3, 4.5)
     assert [(b.upper_bound, b.cumulative_count) for b in lat.histogram.bucket] == [(1.0, 1), (float("inf"), 3)]
