@@ -256,7 +256,9 @@ class TracePipeline:
             for exporter in built.values():
                 for reader, queue in exporter.readers():
                     await spool.add_reader(reader, queue)
-        self._trace_readers |= new_readers  # they read what is queued for them once started
+        # They read what is queued for them once started; but a name whose load-balancing exporter routes requests
+        # until its successor starts gets trace-queue writes only then, so no request goes both ways.
+        self._trace_readers |= new_readers - set(self._routers)
         if handed_over:
             await self._remove(removed)
         await self._start_exporters(built, wanted)
