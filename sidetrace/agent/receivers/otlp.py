@@ -444,9 +444,9 @@ class OtlpReceiver:
     # metrics ---------------------------------------------------------------------------------------
 
     def collect(self) -> Iterator[Metric]:
-        accepted = CounterMetricFamily("sidetrace_receiver_accepted_spans_total", "Spans accepted: durably queued, or counted as dropped with "
-                                       "reason no_exporter when no exporter takes traces.",
-                                       labels=["transport"])
+        accepted = CounterMetricFamily("sidetrace_receiver_accepted_spans_total",
+                                       "Spans accepted: durably queued, or counted as dropped with reason no_exporter "
+                                       "when no exporter takes traces.", labels=["transport"])
         points = CounterMetricFamily("sidetrace_receiver_accepted_metric_points_total", "OTLP metric points taken.",
                                      labels=["transport"])
         for transport in ("grpc", "http"):
