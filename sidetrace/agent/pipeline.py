@@ -276,7 +276,11 @@ class TracePipeline:
             # the trace queue stays for the new one (a loadbalancing exporter routes what it still holds).
             if hasattr(exporter, "settled"):
                 await exporter.settled()
-            for reader in [r for r in self.spool.readers() if r.startswith(f"{exporter.name}/")]:
+            # the successor's own sub-readers (a load-balancing exporter replacing an otlp one: its backends' queues,
+            # just added) stay: only those it does not read go
+            successor = self.exporters.get(exporter.name)
+            keep = {reader for reader, _ in successor.readers()} if successor is not None else set()
+            for reader in [r for r in self.spool.readers() if r.startswith(f"{exporter.name}/") and r not in keep]:
                 self._stats.pop(reader, None)
                 await self.spool.remove_reader(reader)
         self._config = new

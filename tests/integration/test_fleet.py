@@ -479,9 +479,11 @@ def test_renames_and_changes_of_kind_under_traffic_deliver_or_count_every_accept
     sending.start()
     try:
         wait_until(lambda: sink.collected.unique() > 0, 30, "traffic flowing")
-        # renamed twice, turned into a balancer over the same sink, back under its name, renamed, removed, added again
-        for reloads, config in enumerate([otlp("x2"), otlp("x3"), lb_config([f"127.0.0.1:{sink.port}"]),
-                                          otlp("tier"), otlp("x4"), "", otlp("x5")], 1):
+        # renamed twice, turned into a balancer over the same sink, back to otlp under its name, into a balancer again
+        # under that same name (its new backend queues must not go with the old kind's), renamed, removed, added again
+        balancer = lb_config([f"127.0.0.1:{sink.port}"])
+        for reloads, config in enumerate([otlp("x2"), otlp("x3"), balancer, otlp("tier"), balancer, otlp("x4"), "",
+                                          otlp("x5")], 1):
             before = accepted()
             agent.write_config(config)
             agent.signal(signal.SIGHUP)
