@@ -4,6 +4,7 @@ max_requests flushes before it exits, and nothing is exported twice."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -101,3 +102,68 @@ def test_uwsgi_workers_each_export_and_recycled_ones_flush(collector: Collector,
                       "--virtualenv", sys.prefix, *(["--lazy-apps"] if lazy else [])],
                      service, collector, port, tmp_path)
     assert_every_worker_exported_each_span_once(collector, service, answered)
+
+
+# Long enough that no span leaves on the SDK's schedule during a test: every span must leave in its worker's
+# exit flush.
+EXIT_ONLY_DELAY_MILLIS = "60000"
+EXIT_WAIT_SECONDS = 15.0  # a worker's flush at its exit is bounded by a few seconds
+# A UvicornWorker does not stop on the SIGQUIT of gunicorn's fast stop: its arbiter kills it after this long.
+GRACEFUL_TIMEOUT_SECONDS = 5
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT], ids=lambda s: s.name)
+@pytest.mark.parametrize("worker_class", ["sync", "uvicorn.workers.UvicornWorker"], ids=["sync", "uvicorn"])
+def test_gunicorn_stopped_every_live_worker_flushes_at_exit(collector: Collector, tmp_path: Path, worker_class: str,
+                                                             stop: signal.Signals) -> None:
+    """The live workers' spans, still waiting for the SDK's schedule, leave when the server is stopped: gracefully
+    (SIGTERM: a UvicornWorker dies of the signal it raises again after its graceful shutdown) or fast (SIGINT,
+    SIGQUIT: the arbiter sends its workers SIGQUIT, which a UvicornWorker takes without stopping until the arbiter
+    kills it)."""
+    service = f"pf-stop-{worker_class.rsplit('.', 1)[-1].lower()}-{stop.name.lower()}"
+    app = "prefork_app:app" if worker_class == "sync" else "prefork_app:asgi_app"
+    stop_and_check_every_span_left(
+        [str(BIN / "gunicorn"), "--workers", "2", "--worker-class", worker_class,
+         "--graceful-timeout", str(GRACEFUL_TIMEOUT_SECONDS), "--bind", "127.0.0.1:{port}", app],
+        service, collector, tmp_path, stop, pids=2, status=0)
+
+
+def test_uvicorn_stopped_by_sigterm_flushes_at_exit(collector: Collector, tmp_path: Path) -> None:
+    """Plain uvicorn re-raises the SIGTERM it shut down on too, with the default action Python leaves for it: it
+    still dies of it, as it does without the launcher."""
+    stop_and_check_every_span_left([str(BIN / "uvicorn"), "--port", "{port}", "prefork_app:asgi_app"],
+                                   "pf-stop-uvicorn-plain", collector, tmp_path, signal.SIGTERM, pids=1,
+                                   status=-signal.SIGTERM)
+
+
+def stop_and_check_every_span_left(server: list[str], service: str, collector: Collector, tmp: Path,
+                                   stop: signal.Signals, pids: int, status: int) -> None:
+    """Run ``server`` (``{port}`` in its arguments replaced) under the launcher with spans held for the exit flush,
+    send requests until ``pids`` processes have answered, send ``stop`` to it, and check every request's server
+    span arrives, once, and the server ends with ``status`` (a returncode)."""
+    port = free_port()
+    with open(tmp / f"{service}.log", "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sidetrace", "instrument", "--service", service, "--endpoint", collector.endpoint,
+             "--", *(arg.format(port=port) for arg in server)], cwd=APPS, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "OTEL_BSP_SCHEDULE_DELAY": EXIT_ONLY_DELAY_MILLIS})
+    try:
+        wait_until(lambda: proc.poll() is None and port_open(port), 30, f"{server[0]} listening")
+        answered = {}
+        deadline = time.monotonic() + SEND_SECONDS
+        # Every serving process answers (the kernel hands connections to either) and keeps its spans until it exits.
+        while (len(answered) < 6 or len(set(answered.values())) < pids) and time.monotonic() < deadline:
+            trace_id = os.urandom(16).hex()
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/pid", headers={
+                "traceparent": f"00-{trace_id}-{os.urandom(8).hex()}-01", "connection": "close"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                answered[trace_id] = int(response.read().decode().strip('"'))
+        assert len(set(answered.values())) == pids
+        assert not server_spans(collector, service)  # nothing left before the stop: the test needs the exit flush
+        proc.send_signal(stop)
+        wait_until(lambda: {span.trace_id.hex() for span in server_spans(collector, service)} >= set(answered),
+                   EXIT_WAIT_SECONDS, f"a server span for every request after {stop.name}")
+        assert proc.wait(GRACEFUL_TIMEOUT_SECONDS + EXIT_WAIT_SECONDS) == status
+    finally:
+        stop_process(proc)
+    assert sorted(span.trace_id.hex() for span in server_spans(collector, service)) == sorted(answered)

@@ -23,6 +23,7 @@ It never raises: a failure is logged once and the app starts as usual.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import signal
@@ -236,7 +237,7 @@ CHILD_FLUSH_MILLIS = 1000  # what a child process may spend sending its last spa
 TERMINATED_FLUSH_SECONDS = LIVE_AGENT_BUDGET_SECONDS + 0.5
 _CHILD_FLUSHING = threading.Event()  # set once this child has begun its last flush
 _CHILD_FLUSHED = threading.Event()  # set once that flush is over
-_TERMINATED = threading.Event()  # a SIGTERM came during that flush: the child dies of it once the flush is over
+_TERMINATED_BY: list[int] = []  # a deadly signal that came during that flush: the process dies of it once it is over
 
 
 def _flush_child_processes() -> None:
@@ -258,8 +259,8 @@ def _flush_child_processes() -> None:
             return bootstrap(self, *args, **kwargs)
         finally:
             _flush_child()
-            if _TERMINATED.is_set():
-                os.kill(os.getpid(), signal.SIGTERM)
+            if _TERMINATED_BY:
+                os.kill(os.getpid(), _TERMINATED_BY[0])
 
     flushing_bootstrap._sidetrace_flushes = True  # type: ignore[attr-defined]
     multiprocessing.process.BaseProcess._bootstrap = flushing_bootstrap  # type: ignore[method-assign]
@@ -283,33 +284,111 @@ def _flush_child() -> None:
         _CHILD_FLUSHED.set()
 
 
+def _flush_then_die(signum: int, frame: Any) -> None:
+    """A signal handler standing in for the default action of a deadly signal: flush this process's spans and
+    metrics, then die of the signal as the process would have (its parent sees the same status). The flush runs
+    in a thread the handler waits for, bounded, so a lock held by the code the signal interrupted cannot keep the
+    process alive. A process already leaving through its last flush dies of the signal once that flush is over,
+    rather than going on to the interpreter's teardown; a second signal ends it at once."""
+    signal.signal(signum, signal.SIG_DFL)
+    if _CHILD_FLUSHING.is_set():  # already on its way out through the flush at its end
+        if not _CHILD_FLUSHED.is_set():
+            _TERMINATED_BY.append(signum)  # handlers run in the main thread, which is flushing: it dies when done
+            return
+        os.kill(os.getpid(), signum)
+    try:
+        flusher = threading.Thread(target=_flush_child, name="sidetrace-terminated-flush", daemon=True)
+        flusher.start()
+        flusher.join(TERMINATED_FLUSH_SECONDS)
+    except Exception as exc:  # noqa: BLE001 - the process must still die of the signal it was sent
+        log.warning("sidetrace: could not flush spans before dying of signal %d: %s", signum, exc)
+    os.kill(os.getpid(), signum)
+
+
 def _flush_when_terminated() -> None:
-    """Flush a Pool worker's spans and metrics when SIGTERM comes, then let the signal end it. The flush runs in a
-    thread the handler waits for, bounded, so a lock held by the code the signal interrupted cannot keep the
-    worker alive. A worker already leaving (its pool's sentinel came first) dies of the SIGTERM once its own last
-    flush is over, rather than going on to the interpreter's teardown; a second SIGTERM ends it at once."""
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if _CHILD_FLUSHING.is_set():  # already on its way out through the flush at its end
-            if not _CHILD_FLUSHED.is_set():
-                _TERMINATED.set()  # handlers run in the main thread, which is flushing: it dies when done
-                return
-            os.kill(os.getpid(), signal.SIGTERM)
-        try:
-            flusher = threading.Thread(target=_flush_child, name="sidetrace-terminated-flush", daemon=True)
-            flusher.start()
-            flusher.join(TERMINATED_FLUSH_SECONDS)
-        except Exception as exc:  # noqa: BLE001 - the worker must still die of the signal it was sent
-            log.warning("sidetrace: could not flush a terminated pool worker's spans: %s", exc)
-        os.kill(os.getpid(), signal.SIGTERM)
-
+    """Flush a Pool worker's spans and metrics when SIGTERM comes, then let the signal end it
+    (:func:`_flush_then_die`). A handler the app set stays."""
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:  # the app's own handler stays
         return
     try:
-        signal.signal(signal.SIGTERM, on_sigterm)
+        signal.signal(signal.SIGTERM, _flush_then_die)
     except (ValueError, OSError) as exc:  # not the main thread, or no such signal here
         log.debug("sidetrace: a pool worker will not flush when terminated: %s", exc)
+
+
+def _flush_uvicorn_servers() -> None:
+    """Make uvicorn servers flush before a signal ends them. uvicorn catches SIGINT and SIGTERM while it serves,
+    shuts down gracefully, then raises the signal again with the handler it found: where that is the default
+    action (a gunicorn UvicornWorker resets them all; SIGTERM in any process) the process dies of it inside
+    ``asyncio.run``, and no exit handler of the SDK runs. :func:`_flush_then_die` stands in for that default
+    while uvicorn serves. A gunicorn UvicornWorker also flushes when its arbiter's fast stop sends SIGQUIT, which
+    uvicorn's worker takes without stopping (its arbiter kills it after the graceful timeout)."""
+    import wrapt
+
+    wrapt.register_post_import_hook(_guarded(_flush_when_uvicorn_stops), "uvicorn.server")
+    wrapt.register_post_import_hook(_guarded(_flush_when_uvicorn_worker_quits), "uvicorn.workers")
+
+
+def _guarded(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    def guarded(module: Any) -> None:
+        try:
+            hook(module)
+        except Exception as exc:  # noqa: BLE001 - the app imports and runs uvicorn whatever happens here
+            log.warning("sidetrace: %s will not flush spans when it is stopped: %s", module.__name__, exc)
+
+    return guarded
+
+
+def _flush_when_uvicorn_stops(module: Any) -> None:
+    capture_signals = module.Server.capture_signals
+    if getattr(capture_signals, "_sidetrace_flushes", False):
+        return
+    handled = tuple(getattr(module, "HANDLED_SIGNALS", (signal.SIGINT, signal.SIGTERM)))
+
+    @contextlib.contextmanager
+    def flushing_capture_signals(self: Any) -> Iterator[None]:
+        stood_in = _stand_in_for_default_actions(handled)
+        try:
+            with capture_signals(self):
+                yield
+        finally:
+            for signum in stood_in:  # the server stopped without a signal: the default actions are back
+                if signal.getsignal(signum) is _flush_then_die:
+                    signal.signal(signum, signal.SIG_DFL)
+
+    flushing_capture_signals._sidetrace_flushes = True  # type: ignore[attr-defined]
+    module.Server.capture_signals = flushing_capture_signals
+
+
+def _stand_in_for_default_actions(signals: tuple[int, ...]) -> list[int]:
+    stood_in = []
+    for signum in signals:
+        try:
+            if signal.getsignal(signum) is signal.SIG_DFL:
+                signal.signal(signum, _flush_then_die)
+                stood_in.append(signum)
+        except Exception as exc:  # noqa: BLE001 - not the main thread (uvicorn captures nothing then either)
+            log.debug("sidetrace: signal %d will not flush spans: %s", signum, exc)
+    return stood_in
+
+
+def _flush_when_uvicorn_worker_quits(module: Any) -> None:
+    worker = module.UvicornWorker
+    handle_exit = worker.handle_exit
+    if getattr(handle_exit, "_sidetrace_flushes", False):
+        return
+
+    def flushing_handle_exit(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # The worker goes on serving until its arbiter kills it: the exporters stay up, and the flush runs beside it.
+        try:
+            threading.Thread(target=_flush_providers, args=(CHILD_FLUSH_MILLIS,), name="sidetrace-quit-flush",
+                             daemon=True).start()
+        except Exception as exc:  # noqa: BLE001 - the worker's own handling goes on
+            log.warning("sidetrace: could not flush a quitting uvicorn worker's spans: %s", exc)
+        return handle_exit(self, *args, **kwargs)
+
+    flushing_handle_exit._sidetrace_flushes = True  # type: ignore[attr-defined]
+    worker.handle_exit = flushing_handle_exit
 
 
 def _flush_providers(timeout_millis: int) -> None:
@@ -395,6 +474,10 @@ def start() -> None:
     except Exception as exc:
         log.warning("sidetrace: could not configure the OpenTelemetry SDK: %s", exc)
     _flush_child_processes()
+    try:
+        _flush_uvicorn_servers()
+    except Exception as exc:  # uvicorn runs as it would without us
+        log.warning("sidetrace: uvicorn servers will not flush spans when they are stopped: %s", exc)
     _load_instrumentors(distro)
     try:
         _carry_context_into_run_overrides()
