@@ -13,6 +13,9 @@ entry points is switched on after the same dependency check, minus
 - one instrumentation failing keeps neither the others nor the app from starting;
 - a multiprocessing child sends its last spans and metrics before it exits, and a Pool worker also when its
   pool terminates it (the end of a ``with Pool()`` block), within the same exit budget;
+- a uvicorn server (plain, or a gunicorn ``UvicornWorker``) stopped by SIGTERM or SIGINT sends its last spans
+  and metrics before it dies of the signal it raises again, within the same budget, and a ``UvicornWorker``
+  sends them when gunicorn's fast stop sends it SIGQUIT;
 - a ``threading.Thread`` subclass that overrides ``run()`` continues the caller's trace, as ``Thread`` does;
 - spans the exporter could not deliver are counted where the app can see them: :func:`dropped_spans`, and
   the ``sidetrace.exporter.dropped_spans`` counter on the app's own MeterProvider.
