@@ -167,3 +167,28 @@ def stop_and_check_every_span_left(server: list[str], service: str, collector: C
     finally:
         stop_process(proc)
     assert sorted(span.trace_id.hex() for span in server_spans(collector, service)) == sorted(answered)
+
+
+def test_uvicorn_stopped_with_the_agent_down_spends_a_second_at_most_flushing(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "uvicorn.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sidetrace", "instrument", "--endpoint", f"http://127.0.0.1:{free_port()}", "--",
+             str(BIN / "uvicorn"), "--port", str(port), "prefork_app:asgi_app"], cwd=APPS, stdout=out,
+            stderr=subprocess.STDOUT, env={**os.environ, "OTEL_BSP_SCHEDULE_DELAY": EXIT_ONLY_DELAY_MILLIS})
+    try:
+        wait_until(lambda: proc.poll() is None and port_open(port), 30, "uvicorn listening")
+        for _ in range(3):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/pid", timeout=10) as response:
+                response.read()
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn logs this line as its shutdown ends, right before it raises the SIGTERM again.
+        wait_until(lambda: b"Finished server process" in log.read_bytes(), EXIT_WAIT_SECONDS, "uvicorn's shutdown")
+        finished = time.monotonic()
+        assert proc.wait(EXIT_WAIT_SECONDS) == -signal.SIGTERM
+        # CHILD_FLUSH_MILLIS is 1 s; the rest of the margin is a busy machine. Without the bound the flush would
+        # wait out the exporter's 10 s timeout, cut at TERMINATED_FLUSH_SECONDS (3.5 s).
+        assert time.monotonic() - finished < 2.5
+    finally:
+        stop_process(proc)
