@@ -104,9 +104,11 @@ def test_uwsgi_workers_each_export_and_recycled_ones_flush(collector: Collector,
     assert_every_worker_exported_each_span_once(collector, service, answered)
 
 
-# Long enough that no span leaves on the SDK's schedule during a test: every span must leave in its worker's
-# exit flush.
-EXIT_ONLY_DELAY_MILLIS = "60000"
+# No span leaves before a process's exit flush: not on the SDK's schedule (too long for a test), and not for a
+# full batch (512 spans unless set), which a worker reaches while it answers every request alone until the other
+# (a spawn child importing the app) is up.
+EXIT_ONLY_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "60000", "OTEL_BSP_MAX_QUEUE_SIZE": "1000000",
+                 "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "1000000"}
 EXIT_WAIT_SECONDS = 15.0  # a worker's flush at its exit is bounded by a few seconds
 # A UvicornWorker does not stop on the SIGQUIT of gunicorn's fast stop: its arbiter kills it after this long.
 GRACEFUL_TIMEOUT_SECONDS = 5
@@ -128,12 +130,15 @@ def test_gunicorn_stopped_every_live_worker_flushes_at_exit(collector: Collector
         service, collector, tmp_path, stop, pids=2, status=0)
 
 
-def test_uvicorn_stopped_by_sigterm_flushes_at_exit(collector: Collector, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2], ids=["one-process", "workers"])
+def test_uvicorn_stopped_by_sigterm_flushes_at_exit(collector: Collector, tmp_path: Path, workers: int) -> None:
     """Plain uvicorn re-raises the SIGTERM it shut down on too, with the default action Python leaves for it: it
-    still dies of it, as it does without the launcher."""
-    stop_and_check_every_span_left([str(BIN / "uvicorn"), "--port", "{port}", "prefork_app:asgi_app"],
-                                   "pf-stop-uvicorn-plain", collector, tmp_path, signal.SIGTERM, pids=1,
-                                   status=-signal.SIGTERM)
+    still dies of it, as it does without the launcher. With ``--workers`` its supervisor sends each worker (a
+    multiprocessing spawn child) SIGTERM and exits 0."""
+    stop_and_check_every_span_left(
+        [str(BIN / "uvicorn"), "--port", "{port}", *(["--workers", str(workers)] if workers else []),
+         "prefork_app:asgi_app"], f"pf-stop-uvicorn-plain-{workers}", collector, tmp_path, signal.SIGTERM,
+        pids=max(workers, 1), status=0 if workers else -signal.SIGTERM)
 
 
 def stop_and_check_every_span_left(server: list[str], service: str, collector: Collector, tmp: Path,
@@ -146,7 +151,7 @@ def stop_and_check_every_span_left(server: list[str], service: str, collector: C
         proc = subprocess.Popen(
             [sys.executable, "-m", "sidetrace", "instrument", "--service", service, "--endpoint", collector.endpoint,
              "--", *(arg.format(port=port) for arg in server)], cwd=APPS, stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "OTEL_BSP_SCHEDULE_DELAY": EXIT_ONLY_DELAY_MILLIS})
+            env={**os.environ, **EXIT_ONLY_ENV})
     try:
         wait_until(lambda: proc.poll() is None and port_open(port), 30, f"{server[0]} listening")
         answered = {}
@@ -176,7 +181,7 @@ def test_uvicorn_stopped_with_the_agent_down_spends_a_second_at_most_flushing(tm
         proc = subprocess.Popen(
             [sys.executable, "-m", "sidetrace", "instrument", "--endpoint", f"http://127.0.0.1:{free_port()}", "--",
              str(BIN / "uvicorn"), "--port", str(port), "prefork_app:asgi_app"], cwd=APPS, stdout=out,
-            stderr=subprocess.STDOUT, env={**os.environ, "OTEL_BSP_SCHEDULE_DELAY": EXIT_ONLY_DELAY_MILLIS})
+            stderr=subprocess.STDOUT, env={**os.environ, **EXIT_ONLY_ENV})
     try:
         wait_until(lambda: proc.poll() is None and port_open(port), 30, "uvicorn listening")
         for _ in range(3):
