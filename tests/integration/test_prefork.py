@@ -3,11 +3,13 @@ max_requests flushes before it exits, and nothing is exported twice."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,13 +55,21 @@ def serve(server: list[str], service: str, collector: Collector, port: int, tmp:
         wait_until(lambda: proc.poll() is None and port_open(port), 30, f"{server[0]} listening")
         answered: dict[str, int] = {}
         deadline = time.monotonic() + SEND_SECONDS
-        while len(set(answered.values())) < WORKERS_SEEN and time.monotonic() < deadline:
+        while len(set(answered.values()) - {UNKNOWN}) < WORKERS_SEEN and time.monotonic() < deadline:
             trace_id = os.urandom(16).hex()
             request = urllib.request.Request(f"http://127.0.0.1:{port}/pid", headers={
                 "traceparent": f"00-{trace_id}-{os.urandom(8).hex()}-01", "connection": "close"})
-            with urllib.request.urlopen(request, timeout=10) as response:
-                answered[trace_id] = int(response.read().decode().strip('"'))
-        wait_until(lambda: {span.trace_id.hex() for span in server_spans(collector, service)} >= set(answered), 30,
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    answered[trace_id] = int(response.read().decode().strip('"'))
+            except (ConnectionResetError, http.client.RemoteDisconnected, urllib.error.URLError) as exc:
+                if isinstance(exc, urllib.error.URLError) and not isinstance(exc.reason, ConnectionResetError):
+                    raise
+                # A worker being recycled may reset a request it had taken (the server's doing, not ours): whether
+                # it made that request's span is unknown, so the span may arrive once, and need not.
+                answered[trace_id] = UNKNOWN
+                assert sum(pid == UNKNOWN for pid in answered.values()) <= MAX_RESETS, exc
+        wait_until(lambda: {span.trace_id.hex() for span in server_spans(collector, service)} >= answers(answered), 30,
                    "a server span for every request")
     finally:
         stop_process(proc)
@@ -70,11 +80,23 @@ def server_spans(collector: Collector, service: str) -> list:
     return [span for span in collector.spans(service) if span.kind == 2]
 
 
+UNKNOWN = -1  # the pid of a request reset before its answer
+MAX_RESETS = 5
+
+
+def answers(answered: dict[str, int]) -> set[str]:
+    """The trace ids of the requests that were answered."""
+    return {trace_id for trace_id, pid in answered.items() if pid != UNKNOWN}
+
+
 def assert_every_worker_exported_each_span_once(collector: Collector, service: str, answered: dict[str, int]) -> None:
-    spans = server_spans(collector, service)
-    assert sorted(span.trace_id.hex() for span in spans) == sorted(answered)  # one each: none lost, none twice
+    traces = [span.trace_id.hex() for span in server_spans(collector, service)]
+    assert len(traces) == len(set(traces))  # none twice
+    # none lost: every answered request's span arrived, and no span of a request never sent
+    assert answers(answered) <= set(traces) <= set(answered)
     assert collector.sink.collected.duplicates() == 0
-    assert len(set(answered.values())) == WORKERS_SEEN  # workers were recycled, and each one's spans arrived
+    # workers were recycled, and each one's spans arrived
+    assert len({pid for pid in answered.values() if pid != UNKNOWN}) == WORKERS_SEEN
 
 
 def test_gunicorn_sync_workers_each_export_and_recycled_ones_flush(collector: Collector, tmp_path: Path) -> None:
