@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -184,3 +186,12 @@ def scrape_clean(agent: Agent) -> set[str]:
     assert status == 200, text
     assert_promtool_clean(text)
     return {line for line in text.splitlines() if not line.startswith("#")}
+
+
+@pytest.fixture
+def readable_tmp() -> Iterator[Path]:
+    """A temporary directory every uid can enter (pytest's own are root's alone)."""
+    base = Path(tempfile.mkdtemp(prefix="sidetrace-readable-"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -499,15 +497,6 @@ AGENT_UNDER_DEBIAN_PYTHON = ("-c", "import runpy, site, sys; site.addsitedir(sys
                                    "sys.argv = ['sidetrace', *sys.argv[5:]]; "
                                    "runpy.run_module('sidetrace', run_name='__main__', alter_sys=True)",
                              str(next(Path(sys.prefix).glob("lib/python3*/site-packages"))))
-
-
-@pytest.fixture
-def readable_tmp() -> Iterator[Path]:
-    """A temporary directory every uid can enter (pytest's own are root's alone)."""
-    base = Path(tempfile.mkdtemp(prefix="sidetrace-netsample-"))
-    base.chmod(0o755)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def test_under_the_units_user_other_users_traffic_is_their_users_not_unknown(veth: str, readable_tmp: Path) -> None:

@@ -183,15 +183,6 @@ def _notified(notify: socket.socket, state: str, agent: Agent) -> str:
 
 
 @pytest.fixture
-def readable_tmp() -> Iterator[Path]:
-    """A temporary directory every uid can enter (pytest's own are root's alone)."""
-    base = Path(tempfile.mkdtemp(prefix="sidetrace-unit-run-"))
-    base.chmod(0o755)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture
 def collector(tmp_path: Path) -> Iterator[tuple[Rotel, Sink]]:
     """A real OTLP collector (rotel) forwarding to a sink the test reads."""
     sink = Sink()
