@@ -18,6 +18,14 @@ def write(tmp_path: Path, text: str, data_dir: Path | None = None) -> Path:
     return path
 
 
+def check_config_warnings(path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """What `check-config` prints on stderr for ``path``, a config it must pass (exit 0, "OK")."""
+    assert cli.main(["check-config", "--config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{path}: OK\n"
+    return captured.err
+
+
 def problems(path: Path, env: dict[str, str] | None = None, verify: bool = True) -> list[str]:
     with pytest.raises(ConfigError) as info:
         load(path, env or {}, verify=verify)
@@ -210,10 +218,7 @@ def test_check_config_names_a_disabled_section_with_keys_in_a_warning(
 ) -> None:
     path = write(tmp_path, '[sources.netsample]\ninterfaces = ["eth0"]\nmax_flows = 10\n'
                            '[host]\nenabled = false\ninterval_seconds = 5\n')
-    assert cli.main(["check-config", "--config", str(path)]) == 0
-    captured = capsys.readouterr()
-    assert captured.out == f"{path}: OK\n"
-    assert captured.err == (
+    assert check_config_warnings(path, capsys) == (
         f"warning: {path}: host: enabled = false, so interval_seconds has no effect; set enabled = true to use it, "
         "or remove it\n"
         f"warning: {path}: sources.netsample: enabled = false, so interfaces, max_flows have no effect; set enabled "
@@ -248,11 +253,9 @@ def test_a_dns_server_given_as_an_ip_address_passes(tmp_path: Path, server: str)
 def test_check_config_warns_of_a_dns_server_given_with_static_backends(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, '[[exporters.loadbalancing]]\nbackends = ["127.0.0.1:4317"]\ndns_server = "127.0.0.1:53"\n')
-    assert cli.main(["check-config", "--config", str(path)]) == 0
-    captured = capsys.readouterr()
-    assert captured.out == f"{path}: OK\n"
-    assert captured.err == (f"warning: {path}: exporters.loadbalancing[0].dns_server: set without dns, so it has no "
-                            "effect (static backends are not resolved); remove it, or set dns\n")
+    assert check_config_warnings(path, capsys) == (
+        f"warning: {path}: exporters.loadbalancing[0].dns_server: set without dns, so it has no effect (static "
+        "backends are not resolved); remove it, or set dns\n")
 
 
 def test_check_config_refuses_a_capture_filter_the_sampler_cannot_compile(
@@ -420,10 +423,7 @@ def test_problems_an_environment_override_causes_name_the_variable(tmp_path: Pat
 def test_check_config_warns_of_more_top_flows_than_max_flows_naming_both(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, '[sources.netsample]\nenabled = true\nmax_flows = 10\ntop_flows = 50\n')
-    assert cli.main(["check-config", "--config", str(path)]) == 0
-    captured = capsys.readouterr()
-    assert captured.out == f"{path}: OK\n"
-    assert captured.err == (
+    assert check_config_warnings(path, capsys) == (
         f"warning: {path}: sources.netsample.top_flows: 50 is more than sources.netsample.max_flows (10), so at most "
         "10 flows get their own series; lower top_flows to max_flows or less, or raise max_flows\n")
 
@@ -432,10 +432,7 @@ def test_check_config_warns_of_more_spans_per_trace_than_spans_naming_the_variab
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SIDETRACE_RECENT_TRACES__MAX_SPANS_PER_TRACE", "2000")
     path = write(tmp_path, "[recent_traces]\nmax_spans = 500\n")
-    assert cli.main(["check-config", "--config", str(path)]) == 0
-    captured = capsys.readouterr()
-    assert captured.out == f"{path}: OK\n"
-    assert captured.err == (
+    assert check_config_warnings(path, capsys) == (
         "warning: environment SIDETRACE_RECENT_TRACES__MAX_SPANS_PER_TRACE: recent_traces.max_spans_per_trace: 2000 "
         "is more than recent_traces.max_spans (500), so no trace shows more than 500 spans, and a trace cut this way "
         "does not say it lost any; lower max_spans_per_trace to max_spans or less, or raise max_spans\n")
@@ -454,11 +451,9 @@ def test_an_exporter_endpoint_without_a_scheme_is_taken_as_plain_text_and_warned
         tmp_path: Path, capsys: pytest.CaptureFixture[str], protocol: str) -> None:
     # Warned, not refused: earlier versions took it as plain text, and a config that ran must still start.
     path = write(tmp_path, f'[[exporters.otlp]]\nendpoint = "localhost:4317"\nprotocol = "{protocol}"\n')
-    assert cli.main(["check-config", "--config", str(path)]) == 0
-    captured = capsys.readouterr()
-    assert captured.out == f"{path}: OK\n"
+    err = check_config_warnings(path, capsys)
     usual = {"grpc": "take it as TLS", "http": "expect a URL with its scheme"}[protocol]  # gRPC's is TLS
-    assert captured.err == (
+    assert err == (
         f'warning: {path}: exporters.otlp[0].endpoint: "localhost:4317" has no scheme and is taken as '
         f"http://localhost:4317 (plain text, as earlier versions did), where the OpenTelemetry Collector and SDKs "
         f"{usual}; write http://localhost:4317 or https://localhost:4317\n")
